@@ -1,0 +1,423 @@
+"""ParameterNet CNNs (Han et al., CVPR 2024) and their static GhostNet twins, registered in timm.
+
+The network is GhostNet v1 (ghost modules = a primary conv plus a cheap depthwise conv, squeeze-excite, ghost
+bottlenecks) on the *extended* block list of the paper's released `parameternet.py`, with Hardswish activations and
+every convolution that the release makes dynamic built as a `DynamicConv`: the stem, both convs of every ghost module,
+both shortcut convs and the final 1x1 conv. The stride-2 depthwise conv inside a bottleneck, the squeeze-excite convs and
+the 1280-wide `conv_head` stay static, as in the release. `num_experts=0` builds the same network with plain
+convolutions: the same-FLOPs baseline the paper compares against.
+
+Differences from the release, on purpose: it runs on current timm (`timm.layers`, `build_model_with_cfg`,
+`register_model`), `reset_classifier` sizes the new head from the 1280-wide head (the release used the pre-head width
+and produced a classifier that could not run), stochastic depth is spread per block rather than per stage, and there
+are no debug prints or global config.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Linear, SelectAdaptivePool2d, make_divisible
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._efficientnet_blocks import SqueezeExcite
+from timm.models._manipulate import checkpoint_seq
+
+from vision.models.dynamic_conv import DynamicConv
+
+__all__ = [
+    "BlockSpec",
+    "EXTENDED_GHOSTNET_BLOCKS",
+    "MIN_INPUT_SIZE",
+    "ParameterNet",
+    "check_input_size",
+]
+
+# Five stride-2 stages: below 32 px the last stage would see a sub-pixel feature map.
+MIN_INPUT_SIZE = 32
+HEAD_CHANNELS = 1280
+
+
+class BlockSpec(NamedTuple):
+    kernel_size: int  # depthwise kernel of the stride-2 conv and the shortcut
+    mid_channels: int  # ghost bottleneck expansion width (before the width multiplier)
+    out_channels: int
+    se_ratio: float  # 0 = no squeeze-excite
+    stride: int
+
+
+def _blocks(*specs: tuple[int, int, int, float, int]) -> tuple[BlockSpec, ...]:
+    return tuple(BlockSpec(*s) for s in specs)
+
+
+# The released ParameterNet-600M block list: GhostNet v1's list extended by one block in stage 3, one in stage 4 and
+# one in stage 5, with 3x3 kernels in the stride-1 blocks of stages 3 and 5. Each inner tuple is one entry of
+# `model.blocks` (the release's grouping; it sets the feature taps and the depth used by layer-wise LR decay).
+EXTENDED_GHOSTNET_BLOCKS: tuple[tuple[BlockSpec, ...], ...] = (
+    _blocks((3, 16, 16, 0.0, 1)),
+    _blocks((3, 48, 24, 0.0, 2)),
+    _blocks((3, 72, 24, 0.0, 1)),
+    _blocks((5, 72, 40, 0.25, 2)),
+    _blocks((3, 120, 40, 0.25, 1), (3, 120, 40, 0.25, 1)),
+    _blocks((3, 240, 80, 0.0, 2)),
+    _blocks(
+        (3, 200, 80, 0.0, 1),
+        (3, 200, 80, 0.0, 1),
+        (3, 200, 80, 0.0, 1),
+        (3, 480, 112, 0.25, 1),
+        (3, 672, 112, 0.25, 1),
+        (3, 672, 112, 0.25, 1),
+    ),
+    _blocks((5, 672, 160, 0.25, 2)),
+    _blocks(*[(3, 960, 160, 0.25, 1)] * 5),
+)
+
+
+def check_input_size(img_size: int | tuple[int, int], model_name: str = "model") -> None:
+    """Refuse images smaller than the network's total stride, before any data is loaded."""
+    sizes = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if min(sizes) < MIN_INPUT_SIZE:
+        raise ValueError(
+            f"img_size={img_size} is below the minimum {MIN_INPUT_SIZE} of {model_name} (five stride-2 stages, "
+            f"total stride 32); resize the images to at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} "
+            f"(e.g. --img-size {MIN_INPUT_SIZE})"
+        )
+
+
+def make_conv(
+    in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1, num_experts: int = 0
+) -> nn.Module:
+    """A bias-free 'same'-padded conv: dynamic with `num_experts` experts, or a plain `nn.Conv2d` when 0."""
+    padding = kernel_size // 2
+    if num_experts == 0:
+        return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)
+    return DynamicConv(in_chs, out_chs, kernel_size, stride, padding, groups=groups, num_experts=num_experts)
+
+
+class GhostModule(nn.Module):
+    """Half of the output from a 1x1 conv, the other half from a cheap depthwise conv on that half."""
+
+    def __init__(
+        self, in_chs: int, out_chs: int, act_layer: type[nn.Module] | None, num_experts: int, dw_size: int = 3
+    ) -> None:
+        super().__init__()
+        self.out_chs = out_chs
+        init_chs = math.ceil(out_chs / 2)
+
+        def act() -> nn.Module:
+            return act_layer(inplace=True) if act_layer is not None else nn.Identity()
+
+        self.primary_conv = nn.Sequential(
+            make_conv(in_chs, init_chs, 1, num_experts=num_experts), nn.BatchNorm2d(init_chs), act()
+        )
+        self.cheap_operation = nn.Sequential(
+            make_conv(init_chs, init_chs, dw_size, groups=init_chs, num_experts=num_experts),
+            nn.BatchNorm2d(init_chs),
+            act(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = self.primary_conv(x)
+        x2 = self.cheap_operation(x1)
+        return torch.cat([x1, x2], dim=1)[:, : self.out_chs]
+
+
+class GhostBottleneck(nn.Module):
+    """ghost (expand) -> [depthwise stride-2 conv] -> [SE] -> ghost (project) + shortcut."""
+
+    def __init__(
+        self,
+        in_chs: int,
+        mid_chs: int,
+        out_chs: int,
+        kernel_size: int,
+        stride: int,
+        se_ratio: float,
+        act_layer: type[nn.Module],
+        num_experts: int,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.ghost1 = GhostModule(in_chs, mid_chs, act_layer, num_experts)
+        if stride > 1:
+            # Static in the release as well: a depthwise kernel is a tiny share of the parameters.
+            self.conv_dw: nn.Module | None = nn.Conv2d(
+                mid_chs, mid_chs, kernel_size, stride, kernel_size // 2, groups=mid_chs, bias=False
+            )
+            self.bn_dw: nn.Module | None = nn.BatchNorm2d(mid_chs)
+        else:
+            self.conv_dw = None
+            self.bn_dw = None
+        self.se = (
+            SqueezeExcite(
+                mid_chs,
+                rd_ratio=se_ratio,
+                act_layer=act_layer,
+                gate_layer="hard_sigmoid",
+                rd_round_fn=lambda c: make_divisible(c, 4),
+            )
+            if se_ratio > 0
+            else None
+        )
+        self.ghost2 = GhostModule(mid_chs, out_chs, None, num_experts)
+        if in_chs == out_chs and stride == 1:
+            self.shortcut: nn.Module = nn.Identity()
+        else:
+            self.shortcut = nn.Sequential(
+                make_conv(in_chs, in_chs, kernel_size, stride, groups=in_chs, num_experts=num_experts),
+                nn.BatchNorm2d(in_chs),
+                make_conv(in_chs, out_chs, 1, num_experts=num_experts),
+                nn.BatchNorm2d(out_chs),
+            )
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.ghost1(x)
+        if self.conv_dw is not None and self.bn_dw is not None:
+            out = self.bn_dw(self.conv_dw(out))
+        if self.se is not None:
+            out = self.se(out)
+        out = self.ghost2(out)
+        return self.shortcut(x) + self.drop_path(out)
+
+
+class ConvBnAct(nn.Module):
+    def __init__(self, in_chs: int, out_chs: int, act_layer: type[nn.Module], num_experts: int) -> None:
+        super().__init__()
+        self.conv = make_conv(in_chs, out_chs, 1, num_experts=num_experts)
+        self.bn1 = nn.BatchNorm2d(out_chs)
+        self.act1 = act_layer(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act1(self.bn1(self.conv(x)))
+
+
+class ParameterNet(nn.Module):
+    """GhostNet on a block list, with dynamic convolutions (`num_experts >= 1`) or plain ones (`num_experts=0`).
+
+    Args:
+        block_specs: outer tuples become the entries of `self.blocks` (see `EXTENDED_GHOSTNET_BLOCKS`).
+        width: channel multiplier applied to every block width (rounded to a multiple of 4).
+        num_experts: experts per dynamic convolution; 0 builds the static twin with plain convolutions.
+    """
+
+    def __init__(
+        self,
+        block_specs: tuple[tuple[BlockSpec, ...], ...] = EXTENDED_GHOSTNET_BLOCKS,
+        num_classes: int = 1000,
+        width: float = 1.0,
+        in_chans: int = 3,
+        num_experts: int = 4,
+        act_layer: type[nn.Module] = nn.Hardswish,
+        drop_rate: float = 0.2,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
+        output_stride: int = 32,
+    ) -> None:
+        super().__init__()
+        if output_stride != 32:
+            raise ValueError(f"ParameterNet: output_stride={output_stride} is not supported (only 32: no dilation)")
+        if num_experts < 0:
+            raise ValueError(f"ParameterNet: num_experts={num_experts} must be >= 1, or 0 for the static twin")
+        if width <= 0:
+            raise ValueError(f"ParameterNet: width={width} must be > 0")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_experts = num_experts
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+
+        stem_chs = make_divisible(16 * width, 4)
+        self.conv_stem = make_conv(in_chans, stem_chs, 3, stride=2, num_experts=num_experts)
+        self.bn1 = nn.BatchNorm2d(stem_chs)
+        self.act1 = act_layer(inplace=True)
+        self.feature_info = [dict(num_chs=stem_chs, reduction=2, module="conv_stem")]
+
+        num_blocks = sum(len(group) for group in block_specs)
+        drop_path_rates = torch.linspace(0, drop_path_rate, num_blocks).tolist()
+        prev_chs, net_stride, block_idx = stem_chs, 2, 0
+        groups: list[nn.Module] = []
+        for group_idx, group in enumerate(block_specs):
+            layers = []
+            for spec in group:
+                out_chs = make_divisible(spec.out_channels * width, 4)
+                mid_chs = make_divisible(spec.mid_channels * width, 4)
+                layers.append(
+                    GhostBottleneck(
+                        prev_chs,
+                        mid_chs,
+                        out_chs,
+                        spec.kernel_size,
+                        spec.stride,
+                        spec.se_ratio,
+                        act_layer,
+                        num_experts,
+                        drop_path_rates[block_idx],
+                    )
+                )
+                prev_chs = out_chs
+                block_idx += 1
+            if group[-1].stride > 1:
+                net_stride *= 2
+                self.feature_info.append(dict(num_chs=prev_chs, reduction=net_stride, module=f"blocks.{group_idx}"))
+            groups.append(nn.Sequential(*layers))
+        final_chs = make_divisible(block_specs[-1][-1].mid_channels * width, 4)
+        groups.append(nn.Sequential(ConvBnAct(prev_chs, final_chs, act_layer, num_experts)))
+        self.blocks = nn.Sequential(*groups)
+        self.num_features = final_chs
+        self.head_hidden_size = HEAD_CHANNELS
+
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool)
+        self.conv_head = nn.Conv2d(final_chs, HEAD_CHANNELS, 1, bias=True)
+        self.act2 = act_layer(inplace=True)
+        self.flatten = nn.Flatten(1) if global_pool else nn.Identity()
+        self.classifier: nn.Module = Linear(HEAD_CHANNELS, num_classes) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        # One depth per entry of `blocks` (the release's grouping) for both granularities: with a per-bottleneck depth
+        # a layer decay of 0.5 would scale the stem's LR by 0.5**23, i.e. freeze it.
+        return dict(stem=r"^conv_stem|bn1", blocks=[(r"^blocks\.(\d+)", None), (r"conv_head", (99999,))])
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool)
+            self.flatten = nn.Flatten(1) if global_pool else nn.Identity()
+        device = self.conv_head.weight.device
+        self.classifier = (
+            Linear(self.head_hidden_size, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv_stem(x)))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x, flatten=True)
+        return self.blocks(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.flatten(self.act2(self.conv_head(self.global_pool(x))))
+        if self.drop_rate > 0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "min_input_size": (3, MIN_INPUT_SIZE, MIN_INPUT_SIZE),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "conv_stem",
+        "classifier": "classifier",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+# timm's `register_model` reads this module attribute to attach a pretrained config to each registered name.
+default_cfgs = generate_default_cfgs(
+    {
+        "parameternet_600m.untrained": _cfg(),
+        "parameternet_300m.untrained": _cfg(),
+        "parameternet_tiny.untrained": _cfg(),
+        "ghostnet_600m.untrained": _cfg(),
+        "ghostnet_300m.untrained": _cfg(),
+        "ghostnet_tiny.untrained": _cfg(),
+    }
+)
+
+WIDTH_600M = 1.9
+# Not published by the paper: the width of the same block list that lands at about 300 M multiply-adds at 224
+# (parameternet_300m: 18.5M parameters, 0.303 G MACs; the static twin 11.1M, 0.293 G; `python -m vision.summary`).
+WIDTH_300M = 1.34
+# For CPU smoke tests and the laptop demo; not a paper model.
+WIDTH_TINY = 0.5
+
+
+def _create(variant: str, width: float, default_experts: int, pretrained: bool, **kwargs: Any) -> ParameterNet:
+    if pretrained:
+        raise ValueError(
+            f"{variant}: pretrained=True, but no pretrained weights are published for this model; train one with "
+            f"`bash launch/train_vision.sh` and load it with `vision.train` --init-from"
+        )
+    if default_experts == 0 and kwargs.get("num_experts", 0) != 0:
+        raise ValueError(
+            f"{variant} is the static twin (plain convolutions): num_experts={kwargs['num_experts']} is not accepted; "
+            f"use the parameternet_* model of the same size for dynamic convolutions"
+        )
+    kwargs.setdefault("num_experts", default_experts)
+    return build_model_with_cfg(
+        ParameterNet,
+        variant,
+        pretrained=False,
+        feature_cfg=dict(flatten_sequential=True),
+        block_specs=EXTENDED_GHOSTNET_BLOCKS,
+        width=width,
+        **kwargs,
+    )
+
+
+@register_model
+def parameternet_600m(pretrained: bool = False, **kwargs: Any) -> ParameterNet:
+    """ParameterNet-600M as released: extended GhostNet, width 1.9, Hardswish, 4-expert dynamic convs.
+
+    34.5M parameters and 0.590 G multiply-adds at 224x224 (its static twin ghostnet_600m: 19.8M, 0.570 G).
+    """
+    return _create("parameternet_600m", WIDTH_600M, 4, pretrained, **kwargs)
+
+
+@register_model
+def parameternet_300m(pretrained: bool = False, **kwargs: Any) -> ParameterNet:
+    """ParameterNet-300M. The paper does not publish its configuration: this is the released 600M block list at
+    width 1.34 (chosen here), which lands at about 0.30 G multiply-adds (18.5M parameters) at 224x224 with 4-expert
+    dynamic convs."""
+    return _create("parameternet_300m", WIDTH_300M, 4, pretrained, **kwargs)
+
+
+@register_model
+def parameternet_tiny(pretrained: bool = False, **kwargs: Any) -> ParameterNet:
+    """Width 0.5 of the same block list, 4 experts: for CPU smoke runs (not a paper model)."""
+    return _create("parameternet_tiny", WIDTH_TINY, 4, pretrained, **kwargs)
+
+
+@register_model
+def ghostnet_600m(pretrained: bool = False, **kwargs: Any) -> ParameterNet:
+    """Static twin of parameternet_600m: the same network and widths with plain convolutions."""
+    return _create("ghostnet_600m", WIDTH_600M, 0, pretrained, **kwargs)
+
+
+@register_model
+def ghostnet_300m(pretrained: bool = False, **kwargs: Any) -> ParameterNet:
+    """Static twin of parameternet_300m (width 1.34, plain convolutions)."""
+    return _create("ghostnet_300m", WIDTH_300M, 0, pretrained, **kwargs)
+
+
+@register_model
+def ghostnet_tiny(pretrained: bool = False, **kwargs: Any) -> ParameterNet:
+    """Static twin of parameternet_tiny (width 0.5, plain convolutions)."""
+    return _create("ghostnet_tiny", WIDTH_TINY, 0, pretrained, **kwargs)
