@@ -1,0 +1,239 @@
+"""ParameterNet-LLaMA: transformers' LLaMA with chosen SwiGLU projections replaced by top-k mixtures of experts.
+
+Attention, RMSNorm, rotary embeddings and the model's forward are transformers' own Llama code; only the MLP differs.
+Saved checkpoints carry this file, `configuration_parameternet_llama.py` and `moe.py` (`auto_map`), so
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads them with nothing of this project installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin
+from transformers import initialization as hf_init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+
+from .configuration_parameternet_llama import ParameterNetLlamaConfig, validate_parameternet_fields
+from .moe import MoELinear
+
+
+class ParameterNetLlamaMLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x)), where each projection named in `moe_projections` is a MoELinear."""
+
+    def __init__(self, config: ParameterNetLlamaConfig) -> None:
+        super().__init__()
+        hidden, inner = config.hidden_size, config.intermediate_size
+        shapes = {"gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
+        for name, (fan_in, fan_out) in shapes.items():
+            if name in config.moe_projections:
+                layer: nn.Module = MoELinear(
+                    fan_in,
+                    fan_out,
+                    num_experts=config.num_experts,
+                    top_k=config.top_k,
+                    capacity_factor=config.capacity_factor,
+                    bias=config.expert_bias,
+                )
+            else:
+                layer = nn.Linear(fan_in, fan_out, bias=config.mlp_bias)
+            setattr(self, name, layer)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ParameterNetLlamaDecoderLayer(GradientCheckpointingLayer):
+    """transformers' LlamaDecoderLayer with the MoE MLP."""
+
+    def __init__(self, config: ParameterNetLlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        self.mlp = ParameterNetLlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class ParameterNetGenerationConfig(GenerationConfig):
+    """The router's `top_k` is not the sampling `top_k`: keep it out of the generation config, where it would turn
+    sampling into top-1 (greedy) sampling."""
+
+    @classmethod
+    def from_model_config(cls, model_config) -> GenerationConfig:
+        config_dict = model_config if isinstance(model_config, dict) else model_config.to_dict()
+        return super().from_model_config({k: v for k, v in config_dict.items() if k != "top_k"})
+
+
+class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
+    config_class = ParameterNetLlamaConfig
+    generation_config_class = ParameterNetGenerationConfig
+    _no_split_modules = ["ParameterNetLlamaDecoderLayer"]
+    _can_record_outputs = {
+        "hidden_states": ParameterNetLlamaDecoderLayer,
+        "attentions": LlamaAttention,
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, MoELinear):
+            # transformers' init functions skip tensors already loaded from a checkpoint (_is_hf_initialized).
+            hf_init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                hf_init.zeros_(module.bias)
+
+    def _activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        # Both activation_checkpointing_enable and the older gradient_checkpointing_enable land here. Reentrant
+        # checkpointing runs the first forward under no_grad, which would cut the routers' aux-loss gradient (the
+        # aux loss is read from the layers, not returned through the checkpointed call).
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if kwargs["use_reentrant"]:
+            raise ValueError(
+                "activation checkpointing with use_reentrant=True would drop the MoE aux-loss gradient; "
+                "use the default use_reentrant=False"
+            )
+        super()._activation_checkpointing_enable(kwargs, every_n_layers, offload)
+
+
+class ParameterNetLlamaModel(ParameterNetLlamaPreTrainedModel):
+    """LlamaModel with ParameterNet decoder layers; the forward is transformers' LlamaModel.forward."""
+
+    def __init__(self, config: ParameterNetLlamaConfig) -> None:
+        super().__init__(config)
+        validate_parameternet_fields(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [ParameterNetLlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    forward = LlamaModel.forward
+
+
+@dataclass
+class ParameterNetCausalLMOutput(CausalLMOutputWithPast):
+    """`loss` = lm_loss + router_loss. Aux losses are averaged over the MoE layers; statistics are per layer."""
+
+    lm_loss: torch.FloatTensor | None = None
+    router_loss: torch.FloatTensor | None = None  # router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss
+    aux_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+    tokens_per_expert: torch.LongTensor | None = None  # [num_moe_layers, num_experts]
+    dropped_tokens: torch.LongTensor | None = None  # [num_moe_layers]
+
+
+class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ParameterNetLlamaConfig) -> None:
+        super().__init__(config)
+        self.model = ParameterNetLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def moe_layers(self) -> list[tuple[str, MoELinear]]:
+        """(qualified name, layer) of every MoE projection, in forward order."""
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, MoELinear)]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> ParameterNetCausalLMOutput:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:, :]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep, :]
+        logits = self.lm_head(hidden_states)
+
+        stats = [m.last_stats for _, m in self.moe_layers() if m.last_stats is not None]
+        aux_loss = torch.stack([s.aux_loss for s in stats]).mean()
+        z_loss = torch.stack([s.z_loss for s in stats]).mean()
+        router_loss = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = lm_loss + router_loss.to(lm_loss.dtype)
+
+        return ParameterNetCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            lm_loss=lm_loss,
+            router_loss=router_loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            tokens_per_expert=torch.stack([s.tokens_per_expert for s in stats]),
+            dropped_tokens=torch.stack([s.dropped_tokens for s in stats]),
+        )
+
+
+__all__ = [
+    "ParameterNetLlamaForCausalLM",
+    "ParameterNetLlamaModel",
+    "ParameterNetLlamaPreTrainedModel",
+    "ParameterNetCausalLMOutput",
+]

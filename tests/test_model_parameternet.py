@@ -1,0 +1,172 @@
+"""ParameterNet-LLaMA against vanilla LLaMA, the HF integration, generation, checkpointing and config validation."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from llm.model import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM, build_model, load_model_config
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+
+
+def tiny_parameternet(**overrides) -> ParameterNetLlamaForCausalLM:
+    torch.manual_seed(0)
+    return ParameterNetLlamaForCausalLM(ParameterNetLlamaConfig(**{**TINY, **overrides})).eval()
+
+
+def test_one_expert_with_vanilla_weights_gives_vanilla_logits_and_loss():
+    torch.manual_seed(0)
+    vanilla = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    moe = tiny_parameternet(moe_projections=["gate_proj", "up_proj", "down_proj"], num_experts=1,
+                            router_aux_loss_coef=0.0)
+    state = vanilla.state_dict()
+    for key in list(state):
+        if any(f"mlp.{p}.weight" in key for p in ("gate_proj", "up_proj", "down_proj")):
+            state[key] = state[key].unsqueeze(0)  # [out, in] -> [1 expert, out, in]
+    missing, unexpected = moe.load_state_dict(state, strict=False)
+    assert not unexpected and all("router" in k for k in missing)
+    x = torch.randint(0, 256, (2, 16))
+    ref = vanilla(input_ids=x, labels=x)
+    out = moe(input_ids=x, labels=x)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.lm_loss, ref.loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6)  # aux coef 0
+    assert out.tokens_per_expert.shape == (2 * 3, 1)
+
+
+def test_output_carries_losses_and_routing_statistics():
+    model = tiny_parameternet(moe_projections=["up_proj", "down_proj"], num_experts=4, top_k=2,
+                              capacity_factor=0.5, router_z_loss_coef=0.001)
+    x = torch.randint(0, 256, (2, 16))
+    out = model(input_ids=x, labels=x)
+    assert out.tokens_per_expert.shape == (4, 4)  # 2 layers x 2 MoE projections, 4 experts
+    assert (out.tokens_per_expert.sum(-1) == 32 * 2).all()
+    assert (out.dropped_tokens > 0).all()  # capacity 0.5 must drop some of the 64 assignments
+    expected = out.lm_loss + 0.01 * out.aux_loss + 0.001 * out.z_loss
+    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(out.router_loss, 0.01 * out.aux_loss + 0.001 * out.z_loss)
+
+
+def test_moe_projection_is_one_line_of_config():
+    for projections in (["gate_proj"], ["up_proj"], ["gate_proj", "up_proj", "down_proj"]):
+        model = tiny_parameternet(moe_projections=projections)
+        names = {name.split(".")[-1] for name, _ in model.moe_layers()}
+        assert names == set(projections)
+
+
+def test_gradient_checkpointing_keeps_aux_loss_gradient():
+    x = torch.randint(0, 256, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_parameternet(router_aux_loss_coef=1.0).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        out = model(input_ids=x, labels=x)
+        out.aux_loss.backward()  # the aux loss alone: only the routers get gradient
+        grads.append(model.model.layers[0].mlp.down_proj.router.weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0])
+    with pytest.raises(ValueError, match="use_reentrant"):
+        tiny_parameternet().activation_checkpointing_enable({"use_reentrant": True})
+
+
+def test_generate_with_kv_cache_equals_without():
+    model = tiny_parameternet()
+    x = torch.randint(3, 256, (1, 6))
+    with_cache = model.generate(x, max_new_tokens=10, do_sample=False, use_cache=True)
+    without = model.generate(x, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert torch.equal(with_cache, without)
+    assert model.generation_config.top_k != 1  # the router's top_k does not leak into sampling
+
+
+FRESH_LOAD = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+    class BlockProject(importlib.abc.MetaPathFinder):
+        # The saved directory must be self-contained: refuse any import of this project's packages.
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("llm", "vision", "evals"):
+                raise ImportError(f"blocked import of {name}")
+            return None
+    sys.meta_path.insert(0, BlockProject())
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    x = torch.tensor(json.loads(sys.argv[2]))
+    with torch.no_grad():
+        logits = model(input_ids=x).logits
+        tokens = model.generate(x, max_new_tokens=8, do_sample=False)
+    print(json.dumps({"cls": type(model).__name__, "logits": logits.flatten().tolist(), "tokens": tokens.tolist()}))
+    """
+)
+
+
+def test_save_load_round_trip_and_fresh_process_remote_code_load(tmp_path):
+    model = tiny_parameternet(moe_projections=["gate_proj", "down_proj"], num_experts=4)
+    x = torch.randint(3, 256, (1, 8))
+    with torch.no_grad():
+        logits = model(input_ids=x).logits
+        tokens = model.generate(x, max_new_tokens=8, do_sample=False)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_parameternet_llama.ParameterNetLlamaForCausalLM"
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "moe.py").is_file()
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    with torch.no_grad():
+        # Loaded tensors sit in differently aligned memory; CPU GEMM kernels may round differently by ~1e-7.
+        torch.testing.assert_close(reloaded(input_ids=x).logits, logits, atol=1e-5, rtol=0)
+        assert torch.equal(reloaded.generate(x, max_new_tokens=8, do_sample=False), tokens)
+
+    proc = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(tmp_path), json.dumps(x.tolist())],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["cls"] == "ParameterNetLlamaForCausalLM"
+    torch.testing.assert_close(torch.tensor(result["logits"]).view_as(logits), logits, atol=1e-5, rtol=0)
+    assert result["tokens"] == tokens.tolist()
+
+
+def test_presets_build_the_right_classes():
+    assert type(build_model(load_model_config("llama-tiny"))) is LlamaForCausalLM
+    config = load_model_config("parameternet-llama-tiny")
+    assert isinstance(config, ParameterNetLlamaConfig)
+    assert (config.moe_projections, config.num_experts, config.top_k) == (["down_proj"], 8, 1)
+    assert config.router_aux_loss_coef == 0.01 and config.capacity_factor is None
+    one_line = load_model_config("parameternet-llama-tiny", moe_projections=["up_proj"])
+    assert one_line.moe_projections == ["up_proj"]
+    big = load_model_config("parameternet-llama-1b")
+    assert (big.hidden_size, big.num_hidden_layers, big.num_attention_heads, big.intermediate_size,
+            big.vocab_size, big.max_position_embeddings, big.rms_norm_eps, big.tie_word_embeddings,
+            big.hidden_act) == (2048, 12, 16, 8192, 32000, 2048, 1e-6, False, "silu")
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(num_experts=0), "num_experts"),
+        (dict(num_experts=4, top_k=5), "top_k"),
+        (dict(moe_projections=["fc1"]), "moe_projections"),
+        (dict(moe_projections=[]), "moe_projections"),
+        (dict(hidden_size=66), "hidden_size"),
+        (dict(router_aux_loss_coef=-0.1), "router_aux_loss_coef"),
+        (dict(router_z_loss_coef=-1.0), "router_z_loss_coef"),
+        (dict(capacity_factor=0.0), "capacity_factor"),
+    ],
+)
+def test_bad_configs_raise_value_error_naming_field_and_value(overrides, field):
+    with pytest.raises(ValueError, match=field) as info:
+        ParameterNetLlamaConfig(**{**TINY, **overrides})
+    value = next(iter(overrides.values()))
+    assert str(value) in str(info.value)
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="llama-7b"):
+        load_model_config("llama-7b")
