@@ -1,0 +1,352 @@
+"""Corpus -> token shards in the Megatron indexed format.
+
+    python -m llm.data.prepare --input 'my/*.jsonl' --tokenizer DIR --output-prefix out/my_corpus [--num-proc 2]
+
+Reads local text / JSONL / parquet / arrow files (or a `save_to_disk` folder, or a hub dataset with `--dataset`)
+through the `datasets` library, tokenizes in `num_proc` processes, writes every non-empty document as
+`<s> tokens </s>` (one sequence per document) and publishes `out/my_corpus.bin` + `.idx` only when complete.
+Plain-text files are one document each by default (`--text-unit paragraph|line` to cut them finer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llm.data.fsutil import temp_path_for
+from llm.data.indexed_dataset import IndexedDatasetBuilder, dtype_for_vocab, split_prefix
+
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+FORMAT_OF_SUFFIX = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".rst": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".ndjson": "json",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+}
+TEXT_UNITS = ("document", "paragraph", "line")
+_WRITE_BATCH = 1024  # documents per arrow batch when copying tokens into the shard
+
+
+def resolve_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Expand glob patterns (for quoted arguments) and check that every input exists."""
+    if not inputs:
+        raise ValueError("no input files given; pass --input FILE [FILE ...] (globs allowed)")
+    paths: list[Path] = []
+    missing: list[str] = []
+    for item in inputs:
+        text = str(item)
+        if Path(text).exists():
+            paths.append(Path(text))
+            continue
+        matches = sorted(glob.glob(text, recursive=True)) if any(c in text for c in "*?[") else []
+        if matches:
+            paths.extend(Path(m) for m in matches)
+        else:
+            missing.append(text)
+    if missing:
+        raise FileNotFoundError(f"corpus input(s) not found: {', '.join(missing)}")
+    return paths
+
+
+def _format_of(path: Path) -> str:
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            return "save_to_disk"
+        raise ValueError(f"{path} is a directory but not a `datasets` save_to_disk folder; pass its files instead")
+    name = path.name.lower()
+    for suffix in COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    fmt = FORMAT_OF_SUFFIX.get(Path(name).suffix)
+    if fmt is None:
+        raise ValueError(
+            f"cannot tell the format of {path}: known suffixes are {', '.join(sorted(FORMAT_OF_SUFFIX))} "
+            f"(optionally compressed: {', '.join(COMPRESSION_SUFFIXES)})"
+        )
+    return fmt
+
+
+def load_corpus(
+    inputs: Sequence[str | Path] = (),
+    *,
+    text_key: str = "text",
+    text_unit: str = "document",
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    dataset_split: str = "train",
+    cache_dir: str | Path | None = None,
+):
+    """A `datasets.Dataset` whose column `text_key` holds the documents' text."""
+    import datasets
+
+    if dataset_name is not None:
+        if inputs:
+            raise ValueError("pass either --input files or --dataset NAME, not both")
+        try:
+            corpus = datasets.load_dataset(dataset_name, dataset_config, split=dataset_split)
+        except Exception as err:  # offline, unknown name, wrong config: datasets raises many types
+            raise ValueError(f"could not load hub dataset {dataset_name!r} (config {dataset_config!r}, split "
+                             f"{dataset_split!r}): {err}. Offline? Download it once, or pass local files") from err
+    else:
+        paths = resolve_inputs(inputs)
+        formats = {_format_of(p) for p in paths}
+        if len(formats) != 1:
+            raise ValueError(f"inputs mix formats {sorted(formats)}; prepare each format into its own shard prefix "
+                             f"and blend them at training time")
+        (fmt,) = formats
+        if text_unit not in TEXT_UNITS:
+            raise ValueError(f"text_unit={text_unit!r}; use one of {TEXT_UNITS}")
+        if fmt == "save_to_disk":
+            loaded = [datasets.load_from_disk(str(p)) for p in paths]
+            if any(isinstance(d, datasets.DatasetDict) for d in loaded):
+                raise ValueError(f"{paths} hold a DatasetDict; pass the folder of one split")
+            corpus = datasets.concatenate_datasets(loaded) if len(loaded) > 1 else loaded[0]
+        else:
+            files = [str(p) for p in paths]
+            extra = {"sample_by": text_unit, "keep_linebreaks": True} if fmt == "text" else {}
+            corpus = datasets.load_dataset(
+                fmt, data_files=files, split="train", cache_dir=None if cache_dir is None else str(cache_dir),
+                **extra,
+            )
+            if fmt == "text" and text_key != "text":
+                corpus = corpus.rename_column("text", text_key)  # the text builder always names it 'text'
+    if text_key not in corpus.column_names:
+        raise ValueError(f"the corpus has no field {text_key!r} (fields: {corpus.column_names}); pick one with "
+                         f"--text-key")
+    return corpus
+
+
+@dataclass
+class PrepareStats:
+    prefix: str
+    documents: int
+    skipped_empty: int
+    tokens: int
+    dtype: str
+    vocab_size: int
+    seconds: float
+    tokens_per_second: float
+
+
+class _Encoder:
+    """Picklable tokenization step for `datasets.map` workers; loads the tokenizer lazily once per process."""
+
+    _cache: dict[str, object] = {}
+
+    def __init__(self, tokenizer_dir: str, bos_id: int | None, eos_id: int | None) -> None:
+        self.tokenizer_dir = tokenizer_dir
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+
+    def _tokenizer(self):
+        tok = self._cache.get(self.tokenizer_dir)
+        if tok is None:
+            tok = _open_tokenizer(Path(self.tokenizer_dir))
+            self._cache[self.tokenizer_dir] = tok
+        return tok
+
+    def __call__(self, batch: dict[str, list], text_key: str) -> dict[str, list]:
+        texts = [t if isinstance(t, str) else "" for t in batch[text_key]]
+        tok = self._tokenizer()
+        if hasattr(tok, "encode_as_ids"):  # sentencepiece: the reference ids; special-token text stays text
+            ids = tok.encode(texts)
+        else:
+            ids = tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        out = []
+        for text, doc in zip(texts, ids):
+            if not text.strip():
+                out.append([])  # dropped at write time and counted
+                continue
+            out.append(([self.bos_id] if self.bos_id is not None else []) + doc
+                       + ([self.eos_id] if self.eos_id is not None else []))
+        return {"input_ids": out}
+
+
+def _open_tokenizer(tokenizer_dir: Path):
+    """sentencepiece when the directory has tokenizer.model (exact reference ids), else the HF tokenizer."""
+    if (tokenizer_dir / "tokenizer.model").is_file():
+        import sentencepiece as spm
+
+        return spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+    from llm.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
+def tokenizer_info(tokenizer_dir: str | Path) -> tuple[int, int | None, int | None]:
+    """(vocab size, bos id, eos id) of a tokenizer directory."""
+    tokenizer_dir = Path(tokenizer_dir)
+    if not tokenizer_dir.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {tokenizer_dir} not found; train one with "
+                                f"`python -m llm.data.tokenizer train`")
+    tok = _open_tokenizer(tokenizer_dir)
+    if hasattr(tok, "encode_as_ids"):
+        bos, eos = tok.bos_id(), tok.eos_id()
+        return tok.get_piece_size(), (bos if bos >= 0 else None), (eos if eos >= 0 else None)
+    return len(tok), tok.bos_token_id, tok.eos_token_id
+
+
+def prepare_corpus(
+    inputs: Sequence[str | Path],
+    tokenizer_dir: str | Path,
+    output_prefix: str | Path,
+    *,
+    num_proc: int = 2,
+    text_key: str = "text",
+    text_unit: str = "document",
+    prepend_bos: bool = True,
+    append_eos: bool = True,
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    dataset_split: str = "train",
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> str:
+    """Tokenize a corpus into `output_prefix.bin/.idx`; returns the prefix. See the module docstring."""
+    return prepare_corpus_with_stats(
+        inputs, tokenizer_dir, output_prefix, num_proc=num_proc, text_key=text_key, text_unit=text_unit,
+        prepend_bos=prepend_bos, append_eos=append_eos, dataset_name=dataset_name, dataset_config=dataset_config,
+        dataset_split=dataset_split, batch_size=batch_size, show_progress=show_progress,
+    ).prefix
+
+
+def prepare_corpus_with_stats(
+    inputs: Sequence[str | Path],
+    tokenizer_dir: str | Path,
+    output_prefix: str | Path,
+    *,
+    num_proc: int = 2,
+    text_key: str = "text",
+    text_unit: str = "document",
+    prepend_bos: bool = True,
+    append_eos: bool = True,
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    dataset_split: str = "train",
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> PrepareStats:
+    import datasets
+    from tqdm.auto import tqdm
+
+    if num_proc < 1:
+        raise ValueError(f"num_proc={num_proc}; it must be >= 1")
+    started = time.perf_counter()
+    vocab_size, bos_id, eos_id = tokenizer_info(tokenizer_dir)
+    if append_eos and eos_id is None:
+        raise ValueError(f"tokenizer {tokenizer_dir} has no EOS token; pass append_eos=False (--no-eos)")
+    if prepend_bos and bos_id is None:
+        raise ValueError(f"tokenizer {tokenizer_dir} has no BOS token; pass prepend_bos=False (--no-bos)")
+    prefix = split_prefix(output_prefix)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    if not show_progress:
+        datasets.disable_progress_bars()
+    # Local files are converted to arrow in a private scratch folder (removed afterwards) rather than the user's
+    # HF cache: no stale cache entries, and two concurrent runs never share one.
+    with tempfile.TemporaryDirectory(prefix=".prepare-", dir=Path(prefix).parent) as scratch:
+        corpus = load_corpus(
+            inputs, text_key=text_key, text_unit=text_unit, dataset_name=dataset_name,
+            dataset_config=dataset_config, dataset_split=dataset_split,
+            cache_dir=None if dataset_name else Path(scratch) / "hf",
+        )
+        if len(corpus) == 0:
+            raise ValueError(f"the corpus {list(map(str, inputs)) or dataset_name} is empty (0 records)")
+        encoder = _Encoder(str(Path(tokenizer_dir).resolve()), bos_id if prepend_bos else None,
+                           eos_id if append_eos else None)
+        workers = min(num_proc, len(corpus))
+        tokenized = corpus.map(
+            encoder,
+            fn_kwargs={"text_key": text_key},
+            batched=True,
+            batch_size=batch_size,
+            num_proc=workers if workers > 1 else None,
+            remove_columns=corpus.column_names,
+            cache_file_name=None if dataset_name is None else str(Path(scratch) / "tokenized.arrow"),
+            desc=f"tokenizing ({workers} proc)",
+        )
+        documents = skipped = tokens = 0
+        dtype = dtype_for_vocab(vocab_size)
+        with IndexedDatasetBuilder(prefix, dtype=dtype) as builder:
+            bar = tqdm(total=len(tokenized), desc=f"writing {Path(prefix).name}.bin", unit="doc",
+                       disable=not show_progress)
+            for table in tokenized.with_format("arrow").iter(batch_size=_WRITE_BATCH):
+                column = table.column("input_ids").combine_chunks()
+                lengths = column.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+                flat = column.flatten().to_numpy(zero_copy_only=False)
+                keep = lengths > 0
+                skipped += int((~keep).sum())
+                builder.add_documents(flat, lengths[keep])
+                documents += int(keep.sum())
+                tokens += int(flat.size)
+                bar.update(len(lengths))
+            bar.close()
+            if documents == 0:
+                raise ValueError(f"the corpus {list(map(str, inputs)) or dataset_name} holds no non-empty "
+                                 f"documents in field {text_key!r}")
+    seconds = time.perf_counter() - started
+    stats = PrepareStats(prefix, documents, skipped, tokens, np.dtype(dtype).name, vocab_size, round(seconds, 3),
+                         round(tokens / seconds, 1))
+    _write_sidecar(prefix, stats, tokenizer_dir, inputs, dataset_name)
+    return stats
+
+
+def _write_sidecar(prefix: str, stats: PrepareStats, tokenizer_dir, inputs, dataset_name) -> None:
+    """`prefix.json`: which tokenizer and inputs produced the shard (for humans; loaders do not need it)."""
+    meta = asdict(stats) | {
+        "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+        "inputs": [str(p) for p in inputs] if inputs else [],
+        "dataset": dataset_name,
+        "format": "Megatron indexed dataset (MMIDIDX v1), one sequence per document",
+    }
+    path = Path(f"{prefix}.json")
+    tmp = temp_path_for(path)
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llm.data.prepare", description=__doc__.split("\n")[0])
+    parser.add_argument("--input", nargs="*", default=[], help="files or quoted globs: .txt .jsonl .parquet .arrow")
+    parser.add_argument("--dataset", default=None, help="a hub dataset name instead of --input (needs network)")
+    parser.add_argument("--dataset-config", default=None)
+    parser.add_argument("--dataset-split", default="train")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer directory (llm.data.tokenizer train)")
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    parser.add_argument("--num-proc", type=int, default=2)
+    parser.add_argument("--text-key", default="text", help="field holding the text (JSONL/parquet/arrow)")
+    parser.add_argument("--text-unit", default="document", choices=TEXT_UNITS,
+                        help="for plain-text files: one document per file, per paragraph or per line")
+    parser.add_argument("--no-bos", action="store_true", help="do not prepend <s> to each document")
+    parser.add_argument("--no-eos", action="store_true", help="do not append </s> to each document")
+    args = parser.parse_args(argv)
+    if not args.input and not args.dataset:
+        parser.error("pass --input FILES or --dataset NAME")
+    try:
+        stats = prepare_corpus_with_stats(
+            args.input, args.tokenizer, args.output_prefix, num_proc=args.num_proc, text_key=args.text_key,
+            text_unit=args.text_unit, prepend_bos=not args.no_bos, append_eos=not args.no_eos,
+            dataset_name=args.dataset, dataset_config=args.dataset_config, dataset_split=args.dataset_split,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(stats)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

