@@ -1,0 +1,97 @@
+"""Training checkpoint -> Hugging Face model directory (weights as safetensors, config, tokenizer).
+
+    python -m llm.export RUN_DIR_OR_CHECKPOINT OUT_DIR
+
+Vanilla runs become a plain `LlamaForCausalLM` directory that needs no code of ours; ParameterNet runs carry
+`auto_map` and their self-contained code files (load with `trust_remote_code=True`). Every checkpoint our trainer
+writes holds the full weights gathered into `model.safetensors` (ZeRO-3 and expert-parallel runs included), so
+export reads no optimizer state and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A run directory (newest complete checkpoint), its checkpoints/ directory, or one checkpoint directory."""
+    from llm.train.checkpoint import MANIFEST, complete_checkpoints
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such run or checkpoint directory")
+    if (path / MANIFEST).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1][1]
+    raise FileNotFoundError(f"{path}: no complete checkpoint (a directory iter_NNNNNNN with {MANIFEST}) found")
+
+
+def write_hf_directory(model_config, state_dict: dict[str, torch.Tensor], tokenizer_dir: str | Path | None,
+                       out_dir: str | Path) -> Path:
+    """Build the HF model from `model_config`, load `state_dict` strictly, save with its tokenizer. Written to a
+    temporary directory and renamed, so an existing good export is replaced only by a complete one."""
+    import llm.model  # noqa: F401  (registers ParameterNet for save_pretrained's auto_map)
+    from llm.model import build_model
+
+    out_dir = Path(out_dir)
+    with torch.device("meta"):
+        model = build_model(model_config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.config.use_cache = True
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer_dir is not None:
+        from llm.data import load_tokenizer
+
+        load_tokenizer(tokenizer_dir).save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    from llm.model import load_model_config
+
+    ckpt = find_checkpoint(checkpoint)
+    manifest = json.loads((ckpt / "complete.json").read_text())
+    weights = ckpt / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{ckpt}: model.safetensors is missing (not a checkpoint written by llm.pretrain)")
+    config = manifest["config"]
+    model_config = load_model_config(config["model"], **config.get("model_overrides", {}))
+    tokenizer_dir = tokenizer_dir or manifest.get("tokenizer_dir") or config.get("tokenizer")
+    if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
+        raise FileNotFoundError(f"{ckpt}: its tokenizer directory {tokenizer_dir!r} does not exist; "
+                                f"pass --tokenizer DIR")
+    return write_hf_directory(model_config, load_file(str(weights)), tokenizer_dir, out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="run directory, its checkpoints/ directory, or one iter_NNNNNNN directory")
+    parser.add_argument("out_dir")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the run used)")
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir, args.tokenizer)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

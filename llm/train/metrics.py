@@ -1,0 +1,90 @@
+"""Metrics: JSONL + TensorBoard + console on rank 0, throughput and MFU, expert-load summaries."""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 peak FLOP/s (no sparsity) of known accelerators, by a substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "V100": 125e12,  # fp16 tensor cores
+    "MI300X": 1307e12,
+}
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s per device for MFU, or None where it is not meaningful (CPU, unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            # fp32 matmuls run on TF32 tensor cores at half the bf16 rate on Ampere/Hopper.
+            return value if precision in ("bf16", "fp16") else value / 2
+    return None
+
+
+def memory_gib(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"mem_alloc_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def expert_load(tokens_per_expert: torch.Tensor, layer_names: list[str]) -> dict[str, float]:
+    """Per MoE layer: min and max share of the assignments, coefficient of variation of the counts."""
+    out: dict[str, float] = {}
+    counts = tokens_per_expert.double()
+    shares = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    cv = counts.std(-1, unbiased=False) / counts.mean(-1).clamp(min=1e-9)
+    for i, name in enumerate(layer_names):
+        out[f"moe/{name}/min_share"] = float(shares[i].min())
+        out[f"moe/{name}/max_share"] = float(shares[i].max())
+        out[f"moe/{name}/cv"] = float(cv[i])
+    return out
+
+
+class MetricsLogger:
+    """Writes only on rank 0; other ranks get a logger that does nothing."""
+
+    def __init__(self, output_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.jsonl = None
+        self.tb = None
+        if enabled:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(output_dir / "metrics.jsonl", "a", buffering=1)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        step = record.get("iteration", 0)
+        prefix = record.get("kind", "train")
+        for key, value in record.items():
+            if key in ("kind", "iteration") or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            tag = key if key.startswith("moe/") else f"{prefix}/{key}"
+            self.tb.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()

@@ -1,0 +1,47 @@
+"""Optimizer parameter groups and the learning-rate schedule (a pure function of the optimizer step)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+from .config import TrainConfig
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (and expert tensors) only: never on norms, biases or other vectors."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """LR for optimizer step `step` (0-based): linear warmup, then cosine/linear decay to min_lr, then min_lr."""
+    if cfg.warmup_iters and step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    if cfg.lr_decay_style == "constant":
+        return cfg.lr
+    decay_iters = cfg.lr_decay_iters or cfg.resolved_train_iters()
+    span = max(decay_iters - cfg.warmup_iters, 1)
+    progress = min(max(step - cfg.warmup_iters, 0) / span, 1.0)
+    if cfg.lr_decay_style == "linear":
+        factor = 1.0 - progress
+    else:
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
+
+
+def deepspeed_optimizer_block(cfg: TrainConfig) -> dict[str, Any]:
+    # torch_adam: torch.optim.AdamW (foreach; fused on CUDA) instead of JIT-compiling DeepSpeed's fused Adam.
+    return {
+        "type": "AdamW",
+        "params": {"lr": cfg.lr, "betas": [cfg.adam_beta1, cfg.adam_beta2], "eps": cfg.adam_eps,
+                   "weight_decay": cfg.weight_decay, "torch_adam": True},
+    }

@@ -1,0 +1,426 @@
+"""The pretraining loop on the DeepSpeed engine (Megatron-style: iterations of global batches, resumable exactly)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .checkpoint import complete_checkpoints, load_from, load_latest, save_checkpoint
+from .config import TrainConfig, dump_yaml
+from .ds_config import complete_ds_config, resolve_ds_config_path
+from .metrics import MetricsLogger, expert_load, memory_gib, peak_flops
+from .optim import deepspeed_optimizer_block, lr_at, parameter_groups
+
+
+class TrainingError(RuntimeError):
+    """A problem the user must fix; the entry point prints it and exits non-zero."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Start torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU). Works under the deepspeed launcher,
+    torchrun, srun, or plain `python` (a single rank)."""
+    import deepspeed
+
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():
+        deepspeed.init_distributed()
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves and exits 0 (SLURM preemption/requeue)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.raised = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1 if self.raised else 0], dtype=torch.int64)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _collate(samples: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(samples).astype(np.int64))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        init_distributed()
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.output_dir = Path(cfg.output_dir)
+        self.ckpt_root = self.output_dir / "checkpoints"
+        self.train_iters = cfg.resolved_train_iters()
+        self._check_output_dir()
+        self._setup_data()
+        self._setup_model()
+        self._setup_engine()
+        self.logger = MetricsLogger(self.output_dir, enabled=self.rank == 0)
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.preemption = PreemptionFlag()
+        self._resume()
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _check_output_dir(self) -> None:
+        existing = complete_checkpoints(self.ckpt_root)
+        if self.cfg.resume == "none" and existing:
+            raise TrainingError(
+                f"output_dir={self.cfg.output_dir!r} already holds checkpoints of a run (newest: {existing[-1][1].name}); "
+                f"pass --resume auto to continue it, or choose another --output_dir"
+            )
+
+    def _setup_data(self) -> None:
+        from llm.data import build_datasets, load_tokenizer, parse_data_path
+
+        cfg = self.cfg
+        if cfg.data_path:
+            prefixes, weights = parse_data_path(cfg.data_path)
+            if cfg.tokenizer is None:
+                raise TrainingError("data_path is set but tokenizer is not; pass --tokenizer DIR (an HF tokenizer "
+                                    "directory, e.g. from python -m llm.data.tokenizer train)")
+            tokenizer_dir, split = cfg.tokenizer, cfg.split or "969,30,1"
+        else:
+            from llm.data import ensure_default_corpus
+
+            corpus = ensure_default_corpus()
+            prefixes, weights = [corpus.prefix], None
+            tokenizer_dir, split = cfg.tokenizer or str(corpus.tokenizer_dir), cfg.split or corpus.split
+        missing = [p for p in prefixes if not (Path(f"{p}.bin").is_file() and Path(f"{p}.idx").is_file())]
+        if missing:
+            raise TrainingError(f"data_path: no shards {missing[0]}.bin/.idx; prepare them with python -m llm.data.prepare")
+        self.tokenizer_dir = str(tokenizer_dir)
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.model_config = self._load_model_config()
+        if len(self.tokenizer) > self.model_config.vocab_size:
+            raise TrainingError(
+                f"tokenizer {tokenizer_dir} has {len(self.tokenizer)} tokens but model {cfg.model!r} has "
+                f"vocab_size={self.model_config.vocab_size}; use a model with vocab_size >= {len(self.tokenizer)} "
+                f"(--model_overrides '{{\"vocab_size\": {len(self.tokenizer)}}}') or a smaller tokenizer"
+            )
+        from .ds_config import gradient_accumulation_steps
+
+        self.grad_accum = gradient_accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, self.world)
+        train_samples = self.train_iters * cfg.global_batch_size
+        valid_samples = max(cfg.eval_iters, 1) * cfg.global_batch_size
+        self.train_ds, self.valid_ds, _ = build_datasets(
+            prefixes, weights, split, cfg.seq_len, cfg.seed, (train_samples, valid_samples, 0),
+            vocab_size=self.model_config.vocab_size,
+            max_position_embeddings=self.model_config.max_position_embeddings, cache_dir=cfg.data_cache_dir)
+        self.data_split = split
+
+    def _load_model_config(self):
+        from llm.model import load_model_config
+
+        return load_model_config(self.cfg.model, **self.cfg.model_overrides)
+
+    def _setup_model(self) -> None:
+        from llm.model import build_model
+        from llm.model.flops import account
+
+        torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank
+        self.model = build_model(self.model_config, attn_implementation=self.cfg.attn_implementation)
+        if self.cfg.activation_checkpointing:
+            self.model.activation_checkpointing_enable()
+        self.model.config.use_cache = False
+        self.moe_names = [name.removeprefix("model.").replace(".mlp", "") for name, _ in
+                          getattr(self.model, "moe_layers", lambda: [])()]
+        self.accounting = account(self.model_config, self.cfg.seq_len)
+
+    def _setup_engine(self) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        ds_path = resolve_ds_config_path(cfg.ds_config or f"zero{cfg.zero_stage}")
+        file_stage = json.loads(ds_path.read_text()).get("zero_optimization", {}).get("stage", 0)
+        if cfg.ds_config is not None and file_stage != cfg.zero_stage:
+            raise TrainingError(f"ds_config {ds_path} has ZeRO stage {file_stage} but zero_stage={cfg.zero_stage}; "
+                                f"make them agree (or drop --ds_config to use ds_configs/zero{cfg.zero_stage}.json)")
+        self.ds_config = complete_ds_config(
+            ds_path, micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
+            data_parallel_size=self.world, precision=cfg.precision, gradient_clipping=cfg.grad_clip,
+            optimizer=deepspeed_optimizer_block(cfg))
+        groups = parameter_groups(self.model, cfg.weight_decay)
+        schedule = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
+            optimizer, [lambda step, c=cfg: lr_at(step, c) / c.lr] * len(optimizer.param_groups))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, model_parameters=groups, config=self.ds_config, lr_scheduler=schedule)
+        if cfg.compile:
+            self.engine.compile()
+        self.device = self.engine.device
+        self.peak = peak_flops(torch.device(self.device), cfg.precision)
+
+    def _resume(self) -> None:
+        cfg = self.cfg
+        if cfg.resume == "none":
+            return
+        if cfg.resume == "auto":
+            loaded = load_latest(self.engine, self.ckpt_root)
+            if loaded is None:
+                if self.rank == 0:
+                    print(f"resume=auto: no complete checkpoint under {self.ckpt_root}; starting from scratch")
+                return
+        else:
+            loaded = load_from(self.engine, Path(cfg.resume))
+        self.iteration, state = loaded
+        self.consumed_samples = int(state["consumed_samples"])
+        if self.rank == 0:
+            print(f"resumed from iteration {self.iteration} ({self.consumed_samples} samples consumed)")
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def _batches(self):
+        from llm.data import PretrainingSampler
+
+        sampler = PretrainingSampler(len(self.train_ds), self.consumed_samples, self.cfg.micro_batch_size,
+                                     self.rank, self.world)
+        loader = torch.utils.data.DataLoader(self.train_ds, batch_sampler=sampler, collate_fn=_collate,
+                                             num_workers=0)
+        return iter(loader)
+
+    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        batch = batch.to(self.device)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        out = self.engine(input_ids=inputs)
+        lm_loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1))
+        router = getattr(out, "router_loss", None)
+        total = lm_loss if router is None else lm_loss + router.to(lm_loss.dtype)
+        return total, lm_loss, out
+
+    def _all_reduce_mean(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def train_step(self, batches) -> dict[str, Any]:
+        """One global batch: grad_accum micro-batches through the engine, one optimizer step."""
+        lm_sum = aux_sum = z_sum = 0.0
+        counts = None
+        dropped = None
+        poisoned = False
+        for micro in range(self.grad_accum):
+            total, lm_loss, out = self._forward(next(batches))
+            bad = torch.tensor([0 if torch.isfinite(total).item() else 1], dtype=torch.int64)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item():
+                poisoned = True
+            if poisoned:
+                # Every parameter gets an exact-zero gradient from this micro-batch, so the engine's accumulation
+                # and ZeRO hooks run as usual while nothing of the bad batch reaches the weights.
+                total = sum(p.sum() * 0.0 for p in self.engine.module.parameters() if p.requires_grad)
+            else:
+                lm_sum += float(lm_loss)
+                if getattr(out, "aux_loss", None) is not None:
+                    aux_sum += float(out.aux_loss)
+                    z_sum += float(out.z_loss)
+                    c = out.tokens_per_expert.detach().cpu()
+                    counts = c if counts is None else counts + c
+                    d = out.dropped_tokens.detach().cpu()
+                    dropped = d if dropped is None else dropped + d
+            if micro == self.grad_accum - 1 and poisoned:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = 0.0  # skip the update; the scheduler sets the next step's LR as usual
+            self.engine.backward(total)
+            self.engine.step()
+        lm, aux, z = self._all_reduce_mean([lm_sum / self.grad_accum, aux_sum / self.grad_accum,
+                                            z_sum / self.grad_accum])
+        if counts is not None:
+            dist.all_reduce(counts)
+            dist.all_reduce(dropped)
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"lm_loss": lm, "aux_loss": aux, "z_loss": z, "skipped": poisoned, "counts": counts,
+                "dropped": dropped, "grad_norm": None if grad_norm is None else float(grad_norm)}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean LM loss over the first eval_iters global batches of the validation split (the same every time)."""
+        from llm.data import PretrainingSampler
+
+        if self.valid_ds is None or self.cfg.eval_iters == 0:
+            return {}
+        self.engine.eval()
+        sampler = PretrainingSampler(len(self.valid_ds), 0, self.cfg.micro_batch_size, self.rank, self.world)
+        loader = torch.utils.data.DataLoader(self.valid_ds, batch_sampler=sampler, collate_fn=_collate)
+        losses = []
+        for i, batch in enumerate(loader):
+            if i >= self.cfg.eval_iters * self.grad_accum:
+                break
+            losses.append(float(self._forward(batch)[1]))
+        self.engine.train()
+        (val_loss,) = self._all_reduce_mean([sum(losses) / max(len(losses), 1)])
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    # ---------------------------------------------------------------------------------------------- the loop
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on rank 0 (gathered under ZeRO-3); None on other ranks. Collective."""
+        import deepspeed
+
+        state: dict[str, torch.Tensor] = {}
+        for name, param in self.engine.module.named_parameters():
+            if hasattr(param, "ds_id"):
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    tensor = param.detach().cpu().clone()
+            else:
+                tensor = param.detach().cpu().clone()
+            if self.rank == 0:
+                state[name] = tensor
+        return state if self.rank == 0 else None
+
+    def save(self) -> None:
+        client_state = {
+            "iteration": self.iteration,
+            "consumed_samples": self.consumed_samples,
+            "consumed_tokens": self.consumed_samples * self.cfg.seq_len,
+            "config": self.cfg.to_dict(),
+            "model_config": self.model_config.to_dict(),
+            "tokenizer_dir": self.tokenizer_dir,
+        }
+        save_checkpoint(self.engine, self.ckpt_root, self.iteration, client_state, self.full_state_dict,
+                        self.cfg.keep_last)
+
+    def _log_train(self, stats: dict[str, Any], elapsed: float, iters: int) -> dict[str, Any]:
+        cfg = self.cfg
+        tokens_per_s = iters * cfg.global_batch_size * cfg.seq_len / max(elapsed, 1e-9)
+        record: dict[str, Any] = {
+            "kind": "train", "iteration": self.iteration, "tokens": self.consumed_samples * cfg.seq_len,
+            "lm_loss": stats["lm_loss"], "lr": lr_at(self.iteration - 1, cfg),  # the LR this step used
+            "grad_norm": stats["grad_norm"], "tokens_per_s": tokens_per_s, "skipped": stats["skipped"],
+        }
+        if self.moe_names:
+            record.update(aux_loss=stats["aux_loss"], z_loss=stats["z_loss"],
+                          dropped_tokens=int(stats["dropped"].sum()),
+                          expert_counts=stats["counts"].tolist())
+            record.update(expert_load(stats["counts"], self.moe_names))
+        flops = self.accounting.train_flops_per_token * tokens_per_s / self.world
+        if self.peak is not None:
+            record["tflops_per_device"] = flops / 1e12
+            record["mfu"] = flops / self.peak
+        record.update(memory_gib(torch.device(self.device)))
+        self.logger.log(record)
+        return record
+
+    def train(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        batches = self._batches()
+        bar = tqdm(total=self.train_iters, initial=self.iteration, desc="pretrain", dynamic_ncols=True,
+                   disable=self.rank != 0 or not cfg.progress_bar, file=sys.stderr)
+        consecutive_bad = 0
+        last_log_time, last_log_iter = time.perf_counter(), self.iteration
+        last_eval: dict[str, float] = {}
+        preempted = False
+        while self.iteration < self.train_iters:
+            stats = self.train_step(batches)
+            self.iteration += 1
+            self.consumed_samples += cfg.global_batch_size
+            bar.update(1)
+            consecutive_bad = consecutive_bad + 1 if stats["skipped"] else 0
+            if stats["skipped"] and self.rank == 0:
+                bar.write(f"iteration {self.iteration}: non-finite loss, update skipped "
+                          f"({consecutive_bad} in a row)")
+                self.logger.log({"kind": "skip", "iteration": self.iteration})
+            if consecutive_bad >= cfg.max_nonfinite_steps:
+                raise TrainingError(
+                    f"{consecutive_bad} consecutive iterations had a non-finite loss (max_nonfinite_steps="
+                    f"{cfg.max_nonfinite_steps}); lower lr, check the data, or resume from an earlier checkpoint")
+            if self.iteration % cfg.log_interval == 0 or self.iteration == self.train_iters:
+                now = time.perf_counter()
+                record = self._log_train(stats, now - last_log_time, self.iteration - last_log_iter)
+                last_log_time, last_log_iter = now, self.iteration
+                if self.rank == 0:
+                    bar.set_postfix(loss=f"{record['lm_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    bar.write(self._console_line(record))
+            if self.iteration % cfg.eval_interval == 0 and self.iteration != self.train_iters:
+                last_eval = self._eval_and_log()
+                last_log_time = time.perf_counter()
+            if self.preemption.any_rank():
+                preempted = True
+                if self.rank == 0:
+                    bar.write(f"signal received: saving a checkpoint at iteration {self.iteration} and exiting")
+                self.save()
+                break
+            if self.iteration % cfg.save_interval == 0 and self.iteration != self.train_iters:
+                self.save()
+                last_log_time = time.perf_counter()
+        bar.close()
+        if preempted:
+            return {"preempted": True, "iteration": self.iteration}
+        last_eval = self._eval_and_log()
+        self.save()
+        result = {"iteration": self.iteration, "tokens": self.consumed_samples * cfg.seq_len, **last_eval}
+        if cfg.export:
+            self.export()
+        self._write_summary(result)
+        return result
+
+    def _eval_and_log(self) -> dict[str, float]:
+        result = self.evaluate()
+        if result:
+            self.logger.log({"kind": "valid", "iteration": self.iteration,
+                             "tokens": self.consumed_samples * self.cfg.seq_len, **result})
+            if self.rank == 0:
+                print(f"[valid] iteration {self.iteration}: loss {result['val_loss']:.4f} "
+                      f"ppl {result['val_ppl']:.2f}", file=sys.stderr)
+        return result
+
+    def _console_line(self, r: dict[str, Any]) -> str:
+        parts = [f"iter {r['iteration']}/{self.train_iters}", f"tokens {r['tokens']}", f"loss {r['lm_loss']:.4f}",
+                 f"lr {r['lr']:.2e}", f"grad_norm {r['grad_norm'] or float('nan'):.3f}",
+                 f"tok/s {r['tokens_per_s']:.0f}"]
+        if "aux_loss" in r:
+            shares = [(r[f"moe/{n}/min_share"], r[f"moe/{n}/max_share"]) for n in self.moe_names]
+            parts.append(f"aux {r['aux_loss']:.4f}")
+            parts.append(f"expert share min {min(s[0] for s in shares):.3f} max {max(s[1] for s in shares):.3f}")
+        if "mfu" in r:
+            parts.append(f"TFLOP/s {r['tflops_per_device']:.1f} MFU {100 * r['mfu']:.1f}%")
+        mem = r.get("mem_alloc_gib", r.get("max_rss_gib"))
+        parts.append(f"mem {mem:.2f} GiB")
+        return " | ".join(parts)
+
+    def export(self) -> None:
+        from llm.export import write_hf_directory
+
+        state = self.full_state_dict()
+        if self.rank == 0:
+            write_hf_directory(self.model_config, state, self.tokenizer_dir, self.output_dir / "hf")
+        dist.barrier()
+
+    def _write_summary(self, result: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        acc = self.accounting
+        summary = {"model": self.cfg.model, "model_overrides": self.cfg.model_overrides,
+                   "total_params": acc.total_params, "active_params": acc.active_params,
+                   "flops_per_token": acc.forward_flops_per_token, "seq_len": self.cfg.seq_len,
+                   "final_val_loss": result.get("val_loss"), "tokens": result["tokens"],
+                   "iterations": result["iteration"], "seed": self.cfg.seed, "world_size": self.world}
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
