@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +250,16 @@ def test_input_checks(tmp_path: Path) -> None:
     assert len(train) == 10 and valid is None and test is None
     with pytest.raises(IndexError):
         train[10]
+
+
+def test_datasets_pickle_small_for_dataloader_workers(tmp_path: Path) -> None:
+    prefixes = []
+    for k in range(2):
+        write_unique_shard(tmp_path / f"p{k}", [5000] * 40, base=k * 1_000_000)  # 200k tokens each
+        prefixes.append(str(tmp_path / f"p{k}"))
+    train, _, _ = build_datasets(prefixes, [0.5, 0.5], "1", 32, 0, (3000, 0, 0))
+    blob = pickle.dumps(train)
+    assert len(blob) < 50_000  # the shards (1.6 MB) and index arrays are re-mapped, not copied
+    copy = pickle.loads(blob)
+    for i in (0, 1, 1234, 2999):
+        np.testing.assert_array_equal(copy[i], train[i])

@@ -320,6 +320,16 @@ class GPTDataset(torch.utils.data.Dataset):
             },
         )
 
+    # Pickled without the index arrays (they can be large): the copy memory-maps the same cache files again.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_sequences", "_samples", "_order")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if not self._try_load(self._cache_stem()):
+            raise FileNotFoundError(f"index cache {self._cache_stem()}.* vanished or changed since this dataset "
+                                    f"was built; build the datasets again")
+
     # -- access ------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return self.num_samples

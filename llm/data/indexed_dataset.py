@@ -284,6 +284,13 @@ class IndexedDataset:
         else:
             self._data = np.memmap(self.data_file, dtype=self.dtype, mode="r")
 
+    # Pickle by prefix (DataLoader workers under spawn/forkserver): pickling the memmaps would copy the whole shard.
+    def __getstate__(self) -> dict:
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["prefix"])
+
     def __len__(self) -> int:
         return int(self.sizes.size)
 

@@ -6,10 +6,10 @@ What the directory holds and why:
 - `tokenizer.model`: the sentencepiece model (BPE, byte fallback, ids unk 0 / bos 1 / eos 2). It is the reference:
   `prepare` tokenizes corpora with it.
 - `tokenizer.json` + `tokenizer_config.json`: the same tokenizer for `AutoTokenizer.from_pretrained(DIR)` (lm-eval,
-  transformers), offline. It reproduces sentencepiece's ids exactly: normalizer "prepend U+2581, spaces -> U+2581" and no
-  pre-tokenizer, as LLaMA's original conversion did. (transformers 5's `LlamaTokenizer` class rebuilds a Metaspace
-  pre-tokenizer that drops the dummy prefix before a leading space, so " x" would encode differently; the config
-  therefore names the generic `TokenizersBackend` class, which loads tokenizer.json verbatim.)
+  transformers), offline. It reproduces sentencepiece's ids exactly: normalizer "prepend U+2581, spaces -> U+2581"
+  and no pre-tokenizer, as LLaMA's original conversion did. (transformers 5's `LlamaTokenizer` class rebuilds a
+  Metaspace pre-tokenizer that drops the dummy prefix before a leading space, so " x" would encode differently;
+  the config therefore names the generic `TokenizersBackend` class, which loads tokenizer.json verbatim.)
 - Special tokens: BOS is added by the tokenizer (`tok(text)` starts with id 1) and `prepare` writes every document
   as `<s> text </s>`, so what evaluation sees matches what training saw. There is no pad token in LLaMA; we set
   pad = `<unk>` (id 0): byte fallback means sentencepiece never emits `<unk>` for real text, so padding can never be
