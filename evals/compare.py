@@ -1,0 +1,337 @@
+"""Side-by-side report of two or more pretraining runs: zero-shot accuracy, parameters, FLOPs, validation loss.
+
+    python -m evals.compare OUT/llama OUT/parameternet [OUT/more ...] [--out OUT/compare] [--evaluate --limit 50]
+
+Each RUN is a run directory, or a directory of run directories that differ only in the seed (one column, reported
+as mean +- standard deviation over seeds). The first RUN is the baseline: every other column gets a delta against it.
+Writes report.md, results.json, accuracy.png and loss.png to --out, and prints the accuracy table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from evals.results import TaskScore, load_results, task_scores, write_text_atomic
+from evals.runs import Run, RunGroup, load_group
+
+AVERAGE = "Average"
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A value over the seeds of one group: mean, sample std (None for one seed), and a standard error of the mean."""
+
+    mean: float
+    std: float | None
+    sem: float | None  # seeds: std / sqrt(n); one seed: lm-eval's stderr over documents
+    n: int
+
+    @staticmethod
+    def of(values: list[float], single_stderr: float | None = None) -> Stat:
+        if len(values) > 1:
+            std = statistics.stdev(values)
+            return Stat(statistics.fmean(values), std, std / math.sqrt(len(values)), len(values))
+        return Stat(values[0], None, single_stderr, 1)
+
+
+@dataclass(frozen=True)
+class GroupScores:
+    label: str
+    per_task: dict[str, Stat]  # benchmark name (and "Average") -> accuracy
+    metrics: dict[str, str]  # benchmark name -> metric reported
+    per_seed: list[dict[str, float]]  # raw accuracies per seed, per task
+
+
+def _scores_of(run: Run) -> list[TaskScore]:
+    return task_scores(load_results(run.results_path), str(run.results_path))
+
+
+def check_comparable(groups: list[RunGroup]) -> tuple[list[str], Any]:
+    """The common task list and limit; refuses runs evaluated on different tasks or document counts."""
+    reference: tuple[Run, dict[str, int], Any] | None = None
+    for group in groups:
+        for run in group.runs:
+            results = load_results(run.results_path)
+            samples = {s.name: s.samples for s in task_scores(results, str(run.results_path))}
+            limit = results.get("config", {}).get("limit")
+            if reference is None:
+                reference = (run, samples, limit)
+                continue
+            ref_run, ref_samples, ref_limit = reference
+            if set(samples) != set(ref_samples):
+                raise ValueError(
+                    f"{run.path} was evaluated on tasks {sorted(samples)} but {ref_run.path} on {sorted(ref_samples)}; "
+                    "evaluate all runs on the same --tasks"
+                )
+            if samples != ref_samples or limit != ref_limit:
+                raise ValueError(
+                    f"{run.path} was evaluated with limit={limit} ({samples}) but {ref_run.path} with "
+                    f"limit={ref_limit} ({ref_samples}); evaluate all runs with the same --limit"
+                )
+    if reference is None:
+        raise ValueError("no runs to compare")
+    names = [s.name for s in _scores_of(reference[0])]
+    if not names:
+        raise ValueError(f"{reference[0].results_path} holds no accuracy metric (acc / acc_norm)")
+    return names, reference[2]
+
+
+def group_scores(group: RunGroup, tasks: list[str]) -> GroupScores:
+    per_seed: list[dict[str, float]] = []
+    stderrs: dict[str, float | None] = {}
+    metrics: dict[str, str] = {}
+    for run in group.runs:
+        scores = {s.name: s for s in _scores_of(run)}
+        row = {name: scores[name].value for name in tasks}
+        row[AVERAGE] = statistics.fmean(row[name] for name in tasks)
+        per_seed.append(row)
+        for name in tasks:
+            stderrs[name] = scores[name].stderr
+            metrics[name] = scores[name].metric
+    known = [stderrs[name] for name in tasks if stderrs[name] is not None]
+    # Average of T tasks with independent errors: sqrt(sum se^2) / T.
+    stderrs[AVERAGE] = math.sqrt(sum(se * se for se in known)) / len(tasks) if len(known) == len(tasks) else None
+    per_task = {name: Stat.of([row[name] for row in per_seed], stderrs[name]) for name in [*tasks, AVERAGE]}
+    return GroupScores(group.label, per_task, metrics, per_seed)
+
+
+def delta(a: Stat, b: Stat) -> tuple[float, float | None]:
+    """b - a, with the standard error of the difference of two independent means."""
+    se = math.sqrt(a.sem**2 + b.sem**2) if a.sem is not None and b.sem is not None else None
+    return b.mean - a.mean, se
+
+
+def _pct(stat: Stat) -> str:
+    if stat.std is not None:
+        return f"{100 * stat.mean:.2f} ± {100 * stat.std:.2f}"
+    return f"{100 * stat.mean:.2f}"
+
+
+def _delta_text(a: Stat, b: Stat) -> str:
+    d, se = delta(a, b)
+    text = f"{100 * d:+.2f}"
+    if se:
+        text += f" ± {100 * se:.2f}"
+        if abs(d) > 2 * se:
+            text += " *"
+    return text
+
+
+def accuracy_table(scores: list[GroupScores], tasks: list[str]) -> str:
+    base = scores[0]
+    header = ["Task", "Metric", *[s.label for s in scores], *[f"Δ {s.label} − {base.label}" for s in scores[1:]]]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    for name in [*tasks, AVERAGE]:
+        metric = base.metrics.get(name, "")
+        cells = [_pct(s.per_task[name]) for s in scores]
+        deltas = [_delta_text(base.per_task[name], s.per_task[name]) for s in scores[1:]]
+        row = [name, metric, *cells, *deltas]
+        if name == AVERAGE:
+            row = [f"**{c}**" if c else c for c in row]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _human(n: float | None, unit: str = "") -> str:
+    if n is None:
+        return "n/a"
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".strip()
+
+
+def _summary_value(group: RunGroup, key: str) -> float | None:
+    values = [run.summary.get(key) for run in group.runs]
+    numbers = [float(v) for v in values if isinstance(v, (int, float))]
+    return numbers[0] if numbers else None
+
+
+def model_rows(groups: list[RunGroup]) -> list[dict[str, Any]]:
+    rows = []
+    for group in groups:
+        losses = [loss for loss in (run.final_val_loss for run in group.runs) if loss is not None]
+        rows.append(
+            {
+                "label": group.label,
+                "model": next((str(r.summary.get("model") or r.config.get("model")) for r in group.runs), "n/a"),
+                "seeds": [run.seed for run in group.runs],
+                "total_params": _summary_value(group, "total_params"),
+                "active_params": _summary_value(group, "active_params"),
+                "flops_per_token": _summary_value(group, "flops_per_token"),
+                "tokens": _summary_value(group, "tokens"),
+                "final_val_loss": asdict(Stat.of(losses)) if losses else None,
+            }
+        )
+    return rows
+
+
+def model_table(rows: list[dict[str, Any]]) -> str:
+    def loss(row: dict[str, Any]) -> str:
+        stat = row["final_val_loss"]
+        if stat is None:
+            return "n/a"
+        return f"{stat['mean']:.4f}" + (f" ± {stat['std']:.4f}" if stat["std"] is not None else "")
+
+    fields = [
+        ("Model", lambda r: str(r["model"])),
+        ("Seeds", lambda r: ", ".join("?" if s is None else str(s) for s in r["seeds"])),
+        ("Total parameters", lambda r: _human(r["total_params"])),
+        ("Active parameters", lambda r: _human(r["active_params"])),
+        ("FLOPs per token (forward)", lambda r: _human(r["flops_per_token"], "FLOP")),
+        ("Training tokens", lambda r: _human(r["tokens"])),
+        ("Final validation loss", loss),
+    ]
+    lines = ["| | " + " | ".join(r["label"] for r in rows) + " |", "|---|" + "---:|" * len(rows)]
+    for title, render in fields:
+        lines.append(f"| {title} | " + " | ".join(render(r) for r in rows) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def build_report(groups: list[RunGroup], out_dir: Path) -> tuple[str, str, dict[str, Any]]:
+    """(full markdown report, accuracy table, results.json content); also draws the two PNGs into out_dir."""
+    from evals.plots import plot_accuracy, plot_losses
+
+    tasks, limit = check_comparable(groups)
+    scores = [group_scores(group, tasks) for group in groups]
+    rows = model_rows(groups)
+    table = accuracy_table(scores, tasks)
+    n_seeds = {len(g.runs) for g in groups}
+    multi = max(n_seeds) > 1
+    spread = (
+        "cells are mean ± standard deviation over seeds; a delta's ± is the standard error of the difference of "
+        "the means"
+        if multi
+        else "one seed per model; a delta's ± is the standard error from the finite number of test documents only "
+        "(lm-eval's stderr); use --seeds N to measure seed-to-seed noise"
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_accuracy(scores, tasks, out_dir / "accuracy.png")
+    plot_losses(groups, out_dir / "loss.png")
+    report = "\n".join(
+        [
+            "# ParameterNet comparison",
+            "",
+            "Runs: " + "; ".join(f"**{g.label}** = `{g.path}` ({len(g.runs)} seed{'s' if len(g.runs) > 1 else ''})"
+                                 for g in groups) + ".",
+            "",
+            "## Zero-shot accuracy (%)",
+            "",
+            f"lm-evaluation-harness, 0-shot, documents per task: {limit if limit is not None else 'all'}. "
+            f"Metric: acc_norm where lm-eval defines it, else acc. Baseline: {groups[0].label}; {spread}; "
+            "* marks |delta| > 2 standard errors.",
+            "",
+            table,
+            "![accuracy](accuracy.png)",
+            "",
+            "## Models",
+            "",
+            model_table(rows),
+            "![loss](loss.png)",
+            "",
+        ]
+    )
+    data = {
+        "baseline": groups[0].label,
+        "limit": limit,
+        "tasks": tasks,
+        "groups": [
+            {
+                "label": s.label,
+                "path": str(g.path),
+                "runs": [str(r.path) for r in g.runs],
+                "metrics": s.metrics,
+                "accuracy": {name: asdict(stat) for name, stat in s.per_task.items()},
+                "accuracy_per_seed": s.per_seed,
+                "delta_vs_baseline": {
+                    name: dict(zip(("delta", "stderr"), delta(scores[0].per_task[name], stat)))
+                    for name, stat in s.per_task.items()
+                },
+                **{k: v for k, v in row.items() if k != "label"},
+            }
+            for s, g, row in zip(scores, groups, rows)
+        ],
+    }
+    return report, table, data
+
+
+def compare(
+    runs: list[Path | str],
+    out_dir: Path | str | None = None,
+    labels: list[str] | None = None,
+    evaluate: bool = False,
+    eval_kwargs: dict[str, Any] | None = None,
+) -> tuple[Path, str]:
+    """Write the comparison of `runs` to out_dir; returns (out_dir, accuracy table)."""
+    if len(runs) < 2:
+        raise ValueError(f"give at least two runs to compare (got {len(runs)})")
+    if labels is not None and len(labels) != len(runs):
+        raise ValueError(f"--labels has {len(labels)} names for {len(runs)} runs; give one per run")
+    groups = [load_group(Path(r), labels[i] if labels else None) for i, r in enumerate(runs)]
+    seen: dict[str, int] = {}
+    for group in groups:  # same directory names under different parents: qualify them
+        seen[group.label] = seen.get(group.label, 0) + 1
+    for group in groups:
+        if seen[group.label] > 1 and labels is None:
+            group.label = f"{group.path.parent.name}/{group.path.name}"
+    for group in groups:
+        for run in group.runs:
+            if run.results_path.is_file():
+                continue
+            if not evaluate:
+                raise FileNotFoundError(
+                    f"{run.path} has not been evaluated (no {run.results_path}); run "
+                    f"`python -m evals.zero_shot --model {run.path}` first, or pass --evaluate"
+                )
+            from evals.zero_shot import run_zero_shot
+
+            run_zero_shot(run.path, output_dir=run.results_path.parent, **(eval_kwargs or {}))
+    out = Path(out_dir) if out_dir is not None else groups[0].path.parent / "compare"
+    report, table, data = build_report(groups, out)
+    write_text_atomic(out / "report.md", report)
+    write_text_atomic(out / "results.json", json.dumps(data, indent=2) + "\n")
+    return out, table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evals.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", type=Path,
+                   help="run directories (or directories of per-seed run directories); the first is the baseline")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: FIRST_RUN/../compare)")
+    p.add_argument("--labels", default=None, help="comma-separated column names (default: directory names)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="evaluate runs that have no eval/results.json yet (with the options below)")
+    p.add_argument("--tasks", default="llama", help="with --evaluate: tasks (default: the LLaMA zero-shot suite)")
+    p.add_argument("--limit", type=float, default=None, help="with --evaluate: documents per task")
+    p.add_argument("--offline", dest="offline", action="store_const", const=True, default=None,
+                   help="with --evaluate: use the offline tasks")
+    p.add_argument("--batch_size", default="8", help="with --evaluate: batch size")
+    p.add_argument("--device", default=None, help="with --evaluate: device")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+    batch_size: int | str = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
+    eval_kwargs = {"tasks": args.tasks, "limit": args.limit, "offline": args.offline, "batch_size": batch_size,
+                   "device": args.device}
+    try:
+        out, table = compare(args.runs, args.out, labels, args.evaluate, eval_kwargs)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(table)
+    print(f"report: {out / 'report.md'} (plots: {out / 'accuracy.png'}, {out / 'loss.png'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

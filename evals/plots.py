@@ -1,0 +1,100 @@
+"""The comparison plots: per-task accuracy bars (error bars over seeds) and loss curves (bands over seeds)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+if TYPE_CHECKING:
+    from evals.compare import GroupScores
+    from evals.runs import RunGroup
+
+
+def _save(fig: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+
+
+def plot_accuracy(scores: list[GroupScores], tasks: list[str], path: Path) -> None:
+    """Grouped bars per task (and the average); error bars: std over seeds, else lm-eval's stderr."""
+    from evals.compare import AVERAGE
+
+    names = [*tasks, AVERAGE]
+    width = 0.8 / len(scores)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.5))
+    for i, s in enumerate(scores):
+        xs = [j + (i - (len(scores) - 1) / 2) * width for j in range(len(names))]
+        means = [100 * s.per_task[n].mean for n in names]
+        errs = [100 * (s.per_task[n].std if s.per_task[n].std is not None else (s.per_task[n].sem or 0.0))
+                for n in names]
+        n_seeds = s.per_task[AVERAGE].n
+        label = s.label + (f" ({n_seeds} seeds)" if n_seeds > 1 else "")
+        ax.bar(xs, means, width, yerr=errs, capsize=3, label=label)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_ylabel("zero-shot accuracy (%)")
+    ax.set_title("Zero-shot accuracy per task")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def _curve(runs_points: list[list[tuple[float, float]]]) -> tuple[list[float], list[float], list[float]]:
+    """Mean and std over runs at the x values every run has (seeds of one configuration log at the same steps)."""
+    common = set.intersection(*(set(x for x, _ in pts) for pts in runs_points)) if runs_points else set()
+    xs = sorted(common)
+    lookup = [dict(pts) for pts in runs_points]
+    means = [statistics.fmean(d[x] for d in lookup) for x in xs]
+    stds = [statistics.stdev(d[x] for d in lookup) if len(lookup) > 1 else 0.0 for x in xs]
+    return xs, means, stds
+
+
+def plot_losses(groups: list[RunGroup], path: Path) -> None:
+    """Training loss (thin) and validation loss (markers) against training tokens; bands: std over seeds."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drew = False
+    for i, group in enumerate(groups):
+        color = colors[i % len(colors)]
+        train = [[(float(r.get("tokens", r.get("iteration", 0))), float(r["lm_loss"])) for r in run.train]
+                 for run in group.runs if run.train]
+        valid = [[(float(r.get("tokens", r.get("iteration", 0))), float(r["val_loss"])) for r in run.valid]
+                 for run in group.runs if run.valid]
+        if train:
+            xs, ys, sd = _curve(train)
+            ax.plot(xs, ys, color=color, alpha=0.5, linewidth=1, label=f"{group.label} train")
+            if len(train) > 1:
+                ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
+                                color=color, alpha=0.15)
+            drew = True
+        if valid:
+            xs, ys, sd = _curve(valid)
+            ax.errorbar(xs, ys, yerr=sd if len(valid) > 1 else None, color=color, marker="o", linewidth=2,
+                        capsize=3, label=f"{group.label} validation")
+            drew = True
+    if not drew:
+        ax.text(0.5, 0.5, "no metrics.jsonl in these runs", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title("Loss curves")
+    if drew:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, path)
