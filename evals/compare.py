@@ -20,6 +20,7 @@ from typing import Any
 
 from evals.results import TaskScore, load_results, task_scores, write_text_atomic
 from evals.runs import Run, RunGroup, load_group
+from evals.zero_shot import parse_batch_size
 
 AVERAGE = "Average"
 
@@ -154,6 +155,15 @@ def _summary_value(group: RunGroup, key: str) -> float | None:
     return numbers[0] if numbers else None
 
 
+def _model_name(run: Run) -> str:
+    """Preset name plus any overrides (the ablations: moe_projections, num_experts, ...)."""
+    name = str(run.summary.get("model") or run.config.get("model") or "n/a")
+    overrides = run.summary.get("model_overrides") or run.config.get("model_overrides") or {}
+    if isinstance(overrides, dict) and overrides:
+        name += " (" + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(overrides.items())) + ")"
+    return name
+
+
 def model_rows(groups: list[RunGroup]) -> list[dict[str, Any]]:
     rows = []
     for group in groups:
@@ -161,7 +171,7 @@ def model_rows(groups: list[RunGroup]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "label": group.label,
-                "model": next((str(r.summary.get("model") or r.config.get("model")) for r in group.runs), "n/a"),
+                "model": _model_name(group.runs[0]),
                 "seeds": [run.seed for run in group.runs],
                 "total_params": _summary_value(group, "total_params"),
                 "active_params": _summary_value(group, "active_params"),
@@ -320,10 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
-    batch_size: int | str = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
-    eval_kwargs = {"tasks": args.tasks, "limit": args.limit, "offline": args.offline, "batch_size": batch_size,
-                   "device": args.device}
     try:
+        eval_kwargs = {"tasks": args.tasks, "limit": args.limit, "offline": args.offline,
+                       "batch_size": parse_batch_size(args.batch_size), "device": args.device}
         out, table = compare(args.runs, args.out, labels, args.evaluate, eval_kwargs)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -37,9 +37,12 @@ class ZeroShotOutput:
 
 
 def default_output_dir(model: Path) -> Path:
-    """RUN/eval for a run directory or its RUN/hf export; DIR/eval for any other model directory."""
+    """RUN/eval for a run directory or its RUN/hf export, RUN/eval/<checkpoint> for one of its checkpoints (never
+    inside checkpoints/, which the trainer rotates), DIR/eval for any other model directory."""
     if model.name == "hf" and (model.parent / "metrics.jsonl").exists():
         return model.parent / "eval"
+    if model.parent.name == "checkpoints":
+        return model.parent.parent / "eval" / model.name
     return model / "eval"
 
 
@@ -188,6 +191,15 @@ def run_zero_shot(
     return ZeroShotOutput(results, results_json, results_md, model_dir)
 
 
+def parse_batch_size(text: str) -> int | str:
+    """An integer, or lm-eval's 'auto' / 'auto:N' (largest batch that fits, re-probed N times)."""
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if text == "auto" or (text.startswith("auto:") and text[5:].isdigit()):
+        return text
+    raise ValueError(f"--batch_size {text!r}: give a positive integer, 'auto' or 'auto:N'")
+
+
 def parse_limit(text: str) -> float:
     try:
         value = float(text)
@@ -213,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="float32 on CPU; bfloat16 on GPUs")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:0, ... (default: cuda if available)")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory, if not in the model directory")
-    p.add_argument("--output_dir", type=Path, default=None, help="default: RUN/eval, or MODEL_DIR/eval")
+    p.add_argument("--output_dir", type=Path, default=None,
+                   help="default: RUN/eval (RUN/eval/CHECKPOINT for a checkpoint), or MODEL_DIR/eval")
     p.add_argument("--seed", type=int, default=1234)
     return p
 
@@ -221,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    batch_size: int | str = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
     try:
+        batch_size = parse_batch_size(args.batch_size)
         out = run_zero_shot(
             model=args.model, tasks=args.tasks, offline=args.offline, limit=args.limit, batch_size=batch_size,
             dtype=args.dtype, device=args.device, output_dir=args.output_dir, tokenizer=args.tokenizer,
