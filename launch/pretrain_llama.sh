@@ -61,21 +61,23 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
 fi
 
 descendants() { local child; for child in $(pgrep -P "$1" || true); do echo "$child"; descendants "$child"; done; }
-forward() {
-  echo "pretrain_llama.sh: $1 received, asking every rank to checkpoint and exit" >&2
-  # The launcher processes ignore USR1 (below); the trainer ranks handle it.
+signal_ranks() {
+  # The launcher processes ignore USR1 (see below); the trainer ranks handle it. Until a rank has installed its
+  # handler it ignores USR1 too, so the request is repeated every second until the run ends.
+  local p
   for p in $(descendants "$child_pid"); do kill -USR1 "$p" 2>/dev/null || true; done
 }
-# Ignored signals stay ignored across exec: DeepSpeed's launcher processes will ignore USR1, while the trainer
-# installs its own handler. So a USR1 sent to the whole job step (SLURM --signal) reaches only the ranks.
-trap '' USR1
-"${cmd[@]}" &
+stop=0
+request_stop() { echo "pretrain_llama.sh: $1 received; every rank will checkpoint and exit" >&2; stop=1; }
+trap 'request_stop TERM' TERM
+trap 'request_stop USR1' USR1
+# Ignored signals stay ignored across exec: DeepSpeed's launcher processes ignore USR1 while the trainer installs
+# its own handler, so a USR1 sent to the whole job step (SLURM --signal) reaches only the ranks.
+( trap '' USR1; exec "${cmd[@]}" ) &
 child_pid=$!
-trap 'forward TERM' TERM
-trap 'forward USR1' USR1
-while true; do
-  set +e; wait "$child_pid"; rc=$?; set -e
-  # wait returns >128 when a trapped signal interrupts it; keep waiting while the launcher is alive.
-  if [ "$rc" -gt 128 ] && kill -0 "$child_pid" 2>/dev/null; then continue; fi
-  exit "$rc"
+while kill -0 "$child_pid" 2>/dev/null; do
+  if [ "$stop" = 1 ]; then signal_ranks; fi
+  sleep 1 & wait $! 2>/dev/null || true
 done
+set +e; wait "$child_pid"; rc=$?
+exit "$rc"

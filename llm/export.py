@@ -62,7 +62,7 @@ def write_hf_directory(model_config, state_dict: dict[str, torch.Tensor], tokeni
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    from llm.model import load_model_config
+    from llm.model.presets import config_from_dict, load_model_config
 
     ckpt = find_checkpoint(checkpoint)
     manifest = json.loads((ckpt / "complete.json").read_text())
@@ -70,7 +70,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir
     if not weights.is_file():
         raise FileNotFoundError(f"{ckpt}: model.safetensors is missing (not a checkpoint written by llm.pretrain)")
     config = manifest["config"]
-    model_config = load_model_config(config["model"], **config.get("model_overrides", {}))
+    if "model_config" in manifest:
+        model_config = config_from_dict(manifest["model_config"], f"{ckpt}/complete.json")
+    else:
+        model_config = load_model_config(config["model"], **config.get("model_overrides", {}))
     tokenizer_dir = tokenizer_dir or manifest.get("tokenizer_dir") or config.get("tokenizer")
     if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
         raise FileNotFoundError(f"{ckpt}: its tokenizer directory {tokenizer_dir!r} does not exist; "

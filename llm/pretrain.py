@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.rank == 0:
             print(f"done: {result}")
         code = 0
+    # The launch script repeats its stop request until the ranks exit; Python restores the default (fatal) action for
+    # handled signals while it shuts down, so stop listening before then.
+    import signal
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     if dist.is_initialized():
         dist.destroy_process_group()
     return code

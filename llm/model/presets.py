@@ -40,20 +40,24 @@ def _read_config_dict(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
         raise ValueError(f"model config {path}: not valid JSON ({err})") from err
 
 
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> LlamaConfig:
+    """A config.json-style dict (with model_type) -> LlamaConfig or ParameterNetLlamaConfig."""
+    model_type = data.get("model_type", "llama")
+    if model_type not in CONFIG_CLASSES:
+        raise ValueError(f"{source}: model_type={model_type!r} is not one of {sorted(CONFIG_CLASSES)}")
+    fields = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "auto_map")}
+    try:
+        return CONFIG_CLASSES[model_type](**fields)
+    except TypeError as err:
+        raise ValueError(f"{source}: {err}") from err
+
+
 def load_model_config(name_or_path: str | Path, **overrides: Any) -> LlamaConfig:
     """A preset name (`llama-tiny`), a config.json path or an HF model directory -> LlamaConfig or
     ParameterNetLlamaConfig. `overrides` replace fields, e.g. `moe_projections=["up_proj"]`, `num_experts=4`."""
     data, source = _read_config_dict(name_or_path)
     data.update(overrides)
-    model_type = data.get("model_type", "llama")
-    if model_type not in CONFIG_CLASSES:
-        raise ValueError(f"{source}: model_type={model_type!r} is not one of {sorted(CONFIG_CLASSES)}")
-    config_class = CONFIG_CLASSES[model_type]
-    data = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "auto_map")}
-    try:
-        return config_class(**data)
-    except TypeError as err:
-        raise ValueError(f"{source}: {err}") from err
+    return config_from_dict(data, source)
 
 
 def build_model(config: LlamaConfig, *, attn_implementation: str | None = None,

@@ -143,7 +143,8 @@ def save_checkpoint(
         os.replace(root / tmp_tag, final)
         files = {str(p.relative_to(final)): p.stat().st_size for p in sorted(final.rglob("*")) if p.is_file()}
         manifest = {"iteration": iteration, "files": files,
-                    **{k: client_state[k] for k in ("consumed_samples", "consumed_tokens", "config")}}
+                    **{k: client_state[k] for k in ("consumed_samples", "consumed_tokens", "config", "model_config",
+                                                    "tokenizer_dir") if k in client_state}}
         atomic_write_text(final / MANIFEST, json.dumps(manifest, indent=1))
         atomic_write_text(root / "latest", tag)
         for _, old in complete_checkpoints(root)[:-keep_last]:

@@ -1,0 +1,125 @@
+"""2-rank DeepSpeed runs through launch/pretrain_llama.sh: exact resume after SIGKILL, SIGTERM checkpoint-and-exit,
+fallback from a corrupt newest checkpoint, and export to a Hugging Face directory loaded in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llm.train.checkpoint import complete_checkpoints
+from tests.trainer_utils import launch, losses_by_iteration, read_log, train_records, wait_for_iteration
+
+pytestmark = pytest.mark.distributed
+ITERS = 8
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """ParameterNet, ZeRO-2, 2 ranks, 8 iterations without interruption; checkpoints at 4 and 8."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    result = launch("parameternet", out, "--train_iters", str(ITERS), "--save_interval", "4", "--zero_stage", "2")
+    assert result.returncode == 0, result.stdout[-4000:]
+    return out
+
+
+def test_straight_run_trains_and_logs(straight_run):
+    records = train_records(straight_run)
+    assert [r["iteration"] for r in records] == list(range(1, ITERS + 1))
+    assert records[-1]["lm_loss"] < records[0]["lm_loss"]
+    assert all("aux_loss" in r and "moe/layers.0.down_proj/max_share" in r for r in records)
+    assert [it for it, _ in complete_checkpoints(straight_run / "checkpoints")] == [4, 8]
+    assert (straight_run / "checkpoints" / "latest").read_text() == "iter_0000008"
+    summary = json.loads((straight_run / "summary.json").read_text())
+    assert summary["model"] == "parameternet-llama-tiny" and summary["world_size"] == 2
+    assert summary["total_params"] > summary["active_params"]
+    assert list((straight_run / "tensorboard").iterdir())
+
+
+def test_sigkill_then_sigterm_then_resume_reproduces_the_straight_run(straight_run, tmp_path):
+    out = tmp_path / "run"
+    # 1. SIGKILL the whole process group after iteration 5 (the last checkpoint is iteration 4).
+    proc = launch("parameternet", out, "--train_iters", str(ITERS), "--save_interval", "4", "--zero_stage", "2",
+                  wait=False)
+    wait_for_iteration(proc, out, 5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert [it for it, _ in complete_checkpoints(out / "checkpoints")] == [4]
+
+    # 2. Resume; SIGTERM the launch script once iteration 6 is logged: the ranks save and exit 0.
+    logged = len(train_records(out))
+    proc = launch("parameternet", out, "--train_iters", str(ITERS), "--save_interval", "4", "--zero_stage", "2",
+                  "--resume", "auto", wait=False)
+    wait_for_iteration(proc, out, 6, skip=logged)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, read_log(out)[-4000:]
+    saved = [it for it, _ in complete_checkpoints(out / "checkpoints")]
+    assert saved[-1] >= 6 and not (out / "hf").exists()  # preempted: checkpoint, no export
+
+    # 3. Resume to the end: every iteration's loss equals the uninterrupted run's, bitwise.
+    result = launch("parameternet", out, "--train_iters", str(ITERS), "--save_interval", "4", "--zero_stage", "2",
+                    "--resume", "auto")
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert losses_by_iteration(out) == losses_by_iteration(straight_run)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(straight_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(straight_run, out)
+    newest = out / "checkpoints" / "iter_0000008" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated
+    result = launch("parameternet", out, "--train_iters", str(ITERS), "--save_interval", "4", "--zero_stage", "2",
+                    "--resume", "auto")
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "falling back to the previous one" in result.stdout
+    assert "resumed from iteration 4" in result.stdout
+    losses = losses_by_iteration(out)
+    # Iterations 5..8 were re-run from the iteration-4 checkpoint: same data, same weights, same losses.
+    straight = losses_by_iteration(straight_run)
+    assert [losses[i] for i in range(5, ITERS + 1)] == [straight[i] for i in range(5, ITERS + 1)]
+    assert [it for it, _ in complete_checkpoints(out / "checkpoints")] == [4, 8]  # the corrupt one was replaced
+
+
+FRESH = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+x = torch.tensor(json.loads(sys.argv[2]))
+with torch.no_grad():
+    print(json.dumps({"cls": type(model).__name__, "logits": model(input_ids=x).logits[0, -1].tolist()}))
+"""
+
+
+def test_export_loads_in_a_fresh_process_with_the_training_logits(straight_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from llm.model import build_model, load_model_config
+    from tests.trainer_utils import TINY_MODEL
+
+    hf = straight_run / "hf"
+    assert (hf / "tokenizer.json").is_file() and (hf / "modeling_parameternet_llama.py").is_file()
+    # The training model, rebuilt from the final checkpoint's gathered weights.
+    model = build_model(load_model_config("parameternet-llama-tiny", **TINY_MODEL)).eval()
+    model.load_state_dict(load_file(straight_run / "checkpoints" / "iter_0000008" / "model.safetensors"))
+    x = torch.randint(3, 8000, (1, 12))
+    with torch.no_grad():
+        expected = model(input_ids=x).logits[0, -1]
+    proc = subprocess.run([sys.executable, "-c", FRESH, str(hf), json.dumps(x.tolist())], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["cls"] == "ParameterNetLlamaForCausalLM"
+    torch.testing.assert_close(torch.tensor(got["logits"]), expected, atol=1e-5, rtol=0)
+
+    # The standalone exporter gives the same directory from the checkpoint alone.
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, "-m", "llm.export", str(straight_run), str(again)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_file(again / "model.safetensors").keys() == load_file(hf / "model.safetensors").keys()

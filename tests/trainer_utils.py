@@ -1,0 +1,80 @@
+"""Helpers for the trainer tests: run launch/pretrain_llama.sh (the real deepspeed launcher) on tiny shapes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A model small enough that a 2-rank CPU run is dominated by start-up, on the real embedded corpus (vocab 8000).
+TINY_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 4}
+TINY_ARGS = ["--seq_len", "32", "--micro_batch_size", "2", "--global_batch_size", "8", "--log_interval", "1",
+             "--eval_interval", "1000", "--eval_iters", "1", "--warmup_iters", "2", "--progress_bar", "false",
+             "--model_overrides", json.dumps(TINY_MODEL)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(model: str, output_dir: Path, *extra: str, nproc: int = 2, wait: bool = True,
+           timeout: float = 600) -> subprocess.Popen | subprocess.CompletedProcess:
+    env = {**os.environ, "NPROC": str(nproc), "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
+    cmd = ["bash", str(REPO / "launch" / "pretrain_llama.sh"), model, "--output_dir", str(output_dir),
+           *TINY_ARGS, *extra]
+    log = open(output_dir.parent / f"{output_dir.name}.log", "ab")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    if not wait:
+        return proc
+    rc = proc.wait(timeout=timeout)
+    return subprocess.CompletedProcess(cmd, rc, stdout=read_log(output_dir))
+
+
+def read_log(output_dir: Path) -> str:
+    path = output_dir.parent / f"{output_dir.name}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def train_records(output_dir: Path) -> list[dict]:
+    path = output_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by SIGKILL
+            continue
+    return [r for r in records if r.get("kind") == "train"]
+
+
+def losses_by_iteration(output_dir: Path) -> dict[int, float]:
+    """The last logged loss of every iteration (a resumed run re-logs the iterations after its checkpoint)."""
+    return {r["iteration"]: r["lm_loss"] for r in train_records(output_dir)}
+
+
+def wait_for_iteration(proc: subprocess.Popen, output_dir: Path, iteration: int, timeout: float = 600,
+                       skip: int = 0) -> None:
+    """Wait until a train record with iteration >= `iteration` appears after the first `skip` records."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(r["iteration"] >= iteration for r in train_records(output_dir)[skip:]):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (rc={proc.returncode}) before iteration {iteration}:\n"
+                                 f"{read_log(output_dir)[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"no iteration {iteration} within {timeout}s")
+
+
+def python() -> str:
+    return sys.executable
