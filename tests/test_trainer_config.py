@@ -1,0 +1,166 @@
+"""Training config, ds_config completion, LR schedule, SLURM dry run, and bad input refused before any damage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llm.train.config import CONFIG_DIR, TrainConfig, load_config
+from llm.train.ds_config import complete_ds_config
+from llm.train.optim import lr_at
+from llm.train.slurm import expand_nodelist
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_yaml_preset_mirrors_the_cli_fields(preset):
+    import yaml
+
+    keys = set(yaml.safe_load((CONFIG_DIR / f"{preset}.yaml").read_text()))
+    assert keys <= set(TrainConfig.__dataclass_fields__), keys - set(TrainConfig.__dataclass_fields__)
+    cfg = load_config(preset)
+    assert cfg.resolved_train_iters() >= 1
+
+
+def test_cli_overrides_win_and_are_typed():
+    cfg = load_config("tiny", cli_overrides=["--lr", "3e-4", "--zero_stage", "2", "--activation_checkpointing",
+                                             "true", "--data_path", "0.3 a 0.7 b", "--train_tokens", "1e6",
+                                             "--train_iters", "none", "--model_overrides", '{"num_experts": 4}'])
+    assert (cfg.lr, cfg.zero_stage, cfg.activation_checkpointing) == (3e-4, 2, True)
+    assert cfg.data_path == ["0.3", "a", "0.7", "b"] and cfg.model_overrides == {"num_experts": 4}
+    assert cfg.train_iters is None and cfg.resolved_train_iters() == 245  # ceil(1e6 / (16 * 256))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--learning_rate", "1"], "unknown config key 'learning_rate'"),
+        (["--train_iters", "ten"], "--train_iters 'ten': expected int"),
+        (["--precision", "fp8"], "precision='fp8'"),
+        (["--zero_stage", "5"], "zero_stage=5"),
+        (["--min_lr", "1", "--lr", "0.1"], "min_lr=1.0"),
+        (["--train_tokens", "100"], "train_iters=60 and train_tokens=100"),
+    ],
+)
+def test_bad_config_values_are_refused_with_the_field(args, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config("tiny", cli_overrides=args)
+
+
+def test_yaml_with_wrong_type_is_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train_iters: 10\nmicro_batch_size: '8'\n")
+    with pytest.raises(ValueError, match="micro_batch_size='8': expected an integer"):
+        load_config(path)
+
+
+def test_cli_unknown_key_exits_nonzero_with_message():
+    proc = subprocess.run([sys.executable, "-m", "llm.pretrain", "--config", "tiny", "--warmup", "3"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown config key 'warmup'" in proc.stderr and "warmup_iters" in proc.stderr
+
+
+def test_ds_config_is_completed_from_the_training_config_and_refuses_duplicates():
+    cfg = complete_ds_config("zero2", micro_batch_size=4, global_batch_size=32, data_parallel_size=2,
+                             precision="bf16", gradient_clipping=0.5, optimizer={"type": "AdamW", "params": {}})
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (
+        32, 4, 4)
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"] and cfg["gradient_clipping"] == 0.5
+    assert cfg["zero_optimization"]["stage"] == 2
+    with pytest.raises(ValueError, match="global_batch_size=30 is not divisible"):
+        complete_ds_config("zero1", micro_batch_size=4, global_batch_size=30, data_parallel_size=2)
+    with pytest.raises(ValueError, match="train_batch_size"):
+        complete_ds_config({"train_batch_size": 8}, micro_batch_size=4, global_batch_size=8, data_parallel_size=1)
+    for name in ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"):
+        assert complete_ds_config(name, micro_batch_size=1, global_batch_size=1, data_parallel_size=1)
+
+
+def test_lr_schedule_warmup_cosine_linear_constant():
+    cfg = load_config("tiny", cli_overrides=["--train_iters", "110", "--warmup_iters", "10", "--lr", "1.0",
+                                             "--min_lr", "0.1"])
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # cosine midpoint between lr and min_lr
+    assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
+    cfg.lr_decay_style = "linear"
+    assert lr_at(35, cfg) == pytest.approx(0.775)
+    cfg.lr_decay_style = "constant"
+    assert lr_at(100, cfg) == 1.0
+
+
+def test_slurm_nodelist_and_dry_run_prints_per_node_commands():
+    assert expand_nodelist("gpu[01-03,07],cpu9") == ["gpu01", "gpu02", "gpu03", "gpu07", "cpu9"]
+    env = {**os.environ, "SLURM_JOB_NODELIST": "node[07-08]", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "h100:4",
+           "SLURM_JOB_ID": "4242", "DRY_RUN": "1"}
+    proc = subprocess.run(["bash", "launch/slurm/pretrain_llama.sbatch", "parameternet", "--train_tokens", "1e9"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2
+    for rank, (line, host) in enumerate(zip(lines, ["node07", "node08"])):
+        assert line.startswith(f"node {host}: ")
+        for part in ("NNODES=2", f"NODE_RANK={rank}", "MASTER_ADDR=node07", "MASTER_PORT=24242", "NPROC=4",
+                     "bash launch/pretrain_llama.sh parameternet --train_tokens 1e9 --resume auto"):
+            assert part in line
+    # And the per-node launcher command each of those runs:
+    env2 = {**os.environ, "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "node07", "NPROC": "4",
+            "SIZE": "1b", "DRY_RUN": "1"}
+    proc = subprocess.run(["bash", "launch/pretrain_llama.sh", "parameternet", "--resume", "auto"],
+                          capture_output=True, text=True, cwd=REPO, env=env2, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for part in ("--no_ssh", "--num_nodes 2", "--node_rank 1", "--master_addr node07", "--num_gpus 4",
+                 "llm/pretrain.py --config 1b --model parameternet-llama-1b"):
+        assert part in proc.stdout
+
+
+BAD_INPUTS = r"""
+import json, os, sys
+from pathlib import Path
+from llm.train.config import load_config
+from llm.train.trainer import Trainer, TrainingError
+base = ["--train_iters", "2", "--seq_len", "32", "--micro_batch_size", "2", "--global_batch_size", "4",
+        "--progress_bar", "false", "--output_dir"]
+cases = {
+    "indivisible": ["--global_batch_size", "6", "--micro_batch_size", "4"],
+    "missing_data": ["--data_path", "/nonexistent/corpus", "--tokenizer", "/nonexistent/tok"],
+    "vocab": ["--model_overrides", '{"vocab_size": 1000}'],
+    "existing_run": [],
+}
+results = {}
+for name, extra in cases.items():
+    out = sys.argv[2] if name == "existing_run" else str(Path(sys.argv[1]) / name)
+    try:
+        Trainer(load_config("tiny", cli_overrides=base + [out] + extra))
+        results[name] = "no error"
+    except (TrainingError, ValueError) as err:
+        results[name] = str(err)
+print(json.dumps(results))
+"""
+
+
+def test_bad_inputs_are_refused_before_anything_is_written(tmp_path):
+    # A directory holding another run's checkpoint: refused without --resume, and left untouched.
+    existing = tmp_path / "existing"
+    ckpt = existing / "checkpoints" / "iter_0000005"
+    ckpt.mkdir(parents=True)
+    (ckpt / "complete.json").write_text(json.dumps({"iteration": 5, "files": {}}))
+    (existing / "metrics.jsonl").write_text('{"kind": "train", "iteration": 5}\n')
+    before = {p: p.read_bytes() for p in existing.rglob("*") if p.is_file()}
+
+    proc = subprocess.run([sys.executable, "-c", BAD_INPUTS, str(tmp_path / "runs"), str(existing)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "global_batch_size=6 is not divisible by micro_batch_size x data-parallel ranks = 4 x 1" in results[
+        "indivisible"]
+    assert "/nonexistent/corpus" in results["missing_data"] and "llm.data.prepare" in results["missing_data"]
+    assert "8000 tokens" in results["vocab"] and "vocab_size=1000" in results["vocab"]
+    assert "already holds checkpoints" in results["existing_run"] and "--resume auto" in results["existing_run"]
+    assert {p: p.read_bytes() for p in existing.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.safetensors"))
