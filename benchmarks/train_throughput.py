@@ -1,0 +1,137 @@
+"""Trainer throughput: our DeepSpeed trainer against a bare PyTorch loop (same model, batch, AdamW, clipping), and
+ParameterNet-LLaMA against LLaMA through the trainer - all in one process, interleaved in rounds (A B C D A B C D ...),
+reported as ratios of median tokens/s.
+
+    python benchmarks/train_throughput.py [--size tiny] [--rounds 4] [--steps 3] [--precision fp32]
+On a GPU machine: --size 1b --precision bf16 --seq_len 2048 --micro_batch_size 4 adds MFU (active FLOPs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.nn.functional as F
+
+from llm.train.config import load_config
+from llm.train.metrics import peak_flops
+from llm.train.optim import lr_at, parameter_groups
+from llm.train.trainer import Trainer
+
+
+class BareLoop:
+    """The same model, data and optimizer without DeepSpeed: forward, backward, clip, AdamW step."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        from llm.model import build_model
+
+        cfg = trainer.cfg
+        torch.manual_seed(cfg.seed)
+        self.device = torch.device(trainer.device)
+        self.model = build_model(trainer.model_config, attn_implementation=cfg.attn_implementation).to(self.device)
+        if cfg.precision == "bf16":
+            self.model = self.model.to(torch.bfloat16)
+        self.model.train()
+        self.opt = torch.optim.AdamW(parameter_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+        self.cfg, self.accum, self.step_no = cfg, trainer.grad_accum, 0
+
+    def train_step(self, batches) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step_no, self.cfg)
+        for _ in range(self.accum):
+            batch = next(batches).to(self.device)
+            out = self.model(input_ids=batch[:, :-1])
+            loss = F.cross_entropy(out.logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            if getattr(out, "router_loss", None) is not None:
+                loss = loss + out.router_loss
+            (loss / self.accum).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step_no += 1
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", default="tiny")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per timed block")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--micro_batch_size", type=int, default=8)
+    p.add_argument("--global_batch_size", type=int, default=8)
+    p.add_argument("--no_bare", action="store_true", help="skip the bare loops (e.g. 1B ParameterNet on one GPU)")
+    args = p.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="bench-train-")
+    total_iters = (args.rounds + 1) * args.steps * 2 + 2
+    contenders: dict[str, object] = {}
+    trainers = {}
+    for kind in ("llama", "parameternet"):
+        preset = f"llama-{args.size}" if kind == "llama" else f"parameternet-llama-{args.size}"
+        cfg = load_config(None, overrides=dict(
+            model=preset, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
+            global_batch_size=args.global_batch_size, train_iters=total_iters, precision=args.precision,
+            output_dir=os.path.join(tmp, kind), progress_bar=False, export=False, warmup_iters=0))
+        trainer = Trainer(cfg)
+        trainers[kind] = trainer
+        contenders[f"trainer_{kind}"] = (trainer, trainer._batches())
+        if not args.no_bare:
+            contenders[f"bare_{kind}"] = (BareLoop(trainer), trainer._batches())
+    tokens_per_step = args.global_batch_size * args.seq_len
+    device = torch.device(trainers["llama"].device)
+
+    def block(runner, batches) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            runner.train_step(batches)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return args.steps * tokens_per_step / (time.perf_counter() - start)
+
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    for rnd in range(args.rounds + 1):  # round 0 warms up
+        for name, (runner, batches) in contenders.items():
+            rate = block(runner, batches)
+            if rnd:
+                rates[name].append(rate)
+    med = {name: statistics.median(v) for name, v in rates.items()}
+    result = {
+        "benchmark": "train_throughput", "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()}, "
+        f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "precision": args.precision,
+        "size": args.size, "seq_len": args.seq_len, "micro_batch_size": args.micro_batch_size,
+        "global_batch_size": args.global_batch_size, "rounds": args.rounds, "steps_per_block": args.steps,
+        "median_tokens_per_s": {k: round(v, 1) for k, v in med.items()},
+        "parameternet_vs_llama_trainer": round(med["trainer_parameternet"] / med["trainer_llama"], 3),
+    }
+    if not args.no_bare:
+        result["trainer_vs_bare_llama"] = round(med["trainer_llama"] / med["bare_llama"], 3)
+        result["trainer_vs_bare_parameternet"] = round(med["trainer_parameternet"] / med["bare_parameternet"], 3)
+    peak = peak_flops(device, args.precision)
+    if peak is not None:
+        for kind, trainer in trainers.items():
+            flops = trainer.accounting.train_flops_per_token * med[f"trainer_{kind}"]
+            result[f"mfu_{kind}"] = round(flops / peak, 4)
+            result[f"tflops_{kind}"] = round(flops / 1e12, 1)
+    print(json.dumps(result, indent=2))
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
