@@ -172,6 +172,12 @@ def validate(config: TrainConfig) -> None:
     for name in positive:
         if getattr(config, name) < 1:
             raise ValueError(f"{name}={getattr(config, name)} must be >= 1")
+    if config.expert_parallel_size != 1:
+        raise ValueError(
+            f"expert_parallel_size={config.expert_parallel_size}: the trainer does not run expert parallelism yet "
+            f"(the all-to-all dispatcher is in llm/model/dispatch.py; its DeepSpeed engine integration is pending); "
+            f"use expert_parallel_size 1 - ZeRO-1/2/3 still shard the experts' optimizer state across ranks"
+        )
     if config.resolved_train_iters() < 1:
         raise ValueError("train_iters (or train_tokens / (global_batch_size x seq_len)) must be >= 1")
     for name in ("eval_iters", "warmup_iters"):
