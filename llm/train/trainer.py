@@ -237,10 +237,10 @@ class Trainer:
                 # and ZeRO hooks run as usual while nothing of the bad batch reaches the weights.
                 total = sum(p.sum() * 0.0 for p in self.engine.module.parameters() if p.requires_grad)
             else:
-                lm_sum += float(lm_loss)
+                lm_sum += lm_loss.item()
                 if getattr(out, "aux_loss", None) is not None:
-                    aux_sum += float(out.aux_loss)
-                    z_sum += float(out.z_loss)
+                    aux_sum += out.aux_loss.item()
+                    z_sum += out.z_loss.item()
                     c = out.tokens_per_expert.detach().cpu()
                     counts = c if counts is None else counts + c
                     d = out.dropped_tokens.detach().cpu()
@@ -273,7 +273,7 @@ class Trainer:
         for i, batch in enumerate(loader):
             if i >= self.cfg.eval_iters * self.grad_accum:
                 break
-            losses.append(float(self._forward(batch)[1]))
+            losses.append(self._forward(batch)[1].item())
         self.engine.train()
         (val_loss,) = self._all_reduce_mean([sum(losses) / max(len(losses), 1)])
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
