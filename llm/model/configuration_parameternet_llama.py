@@ -19,6 +19,12 @@ def validate_parameternet_fields(config: "ParameterNetLlamaConfig") -> None:
             f"hidden_size={config.hidden_size} is not divisible by num_attention_heads={config.num_attention_heads}; "
             f"choose a hidden_size that is a multiple of the number of heads"
         )
+    kv_heads = config.num_key_value_heads or config.num_attention_heads
+    if kv_heads < 1 or config.num_attention_heads % kv_heads:
+        raise ValueError(
+            f"num_key_value_heads={config.num_key_value_heads} does not divide num_attention_heads="
+            f"{config.num_attention_heads}; choose a divisor (equal for multi-head attention)"
+        )
     projections = config.moe_projections
     if isinstance(projections, str) or not projections:
         raise ValueError(

@@ -314,7 +314,7 @@ class Trainer:
             "lm_loss": stats["lm_loss"], "lr": lr_at(self.iteration - 1, cfg),  # the LR this step used
             "grad_norm": stats["grad_norm"], "tokens_per_s": tokens_per_s, "skipped": stats["skipped"],
         }
-        if self.moe_names:
+        if self.moe_names and stats["counts"] is not None:  # None when every micro-batch was skipped
             record.update(aux_loss=stats["aux_loss"], z_loss=stats["z_loss"],
                           dropped_tokens=int(stats["dropped"].sum()),
                           expert_counts=stats["counts"].tolist())
