@@ -64,13 +64,17 @@ def model_cost(name: str, img_size: int = 224, num_classes: int = 1000) -> Model
     return ModelCost(name, count_params(model), count_macs(model, img_size), img_size)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vision.summary", description=__doc__.splitlines()[0])
     parser.add_argument("--img-size", type=int, default=224, help="square input resolution (default 224)")
     parser.add_argument("--num-classes", type=int, default=1000, help="classifier width (default 1000)")
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), help="timm model names (default: ours)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per model instead of a table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         costs = [model_cost(name, args.img_size, args.num_classes) for name in args.models]
     except ValueError as err:

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Train ParameterNet CNNs (or any timm model) on the DeepSpeed engine.
+#
+#   bash launch/train_vision.sh
+#       The laptop demo: parameternet_tiny and its static twin ghostnet_tiny on real Fashion-MNIST (32x32, CPU,
+#       a few minutes), then both accuracies side by side. Runs land in runs/vision/demo/ (a second call resumes,
+#       i.e. only prints; delete the folder to train again). DEMO_ARGS="--epochs 1" adds flags to both runs.
+#
+#   bash launch/train_vision.sh [--num-gpus N] [--hostfile FILE] [--master-port P] [--] <vision.train flags>
+#       One training run; N > 1 (or a hostfile) goes through the `deepspeed` launcher, which on a machine without a
+#       GPU starts N CPU ranks. Examples:
+#         bash launch/train_vision.sh --num-gpus 8 --config parameternet_600m_in22k --data-dir /data/imagenet22k
+#         bash launch/train_vision.sh --num-gpus 8 --config parameternet_600m_in1k_ft --data-dir /data/imagenet \
+#             --init-from runs/vision/parameternet_600m_in22k
+#         bash launch/train_vision.sh --num-gpus 2 --config fashion_mnist_tiny --output-dir runs/vision/fm_2rank
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-.venv/bin/python}
+DEEPSPEED=${DEEPSPEED:-.venv/bin/deepspeed}
+[ -x "$PYTHON" ] || PYTHON=python3
+[ -x "$DEEPSPEED" ] || DEEPSPEED=deepspeed
+# DeepSpeed's CPU communication op is prebuilt here at install time (see Makefile).
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
+
+demo() {
+  local out=${DEMO_DIR:-runs/vision/demo}
+  local models=(parameternet_tiny ghostnet_tiny)
+  for model in "${models[@]}"; do
+    echo "== train_vision.sh: $model on Fashion-MNIST (output: $out/$model)"
+    # shellcheck disable=SC2086  # DEMO_ARGS is a list of flags
+    "$PYTHON" -m vision.train --config fashion_mnist_tiny --model "$model" --output-dir "$out/$model" ${DEMO_ARGS:-}
+  done
+  "$PYTHON" - "$out" "${models[@]}" <<'EOF'
+import json, sys
+from pathlib import Path
+out, models = Path(sys.argv[1]), sys.argv[2:]
+rows = [json.loads((out / m / "final_metrics.json").read_text()) for m in models]
+print()
+print(f"{'model':<20} {'experts':>7} {'params':>9} {'MMACs':>7} {'top-1 %':>8} {'top-5 %':>8} {'val loss':>9} {'train s':>8}")
+for r in rows:
+    print(f"{r['model']:<20} {r['num_experts'] or '-':>7} {r['params'] / 1e6:>8.2f}M {r['macs'] / 1e6:>7.2f} "
+          f"{r['top1']:>8.2f} {r['top5']:>8.2f} {r['val_loss']:>9.4f} {r['seconds']:>8.0f}")
+a, b = rows
+print(f"\n{a['model']} vs {b['model']}: top-1 {a['top1'] - b['top1']:+.2f} points at "
+      f"{a['macs'] / b['macs']:.2f}x the multiply-adds and {a['params'] / b['params']:.2f}x the parameters "
+      f"({a['val_images']} Fashion-MNIST test images, {a['epochs']} epoch(s), {a['global_step']} steps)")
+EOF
+}
+
+if [ $# -eq 0 ]; then
+  demo
+  exit 0
+fi
+
+num_gpus=1
+hostfile=""
+master_port=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --num-gpus) num_gpus=$2; shift 2 ;;
+    --hostfile) hostfile=$2; shift 2 ;;
+    --master-port) master_port=$2; shift 2 ;;
+    --) shift; break ;;
+    *) break ;;
+  esac
+done
+if ! [[ "$num_gpus" =~ ^[1-9][0-9]*$ ]]; then
+  echo "train_vision.sh: --num-gpus $num_gpus must be a positive integer" >&2
+  exit 2
+fi
+if [ -n "$hostfile" ] && [ ! -f "$hostfile" ]; then
+  echo "train_vision.sh: --hostfile $hostfile does not exist (see launch/ for an example)" >&2
+  exit 2
+fi
+
+if [ "$num_gpus" = 1 ] && [ -z "$hostfile" ]; then
+  exec "$PYTHON" -m vision.train "$@"
+fi
+launcher_args=(--num_gpus "$num_gpus")
+[ -n "$hostfile" ] && launcher_args+=(--hostfile "$hostfile")
+[ -n "$master_port" ] && launcher_args+=(--master_port "$master_port")
+exec "$DEEPSPEED" "${launcher_args[@]}" --module vision.train "$@"

@@ -1,0 +1,190 @@
+"""Vision training config, presets, bad-input errors and the deterministic data order (no process groups here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from vision.config import (
+    FIELDS,
+    PRESET_DIR,
+    TrainConfig,
+    build_parser,
+    config_from_dict,
+    load_yaml,
+    parse_config,
+    validate,
+)
+from vision.data import SeededTransformDataset, TrainBatchSampler, build_datasets, build_transforms
+from vision.train import main, param_groups, train
+
+_RANK_BEFORE = os.environ.get("RANK")
+PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Small ops on a shared 2-core machine: a second OpenMP thread that gets descheduled stalls every op (measured
+    # 40x slower under load), while one thread is as fast as two on these shapes. Restored afterwards.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tree(root: Path, classes: dict[str, int], split: str = "train") -> Path:
+    for name, count in classes.items():
+        folder = root / split / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.fromarray(np.full((8, 8), 10 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def _folder_cfg(root: Path, **overrides: object) -> TrainConfig:
+    return dataclasses.replace(
+        TrainConfig(dataset="folder", data_dir=str(root), img_size=32, micro_batch_size=4, global_batch_size=4),
+        **overrides,
+    )
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_are_valid_and_use_only_cli_fields(preset: str) -> None:
+    values = load_yaml(preset)
+    assert set(values) <= set(FIELDS)
+    cfg = config_from_dict(values, preset)
+    validate(cfg)
+    # Every preset key is a flag: the preset equals the same values given on the command line.
+    argv = ["--config", preset]
+    assert parse_config(argv) == cfg
+
+
+def test_every_field_is_a_flag_and_flags_override_the_preset() -> None:
+    options = {a.dest for a in build_parser()._actions}
+    assert set(FIELDS) <= options
+    cfg = parse_config(
+        ["--config", "fashion_mnist_tiny", "--model", "ghostnet_tiny", "--lr", "1e-4", "--scale", "0.5", "1.0",
+         "--no-progress", "--layer-decay", "0.7", "--local_rank=1"]
+    )
+    assert (cfg.model, cfg.lr, cfg.scale, cfg.progress, cfg.layer_decay) == ("ghostnet_tiny", 1e-4, [0.5, 1.0], False, 0.7)
+    assert cfg.img_size == 32  # from the preset
+    assert parse_config(["--config", "parameternet_600m_in1k_ft", "--layer-decay", "none"]).layer_decay is None
+
+
+def test_fine_tune_preset_has_the_papers_recipe_fields() -> None:
+    pre = config_from_dict(load_yaml("parameternet_600m_in22k"))
+    ft = config_from_dict(load_yaml("parameternet_600m_in1k_ft"))
+    assert pre.model == ft.model == "parameternet_600m"
+    assert ft.layer_decay == 0.5 and ft.re_prob == 0.0 and pre.layer_decay is None
+    assert ft.init_from == pre.output_dir and ft.num_classes == 1000
+
+
+def test_layer_decay_groups_scale_the_lr_by_depth() -> None:
+    model = timm.create_model("parameternet_tiny", num_classes=3)
+    cfg = TrainConfig(lr=1e-3, layer_decay=0.5, weight_decay=0.05)
+    groups = param_groups(model, cfg)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    stem, head = by_param[id(model.conv_stem.cond_conv.weight)], by_param[id(model.classifier.weight)]
+    assert head["lr"] == pytest.approx(1e-3)
+    assert stem["lr"] == pytest.approx(1e-3 * 0.5**11)
+    assert by_param[id(model.bn1.weight)]["weight_decay"] == 0.0  # norms: no weight decay
+    assert stem["weight_decay"] == 0.05
+
+
+# --- bad input: each refused before any data loading or process group, with the field, the value and a fix -----------
+
+
+def test_missing_dataset_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"data_dir=.*does not exist"):
+        train(_folder_cfg(tmp_path / "nope"))
+    _tree(tmp_path, {"a": 2, "b": 2})  # train/ but no validation/
+    with pytest.raises(FileNotFoundError, match=r"val_split='validation'.*tried"):
+        train(_folder_cfg(tmp_path))
+
+
+def test_empty_class_folder(tmp_path: Path) -> None:
+    _tree(tmp_path, {"a": 2, "b": 0, "c": 2})
+    _tree(tmp_path, {"a": 1, "c": 1}, split="val")
+    with pytest.raises(ValueError, match=r"class folder 'b' has no images"):
+        train(_folder_cfg(tmp_path))
+
+
+def test_unknown_model_name(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"model='parameternet_9000m' is not a registered timm model; ours: "):
+        train(_folder_cfg(tmp_path, model="parameternet_9000m"))
+
+
+def test_image_size_below_the_minimum(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"img_size=28 is below the minimum 32 of parameternet_tiny"):
+        train(_folder_cfg(tmp_path, img_size=28))
+
+
+def test_other_bad_fields_are_named() -> None:
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['learning_rate'\]"):
+        config_from_dict({"learning_rate": 1.0})
+    with pytest.raises(ValueError, match=r"epochs='ten' must be of type int"):
+        config_from_dict({"epochs": "ten"})
+    with pytest.raises(ValueError, match=r"micro_batch_size=5 is odd"):
+        validate(TrainConfig(data_dir="x", micro_batch_size=5))
+    with pytest.raises(ValueError, match=r"zero_stage=3"):
+        validate(TrainConfig(data_dir="x", zero_stage=3))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_yaml("nope")
+
+
+def test_cli_exits_nonzero_with_the_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing"
+    assert main(["--dataset", "folder", "--data-dir", str(missing), "--img-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert f"vision.train: error: data_dir='{missing}' does not exist" in err
+    assert "RANK" not in os.environ or os.environ["RANK"] == _RANK_BEFORE  # refused before any process group
+
+
+# --- deterministic data --------------------------------------------------------------------------------------------
+
+
+def _sampler(**kw: int) -> TrainBatchSampler:
+    args = dict(seed=3, epoch=1, micro_batch_size=4, world_size=2, rank=0, grad_accum=2, start_step=0)
+    args.update(kw)
+    return TrainBatchSampler(np.arange(100), **args)  # type: ignore[arg-type]
+
+
+def test_sample_order_is_a_function_of_seed_epoch_and_step() -> None:
+    full = [list(_sampler(rank=r)) for r in range(2)]
+    # 100 images, global batch 16 -> 6 steps x 2 micro-steps per rank; every used image once, across ranks.
+    assert len(full[0]) == 12 and len(full[1]) == 12
+    used = [i for rank in full for batch in rank for i, _ in batch]
+    assert len(used) == 96 and len(set(used)) == 96
+    # Resuming at step 4 yields exactly the tail of the uninterrupted epoch, augmentation seeds included.
+    assert list(_sampler(start_step=4)) == full[0][8:]
+    # Another epoch or seed -> another order.
+    assert list(_sampler(epoch=2)) != full[0]
+    assert list(_sampler(seed=4)) != full[0]
+    # Sample identities and their seeds do not depend on the world size (same global batch).
+    one_rank = [k for b in _sampler(world_size=1, grad_accum=4) for k in b]
+    two_ranks = [k for s in range(6) for a in range(2) for r in range(2) for k in full[r][s * 2 + a]]
+    assert sorted(one_rank) == sorted(two_ranks)
+
+
+def test_augmentation_is_a_function_of_the_sample_seed(tmp_path: Path) -> None:
+    _tree(tmp_path, {"a": 3, "b": 3})
+    _tree(tmp_path, {"a": 1, "b": 1}, split="validation")
+    cfg = _folder_cfg(tmp_path, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5)
+    splits = build_datasets(cfg)
+    train_tf, _ = build_transforms(cfg, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    ds = SeededTransformDataset(splits.train, train_tf, "RGB")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a, b, c = ds[(0, 7)][0], ds[(0, 7)][0], ds[(0, 8)][0]
+    assert torch.equal(torch.rand(3), expected)  # the caller's RNG stream is untouched
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert splits.class_names == ["a", "b"] and splits.num_classes == 2

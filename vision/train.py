@@ -1,0 +1,597 @@
+"""Image-classification training of ParameterNet (or any timm model) on the DeepSpeed engine.
+
+    python -m vision.train --config fashion_mnist_tiny                       # one process
+    deepspeed --num_gpus 2 --module vision.train --config fashion_mnist_tiny # N ranks (CPU ranks without a GPU)
+    bash launch/train_vision.sh                                              # the laptop demo, both twins
+
+Two-stage flow: pretrain with one label set (`parameternet_600m_in22k`), then fine-tune from that run's
+`model.safetensors` with a new classifier and layer-wise LR decay (`parameternet_600m_in1k_ft`, `--init-from RUN`).
+
+A killed run continues exactly where its last checkpoint left off: sample order and augmentation are functions of
+(seed, epoch, position) (see vision/data.py), and every micro-step reseeds the RNGs that Mixup/CutMix and dropout use
+from (seed, epoch, step, micro-step, rank).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+import vision  # noqa: F401  (registers the ParameterNet models in timm)
+from vision.checkpoint import (
+    EMA_WEIGHTS,
+    WEIGHTS,
+    latest_tag,
+    load_init_weights,
+    resolve_init_weights,
+    save_checkpoint,
+    save_weights,
+    write_json_atomic,
+    write_text_atomic,
+)
+from vision.config import TrainConfig, parse_config, to_dict, validate
+from vision.summary import count_macs
+from vision.data import (
+    EvalBatchSampler,
+    SeededTransformDataset,
+    Splits,
+    TrainBatchSampler,
+    build_datasets,
+    build_transforms,
+    make_loader,
+    resolve_mean_std,
+    subset_indices,
+)
+
+# Fields whose change makes a checkpoint's position meaningless (different data order, schedule or network).
+RESUME_MUST_MATCH = (
+    "model",
+    "num_experts",
+    "num_classes",
+    "in_chans",
+    "img_size",
+    "dataset",
+    "train_subset",
+    "epochs",
+    "global_batch_size",
+    "micro_batch_size",
+    "seed",
+    "precision",
+)
+
+log = logging.getLogger("vision.train")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_dist_env() -> None:
+    """A plain `python -m vision.train` is a world of one; DeepSpeed otherwise tries MPI discovery."""
+    if "RANK" in os.environ:
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def set_cpu_threads() -> None:
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+
+
+def derived_seed(*parts: int) -> int:
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_states() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
+        "torch": torch.get_rng_state(),
+    }
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in states["python"]))
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+
+
+class MetricsLog:
+    """JSONL (always) and TensorBoard (optional) on rank 0."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, resume_step: int) -> None:
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if self.path.exists():
+            # Drop what a killed run logged after its last checkpoint: those steps are about to be redone.
+            kept = [
+                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step
+            ]
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            kind = record["kind"]
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self.writer.add_scalar(f"{kind}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+@dataclass
+class Position:
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps already done in `epoch`
+    global_step: int = 0
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+    kwargs: dict[str, Any] = dict(
+        num_classes=num_classes, in_chans=cfg.in_chans, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate
+    )
+    if cfg.num_experts is not None:
+        kwargs["num_experts"] = cfg.num_experts
+    return timm.create_model(cfg.model, **kwargs)
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """timm's weight-decay / layer-decay groups, with each group's LR made explicit for DeepSpeed's scheduler.
+
+    DeepSpeed's WarmupCosineLR scales every group's initial LR by the same factor, so `lr * lr_scale` per group gives
+    layer-wise decay under warmup + cosine.
+    """
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    no_decay = getattr(model, "no_weight_decay", lambda: set())()
+    if cfg.layer_decay is not None:
+        groups = param_groups_layer_decay(model, cfg.weight_decay, no_decay, layer_decay=cfg.layer_decay)
+    else:
+        groups = param_groups_weight_decay(model, cfg.weight_decay, no_decay)
+    for group in groups:
+        group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
+    return groups
+
+
+def ds_config(cfg: TrainConfig, world_size: int, steps_per_epoch: int) -> dict[str, Any]:
+    from llm.train.ds_config import complete_ds_config
+
+    total_steps = max(1, cfg.epochs * steps_per_epoch)
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    return complete_ds_config(
+        cfg.ds_config,
+        micro_batch_size=cfg.micro_batch_size,
+        global_batch_size=cfg.global_batch_size,
+        data_parallel_size=world_size,
+        precision=cfg.precision,
+        gradient_clipping=cfg.clip_grad,
+        zero_stage=cfg.zero_stage,
+        optimizer={
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.lr,
+                "betas": list(cfg.betas),
+                "eps": cfg.eps,
+                "weight_decay": cfg.weight_decay,
+                # torch's AdamW: no fused_adam JIT build on CPU machines.
+                "torch_adam": True,
+            },
+        },
+        scheduler={
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": total_steps,
+                "warmup_num_steps": max(1, warmup),
+                "warmup_min_ratio": 0.0,
+                "warmup_type": "linear",
+                "cos_min_ratio": cfg.min_lr_ratio,
+            },
+        },
+    )
+
+
+def loss_fn(cfg: TrainConfig, mixing: bool) -> torch.nn.Module:
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixing:
+        return SoftTargetCrossEntropy()  # Mixup already folds label smoothing into the soft targets
+    if cfg.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Any, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """Top-1 / top-5 and loss over the whole validation split, summed exactly over ranks."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
+    for images, targets in loader:
+        logits = model(images.to(device=device, dtype=dtype)).float()
+        targets = targets.to(device)
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hits = top.eq(targets[:, None])
+        totals[0] += hits[:, 0].sum().item()
+        totals[1] += hits.any(dim=1).sum().item()
+        totals[2] += F.cross_entropy(logits, targets, reduction="sum").item()
+        totals[3] += targets.numel()
+    dist.all_reduce(totals)
+    model.train(was_training)
+    n = max(1.0, totals[3].item())
+    return {
+        "top1": 100.0 * totals[0].item() / n,
+        "top5": 100.0 * totals[1].item() / n,
+        "loss": totals[2].item() / n,
+        "count": int(totals[3].item()),
+    }
+
+
+def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, where: Path) -> None:
+    for name in RESUME_MUST_MATCH:
+        if name in saved and saved[name] != getattr(cfg, name):
+            raise ValueError(
+                f"cannot resume from {where}: {name}={getattr(cfg, name)!r} but the checkpoint was trained with "
+                f"{name}={saved[name]!r}; use the same value, a new --output-dir, or --no-resume to start over"
+            )
+
+
+@dataclass
+class Prepared:
+    """Everything that can be refused as bad input, settled before any process group exists."""
+
+    splits: Splits
+    num_classes: int
+    train_indices: np.ndarray
+    val_indices: np.ndarray
+    steps_per_epoch: int
+    model: torch.nn.Module
+    macs: int
+    reinit: list[str]
+    resume_tag: str | None
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    from llm.train.ds_config import gradient_accumulation_steps
+
+    validate(cfg)
+    splits = build_datasets(cfg)
+    num_classes = cfg.num_classes or splits.num_classes
+    if num_classes < splits.num_classes:
+        raise ValueError(
+            f"num_classes={num_classes} but the training set has {splits.num_classes} classes; raise num_classes "
+            f"or set it to null"
+        )
+    train_indices = subset_indices(len(splits.train), cfg.train_subset, cfg.seed)  # type: ignore[arg-type]
+    val_indices = subset_indices(len(splits.val), cfg.val_subset, cfg.seed + 1)  # type: ignore[arg-type]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    gradient_accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, world)
+    steps_per_epoch = len(train_indices) // cfg.global_batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"global_batch_size={cfg.global_batch_size} is larger than the training set ({len(train_indices)} "
+            f"images, train_subset={cfg.train_subset}); lower the batch or use more data"
+        )
+    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
+    resume_tag = latest_tag(ckpt_dir) if cfg.resume else None
+    if resume_tag is not None:
+        check_resume_config(yaml.safe_load((ckpt_dir / resume_tag / "config.yaml").read_text()), cfg, ckpt_dir / resume_tag)
+    init_path = resolve_init_weights(cfg.init_from, cfg.init_from_ema) if cfg.init_from else None
+    seed_all(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg, num_classes)
+    macs = count_macs(model, cfg.img_size, cfg.in_chans)
+    reinit = load_init_weights(model, init_path) if init_path is not None else []
+    return Prepared(
+        splits, num_classes, train_indices, val_indices, steps_per_epoch, model, macs, reinit, resume_tag
+    )
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    return run(cfg, prepare(cfg))
+
+
+def run(cfg: TrainConfig, prep: Prepared) -> dict[str, Any]:
+    ensure_dist_env()
+    set_cpu_threads()
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    out_dir = Path(cfg.output_dir)
+    splits, num_classes, macs, reinit = prep.splits, prep.num_classes, prep.macs, prep.reinit
+    train_indices, val_indices, steps_per_epoch = prep.train_indices, prep.val_indices, prep.steps_per_epoch
+
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    is_main = rank == 0
+    grad_accum = cfg.global_batch_size // (cfg.micro_batch_size * world)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=prep.model,
+        model_parameters=param_groups(prep.model, cfg),
+        config=ds_config(cfg, world, steps_per_epoch),
+    )
+    device = engine.device
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+
+    ema = None
+    if cfg.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(engine.module, decay=cfg.ema_decay, device=device, dtype=torch.float32)
+
+    ckpt_dir = out_dir / "checkpoints"
+    pos = Position()
+    tag = prep.resume_tag
+    if tag is not None:
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if client is None:
+            raise FileNotFoundError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
+        pos = Position(**client["position"])
+        if ema is not None:
+            if client.get("ema") is None:
+                raise ValueError(f"cannot resume with ema=true from {ckpt_dir / tag}: it was saved without EMA")
+            ema.module.load_state_dict(client["ema"])
+        restore_rng_states(client["rng"])
+        if is_main:
+            print(f"vision.train: resumed from {ckpt_dir / tag} (epoch {pos.epoch}, step {pos.global_step})", flush=True)
+
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    metrics = MetricsLog(out_dir, is_main, cfg.tensorboard, pos.global_step)
+
+    model_cfg = engine.module.pretrained_cfg
+    mean, std = resolve_mean_std(cfg, model_cfg)
+    train_tf, val_tf = build_transforms(cfg, mean, std)
+    img_mode = "L" if cfg.in_chans == 1 else "RGB"
+    train_ds = SeededTransformDataset(splits.train, train_tf, img_mode)
+    val_ds = SeededTransformDataset(splits.val, val_tf, img_mode)
+    val_loader = make_loader(
+        val_ds, EvalBatchSampler(val_indices, cfg.micro_batch_size * 2, world, rank), cfg.num_workers
+    )
+
+    from timm.data import Mixup
+
+    mixing = cfg.mixup > 0 or cfg.cutmix > 0
+    mixup = (
+        Mixup(
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            prob=cfg.mixup_prob,
+            switch_prob=cfg.mixup_switch_prob,
+            label_smoothing=cfg.label_smoothing,
+            num_classes=num_classes,
+        )
+        if mixing
+        else None
+    )
+    criterion = loss_fn(cfg, mixing)
+
+    if is_main:
+        n_params = sum(p.numel() for p in engine.module.parameters())
+        print(
+            f"vision.train: {cfg.model} ({n_params / 1e6:.2f}M params, {num_classes} classes"
+            f"{', re-initialised ' + ', '.join(reinit) if reinit else ''}) on {world} rank(s), {device}, "
+            f"{cfg.precision}, ZeRO-{cfg.zero_stage}; {len(train_indices)} train / {len(val_indices)} val images, "
+            f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, global batch {cfg.global_batch_size} "
+            f"= {cfg.micro_batch_size} x {world} x {grad_accum}",
+            flush=True,
+        )
+
+    def client_state() -> dict[str, Any]:
+        return {
+            "position": vars(pos).copy(),
+            "rng": rng_states(),
+            "config": to_dict(cfg),
+            "ema": ema.module.state_dict() if ema is not None else None,
+        }
+
+    def sync_batchnorm() -> None:
+        # Each rank's BatchNorm running statistics come from its own batches (no SyncBN on gloo). Averaging them
+        # before evaluation and checkpoints makes every rank evaluate the same network and lets the rank-0
+        # checkpoint restore every rank exactly.
+        if world > 1:
+            distribute_bn(engine.module, world, reduce=True)
+            if ema is not None:
+                distribute_bn(ema.module, world, reduce=True)
+
+    def checkpoint() -> None:
+        sync_batchnorm()
+        config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+        save_checkpoint(engine, ckpt_dir, pos.global_step, client_state(), cfg.keep_checkpoints, {"config.yaml": config_text})
+
+    def run_eval() -> dict[str, Any]:
+        sync_batchnorm()
+        record: dict[str, Any] = {"kind": "eval", "step": pos.global_step, "epoch": pos.epoch}
+        result = evaluate(engine.module, val_loader, device, dtype)
+        record.update({k: v for k, v in result.items()})
+        if ema is not None:
+            ema_result = evaluate(ema.module, val_loader, device, torch.float32)
+            record.update({f"ema_{k}": v for k, v in ema_result.items() if k != "count"})
+        metrics.write(record)
+        if is_main:
+            ema_text = f", EMA top-1 {record['ema_top1']:.2f}" if ema is not None else ""
+            print(
+                f"vision.train: epoch {pos.epoch} step {pos.global_step}: val top-1 {record['top1']:.2f} "
+                f"top-5 {record['top5']:.2f} loss {record['loss']:.4f}{ema_text}",
+                flush=True,
+            )
+        return record
+
+    from timm.utils import distribute_bn
+    from tqdm import tqdm
+
+    max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    last_eval: dict[str, Any] | None = None
+    last_loss = float("nan")
+    start_time = time.time()
+    window_start, window_samples = time.time(), 0
+    engine.train()
+    while pos.epoch < cfg.epochs and pos.global_step < max_steps:
+        sampler = TrainBatchSampler(
+            train_indices,
+            seed=cfg.seed,
+            epoch=pos.epoch,
+            micro_batch_size=cfg.micro_batch_size,
+            world_size=world,
+            rank=rank,
+            grad_accum=grad_accum,
+            start_step=pos.step_in_epoch,
+        )
+        batches = iter(make_loader(train_ds, sampler, cfg.num_workers))
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=pos.step_in_epoch,
+            desc=f"epoch {pos.epoch}",
+            disable=not (is_main and cfg.progress),
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+        while pos.step_in_epoch < steps_per_epoch and pos.global_step < max_steps:
+            step_loss = torch.zeros(1, dtype=torch.float64)
+            for micro_step in range(grad_accum):
+                images, targets = next(batches)
+                seed_all(derived_seed(cfg.seed, pos.epoch, pos.step_in_epoch, micro_step, rank))
+                images, targets = images.to(device=device), targets.to(device=device)
+                if mixup is not None:
+                    images, targets = mixup(images, targets)
+                logits = engine(images.to(dtype=dtype))
+                loss = criterion(logits.float(), targets)
+                engine.backward(loss)
+                engine.step()
+                step_loss += loss.detach().double().cpu()
+            dist.all_reduce(step_loss)
+            last_loss = step_loss.item() / (grad_accum * world)
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(
+                    f"loss is {last_loss} at epoch {pos.epoch} step {pos.global_step}; lower lr={cfg.lr} or use fp32"
+                )
+            pos.step_in_epoch += 1
+            pos.global_step += 1
+            if ema is not None:
+                ema.update(engine.module, step=pos.global_step)
+            window_samples += cfg.global_batch_size
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
+            if pos.global_step % cfg.log_every == 0:
+                elapsed = time.time() - window_start
+                metrics.write(
+                    {
+                        "kind": "train",
+                        "step": pos.global_step,
+                        "epoch": pos.epoch,
+                        "loss": last_loss,
+                        "lr": max(scheduler.get_last_lr()) if scheduler is not None else cfg.lr,
+                        "images_per_s": window_samples / max(elapsed, 1e-9),
+                    }
+                )
+                window_start, window_samples = time.time(), 0
+            if pos.step_in_epoch == steps_per_epoch:
+                pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+                if pos.epoch % cfg.eval_every == 0 or pos.epoch == cfg.epochs:
+                    last_eval = run_eval()
+                checkpoint()
+                break
+            if cfg.save_every and pos.global_step % cfg.save_every == 0:
+                checkpoint()
+        bar.close()
+        del batches
+
+    if last_eval is None or last_eval["step"] != pos.global_step:
+        if cfg.save_every == 0 or pos.global_step % cfg.save_every:
+            checkpoint()  # stopped by max_steps between checkpoints
+        last_eval = run_eval()
+
+    result = {
+        "model": cfg.model,
+        "num_experts": getattr(engine.module, "num_experts", None),
+        "params": sum(p.numel() for p in engine.module.parameters()),
+        "macs": macs,
+        "img_size": cfg.img_size,
+        "num_classes": num_classes,
+        "epochs": pos.epoch,
+        "global_step": pos.global_step,
+        "train_loss": last_loss,
+        "top1": last_eval["top1"],
+        "top5": last_eval["top5"],
+        "val_loss": last_eval["loss"],
+        "val_images": last_eval["count"],
+        "seconds": round(time.time() - start_time, 1),
+        "world_size": world,
+    }
+    if ema is not None:
+        result.update(ema_top1=last_eval["ema_top1"], ema_top5=last_eval["ema_top5"])
+    if is_main:
+        meta = {"model": cfg.model, "num_classes": str(num_classes), "in_chans": str(cfg.in_chans)}
+        save_weights(engine.module.state_dict(), out_dir / WEIGHTS, meta)
+        if ema is not None:
+            save_weights(ema.module.state_dict(), out_dir / EMA_WEIGHTS, meta)
+        write_json_atomic(out_dir / "final_metrics.json", result)
+        print("vision.train: " + json.dumps(result), flush=True)
+    metrics.close()
+    dist.barrier()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    try:
+        prep = prepare(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad input: a message, not a traceback. Failures once training runs keep their traceback.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"vision.train: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        run(cfg, prep)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
