@@ -10,12 +10,13 @@ pytestmark = pytest.mark.distributed
 
 
 def test_zero3_and_zero0_give_the_same_loss_curve(tmp_path):
-    """Vanilla LLaMA: ZeRO-3 partitions every tensor across the 2 ranks; the math must not change."""
+    """Vanilla LLaMA: ZeRO-3 partitions every tensor across the 2 ranks (here with activation checkpointing, which
+    recomputes exactly); the math must not change."""
     curves = {}
     for stage in (0, 3):
         out = tmp_path / f"zero{stage}"
         result = launch("llama", out, "--train_iters", "6", "--zero_stage", str(stage), "--save_interval", "100",
-                        "--export", "false")
+                        "--export", "false", "--activation_checkpointing", "true" if stage == 3 else "false")
         assert result.returncode == 0, result.stdout[-4000:]
         curves[stage] = losses_by_iteration(out)
     assert list(curves[0]) == list(range(1, 7))
@@ -36,3 +37,22 @@ def test_training_lowers_the_loss(tmp_path, model, stage):
     first, last = sum(losses[i] for i in (1, 2)) / 2, sum(losses[i] for i in (15, 16)) / 2
     assert last < first - 0.3, losses
     assert (out / "hf" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_vanilla_exact_resume_after_sigkill(tmp_path):
+    import os
+    import signal
+
+    from tests.trainer_utils import wait_for_iteration
+
+    straight = tmp_path / "straight"
+    assert launch("llama", straight, "--train_iters", "8", "--save_interval", "4", "--zero_stage", "1").returncode == 0
+    out = tmp_path / "killed"
+    proc = launch("llama", out, "--train_iters", "8", "--save_interval", "4", "--zero_stage", "1", wait=False)
+    wait_for_iteration(proc, out, 6)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    result = launch("llama", out, "--train_iters", "8", "--save_interval", "4", "--zero_stage", "1", "--resume", "auto")
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert losses_by_iteration(out) == losses_by_iteration(straight)
