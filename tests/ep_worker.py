@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from llm.model import MoELinear, ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM
-from llm.model.dispatch import AllToAllExperts, expert_group_name, gather_experts, shard_experts
+from llm.model.dispatch import AllToAllExperts, expert_group_name, gather_experts, load_expert_shards, shard_experts
 
 TOL = {"atol": 2e-5, "rtol": 1e-4}
 
@@ -180,6 +180,22 @@ def case_model(top_k: int, capacity_factor: float | None, group, rank: int) -> C
             case.close(param.grad, expert_slice(summed(reference), rank, ep), f"gradient of {name}")
         else:
             case.close(param.grad, reference, f"gradient of {name}")
+    # Resuming: every rank loaded rank 0's experts (what a one-writer checkpoint gives); restore them from full tensors.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in expert_names:
+                param.fill_(float("nan"))
+    load_expert_shards(model, {name: ref_params[name].detach() for name in expert_names})
+    for name, param in model.named_parameters():
+        if name in expert_names:
+            case.check(torch.equal(param, expert_slice(ref_params[name], rank, ep)), f"load_expert_shards {name}")
+    for bad, what in (({}, "no full expert tensor"),
+                      ({n: ref_params[n].detach()[:2] for n in expert_names}, "full tensor has shape")):
+        try:
+            load_expert_shards(model, bad)
+            case.errors.append(f"load_expert_shards accepted a dict without {what!r}")
+        except ValueError as exc:
+            case.check(what in str(exc), f"load_expert_shards message: {exc}")
     counts = out_ref.tokens_per_expert
     case.metrics.update(
         loss=float(out_ep.loss.detach()),

@@ -3,12 +3,15 @@
 `MoELinear` routes, applies the capacity limit and sorts its assignments by global expert id; a dispatcher then
 computes the experts. `AllToAllExperts` sends each block of rows to the rank that owns its expert, runs that rank's
 local experts as one grouped matmul, and sends the results back. `shard_experts` turns a model built identically on
-every rank into its expert-parallel shard; `gather_experts` rebuilds the full expert tensors (for checkpoints).
+every rank into its expert-parallel shard; `gather_experts` rebuilds the full expert tensors (for checkpoints) and
+`load_expert_shards` puts each rank's slice of them back (for resuming, at any expert-parallel size).
 
 Layout, as in DeepSpeed/Megatron: rank r of an expert-parallel group of size `ep` owns the contiguous experts
 [r * E / ep, (r + 1) * E / ep). Expert parameters are tagged the way DeepSpeed recognises expert parameters
 (`allreduce = False`, `group_name = "ep_size_<ep>"`) so that their gradients are reduced over the
-expert-data-parallel group rather than over all ranks.
+expert-data-parallel group rather than over all ranks. The tags are necessary, not sufficient: DeepSpeed 0.19 runs
+those code paths only when the model also contains a `deepspeed.moe.layer.MoE` module (`engine.has_moe_layers`) and
+the optimizer's parameter groups are split into MoE groups; the trainer, which may import deepspeed, sees to that.
 
 This file may be saved next to checkpoints, like moe.py, so it imports nothing but torch.
 """
@@ -202,4 +205,29 @@ def gather_experts(model: nn.Module, ep_group: dist.ProcessGroup | None) -> dict
     return full
 
 
-__all__ = ["AllToAllExperts", "expert_group_name", "gather_experts", "shard_experts"]
+def load_expert_shards(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Copy this rank's slice of each full expert tensor (`gather_experts` names) into a sharded model, in place.
+
+    For resuming: DeepSpeed's engine checkpoint writes the module weights from one rank only, so after
+    `engine.load_checkpoint` every rank holds rank 0's experts; restore them from the full tensors saved with the
+    checkpoint. Also loads a checkpoint written at any other expert-parallel size. Not a collective.
+    """
+    for name, layer in _moe_layers(model):
+        dispatcher = layer.dispatcher
+        if not isinstance(dispatcher, AllToAllExperts):
+            raise ValueError(f"{name}: not sharded (dispatcher {dispatcher!r}); load full tensors with load_state_dict")
+        lo, hi = dispatcher.first_expert, dispatcher.first_expert + dispatcher.num_local_experts
+        for attr, param in _expert_params(layer):
+            key = f"{name}.{attr}" if name else attr
+            if key not in full:
+                raise ValueError(f"no full expert tensor {key!r} to load (have {len(full)} keys); pass the dict that "
+                                 f"gather_experts returned for this model")
+            expected = (layer.num_experts, *param.shape[1:])
+            if tuple(full[key].shape) != expected:
+                raise ValueError(f"{key}: full tensor has shape {tuple(full[key].shape)}, expected {expected} "
+                                 f"(num_experts={layer.num_experts}); the checkpoint is of a different model")
+            with torch.no_grad():
+                param.copy_(full[key][lo:hi])
+
+
+__all__ = ["AllToAllExperts", "expert_group_name", "gather_experts", "load_expert_shards", "shard_experts"]
