@@ -118,9 +118,9 @@ def _pct(stat: Stat) -> str:
 def _delta_text(a: Stat, b: Stat) -> str:
     d, se = delta(a, b)
     text = f"{100 * d:+.2f}"
-    if se:
+    if se is not None:
         text += f" ± {100 * se:.2f}"
-        if abs(d) > 2 * se:
+        if se > 0 and abs(d) > 2 * se:
             text += " *"
     return text
 
@@ -220,7 +220,8 @@ def build_report(groups: list[RunGroup], out_dir: Path) -> tuple[str, str, dict[
         "the means"
         if multi
         else "one seed per model; a delta's ± is the standard error from the finite number of test documents only "
-        "(lm-eval's stderr); use --seeds N to measure seed-to-seed noise"
+        "(lm-eval's stderr, taken as independent: conservative, both models saw the same documents); use --seeds N "
+        "to measure seed-to-seed noise"
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_accuracy(scores, tasks, out_dir / "accuracy.png")
