@@ -11,6 +11,7 @@ Rank 0 writes {case: {rank: {"errors": [...], "metrics": {...}}}} as JSON to arg
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import os
 import sys
@@ -230,9 +231,11 @@ def case_bad_ep(group, rank: int) -> Case:
 
 def main() -> None:
     out_path = Path(sys.argv[1])
-    dist.init_process_group("gloo")
+    # A rank that skips a collective (e.g. a backward all-to-all) must fail the test quickly, not hang it.
+    timeout = datetime.timedelta(seconds=60)
+    dist.init_process_group("gloo", timeout=timeout)
     rank = dist.get_rank()
-    group = dist.new_group([0, 1])
+    group = dist.new_group([0, 1], timeout=timeout)
     torch.set_num_threads(1)  # two ranks share two cores
     cases: dict[str, Callable[[], Case]] = {}
     for top_k in (1, 2):
