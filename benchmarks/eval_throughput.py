@@ -1,11 +1,12 @@
 """Zero-shot evaluation speed: lm-eval loglikelihood requests/s of ParameterNet-LLaMA against vanilla LLaMA (JSON).
 
-    .venv/bin/python benchmarks/eval_throughput.py [--size tiny] [--limit 40] [--rounds 3] [--batch_size 16]
+    .venv/bin/python benchmarks/eval_throughput.py [--size tiny] [--limit 20] [--rounds 7] [--batch_size 16]
 
 Both models (the `llama-SIZE` and `parameternet-llama-SIZE` presets, freshly initialised: speed does not depend on
 the weights) answer the same loglikelihood requests - the offline HellaSwag, ARC-Easy and PIQA documents, `--limit`
 of each - through lm-eval's own `HFLM.loglikelihood`, in rounds A B, B A, ... (interleaved: the shared machine is
-noisy, so the ratio measured within one run is the figure to read). The paper's claim is that inference speed is
+noisy, so the ratios measured within one run are the figures to read: the median of the per-round ratios, and the
+ratio of each model's fastest round, which interference from other processes affects least). The paper's claim is that inference speed is
 preserved; target: ParameterNet >= 0.9x vanilla requests/s.
 """
 
@@ -59,8 +60,8 @@ def timed(lm: HFLM, requests: list[Any]) -> tuple[float, list[float]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="tiny", help="preset size: llama-SIZE vs parameternet-llama-SIZE")
-    p.add_argument("--limit", type=int, default=40, help="documents per task")
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds per model (after one warm-up each)")
+    p.add_argument("--limit", type=int, default=20, help="documents per task")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds per model (after one warm-up each)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds[key].append(dt)
 
     per_round = [seconds["llama"][r] / seconds["parameternet"][r] for r in range(args.rounds)]
+    # Interference from other processes only ever adds time: the fastest round of each model is its cleanest.
+    best = min(seconds["llama"]) / min(seconds["parameternet"])
     result = {
         "benchmark": "eval_throughput",
         "date": datetime.date.today().isoformat(),
@@ -112,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
                 **info[key],
                 "seconds": [round(s, 3) for s in seconds[key]],
                 "requests_per_s_median": round(len(requests) / statistics.median(seconds[key]), 2),
+                "requests_per_s_best": round(len(requests) / min(seconds[key]), 2),
             }
             for key in lms
         },
         "ratio_parameternet_over_llama_per_round": [round(x, 3) for x in per_round],
         "ratio_parameternet_over_llama_median": round(statistics.median(per_round), 3),
+        "ratio_parameternet_over_llama_best": round(best, 3),
         "target": ">= 0.9",
     }
     print(json.dumps(result, indent=2))

@@ -29,7 +29,7 @@ from llm.model import build_model, load_model_config
 from llm.model.flops import account
 
 REPO = Path(__file__).resolve().parents[1]
-LIMIT = 4  # documents per task
+LIMIT = 3  # documents per task
 SEQ, BATCH, STEPS = 64, 4, 4
 OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -59,7 +59,7 @@ def _lm_loss(out: object) -> float:
 
 
 def make_run(run_dir: Path, preset: str, seed: int, tokenizer_dir: Path,
-             data: tuple[torch.Tensor, torch.Tensor]) -> Path:
+             data: tuple[torch.Tensor, torch.Tensor], steps: int = STEPS) -> Path:
     """Train `preset` for a few steps and write a run directory as the trainer does."""
     train, valid = data
     torch.manual_seed(seed)
@@ -69,7 +69,7 @@ def make_run(run_dir: Path, preset: str, seed: int, tokenizer_dir: Path,
     data_gen = torch.Generator().manual_seed(seed)  # same data order for both kinds at one seed
     valid_batch = _batch(valid, torch.Generator().manual_seed(0))
     lines = []
-    for it in range(1, STEPS + 1):
+    for it in range(1, steps + 1):
         x = _batch(train, data_gen)
         out = model(input_ids=x, labels=x)
         out.loss.backward()
@@ -91,7 +91,7 @@ def make_run(run_dir: Path, preset: str, seed: int, tokenizer_dir: Path,
     acc = account(config, SEQ)
     summary = {"model": preset, "total_params": acc.total_params, "active_params": acc.active_params,
                "flops_per_token": acc.forward_flops_per_token, "seq_len": SEQ,
-               "final_val_loss": lines[-1]["val_loss"], "tokens": STEPS * BATCH * SEQ}
+               "final_val_loss": lines[-1]["val_loss"], "tokens": steps * BATCH * SEQ}
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
 
@@ -171,10 +171,10 @@ def test_compare_with_seeds_reports_mean_and_std(runs: dict[str, Path], tmp_path
     for name, preset in (("llama", "llama-tiny"), ("parameternet", "parameternet-llama-tiny")):
         group = tmp_path / "seeds" / name
         shutil.copytree(runs[name], group / "seed1", ignore=shutil.ignore_patterns("eval"))
-        make_run(group / "seed2", preset, 2, tokenizer_dir, token_data)
+        make_run(group / "seed2", preset, 2, tokenizer_dir, token_data, steps=2)
         groups[name] = group
     out, table = compare([groups["llama"], groups["parameternet"]], tmp_path / "cmp", evaluate=True,
-                         eval_kwargs={"tasks": "arc_easy,piqa", "limit": 3, "offline": True, "batch_size": 16})
+                         eval_kwargs={"tasks": "arc_easy,piqa", "limit": 2, "offline": True, "batch_size": 16})
     data = json.loads((out / "results.json").read_text())
     assert data["tasks"] == ["arc_easy", "piqa"]
     for group in data["groups"]:
@@ -201,7 +201,7 @@ def test_lm_eval_cli_evaluates_parameternet_through_include_path(runs: dict[str,
         str(Path(sys.executable).parent / "lm_eval"), "--model", "hf",
         "--model_args", f"pretrained={model_dir},trust_remote_code=True,dtype=float32", "--device", "cpu",
         "--tasks", "arc_easy_offline", "--include_path", str(TASKS_DIR),
-        "--limit", "3", "--batch_size", "8", "--output_path", str(tmp_path / "out"),
+        "--limit", "2", "--batch_size", "8", "--output_path", str(tmp_path / "out"),
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=OFFLINE_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
