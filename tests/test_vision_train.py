@@ -215,3 +215,33 @@ def test_two_stage_pretrain_then_fine_tune_with_layer_decay(image_tree: Path, tm
     assert "re-initialised classifier.weight, classifier.bias" in run2.stdout
     final = json.loads((tmp_path / "r2" / "final_metrics.json").read_text())
     assert final["num_classes"] == 2 and final["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_bf16_zero1_trains_a_few_steps(image_tree: Path, tmp_path: Path) -> None:
+    """bf16 on the DeepSpeed engine (tiny shapes: bf16 is ~30x slower than fp32 on CPUs without native bf16)."""
+    result = subprocess.run(
+        [".venv/bin/python", "-m", "vision.train", "--config", "fashion_mnist_tiny", "--dataset", "folder",
+         "--data-dir", str(image_tree), "--train-subset", "0", "--micro-batch-size", "4", "--global-batch-size", "4",
+         "--precision", "bf16", "--ema", "--max-steps", "2", "--val-subset", "8", "--num-workers", "0",
+         "--no-progress", "--no-tensorboard", "--output-dir", str(tmp_path / "bf16")],
+        cwd=REPO, env=_env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = json.loads((tmp_path / "bf16" / "final_metrics.json").read_text())
+    assert final["global_step"] == 2 and np.isfinite(final["train_loss"]) and np.isfinite(final["val_loss"])
+
+
+@pytest.mark.slow
+def test_launcher_demo_prints_both_accuracies_side_by_side(tmp_path: Path) -> None:
+    """`bash launch/train_vision.sh` with no arguments, shortened through DEMO_ARGS (real Fashion-MNIST needed)."""
+    if not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (bash scripts/install_system_data.sh)")
+    env = dict(_env(), DEMO_DIR=str(tmp_path), DEMO_ARGS="--train-subset 640 --val-subset 256 --epochs 1 --no-progress")
+    result = subprocess.run(["bash", str(LAUNCH)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout[result.stdout.index("model  "):]
+    assert "parameternet_tiny" in table and "ghostnet_tiny" in table and "top-1" in table
+    for name in ("parameternet_tiny", "ghostnet_tiny"):
+        final = json.loads((tmp_path / name / "final_metrics.json").read_text())
+        assert final["val_images"] == 256 and final["num_classes"] == 10

@@ -74,6 +74,7 @@ RESUME_MUST_MATCH = (
     "micro_batch_size",
     "seed",
     "precision",
+    "ema",
 )
 
 log = logging.getLogger("vision.train")
@@ -438,7 +439,13 @@ def run(cfg: TrainConfig, prep: Prepared) -> dict[str, Any]:
             if ema is not None:
                 distribute_bn(ema.module, world, reduce=True)
 
+    saved_step = pos.global_step if tag is not None else -1
+
     def checkpoint() -> None:
+        nonlocal saved_step
+        if saved_step == pos.global_step:
+            return
+        saved_step = pos.global_step
         sync_batchnorm()
         config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
         save_checkpoint(engine, ckpt_dir, pos.global_step, client_state(), cfg.keep_checkpoints, {"config.yaml": config_text})
@@ -540,9 +547,8 @@ def run(cfg: TrainConfig, prep: Prepared) -> dict[str, Any]:
         bar.close()
         del batches
 
+    checkpoint()  # no-op unless max_steps stopped the run between checkpoints
     if last_eval is None or last_eval["step"] != pos.global_step:
-        if cfg.save_every == 0 or pos.global_step % cfg.save_every:
-            checkpoint()  # stopped by max_steps between checkpoints
         last_eval = run_eval()
 
     result = {
