@@ -74,7 +74,8 @@ def test_every_field_is_a_flag_and_flags_override_the_preset() -> None:
         ["--config", "fashion_mnist_tiny", "--model", "ghostnet_tiny", "--lr", "1e-4", "--scale", "0.5", "1.0",
          "--no-progress", "--layer-decay", "0.7", "--local_rank=1"]
     )
-    assert (cfg.model, cfg.lr, cfg.scale, cfg.progress, cfg.layer_decay) == ("ghostnet_tiny", 1e-4, [0.5, 1.0], False, 0.7)
+    got = (cfg.model, cfg.lr, cfg.scale, cfg.progress, cfg.layer_decay)
+    assert got == ("ghostnet_tiny", 1e-4, [0.5, 1.0], False, 0.7)
     assert cfg.img_size == 32  # from the preset
     assert parse_config(["--config", "parameternet_600m_in1k_ft", "--layer-decay", "none"]).layer_decay is None
 

@@ -92,25 +92,38 @@ def _train_args(data_dir: Path, out_dir: Path) -> list[str]:
     return [
         "--config", "fashion_mnist_tiny", "--dataset", "folder", "--data-dir", str(data_dir),
         "--train-subset", "0", "--micro-batch-size", "8", "--global-batch-size", "16", "--epochs", "2",
-        "--lr", "3e-3", "--min-lr-ratio", "0.1", "--warmup-epochs", "0.25", "--auto-augment", "rand-m3-n1-inc1", "--re-prob", "0.1",
+        "--lr", "3e-3", "--min-lr-ratio", "0.1", "--warmup-epochs", "0.25", "--auto-augment", "rand-m3-n1-inc1",
+        "--re-prob", "0.1",
         "--mixup", "0.1", "--cutmix", "0.1", "--mixup-prob", "0.5", "--drop-path-rate", "0.05", "--ema",
         "--ema-decay", "0.9",
-        "--zero-stage", "2", "--ds-config", "zero2", "--num-workers", "0", "--log-every", "1", "--save-every", "3",
+        "--zero-stage", "2", "--ds-config", "zero2", "--num-workers", "0", "--log-every", "1", "--eval-every", "1",
+        "--save-every", "3",
         "--no-progress", "--no-tensorboard", "--output-dir", str(out_dir),
     ]  # fmt: skip
 
 
-def _launch(args: list[str], **kw: object) -> subprocess.Popen:
-    return subprocess.Popen(
-        ["bash", str(LAUNCH), "--num-gpus", "2", "--master-port", str(_free_port()), *args],
-        cwd=REPO,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: SIGKILL reaches the launcher and both ranks
-        **kw,
-    )
+class Launch:
+    """`launch/train_vision.sh --num-gpus 2 ...` in its own process group, output to a file (never a full pipe)."""
+
+    def __init__(self, args: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        with log_path.open("w") as log:
+            self.proc = subprocess.Popen(
+                ["bash", str(LAUNCH), "--num-gpus", "2", "--master-port", str(_free_port()), *args],
+                cwd=REPO,
+                env=_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # SIGKILL to the group reaches the launcher and both ranks
+            )
+
+    def wait(self, timeout: float = 600) -> tuple[int, str]:
+        code = self.proc.wait(timeout=timeout)
+        return code, self.log_path.read_text()
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
 
 
 def _train_losses(out_dir: Path) -> dict[int, float]:
@@ -127,10 +140,26 @@ def _eval_record(out_dir: Path, step: int) -> dict[str, float]:
 @pytest.mark.distributed
 def test_two_rank_training_loss_falls_and_resumes_exactly_after_sigkill(image_tree: Path, tmp_path: Path) -> None:
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    # The uninterrupted run and the one to be killed run side by side (their start-ups overlap on 2 cores). The
+    # second stops at step 20 (max_steps does not change the schedule, which spans the configured epochs).
+    stop = 20
+    straight = Launch(_train_args(image_tree, straight_dir), tmp_path / "straight.log")
+    killed = Launch([*_train_args(image_tree, killed_dir), "--max-steps", str(stop)], tmp_path / "killed.log")
+    # SIGKILL the launcher and both ranks once a mid-run checkpoint is published ...
+    pointer = killed_dir / "checkpoints" / LATEST
+    deadline = time.time() + 300
+    while time.time() < deadline and killed.proc.poll() is None:
+        if pointer.is_file() and int(pointer.read_text().strip().removeprefix("step")) >= 6:
+            break
+        time.sleep(0.05)
+    assert killed.proc.poll() is None, "the run finished before it could be killed"
+    killed.kill()
+    assert max(_train_losses(killed_dir)) < stop
+    # ... and run the same command again: it resumes from the last published checkpoint.
+    resumed = Launch([*_train_args(image_tree, killed_dir), "--max-steps", str(stop)], tmp_path / "resumed.log")
 
-    straight = _launch(_train_args(image_tree, straight_dir))
-    log, _ = straight.communicate(timeout=600)
-    assert straight.returncode == 0, log[-3000:]
+    code, log = straight.wait()
+    assert code == 0, log[-3000:]
     assert "on 2 rank(s)" in log and "ZeRO-2" in log
     losses = _train_losses(straight_dir)
     steps = 2 * (len(CLASSES) * TRAIN_PER_CLASS // 16)
@@ -141,24 +170,8 @@ def test_two_rank_training_loss_falls_and_resumes_exactly_after_sigkill(image_tr
     assert final["world_size"] == 2 and final["global_step"] == steps and final["val_images"] == 4 * VAL_PER_CLASS
     assert (straight_dir / WEIGHTS).is_file() and (straight_dir / "model_ema.safetensors").is_file()
 
-    # Same run, SIGKILLed (launcher and both ranks) once a mid-run checkpoint is published, then resumed. To save
-    # time it stops at step 20 (max_steps does not change the schedule, which spans the configured epochs).
-    stop = 20
-    killed = _launch([*_train_args(image_tree, killed_dir), "--max-steps", str(stop)])
-    pointer = killed_dir / "checkpoints" / LATEST
-    deadline = time.time() + 300
-    while time.time() < deadline and killed.poll() is None:
-        if pointer.is_file() and int(pointer.read_text().strip().removeprefix("step")) >= 6:
-            break
-        time.sleep(0.05)
-    assert killed.poll() is None, "the run finished before it could be killed"
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.communicate(timeout=60)
-    assert max(_train_losses(killed_dir)) < stop
-
-    resumed = _launch([*_train_args(image_tree, killed_dir), "--max-steps", str(stop)])
-    log, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, log[-3000:]
+    code, log = resumed.wait()
+    assert code == 0, log[-3000:]
     resumed_from = int(log.split("resumed from ")[1].split("step ")[1].split(")")[0])
     assert 6 <= resumed_from < 16
     # Every step's loss equals the uninterrupted run's, bit for bit, and so does the evaluation at the end of
@@ -171,15 +184,21 @@ def test_stage_two_loads_the_backbone_and_reinitialises_the_classifier(tmp_path:
     torch.manual_seed(0)
     pretrained = timm.create_model("parameternet_tiny", num_classes=4, in_chans=1)
     save_weights(pretrained.state_dict(), tmp_path / WEIGHTS)
-    torch.manual_seed(1)
-    finetune = timm.create_model("parameternet_tiny", num_classes=2, in_chans=1)
-    fresh_head = finetune.classifier.weight.detach().clone()
-    reinit = load_init_weights(finetune, tmp_path / WEIGHTS)
-    assert sorted(reinit) == ["classifier.bias", "classifier.weight"]
-    assert torch.equal(finetune.conv_stem.cond_conv.weight, pretrained.conv_stem.cond_conv.weight)
-    assert torch.equal(finetune.blocks[3][0].ghost1.primary_conv[1].running_mean,
-                       pretrained.blocks[3][0].ghost1.primary_conv[1].running_mean)  # fmt: skip
-    assert torch.equal(finetune.classifier.weight, fresh_head)
+    for num_classes in (2, 4):  # a new label set, whether or not it has as many classes
+        torch.manual_seed(1)
+        finetune = timm.create_model("parameternet_tiny", num_classes=num_classes, in_chans=1)
+        fresh_head = finetune.classifier.weight.detach().clone()
+        reinit = load_init_weights(finetune, tmp_path / WEIGHTS)
+        assert sorted(reinit) == ["classifier.bias", "classifier.weight"]
+        assert torch.equal(finetune.conv_stem.cond_conv.weight, pretrained.conv_stem.cond_conv.weight)
+        assert torch.equal(finetune.blocks[3][0].ghost1.primary_conv[1].running_mean,
+                           pretrained.blocks[3][0].ghost1.primary_conv[1].running_mean)  # fmt: skip
+        assert torch.equal(finetune.classifier.weight, fresh_head)
+    same_labels = timm.create_model("parameternet_tiny", num_classes=4, in_chans=1)
+    assert load_init_weights(same_labels, tmp_path / WEIGHTS, keep_classifier=True) == []
+    assert torch.equal(same_labels.classifier.weight, pretrained.classifier.weight)
+    with pytest.raises(ValueError, match="keep_classifier needs the same num_classes"):
+        load_init_weights(timm.create_model("parameternet_tiny", num_classes=2, in_chans=1), tmp_path / WEIGHTS, True)
     with pytest.raises(ValueError, match="does not fit model"):
         load_init_weights(timm.create_model("parameternet_tiny", num_classes=2, in_chans=3), tmp_path / WEIGHTS)
     with pytest.raises(ValueError, match="does not fit model"):
@@ -202,7 +221,8 @@ def test_two_stage_pretrain_then_fine_tune_with_layer_decay(image_tree: Path, tm
               "8", "--global-batch-size", "8", "--num-workers", "0", "--no-progress", "--no-tensorboard",
               "--max-steps", "4"]  # fmt: skip
     run1 = subprocess.run(
-        [".venv/bin/python", "-m", "vision.train", *common, "--data-dir", str(stage1), "--output-dir", str(tmp_path / "r1")],
+        [".venv/bin/python", "-m", "vision.train", *common, "--data-dir", str(stage1), "--output-dir",
+         str(tmp_path / "r1")],
         cwd=REPO, env=_env(), capture_output=True, text=True,
     )  # fmt: skip
     assert run1.returncode == 0, run1.stderr[-3000:]

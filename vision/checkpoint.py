@@ -95,9 +95,7 @@ def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """fp32 safetensors, written to a temporary name and renamed."""
-    tensors = {
-        k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous() for k, v in state_dict.items()
-    }
+    tensors = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state_dict.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
@@ -132,17 +130,18 @@ def classifier_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
     return tuple(f"{n}." for n in names)
 
 
-def load_init_weights(model: torch.nn.Module, path: Path) -> list[str]:
-    """Load a previous stage's weights; a classifier of another shape is left freshly initialised.
+def load_init_weights(model: torch.nn.Module, path: Path, keep_classifier: bool = False) -> list[str]:
+    """Load a previous stage's weights into `model`; return the names of the tensors left freshly initialised.
 
-    Returns the names of the re-initialised classifier tensors. Any other missing, unexpected or mis-shaped tensor is
-    an error: it would mean a different architecture, not a new label set.
+    The classifier starts fresh (a new label set) unless `keep_classifier`. Any other missing, unexpected or
+    mis-shaped tensor is an error: it would mean another architecture, not another label set.
     """
     state = load_file(str(path))
     own = model.state_dict()
     heads = classifier_prefixes(model)
-    reinit = [k for k in own if k.startswith(heads) and (k not in state or state[k].shape != own[k].shape)]
-    state = {k: v for k, v in state.items() if k not in reinit and not (k.startswith(heads) and k not in own)}
+    reinit = [] if keep_classifier else [k for k in own if k.startswith(heads)]
+    if not keep_classifier:
+        state = {k: v for k, v in state.items() if not k.startswith(heads)}
     mismatched = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
     missing = sorted(set(own) - set(state) - set(reinit))
     unexpected = sorted(set(state) - set(own))
@@ -152,9 +151,10 @@ def load_init_weights(model: torch.nn.Module, path: Path) -> list[str]:
             for label, names in (("shape mismatch", mismatched), ("missing", missing), ("unexpected", unexpected))
             if names
         )
+        hint = " (keep_classifier needs the same num_classes)" if keep_classifier else ""
         raise ValueError(
             f"init_from={str(path)!r} does not fit model {type(model).__name__} ({detail}); fine-tune the same model "
-            f"name, num_experts and in_chans as the run that produced it"
+            f"name, num_experts and in_chans as the run that produced it{hint}"
         )
     model.load_state_dict(state, strict=False)
     return reinit

@@ -32,6 +32,7 @@ class TrainConfig:
     drop_path_rate: float = 0.0  # stochastic depth, linear over the blocks
     init_from: str | None = None  # stage 2: a previous run dir or .safetensors file; the classifier is re-initialised
     init_from_ema: bool = False  # with a run dir: start from its EMA weights
+    keep_classifier: bool = False  # with init_from: load its classifier too (same label set); default: a fresh one
 
     # --- data ------------------------------------------------------------------------------------------------------
     dataset: str = "folder"  # "folder" (ImageFolder tree: data_dir/<split>/<class>/*.jpg) or torch/<name> (timm)
@@ -112,7 +113,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     base, optional, is_list = _base_type(hint)
 
     def bad() -> ValueError:
-        return ValueError(f"{source}: {name}={value!r} must be of type {_describe(hint)}; e.g. {name}: {FIELDS[name].default!r}")
+        example = getattr(TrainConfig(), name)
+        return ValueError(f"{source}: {name}={value!r} must be of type {_describe(hint)}; e.g. {name}: {example!r}")
 
     if value is None:
         if optional:
@@ -283,7 +285,7 @@ def validate(cfg: TrainConfig) -> None:
     if len(cfg.betas) != 2:
         raise ValueError(f"betas={cfg.betas} must be two numbers, e.g. [0.9, 0.999]")
     if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision={cfg.precision!r} must be 'fp32' or 'bf16' (fp16 is not supported for CNN training here)")
+        raise ValueError(f"precision={cfg.precision!r} must be 'fp32' or 'bf16' (fp16 is not supported here)")
     if cfg.zero_stage not in (0, 1, 2):
         raise ValueError(
             f"zero_stage={cfg.zero_stage} must be 0, 1 or 2 (ZeRO-3 partitions parameters, which the per-sample "

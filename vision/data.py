@@ -181,8 +181,9 @@ def build_datasets(cfg: TrainConfig) -> Splits:
             raise ValueError(f"{val_dir}: classes {extra} are not in the training split {train_dir}")
         class_map = {name: i for i, name in enumerate(classes)}
         img_mode = "L" if cfg.in_chans == 1 else "RGB"
-        train = create_dataset("", root=str(train_dir), search_split=False, class_map=class_map, input_img_mode=img_mode)
-        val = create_dataset("", root=str(val_dir), search_split=False, class_map=class_map, input_img_mode=img_mode)
+        folder_args = dict(search_split=False, class_map=class_map, input_img_mode=img_mode)
+        train = create_dataset("", root=str(train_dir), **folder_args)
+        val = create_dataset("", root=str(val_dir), **folder_args)
         return Splits(train, val, len(classes), classes)
 
     root = cfg.data_dir

@@ -146,7 +146,8 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            purge = resume_step + 1 if resume_step else None
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -203,7 +204,7 @@ def ds_config(cfg: TrainConfig, world_size: int, steps_per_epoch: int) -> dict[s
 
     total_steps = max(1, cfg.epochs * steps_per_epoch)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    return complete_ds_config(
+    config = complete_ds_config(
         cfg.ds_config,
         micro_batch_size=cfg.micro_batch_size,
         global_batch_size=cfg.global_batch_size,
@@ -233,6 +234,11 @@ def ds_config(cfg: TrainConfig, world_size: int, steps_per_epoch: int) -> dict[s
             },
         },
     )
+    if cfg.precision == "bf16":
+        # DeepSpeed casts parameters only; BatchNorm then sees bf16 weights beside fp32 running statistics, which
+        # batch_norm refuses. Cast the buffers too.
+        config.setdefault("data_types", {}).setdefault("buffer_dtype", "bf16")
+    return config
 
 
 def loss_fn(cfg: TrainConfig, mixing: bool) -> torch.nn.Module:
@@ -320,12 +326,13 @@ def prepare(cfg: TrainConfig) -> Prepared:
     ckpt_dir = Path(cfg.output_dir) / "checkpoints"
     resume_tag = latest_tag(ckpt_dir) if cfg.resume else None
     if resume_tag is not None:
-        check_resume_config(yaml.safe_load((ckpt_dir / resume_tag / "config.yaml").read_text()), cfg, ckpt_dir / resume_tag)
+        saved = yaml.safe_load((ckpt_dir / resume_tag / "config.yaml").read_text())
+        check_resume_config(saved, cfg, ckpt_dir / resume_tag)
     init_path = resolve_init_weights(cfg.init_from, cfg.init_from_ema) if cfg.init_from else None
     seed_all(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg, num_classes)
     macs = count_macs(model, cfg.img_size, cfg.in_chans)
-    reinit = load_init_weights(model, init_path) if init_path is not None else []
+    reinit = load_init_weights(model, init_path, cfg.keep_classifier) if init_path is not None else []
     return Prepared(
         splits, num_classes, train_indices, val_indices, steps_per_epoch, model, macs, reinit, resume_tag
     )
@@ -377,7 +384,8 @@ def run(cfg: TrainConfig, prep: Prepared) -> dict[str, Any]:
             ema.module.load_state_dict(client["ema"])
         restore_rng_states(client["rng"])
         if is_main:
-            print(f"vision.train: resumed from {ckpt_dir / tag} (epoch {pos.epoch}, step {pos.global_step})", flush=True)
+            where = ckpt_dir / tag
+            print(f"vision.train: resumed from {where} (epoch {pos.epoch}, step {pos.global_step})", flush=True)
 
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -448,7 +456,8 @@ def run(cfg: TrainConfig, prep: Prepared) -> dict[str, Any]:
         saved_step = pos.global_step
         sync_batchnorm()
         config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-        save_checkpoint(engine, ckpt_dir, pos.global_step, client_state(), cfg.keep_checkpoints, {"config.yaml": config_text})
+        extra = {"config.yaml": config_text}
+        save_checkpoint(engine, ckpt_dir, pos.global_step, client_state(), cfg.keep_checkpoints, extra)
 
     def run_eval() -> dict[str, Any]:
         sync_batchnorm()

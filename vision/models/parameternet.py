@@ -3,8 +3,8 @@
 The network is GhostNet v1 (ghost modules = a primary conv plus a cheap depthwise conv, squeeze-excite, ghost
 bottlenecks) on the *extended* block list of the paper's released `parameternet.py`, with Hardswish activations and
 every convolution that the release makes dynamic built as a `DynamicConv`: the stem, both convs of every ghost module,
-both shortcut convs and the final 1x1 conv. The stride-2 depthwise conv inside a bottleneck, the squeeze-excite convs and
-the 1280-wide `conv_head` stay static, as in the release. `num_experts=0` builds the same network with plain
+both shortcut convs and the final 1x1 conv. The stride-2 depthwise conv inside a bottleneck, the squeeze-excite convs
+and the 1280-wide `conv_head` stay static, as in the release. `num_experts=0` builds the same network with plain
 convolutions: the same-FLOPs baseline the paper compares against.
 
 Differences from the release, on purpose: it runs on current timm (`timm.layers`, `build_model_with_cfg`,
