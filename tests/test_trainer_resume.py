@@ -123,3 +123,73 @@ def test_export_loads_in_a_fresh_process_with_the_training_logits(straight_run, 
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_file(again / "model.safetensors").keys() == load_file(hf / "model.safetensors").keys()
+
+
+# ------------------------------------------------------------------------------------------- expert parallelism
+EP_ARGS = ["--train_iters", str(ITERS), "--save_interval", "4", "--zero_stage", "2", "--expert_parallel_size", "2"]
+
+
+@pytest.fixture(scope="module")
+def ep_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ep") / "run"
+    result = launch("parameternet", out, *EP_ARGS)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return out
+
+
+def test_expert_parallel_training_matches_ep1(ep_run, straight_run):
+    log = read_log(ep_run)
+    assert "rank 0 holds experts 0..3 of 8" in log and "rank 1 holds experts 4..7 of 8" in log
+    # Same data, same initial weights (the full model is built identically, then sharded): the same losses as the
+    # unsharded 2-rank run, iteration by iteration.
+    ep_losses, dense_losses = losses_by_iteration(ep_run), losses_by_iteration(straight_run)
+    assert list(ep_losses) == list(range(1, ITERS + 1))
+    for it in ep_losses:
+        assert ep_losses[it] == pytest.approx(dense_losses[it], rel=1e-5), it
+    summary = json.loads((ep_run / "summary.json").read_text())
+    assert summary["expert_parallel_size"] == 2 and summary["dense_weights_identical_across_ranks"] is True
+
+
+def test_expert_parallel_export_gathers_all_experts(ep_run, tmp_path):
+    from safetensors.torch import load_file
+
+    full = load_file(ep_run / "checkpoints" / "iter_0000008" / "model.safetensors")
+    assert full["model.layers.0.mlp.down_proj.weight"].shape[0] == 8  # all experts, gathered from both ranks
+    exported = load_file(ep_run / "hf" / "model.safetensors")
+    assert all(torch.equal(exported[k], full[k]) for k in full)
+    x = torch.randint(3, 8000, (1, 12))
+    proc = subprocess.run([sys.executable, "-c", FRESH, str(ep_run / "hf"), json.dumps(x.tolist())],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from llm.model import build_model, load_model_config
+    from tests.trainer_utils import TINY_MODEL
+
+    model = build_model(load_model_config("parameternet-llama-tiny", **TINY_MODEL)).eval()
+    model.load_state_dict(full)
+    with torch.no_grad():
+        expected = model(input_ids=x).logits[0, -1]
+    torch.testing.assert_close(torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1])["logits"]), expected,
+                               atol=1e-5, rtol=0)
+
+
+def test_resume_with_another_expert_parallel_size_is_refused(ep_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(ep_run, out)
+    before = (out / "checkpoints" / "latest").read_text()
+    result = launch("parameternet", out, "--train_iters", "10", "--save_interval", "4", "--zero_stage", "2",
+                    "--resume", "auto")
+    assert result.returncode != 0
+    assert "was written with expert_parallel_size=2" in result.stdout and "--expert_parallel_size 2" in result.stdout
+    assert (out / "checkpoints" / "latest").read_text() == before
+
+
+@pytest.mark.slow
+def test_expert_parallel_exact_resume_after_sigkill(ep_run, tmp_path):
+    out = tmp_path / "run"
+    proc = launch("parameternet", out, *EP_ARGS, wait=False)
+    wait_for_iteration(proc, out, 6)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    result = launch("parameternet", out, *EP_ARGS, "--resume", "auto")
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert losses_by_iteration(out) == losses_by_iteration(ep_run)

@@ -172,11 +172,11 @@ def validate(config: TrainConfig) -> None:
     for name in positive:
         if getattr(config, name) < 1:
             raise ValueError(f"{name}={getattr(config, name)} must be >= 1")
-    if config.expert_parallel_size != 1:
+    if config.expert_parallel_size > 1 and config.zero_stage == 3:
         raise ValueError(
-            f"expert_parallel_size={config.expert_parallel_size}: the trainer does not run expert parallelism yet "
-            f"(the all-to-all dispatcher is in llm/model/dispatch.py; its DeepSpeed engine integration is pending); "
-            f"use expert_parallel_size 1 - ZeRO-1/2/3 still shard the experts' optimizer state across ranks"
+            f"expert_parallel_size={config.expert_parallel_size} with zero_stage=3 is not supported (DeepSpeed "
+            f"refuses MoE under ZeRO-3); use zero_stage 1 or 2 with expert parallelism, or expert_parallel_size 1 "
+            f"with ZeRO-3 (which then shards the experts like any other weight)"
         )
     if config.resolved_train_iters() < 1:
         raise ValueError("train_iters (or train_tokens / (global_batch_size x seq_len)) must be >= 1")

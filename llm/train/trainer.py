@@ -152,6 +152,18 @@ class Trainer:
         if self.cfg.activation_checkpointing:
             self.model.activation_checkpointing_enable()
         self.model.config.use_cache = False
+        self.ep_group = None
+        if self.cfg.expert_parallel_size > 1:
+            from .expert_parallel import setup_expert_parallel
+
+            try:
+                self.ep_group = setup_expert_parallel(self.model, self.cfg.expert_parallel_size, self.world)
+            except ValueError as err:
+                raise TrainingError(str(err)) from err
+            layer = next(m for _, m in self.model.moe_layers())
+            lo = layer.dispatcher.first_expert
+            print(f"expert parallel: rank {self.rank} holds experts {lo}..{lo + layer.dispatcher.num_local_experts - 1}"
+                  f" of {layer.num_experts} in every MoE layer", file=sys.stderr)
         self.moe_names = [name.removeprefix("model.").replace(".mlp", "") for name, _ in
                           getattr(self.model, "moe_layers", lambda: [])()]
         self.accounting = account(self.model_config, self.cfg.seq_len)
@@ -170,6 +182,10 @@ class Trainer:
             data_parallel_size=self.world, precision=cfg.precision, gradient_clipping=cfg.grad_clip,
             optimizer=deepspeed_optimizer_block(cfg))
         groups = parameter_groups(self.model, cfg.weight_decay)
+        if self.ep_group is not None:
+            from .expert_parallel import split_optimizer_groups
+
+            groups = split_optimizer_groups(groups)
         schedule = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
             optimizer, [lambda step, c=cfg: lr_at(step, c) / c.lr] * len(optimizer.param_groups))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -183,18 +199,40 @@ class Trainer:
         cfg = self.cfg
         if cfg.resume == "none":
             return
+        candidates = complete_checkpoints(self.ckpt_root) if cfg.resume == "auto" else []
+        if cfg.resume == "auto" and not candidates:
+            if self.rank == 0:
+                print(f"resume=auto: no complete checkpoint under {self.ckpt_root}; starting from scratch")
+            return
+        newest = candidates[-1][1] if candidates else Path(cfg.resume)
+        self._check_expert_parallel_size(newest)
         if cfg.resume == "auto":
             loaded = load_latest(self.engine, self.ckpt_root)
-            if loaded is None:
-                if self.rank == 0:
-                    print(f"resume=auto: no complete checkpoint under {self.ckpt_root}; starting from scratch")
-                return
+            if loaded is None:  # checkpoints exist but none loads: never start over on top of them
+                raise TrainingError(
+                    f"resume=auto: none of the {len(candidates)} checkpoints under {self.ckpt_root} could be loaded "
+                    f"(see the warnings above); fix or move them, or choose another --output_dir")
         else:
             loaded = load_from(self.engine, Path(cfg.resume))
         self.iteration, state = loaded
+        if self.ep_group is not None:
+            self._restore_expert_shards()
         self.consumed_samples = int(state["consumed_samples"])
         if self.rank == 0:
             print(f"resumed from iteration {self.iteration} ({self.consumed_samples} samples consumed)")
+
+    def _check_expert_parallel_size(self, checkpoint: Path) -> None:
+        try:
+            saved = json.loads((checkpoint / "complete.json").read_text())["config"]
+        except (OSError, KeyError, json.JSONDecodeError):
+            return  # unreadable manifests are the loader's business (it falls back or refuses)
+        saved_ep = int(saved.get("expert_parallel_size", 1))
+        if saved_ep != self.cfg.expert_parallel_size:
+            raise TrainingError(
+                f"checkpoint {checkpoint} was written with expert_parallel_size={saved_ep} but this run has "
+                f"expert_parallel_size={self.cfg.expert_parallel_size}, and the optimizer state is sharded by it. "
+                f"Resume with --expert_parallel_size {saved_ep} (the weights alone load at any size: "
+                f"python -m llm.export writes them as a Hugging Face directory)")
 
     # ------------------------------------------------------------------------------------------------ steps
     def _batches(self):
@@ -278,6 +316,20 @@ class Trainer:
         (val_loss,) = self._all_reduce_mean([sum(losses) / max(len(losses), 1)])
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
+    def _restore_expert_shards(self) -> None:
+        """DeepSpeed wrote the module weights from rank 0 only: take each rank's experts from the full tensors."""
+        from safetensors import safe_open
+
+        from llm.model.dispatch import load_expert_shards
+        from llm.train.checkpoint import tag_for
+
+        path = self.ckpt_root / tag_for(self.iteration) / "model.safetensors"
+        expert_keys = {f"{name}.{attr}" for name, layer in self.engine.module.moe_layers()
+                       for attr in ("weight", "bias") if getattr(layer, attr, None) is not None}
+        with safe_open(str(path), framework="pt") as f:
+            full = {k: f.get_tensor(k) for k in expert_keys}
+        load_expert_shards(self.engine.module, full)
+
     # ---------------------------------------------------------------------------------------------- the loop
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0 (gathered under ZeRO-3); None on other ranks. Collective."""
@@ -292,6 +344,12 @@ class Trainer:
                 tensor = param.detach().cpu().clone()
             if self.rank == 0:
                 state[name] = tensor
+        if self.ep_group is not None:
+            from llm.model.dispatch import gather_experts
+
+            experts = gather_experts(self.engine.module, self.ep_group)  # collective over the EP group
+            if self.rank == 0:
+                state.update({k: v.detach().cpu() for k, v in experts.items()})
         return state if self.rank == 0 else None
 
     def save(self) -> None:
@@ -377,6 +435,10 @@ class Trainer:
         last_eval = self._eval_and_log()
         self.save()
         result = {"iteration": self.iteration, "tokens": self.consumed_samples * cfg.seq_len, **last_eval}
+        if self.ep_group is not None:
+            from .expert_parallel import dense_weights_identical
+
+            result["dense_weights_identical"] = dense_weights_identical(self.engine.module)
         if cfg.export:
             self.export()
         self._write_summary(result)
@@ -422,5 +484,8 @@ class Trainer:
                    "total_params": acc.total_params, "active_params": acc.active_params,
                    "flops_per_token": acc.forward_flops_per_token, "seq_len": self.cfg.seq_len,
                    "final_val_loss": result.get("val_loss"), "tokens": result["tokens"],
-                   "iterations": result["iteration"], "seed": self.cfg.seed, "world_size": self.world}
+                   "iterations": result["iteration"], "seed": self.cfg.seed, "world_size": self.world,
+                   "expert_parallel_size": self.cfg.expert_parallel_size}
+        if "dense_weights_identical" in result:
+            summary["dense_weights_identical_across_ranks"] = result["dense_weights_identical"]
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
