@@ -4,7 +4,8 @@
 #   bash launch/train_vision.sh
 #       The laptop demo: parameternet_tiny and its static twin ghostnet_tiny on real Fashion-MNIST (32x32, CPU,
 #       a few minutes), then both accuracies side by side. Runs land in runs/vision/demo/ (a second call resumes,
-#       i.e. only prints; delete the folder to train again). DEMO_ARGS="--epochs 1" adds flags to both runs.
+#       i.e. only prints; delete the folder to train again). DEMO_ARGS="--epochs 1" adds flags to both runs;
+#       OMP_NUM_THREADS (default 1 here) sets the compute threads.
 #
 #   bash launch/train_vision.sh [--num-gpus N] [--hostfile FILE] [--master-port P] [--] <vision.train flags>
 #       One training run; N > 1 (or a hostfile) goes through the `deepspeed` launcher, which on a machine without a
@@ -25,6 +26,9 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 
 demo() {
   local out=${DEMO_DIR:-runs/vision/demo}
+  # One compute thread unless told otherwise: on these tiny 32x32 shapes a second thread gains ~15% on an idle machine
+  # but makes every op wait for a descheduled thread on a busy one (measured 3-40x slower).
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   local models=(parameternet_tiny ghostnet_tiny)
   for model in "${models[@]}"; do
     echo "== train_vision.sh: $model on Fashion-MNIST (output: $out/$model)"

@@ -345,250 +345,265 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def run(cfg: TrainConfig, prep: Prepared) -> dict[str, Any]:
     ensure_dist_env()
     set_cpu_threads()
-    import deepspeed
+    trainer = Trainer(cfg, prep)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.metrics.close()
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    out_dir = Path(cfg.output_dir)
-    splits, num_classes, macs, reinit = prep.splits, prep.num_classes, prep.macs, prep.reinit
-    train_indices, val_indices, steps_per_epoch = prep.train_indices, prep.val_indices, prep.steps_per_epoch
 
-    deepspeed.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    is_main = rank == 0
-    grad_accum = cfg.global_batch_size // (cfg.micro_batch_size * world)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=prep.model,
-        model_parameters=param_groups(prep.model, cfg),
-        config=ds_config(cfg, world, steps_per_epoch),
-    )
-    device = engine.device
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+class Trainer:
+    """One training run on the DeepSpeed engine: set-up and resume, the step loop, evaluation, checkpoints."""
 
-    ema = None
-    if cfg.ema:
-        from timm.utils import ModelEmaV3
+    def __init__(self, cfg: TrainConfig, prep: Prepared) -> None:
+        import deepspeed
+        from timm.data import Mixup
 
-        ema = ModelEmaV3(engine.module, decay=cfg.ema_decay, device=device, dtype=torch.float32)
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.cfg, self.prep = cfg, prep
+        self.out_dir = Path(cfg.output_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
 
-    ckpt_dir = out_dir / "checkpoints"
-    pos = Position()
-    tag = prep.resume_tag
-    if tag is not None:
-        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        deepspeed.init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.grad_accum = cfg.global_batch_size // (cfg.micro_batch_size * self.world)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=prep.model,
+            model_parameters=param_groups(prep.model, cfg),
+            config=ds_config(cfg, self.world, prep.steps_per_epoch),
+        )
+        self.device = self.engine.device
+        self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        self.ema = None
+        if cfg.ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.engine.module, decay=cfg.ema_decay, device=self.device, dtype=torch.float32)
+
+        self.pos = Position()
+        self.saved_step = -1
+        if prep.resume_tag is not None:
+            self._resume(prep.resume_tag)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.metrics = MetricsLog(self.out_dir, self.is_main, cfg.tensorboard, self.pos.global_step)
+
+        mean, std = resolve_mean_std(cfg, self.engine.module.pretrained_cfg)
+        train_tf, val_tf = build_transforms(cfg, mean, std)
+        img_mode = "L" if cfg.in_chans == 1 else "RGB"
+        self.train_ds = SeededTransformDataset(prep.splits.train, train_tf, img_mode)
+        val_ds = SeededTransformDataset(prep.splits.val, val_tf, img_mode)
+        val_sampler = EvalBatchSampler(prep.val_indices, cfg.micro_batch_size * 2, self.world, self.rank)
+        self.val_loader = make_loader(val_ds, val_sampler, cfg.num_workers)
+        mixing = cfg.mixup > 0 or cfg.cutmix > 0
+        self.mixup = (
+            Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                prob=cfg.mixup_prob,
+                switch_prob=cfg.mixup_switch_prob,
+                label_smoothing=cfg.label_smoothing,
+                num_classes=prep.num_classes,
+            )
+            if mixing
+            else None
+        )
+        self.criterion = loss_fn(cfg, mixing)
+        self.last_loss = float("nan")
+        self.last_eval: dict[str, Any] | None = None
+
+    def _resume(self, tag: str) -> None:
+        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         if client is None:
-            raise FileNotFoundError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
-        pos = Position(**client["position"])
-        if ema is not None:
-            if client.get("ema") is None:
-                raise ValueError(f"cannot resume with ema=true from {ckpt_dir / tag}: it was saved without EMA")
-            ema.module.load_state_dict(client["ema"])
+            raise FileNotFoundError(f"{self.ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
+        self.pos = Position(**client["position"])
+        self.saved_step = self.pos.global_step
+        if self.ema is not None:
+            self.ema.module.load_state_dict(client["ema"])
         restore_rng_states(client["rng"])
-        if is_main:
-            where = ckpt_dir / tag
-            print(f"vision.train: resumed from {where} (epoch {pos.epoch}, step {pos.global_step})", flush=True)
+        if self.is_main:
+            where = self.ckpt_dir / tag
+            print(f"vision.train: resumed from {where} (epoch {self.pos.epoch}, step {self.saved_step})", flush=True)
 
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    metrics = MetricsLog(out_dir, is_main, cfg.tensorboard, pos.global_step)
-
-    model_cfg = engine.module.pretrained_cfg
-    mean, std = resolve_mean_std(cfg, model_cfg)
-    train_tf, val_tf = build_transforms(cfg, mean, std)
-    img_mode = "L" if cfg.in_chans == 1 else "RGB"
-    train_ds = SeededTransformDataset(splits.train, train_tf, img_mode)
-    val_ds = SeededTransformDataset(splits.val, val_tf, img_mode)
-    val_loader = make_loader(
-        val_ds, EvalBatchSampler(val_indices, cfg.micro_batch_size * 2, world, rank), cfg.num_workers
-    )
-
-    from timm.data import Mixup
-
-    mixing = cfg.mixup > 0 or cfg.cutmix > 0
-    mixup = (
-        Mixup(
-            mixup_alpha=cfg.mixup,
-            cutmix_alpha=cfg.cutmix,
-            prob=cfg.mixup_prob,
-            switch_prob=cfg.mixup_switch_prob,
-            label_smoothing=cfg.label_smoothing,
-            num_classes=num_classes,
-        )
-        if mixing
-        else None
-    )
-    criterion = loss_fn(cfg, mixing)
-
-    if is_main:
-        n_params = sum(p.numel() for p in engine.module.parameters())
-        print(
-            f"vision.train: {cfg.model} ({n_params / 1e6:.2f}M params, {num_classes} classes"
-            f"{', re-initialised ' + ', '.join(reinit) if reinit else ''}) on {world} rank(s), {device}, "
-            f"{cfg.precision}, ZeRO-{cfg.zero_stage}; {len(train_indices)} train / {len(val_indices)} val images, "
-            f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, global batch {cfg.global_batch_size} "
-            f"= {cfg.micro_batch_size} x {world} x {grad_accum}",
-            flush=True,
+    def _describe(self) -> str:
+        cfg, prep = self.cfg, self.prep
+        n_params = sum(p.numel() for p in self.engine.module.parameters())
+        reinit = f", re-initialised {', '.join(prep.reinit)}" if prep.reinit else ""
+        return (
+            f"vision.train: {cfg.model} ({n_params / 1e6:.2f}M params, {prep.num_classes} classes{reinit}) on "
+            f"{self.world} rank(s), {self.device}, {cfg.precision}, ZeRO-{cfg.zero_stage}; "
+            f"{len(prep.train_indices)} train / {len(prep.val_indices)} val images, {prep.steps_per_epoch} steps/epoch "
+            f"x {cfg.epochs} epochs, global batch {cfg.global_batch_size} = {cfg.micro_batch_size} x {self.world} x "
+            f"{self.grad_accum}"
         )
 
-    def client_state() -> dict[str, Any]:
-        return {
-            "position": vars(pos).copy(),
-            "rng": rng_states(),
-            "config": to_dict(cfg),
-            "ema": ema.module.state_dict() if ema is not None else None,
-        }
-
-    def sync_batchnorm() -> None:
+    def sync_batchnorm(self) -> None:
         # Each rank's BatchNorm running statistics come from its own batches (no SyncBN on gloo). Averaging them
         # before evaluation and checkpoints makes every rank evaluate the same network and lets the rank-0
         # checkpoint restore every rank exactly.
-        if world > 1:
-            distribute_bn(engine.module, world, reduce=True)
-            if ema is not None:
-                distribute_bn(ema.module, world, reduce=True)
+        from timm.utils import distribute_bn
 
-    saved_step = pos.global_step if tag is not None else -1
+        if self.world > 1:
+            distribute_bn(self.engine.module, self.world, reduce=True)
+            if self.ema is not None:
+                distribute_bn(self.ema.module, self.world, reduce=True)
 
-    def checkpoint() -> None:
-        nonlocal saved_step
-        if saved_step == pos.global_step:
+    def checkpoint(self) -> None:
+        if self.saved_step == self.pos.global_step:
             return
-        saved_step = pos.global_step
-        sync_batchnorm()
-        config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-        extra = {"config.yaml": config_text}
-        save_checkpoint(engine, ckpt_dir, pos.global_step, client_state(), cfg.keep_checkpoints, extra)
+        self.saved_step = self.pos.global_step
+        self.sync_batchnorm()
+        client_state = {
+            "position": vars(self.pos).copy(),
+            "rng": rng_states(),
+            "config": to_dict(self.cfg),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+        }
+        extra = {"config.yaml": yaml.safe_dump(to_dict(self.cfg), sort_keys=False)}
+        keep = self.cfg.keep_checkpoints
+        save_checkpoint(self.engine, self.ckpt_dir, self.pos.global_step, client_state, keep, extra)
 
-    def run_eval() -> dict[str, Any]:
-        sync_batchnorm()
-        record: dict[str, Any] = {"kind": "eval", "step": pos.global_step, "epoch": pos.epoch}
-        result = evaluate(engine.module, val_loader, device, dtype)
-        record.update({k: v for k, v in result.items()})
-        if ema is not None:
-            ema_result = evaluate(ema.module, val_loader, device, torch.float32)
+    def evaluate(self) -> dict[str, Any]:
+        self.sync_batchnorm()
+        record: dict[str, Any] = {"kind": "eval", "step": self.pos.global_step, "epoch": self.pos.epoch}
+        record.update(evaluate(self.engine.module, self.val_loader, self.device, self.dtype))
+        if self.ema is not None:
+            ema_result = evaluate(self.ema.module, self.val_loader, self.device, torch.float32)
             record.update({f"ema_{k}": v for k, v in ema_result.items() if k != "count"})
-        metrics.write(record)
-        if is_main:
-            ema_text = f", EMA top-1 {record['ema_top1']:.2f}" if ema is not None else ""
+        self.metrics.write(record)
+        if self.is_main:
+            ema_text = f", EMA top-1 {record['ema_top1']:.2f}" if self.ema is not None else ""
             print(
-                f"vision.train: epoch {pos.epoch} step {pos.global_step}: val top-1 {record['top1']:.2f} "
+                f"vision.train: epoch {self.pos.epoch} step {self.pos.global_step}: val top-1 {record['top1']:.2f} "
                 f"top-5 {record['top5']:.2f} loss {record['loss']:.4f}{ema_text}",
                 flush=True,
             )
+        self.last_eval = record
         return record
 
-    from timm.utils import distribute_bn
-    from tqdm import tqdm
+    def step(self, batches: Any) -> float:
+        """One optimizer step (grad_accum micro-batches); returns the loss averaged over the global batch."""
+        cfg, pos = self.cfg, self.pos
+        step_loss = torch.zeros(1, dtype=torch.float64)
+        for micro_step in range(self.grad_accum):
+            images, targets = next(batches)
+            # Mixup/CutMix draw from numpy, dropout and drop-path from torch: reseed from the position.
+            seed_all(derived_seed(cfg.seed, pos.epoch, pos.step_in_epoch, micro_step, self.rank))
+            images, targets = images.to(device=self.device), targets.to(device=self.device)
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            logits = self.engine(images.to(dtype=self.dtype))
+            loss = self.criterion(logits.float(), targets)
+            self.engine.backward(loss)
+            self.engine.step()
+            step_loss += loss.detach().double().cpu()
+        dist.all_reduce(step_loss)
+        loss_value = step_loss.item() / (self.grad_accum * self.world)
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f"loss is {loss_value} at epoch {pos.epoch} step {pos.global_step}; lower lr={cfg.lr} or use fp32"
+            )
+        pos.step_in_epoch += 1
+        pos.global_step += 1
+        if self.ema is not None:
+            self.ema.update(self.engine.module, step=pos.global_step)
+        return loss_value
 
-    max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    last_eval: dict[str, Any] | None = None
-    last_loss = float("nan")
-    start_time = time.time()
-    window_start, window_samples = time.time(), 0
-    engine.train()
-    while pos.epoch < cfg.epochs and pos.global_step < max_steps:
+    def train_epoch(self, max_steps: int) -> None:
+        """From the current position to the end of the epoch (or max_steps); evaluates and saves at the epoch end."""
+        from tqdm import tqdm
+
+        cfg, pos, steps = self.cfg, self.pos, self.prep.steps_per_epoch
         sampler = TrainBatchSampler(
-            train_indices,
+            self.prep.train_indices,
             seed=cfg.seed,
             epoch=pos.epoch,
             micro_batch_size=cfg.micro_batch_size,
-            world_size=world,
-            rank=rank,
-            grad_accum=grad_accum,
+            world_size=self.world,
+            rank=self.rank,
+            grad_accum=self.grad_accum,
             start_step=pos.step_in_epoch,
         )
-        batches = iter(make_loader(train_ds, sampler, cfg.num_workers))
+        batches = iter(make_loader(self.train_ds, sampler, cfg.num_workers))
         bar = tqdm(
-            total=steps_per_epoch,
+            total=steps,
             initial=pos.step_in_epoch,
             desc=f"epoch {pos.epoch}",
-            disable=not (is_main and cfg.progress),
+            disable=not (self.is_main and cfg.progress),
             dynamic_ncols=True,
             mininterval=1.0,
         )
-        while pos.step_in_epoch < steps_per_epoch and pos.global_step < max_steps:
-            step_loss = torch.zeros(1, dtype=torch.float64)
-            for micro_step in range(grad_accum):
-                images, targets = next(batches)
-                seed_all(derived_seed(cfg.seed, pos.epoch, pos.step_in_epoch, micro_step, rank))
-                images, targets = images.to(device=device), targets.to(device=device)
-                if mixup is not None:
-                    images, targets = mixup(images, targets)
-                logits = engine(images.to(dtype=dtype))
-                loss = criterion(logits.float(), targets)
-                engine.backward(loss)
-                engine.step()
-                step_loss += loss.detach().double().cpu()
-            dist.all_reduce(step_loss)
-            last_loss = step_loss.item() / (grad_accum * world)
-            if not math.isfinite(last_loss):
-                raise FloatingPointError(
-                    f"loss is {last_loss} at epoch {pos.epoch} step {pos.global_step}; lower lr={cfg.lr} or use fp32"
-                )
-            pos.step_in_epoch += 1
-            pos.global_step += 1
-            if ema is not None:
-                ema.update(engine.module, step=pos.global_step)
+        window_start, window_samples = time.time(), 0
+        while pos.step_in_epoch < steps and pos.global_step < max_steps:
+            self.last_loss = self.step(batches)
             window_samples += cfg.global_batch_size
             bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
+            bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
             if pos.global_step % cfg.log_every == 0:
-                elapsed = time.time() - window_start
-                metrics.write(
-                    {
-                        "kind": "train",
-                        "step": pos.global_step,
-                        "epoch": pos.epoch,
-                        "loss": last_loss,
-                        "lr": max(scheduler.get_last_lr()) if scheduler is not None else cfg.lr,
-                        "images_per_s": window_samples / max(elapsed, 1e-9),
-                    }
-                )
+                lr = max(self.scheduler.get_last_lr()) if self.scheduler is not None else cfg.lr
+                rate = window_samples / max(time.time() - window_start, 1e-9)
+                self.metrics.write(
+                    {"kind": "train", "step": pos.global_step, "epoch": pos.epoch, "loss": self.last_loss, "lr": lr,
+                     "images_per_s": rate}
+                )  # fmt: skip
                 window_start, window_samples = time.time(), 0
-            if pos.step_in_epoch == steps_per_epoch:
+            if pos.step_in_epoch == steps:
                 pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
                 if pos.epoch % cfg.eval_every == 0 or pos.epoch == cfg.epochs:
-                    last_eval = run_eval()
-                checkpoint()
-                break
+                    self.evaluate()
+                self.checkpoint()
+                break  # the next epoch has another sample order: a new sampler
             if cfg.save_every and pos.global_step % cfg.save_every == 0:
-                checkpoint()
+                self.checkpoint()
         bar.close()
-        del batches
 
-    checkpoint()  # no-op unless max_steps stopped the run between checkpoints
-    if last_eval is None or last_eval["step"] != pos.global_step:
-        last_eval = run_eval()
+    def fit(self) -> dict[str, Any]:
+        cfg, pos = self.cfg, self.pos
+        if self.is_main:
+            print(self._describe(), flush=True)
+        start_time = time.time()
+        max_steps = cfg.max_steps or cfg.epochs * self.prep.steps_per_epoch
+        self.engine.train()
+        while pos.epoch < cfg.epochs and pos.global_step < max_steps:
+            self.train_epoch(max_steps)
+        self.checkpoint()  # no-op unless max_steps stopped the run between checkpoints
+        if self.last_eval is None or self.last_eval["step"] != pos.global_step:
+            self.evaluate()
+        assert self.last_eval is not None
+        return self._finish(self.last_eval, time.time() - start_time)
 
-    result = {
-        "model": cfg.model,
-        "num_experts": getattr(engine.module, "num_experts", None),
-        "params": sum(p.numel() for p in engine.module.parameters()),
-        "macs": macs,
-        "img_size": cfg.img_size,
-        "num_classes": num_classes,
-        "epochs": pos.epoch,
-        "global_step": pos.global_step,
-        "train_loss": last_loss,
-        "top1": last_eval["top1"],
-        "top5": last_eval["top5"],
-        "val_loss": last_eval["loss"],
-        "val_images": last_eval["count"],
-        "seconds": round(time.time() - start_time, 1),
-        "world_size": world,
-    }
-    if ema is not None:
-        result.update(ema_top1=last_eval["ema_top1"], ema_top5=last_eval["ema_top5"])
-    if is_main:
-        meta = {"model": cfg.model, "num_classes": str(num_classes), "in_chans": str(cfg.in_chans)}
-        save_weights(engine.module.state_dict(), out_dir / WEIGHTS, meta)
-        if ema is not None:
-            save_weights(ema.module.state_dict(), out_dir / EMA_WEIGHTS, meta)
-        write_json_atomic(out_dir / "final_metrics.json", result)
-        print("vision.train: " + json.dumps(result), flush=True)
-    metrics.close()
-    dist.barrier()
-    return result
+    def _finish(self, last_eval: dict[str, Any], seconds: float) -> dict[str, Any]:
+        cfg, module = self.cfg, self.engine.module
+        result = {
+            "model": cfg.model,
+            "num_experts": getattr(module, "num_experts", None),
+            "params": sum(p.numel() for p in module.parameters()),
+            "macs": self.prep.macs,
+            "img_size": cfg.img_size,
+            "num_classes": self.prep.num_classes,
+            "epochs": self.pos.epoch,
+            "global_step": self.pos.global_step,
+            "train_loss": self.last_loss,
+            "top1": last_eval["top1"],
+            "top5": last_eval["top5"],
+            "val_loss": last_eval["loss"],
+            "val_images": last_eval["count"],
+            "seconds": round(seconds, 1),
+            "world_size": self.world,
+        }
+        if self.ema is not None:
+            result.update(ema_top1=last_eval["ema_top1"], ema_top5=last_eval["ema_top5"])
+        if self.is_main:
+            meta = {"model": cfg.model, "num_classes": str(self.prep.num_classes), "in_chans": str(cfg.in_chans)}
+            save_weights(module.state_dict(), self.out_dir / WEIGHTS, meta)
+            if self.ema is not None:
+                save_weights(self.ema.module.state_dict(), self.out_dir / EMA_WEIGHTS, meta)
+            write_json_atomic(self.out_dir / "final_metrics.json", result)
+            print("vision.train: " + json.dumps(result), flush=True)
+        dist.barrier()
+        return result
 
 
 def main(argv: list[str] | None = None) -> int:
