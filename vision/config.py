@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 import sys
 import types
 import typing
@@ -90,6 +92,16 @@ class TrainConfig:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _field_comments() -> dict[str, str]:
+    """The `# ...` comment after each field above, reused as its --help text (one place to document a field)."""
+    comments = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        match = re.match(r"\s+(\w+): [^#]+#\s*(.+)$", line)
+        if match and match.group(1) in FIELDS:
+            comments[match.group(1)] = match.group(2)
+    return comments
 
 
 def _describe(hint: Any) -> str:
@@ -190,16 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML preset (a path, or a name in vision/configs/); flags override it")
     # The deepspeed launcher appends --local_rank=N; the rank is read from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    for name, f in FIELDS.items():
+    comments = _field_comments()
+    defaults = TrainConfig()
+    for name in FIELDS:
         base, optional, is_list = _base_type(_HINTS[name])
         flag = "--" + name.replace("_", "-")
+        text = f"{comments.get(name, '')} (default: {getattr(defaults, name)!r})".strip()
+        text = text.replace("%", "%%")
         if base is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif is_list:
-            parser.add_argument(flag, dest=name, nargs="+", type=base, default=None, metavar=base.__name__.upper())
+            parser.add_argument(
+                flag, dest=name, nargs="+", type=base, default=None, metavar=base.__name__.upper(), help=text
+            )
         else:
             parse = _parse_optional(base) if optional else base
-            parser.add_argument(flag, dest=name, type=parse, default=None, metavar=base.__name__.upper())
+            parser.add_argument(flag, dest=name, type=parse, default=None, metavar=base.__name__.upper(), help=text)
     return parser
 
 
