@@ -1,4 +1,7 @@
 import os
+from collections.abc import Iterator
+
+import pytest
 
 # Tests never touch a hub; DeepSpeed's CPU op lives with the env (the Makefile sets the same).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -7,3 +10,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".venv", "torch_extensions")
 )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Small ops on a shared 2-core machine: a second OpenMP thread that gets descheduled stalls every op (measured
+    40x slower under load), while one thread is as fast as two on these shapes. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

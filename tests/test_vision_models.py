@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator
 
 import pytest
 import timm
@@ -17,14 +16,7 @@ from vision.models import MODEL_NAMES, STATIC_TWINS, DynamicConv
 from vision.summary import count_macs, count_params
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Small ops on a shared 2-core machine: a second OpenMP thread that gets descheduled stalls every op (measured
-    # 40x slower under load), while one thread is as fast as two on these shapes. Restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_one_expert_with_unit_routing_is_a_plain_convolution() -> None:

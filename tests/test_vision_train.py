@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import timm
 import torch
 from PIL import Image
 
+from tests.trainer_utils import free_port
 from vision.checkpoint import LATEST, WEIGHTS, load_init_weights, save_weights
 from vision.data import (
     DEBIAN_FASHION_MNIST,
@@ -32,20 +31,7 @@ CLASSES = (0, 1, 7, 8)
 TRAIN_PER_CLASS, VAL_PER_CLASS = 64, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Small ops on a shared 2-core machine: a second OpenMP thread that gets descheduled stalls every op (measured
-    # 40x slower under load), while one thread is as fast as two on these shapes. Restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _env() -> dict[str, str]:
@@ -110,7 +96,7 @@ class Launch:
         self.log_path = log_path
         with log_path.open("w") as log:
             self.proc = subprocess.Popen(
-                ["bash", str(LAUNCH), "--num-gpus", "2", "--master-port", str(_free_port()), *args],
+                ["bash", str(LAUNCH), "--num-gpus", "2", "--master-port", str(free_port()), *args],
                 cwd=REPO,
                 env=_env(),
                 stdout=log,

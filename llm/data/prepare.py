@@ -202,28 +202,10 @@ def tokenizer_info(tokenizer_dir: str | Path) -> tuple[int, int | None, int | No
     return len(tok), tok.bos_token_id, tok.eos_token_id
 
 
-def prepare_corpus(
-    inputs: Sequence[str | Path],
-    tokenizer_dir: str | Path,
-    output_prefix: str | Path,
-    *,
-    num_proc: int = 2,
-    text_key: str = "text",
-    text_unit: str = "document",
-    prepend_bos: bool = True,
-    append_eos: bool = True,
-    dataset_name: str | None = None,
-    dataset_config: str | None = None,
-    dataset_split: str = "train",
-    batch_size: int = 16,
-    show_progress: bool = True,
-) -> str:
-    """Tokenize a corpus into `output_prefix.bin/.idx`; returns the prefix. See the module docstring."""
-    return prepare_corpus_with_stats(
-        inputs, tokenizer_dir, output_prefix, num_proc=num_proc, text_key=text_key, text_unit=text_unit,
-        prepend_bos=prepend_bos, append_eos=append_eos, dataset_name=dataset_name, dataset_config=dataset_config,
-        dataset_split=dataset_split, batch_size=batch_size, show_progress=show_progress,
-    ).prefix
+def prepare_corpus(*args, **kwargs) -> str:
+    """Tokenize a corpus into `output_prefix.bin/.idx`; returns the prefix. Takes `prepare_corpus_with_stats`'s
+    arguments (see the module docstring)."""
+    return prepare_corpus_with_stats(*args, **kwargs).prefix
 
 
 def prepare_corpus_with_stats(

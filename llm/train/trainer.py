@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .checkpoint import complete_checkpoints, load_from, load_latest, save_checkpoint
 from .config import TrainConfig, dump_yaml
-from .ds_config import complete_ds_config, resolve_ds_config_path
+from .ds_config import complete_ds_config, gradient_accumulation_steps, resolve_ds_config_path
 from .metrics import MetricsLogger, expert_load, memory_gib, peak_flops
 from .optim import deepspeed_optimizer_block, lr_at, parameter_groups
 
@@ -127,8 +127,6 @@ class Trainer:
                 f"vocab_size={self.model_config.vocab_size}; use a model with vocab_size >= {len(self.tokenizer)} "
                 f"(--model_overrides '{{\"vocab_size\": {len(self.tokenizer)}}}') or a smaller tokenizer"
             )
-        from .ds_config import gradient_accumulation_steps
-
         self.grad_accum = gradient_accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, self.world)
         train_samples = self.train_iters * cfg.global_batch_size
         valid_samples = max(cfg.eval_iters, 1) * cfg.global_batch_size
