@@ -22,3 +22,22 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_stale_shared_memory() -> None:
+    """/dev/shm is RAM: drop DeepSpeed shm segments that runs from before llm.train.shm existed left behind."""
+    from llm.train.shm import remove_stale_segments
+
+    removed = remove_stale_segments()
+    if removed:
+        print(f"\nconftest: removed {len(removed)} stale DeepSpeed shm segment(s) from /dev/shm")
+
+
+@pytest.fixture(autouse=True)
+def kill_leftover_launches() -> Iterator[None]:
+    """A failed test must not leave its launcher and ranks running under the tests that follow."""
+    yield
+    from tests.trainer_utils import kill_leftovers
+
+    kill_leftovers()

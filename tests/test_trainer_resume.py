@@ -14,17 +14,27 @@ import pytest
 import torch
 
 from llm.train.checkpoint import complete_checkpoints
-from tests.trainer_utils import launch, losses_by_iteration, read_log, train_records, wait_for_iteration
+from tests.trainer_utils import (
+    launch,
+    losses_by_iteration,
+    read_log,
+    shm_segments,
+    train_records,
+    wait_for_iteration,
+)
 
 pytestmark = pytest.mark.distributed
-ITERS = 8
+# A tiny iteration takes ~70 ms, so a signal sent on seeing iteration k lands a few iterations later on a loaded
+# machine: the interrupted runs get many iterations of headroom before the next checkpoint and the end.
+ITERS, SAVE = 24, 8
+RUN_ARGS = ["--train_iters", str(ITERS), "--save_interval", str(SAVE), "--zero_stage", "2"]
 
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-    """ParameterNet, ZeRO-2, 2 ranks, 8 iterations without interruption; checkpoints at 4 and 8."""
+    """ParameterNet, ZeRO-2, 2 ranks, 24 iterations without interruption; checkpoints every 8, the last 2 kept."""
     out = tmp_path_factory.mktemp("straight") / "run"
-    result = launch("parameternet", out, "--train_iters", str(ITERS), "--save_interval", "4", "--zero_stage", "2")
+    result = launch("parameternet", out, *RUN_ARGS)
     assert result.returncode == 0, result.stdout[-4000:]
     return out
 
@@ -34,8 +44,8 @@ def test_straight_run_trains_and_logs(straight_run):
     assert [r["iteration"] for r in records] == list(range(1, ITERS + 1))
     assert records[-1]["lm_loss"] < records[0]["lm_loss"]
     assert all("aux_loss" in r and "moe/layers.0.down_proj/max_share" in r for r in records)
-    assert [it for it, _ in complete_checkpoints(straight_run / "checkpoints")] == [4, 8]
-    assert (straight_run / "checkpoints" / "latest").read_text() == "iter_0000008"
+    assert [it for it, _ in complete_checkpoints(straight_run / "checkpoints")] == [16, 24]
+    assert (straight_run / "checkpoints" / "latest").read_text() == "iter_0000024"
     summary = json.loads((straight_run / "summary.json").read_text())
     assert summary["model"] == "parameternet-llama-tiny" and summary["world_size"] == 2
     assert summary["total_params"] > summary["active_params"]
@@ -44,27 +54,30 @@ def test_straight_run_trains_and_logs(straight_run):
 
 def test_sigkill_then_sigterm_then_resume_reproduces_the_straight_run(straight_run, tmp_path):
     out = tmp_path / "run"
-    # 1. SIGKILL the whole process group after iteration 5 (the last checkpoint is iteration 4).
-    proc = launch("parameternet", out, "--train_iters", str(ITERS), "--save_interval", "4", "--zero_stage", "2",
-                  wait=False)
-    wait_for_iteration(proc, out, 5)
+    # 1. SIGKILL the whole process group once iteration 9 is logged (the last checkpoint is iteration 8).
+    proc = launch("parameternet", out, *RUN_ARGS, wait=False)
+    wait_for_iteration(proc, out, SAVE + 1)
+    # DeepSpeed's shm all-reduce segments (one per rank) were unlinked once mapped: a SIGKILL leaks no RAM.
+    assert shm_segments(proc.master_port) == ([], 2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert [it for it, _ in complete_checkpoints(out / "checkpoints")] == [4]
+    killed_at = train_records(out)[-1]["iteration"]
+    assert [it for it, _ in complete_checkpoints(out / "checkpoints")] == [SAVE] and killed_at > SAVE
 
-    # 2. Resume; SIGTERM the launch script once iteration 6 is logged: the ranks save and exit 0.
+    # 2. Resume; SIGTERM the launch script once the first resumed iteration is logged: the ranks finish their step,
+    # save and exit 0, long before the end of the run.
     logged = len(train_records(out))
-    proc = launch("parameternet", out, "--train_iters", str(ITERS), "--save_interval", "4", "--zero_stage", "2",
-                  "--resume", "auto", wait=False)
-    wait_for_iteration(proc, out, 6, skip=logged)
+    proc = launch("parameternet", out, *RUN_ARGS, "--resume", "auto", wait=False)
+    wait_for_iteration(proc, out, SAVE + 1, skip=logged)
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=300) == 0, read_log(out)[-4000:]
+    assert "resumed from iteration 8" in read_log(out)
     saved = [it for it, _ in complete_checkpoints(out / "checkpoints")]
-    assert saved[-1] >= 6 and not (out / "hf").exists()  # preempted: checkpoint, no export
+    assert SAVE < saved[-1] < ITERS and not (out / "hf").exists()  # preempted: checkpoint, no export
+    assert train_records(out)[-1]["iteration"] == saved[-1]  # stopped right after the step it saved
 
     # 3. Resume to the end: every iteration's loss equals the uninterrupted run's, bitwise.
-    result = launch("parameternet", out, "--train_iters", str(ITERS), "--save_interval", "4", "--zero_stage", "2",
-                    "--resume", "auto")
+    result = launch("parameternet", out, *RUN_ARGS, "--resume", "auto")
     assert result.returncode == 0, result.stdout[-4000:]
     assert losses_by_iteration(out) == losses_by_iteration(straight_run)
 
@@ -72,18 +85,17 @@ def test_sigkill_then_sigterm_then_resume_reproduces_the_straight_run(straight_r
 def test_corrupt_newest_checkpoint_falls_back_to_previous(straight_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(straight_run, out)
-    newest = out / "checkpoints" / "iter_0000008" / "model.safetensors"
+    newest = out / "checkpoints" / "iter_0000024" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])  # truncated
-    result = launch("parameternet", out, "--train_iters", str(ITERS), "--save_interval", "4", "--zero_stage", "2",
-                    "--resume", "auto")
+    result = launch("parameternet", out, *RUN_ARGS, "--resume", "auto")
     assert result.returncode == 0, result.stdout[-4000:]
     assert "falling back to the previous one" in result.stdout
-    assert "resumed from iteration 4" in result.stdout
+    assert "resumed from iteration 16" in result.stdout
     losses = losses_by_iteration(out)
-    # Iterations 5..8 were re-run from the iteration-4 checkpoint: same data, same weights, same losses.
+    # Iterations 17..24 were re-run from the iteration-16 checkpoint: same data, same weights, same losses.
     straight = losses_by_iteration(straight_run)
-    assert [losses[i] for i in range(5, ITERS + 1)] == [straight[i] for i in range(5, ITERS + 1)]
-    assert [it for it, _ in complete_checkpoints(out / "checkpoints")] == [4, 8]  # the corrupt one was replaced
+    assert [losses[i] for i in range(17, ITERS + 1)] == [straight[i] for i in range(17, ITERS + 1)]
+    assert [it for it, _ in complete_checkpoints(out / "checkpoints")] == [16, 24]  # the corrupt one was replaced
 
 
 FRESH = """
@@ -106,7 +118,7 @@ def test_export_loads_in_a_fresh_process_with_the_training_logits(straight_run, 
     assert (hf / "tokenizer.json").is_file() and (hf / "modeling_parameternet_llama.py").is_file()
     # The training model, rebuilt from the final checkpoint's gathered weights.
     model = build_model(load_model_config("parameternet-llama-tiny", **TINY_MODEL)).eval()
-    model.load_state_dict(load_file(straight_run / "checkpoints" / "iter_0000008" / "model.safetensors"))
+    model.load_state_dict(load_file(straight_run / "checkpoints" / "iter_0000024" / "model.safetensors"))
     x = torch.randint(3, 8000, (1, 12))
     with torch.no_grad():
         expected = model(input_ids=x).logits[0, -1]
@@ -126,7 +138,7 @@ def test_export_loads_in_a_fresh_process_with_the_training_logits(straight_run, 
 
 
 # ------------------------------------------------------------------------------------------- expert parallelism
-EP_ARGS = ["--train_iters", str(ITERS), "--save_interval", "4", "--zero_stage", "2", "--expert_parallel_size", "2"]
+EP_ARGS = [*RUN_ARGS, "--expert_parallel_size", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +165,7 @@ def test_expert_parallel_training_matches_ep1(ep_run, straight_run):
 def test_expert_parallel_export_gathers_all_experts(ep_run, tmp_path):
     from safetensors.torch import load_file
 
-    full = load_file(ep_run / "checkpoints" / "iter_0000008" / "model.safetensors")
+    full = load_file(ep_run / "checkpoints" / "iter_0000024" / "model.safetensors")
     assert full["model.layers.0.mlp.down_proj.weight"].shape[0] == 8  # all experts, gathered from both ranks
     exported = load_file(ep_run / "hf" / "model.safetensors")
     assert all(torch.equal(exported[k], full[k]) for k in full)
@@ -176,8 +188,8 @@ def test_resume_with_another_expert_parallel_size_is_refused(ep_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(ep_run, out)
     before = (out / "checkpoints" / "latest").read_text()
-    result = launch("parameternet", out, "--train_iters", "10", "--save_interval", "4", "--zero_stage", "2",
-                    "--resume", "auto")
+    result = launch("parameternet", out, "--train_iters", str(ITERS + 4), "--save_interval", str(SAVE),
+                    "--zero_stage", "2", "--resume", "auto")
     assert result.returncode != 0
     assert "was written with expert_parallel_size=2" in result.stdout and "--expert_parallel_size 2" in result.stdout
     assert (out / "checkpoints" / "latest").read_text() == before
@@ -187,7 +199,7 @@ def test_resume_with_another_expert_parallel_size_is_refused(ep_run, tmp_path):
 def test_expert_parallel_exact_resume_after_sigkill(ep_run, tmp_path):
     out = tmp_path / "run"
     proc = launch("parameternet", out, *EP_ARGS, wait=False)
-    wait_for_iteration(proc, out, 6)
+    wait_for_iteration(proc, out, SAVE + 1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     result = launch("parameternet", out, *EP_ARGS, "--resume", "auto")

@@ -46,13 +46,14 @@ def test_vanilla_exact_resume_after_sigkill(tmp_path):
 
     from tests.trainer_utils import wait_for_iteration
 
+    args = ["--train_iters", "24", "--save_interval", "8", "--zero_stage", "1"]  # headroom: see test_trainer_resume
     straight = tmp_path / "straight"
-    assert launch("llama", straight, "--train_iters", "8", "--save_interval", "4", "--zero_stage", "1").returncode == 0
+    assert launch("llama", straight, *args).returncode == 0
     out = tmp_path / "killed"
-    proc = launch("llama", out, "--train_iters", "8", "--save_interval", "4", "--zero_stage", "1", wait=False)
-    wait_for_iteration(proc, out, 6)
+    proc = launch("llama", out, *args, wait=False)
+    wait_for_iteration(proc, out, 9)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    result = launch("llama", out, "--train_iters", "8", "--save_interval", "4", "--zero_stage", "1", "--resume", "auto")
+    result = launch("llama", out, *args, "--resume", "auto")
     assert result.returncode == 0, result.stdout[-4000:]
     assert losses_by_iteration(out) == losses_by_iteration(straight)

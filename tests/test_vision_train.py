@@ -15,7 +15,7 @@ import timm
 import torch
 from PIL import Image
 
-from tests.trainer_utils import free_port
+from tests.trainer_utils import free_port, track
 from vision.checkpoint import LATEST, WEIGHTS, load_init_weights, save_weights
 from vision.data import (
     DEBIAN_FASHION_MNIST,
@@ -95,14 +95,14 @@ class Launch:
     def __init__(self, args: list[str], log_path: Path) -> None:
         self.log_path = log_path
         with log_path.open("w") as log:
-            self.proc = subprocess.Popen(
+            self.proc = track(subprocess.Popen(
                 ["bash", str(LAUNCH), "--num-gpus", "2", "--master-port", str(free_port()), *args],
                 cwd=REPO,
                 env=_env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # SIGKILL to the group reaches the launcher and both ranks
-            )
+            ))
 
     def wait(self, timeout: float = 600) -> tuple[int, str]:
         code = self.proc.wait(timeout=timeout)

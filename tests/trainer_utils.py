@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +20,31 @@ TINY_ARGS = ["--seq_len", "32", "--micro_batch_size", "2", "--global_batch_size"
              "--model_overrides", json.dumps(TINY_MODEL)]
 
 
+# Every process group a test started: the conftest kills what is left of them after each test, so a failed test
+# never leaves ranks running (holding RAM and CPU) under the tests that follow.
+LAUNCHED: list[subprocess.Popen] = []
+
+
+def track(proc: subprocess.Popen) -> subprocess.Popen:
+    LAUNCHED.append(proc)
+    return proc
+
+
+def kill_leftovers() -> list[int]:
+    """SIGKILL the process group of every tracked launch that is still running; returns their pids."""
+    killed = []
+    for proc in LAUNCHED:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            killed.append(proc.pid)
+    LAUNCHED.clear()
+    return killed
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -28,11 +53,14 @@ def free_port() -> int:
 
 def launch(model: str, output_dir: Path, *extra: str, nproc: int = 2, wait: bool = True,
            timeout: float = 600) -> subprocess.Popen | subprocess.CompletedProcess:
-    env = {**os.environ, "NPROC": str(nproc), "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
+    port = free_port()
+    env = {**os.environ, "NPROC": str(nproc), "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
     cmd = ["bash", str(REPO / "launch" / "pretrain_llama.sh"), model, "--output_dir", str(output_dir),
            *TINY_ARGS, *extra]
     log = open(output_dir.parent / f"{output_dir.name}.log", "ab")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = track(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True))
+    proc.master_port = port  # type: ignore[attr-defined]  (names DeepSpeed's shm segments of this run)
     if not wait:
         return proc
     rc = proc.wait(timeout=timeout)
@@ -76,5 +104,17 @@ def wait_for_iteration(proc: subprocess.Popen, output_dir: Path, iteration: int,
     raise AssertionError(f"no iteration {iteration} within {timeout}s")
 
 
-def python() -> str:
-    return sys.executable
+def shm_segments(port: int) -> tuple[list[str], int]:
+    """DeepSpeed shm all-reduce segments of the run on `port`: (names still in /dev/shm, how many unlinked segments
+    live processes map)."""
+    from llm.train.shm import PREFIX, SHM_DIR
+
+    named = sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}{os.getuid()}_*_{port}_*"))
+    unlinked = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            lines = maps.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        unlinked.update(line.split()[-2] for line in lines if f"_{port}_" in line and line.endswith("(deleted)"))
+    return named, len(unlinked)

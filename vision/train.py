@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import yaml
 
 import vision  # noqa: F401  (registers the ParameterNet models in timm)
+from llm.train.shm import release_own_segment
 from vision.checkpoint import (
     EMA_WEIGHTS,
     WEIGHTS,
@@ -365,6 +366,7 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
 
         deepspeed.init_distributed()
+        release_own_segment()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.grad_accum = cfg.global_batch_size // (cfg.micro_batch_size * self.world)

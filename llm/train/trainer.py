@@ -22,6 +22,7 @@ from .config import TrainConfig, dump_yaml
 from .ds_config import complete_ds_config, gradient_accumulation_steps, resolve_ds_config_path
 from .metrics import MetricsLogger, expert_load, memory_gib, peak_flops
 from .optim import deepspeed_optimizer_block, lr_at, parameter_groups
+from .shm import release_own_segment
 
 
 class TrainingError(RuntimeError):
@@ -44,6 +45,7 @@ def init_distributed() -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
         deepspeed.init_distributed()
+        release_own_segment()
 
 
 class PreemptionFlag:
