@@ -54,6 +54,34 @@ def grouped_mm(x_sorted: torch.Tensor, weight: torch.Tensor, counts: torch.Tenso
     return torch.cat([chunk @ weight[e].t() for e, chunk in enumerate(chunks)], dim=0)
 
 
+class _GatherRows(torch.autograd.Function):
+    """`x.index_select(0, index)` whose backward scatters through a known inverse instead of a zero-filled index_add.
+
+    Dropless routing makes the sort a permutation of the T*k assignments, so the gradient of each assignment row is
+    `grad[inverse]` and a token's gradient is the sum of its k assignment rows: one gather and a reshape-sum, no
+    zero-filled [T, in] buffer, no scatter-add (atomics on GPUs, hence non-deterministic there).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, fold: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.fold = fold
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        g = grad.index_select(0, inverse)
+        if ctx.fold > 1:
+            g = g.view(ctx.fold, -1, g.shape[-1]).sum(dim=0)
+        return g, None, None, None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, fold: int = 1) -> torch.Tensor:
+    """Rows `x[index]`, where `index` is `inverse`'s inverse permutation over `fold` stacked copies of x's rows."""
+    return _GatherRows.apply(x, index, inverse, fold)
+
+
 class ExpertDispatcher(Protocol):
     """Computes the experts for assignments already sorted by (global) expert id."""
 
@@ -168,9 +196,18 @@ class MoELinear(nn.Module):
             dropped = counts.sum() - kept_counts.sum()
 
         token_index = flat_token[order]
-        y = self.dispatcher(self, tokens[token_index], kept_counts)
-        y = y * flat_gate[order].unsqueeze(-1).to(y.dtype)
-        out = y.new_zeros(num_tokens, self.out_features).index_add_(0, token_index, y)
+        if capacity is None:
+            # Dropless: `order` permutes the T*k assignments; gather and combine through it and its inverse.
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel(), device=x.device)
+            y = self.dispatcher(self, gather_rows(tokens, token_index, inverse, fold=k), kept_counts)
+            y = gather_rows(y, inverse, order)  # back to assignment order (choice-major)
+            y = y * flat_gate.unsqueeze(-1).to(y.dtype)
+            out = y.view(k, num_tokens, self.out_features).sum(dim=0) if k > 1 else y
+        else:
+            y = self.dispatcher(self, tokens[token_index], kept_counts)
+            y = y * flat_gate[order].unsqueeze(-1).to(y.dtype)
+            out = y.new_zeros(num_tokens, self.out_features).index_add_(0, token_index, y)
 
         # Switch Transformer: E * sum_e f_e * P_e, f_e = share of assignments to e, P_e = mean router probability.
         fraction = counts.to(probs.dtype) / (num_tokens * k)
@@ -180,4 +217,4 @@ class MoELinear(nn.Module):
         return out.reshape(*leading, self.out_features)
 
 
-__all__ = ["MoELinear", "RoutingStats", "LocalExperts", "ExpertDispatcher", "grouped_mm"]
+__all__ = ["MoELinear", "RoutingStats", "LocalExperts", "ExpertDispatcher", "gather_rows", "grouped_mm"]
