@@ -2,7 +2,7 @@
 ParameterNet-LLaMA against LLaMA through the trainer - all in one process, interleaved in rounds (A B C D A B C D ...),
 reported as ratios of median tokens/s.
 
-    python benchmarks/train_throughput.py [--size tiny] [--rounds 4] [--steps 3] [--precision fp32]
+    python benchmarks/train_throughput.py [--size tiny] [--rounds 4] [--steps 3] [--precision fp32] [--zero_stage 1]
 On a GPU machine: --size 1b --precision bf16 --seq_len 2048 --micro_batch_size 4 adds MFU (active FLOPs).
 """
 
@@ -43,7 +43,7 @@ class BareLoop:
             self.model = self.model.to(torch.bfloat16)
         self.model.train()
         self.opt = torch.optim.AdamW(parameter_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+                                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=True)
         self.cfg, self.accum, self.step_no = cfg, trainer.grad_accum, 0
 
     def train_step(self, batches) -> None:
@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--micro_batch_size", type=int, default=8)
     p.add_argument("--global_batch_size", type=int, default=8)
+    p.add_argument("--zero_stage", type=int, default=1)
     p.add_argument("--no_bare", action="store_true", help="skip the bare loops (e.g. 1B ParameterNet on one GPU)")
     args = p.parse_args()
 
@@ -83,6 +84,7 @@ def main() -> None:
         cfg = load_config(None, overrides=dict(
             model=preset, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
             global_batch_size=args.global_batch_size, train_iters=total_iters, precision=args.precision,
+            zero_stage=args.zero_stage,
             output_dir=os.path.join(tmp, kind), progress_bar=False, export=False, warmup_iters=0))
         trainer = Trainer(cfg)
         trainers[kind] = trainer
@@ -114,7 +116,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()}, "
         f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "precision": args.precision,
         "size": args.size, "seq_len": args.seq_len, "micro_batch_size": args.micro_batch_size,
-        "global_batch_size": args.global_batch_size, "rounds": args.rounds, "steps_per_block": args.steps,
+        "global_batch_size": args.global_batch_size, "zero_stage": args.zero_stage, "rounds": args.rounds,
+        "steps_per_block": args.steps,
         "median_tokens_per_s": {k: round(v, 1) for k, v in med.items()},
         "parameternet_vs_llama_trainer": round(med["trainer_parameternet"] / med["trainer_llama"], 3),
     }

@@ -220,8 +220,9 @@ def ds_config(cfg: TrainConfig, world_size: int, steps_per_epoch: int) -> dict[s
                 "betas": list(cfg.betas),
                 "eps": cfg.eps,
                 "weight_decay": cfg.weight_decay,
-                # torch's AdamW: no fused_adam JIT build on CPU machines.
+                # torch's AdamW (no fused_adam JIT build on CPU machines), with its fused kernel on CPU and CUDA.
                 "torch_adam": True,
+                "fused": True,
             },
         },
         scheduler={
