@@ -45,6 +45,13 @@ def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def grouped_mm(x_sorted: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of `x_sorted` [N, in], grouped by expert in order (`counts` [E] rows each), times weight[e].T [in, out]."""
+    if torch.compiler.is_compiling() and x_sorted.dtype != torch.bfloat16:
+        # torch.compile traces `_grouped_mm` with a meta kernel that accepts only bf16: other dtypes run eagerly.
+        return _grouped_mm_eager(x_sorted, weight, counts)
+    return _grouped_mm_impl(x_sorted, weight, counts)
+
+
+def _grouped_mm_impl(x_sorted: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     if x_sorted.shape[0] == 0:
         return x_sorted.new_zeros(0, weight.shape[1]) + 0 * weight.sum()  # keeps weight in the graph
     if _grouped_mm_supported(x_sorted, weight):
@@ -52,6 +59,9 @@ def grouped_mm(x_sorted: torch.Tensor, weight: torch.Tensor, counts: torch.Tenso
         return torch._grouped_mm(x_sorted, weight.transpose(-2, -1), offs=offsets)
     chunks = torch.split(x_sorted, counts.tolist())
     return torch.cat([chunk @ weight[e].t() for e, chunk in enumerate(chunks)], dim=0)
+
+
+_grouped_mm_eager = torch.compiler.disable(_grouped_mm_impl)
 
 
 class _GatherRows(torch.autograd.Function):

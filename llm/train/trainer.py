@@ -488,4 +488,9 @@ class Trainer:
                    "expert_parallel_size": self.cfg.expert_parallel_size}
         if "dense_weights_identical" in result:
             summary["dense_weights_identical_across_ranks"] = result["dense_weights_identical"]
+        if self.cfg.compile:
+            from torch._dynamo.utils import counters
+
+            # How many graphs torch.compile produced (MoE grouped GEMMs outside bf16 run between graphs, eagerly).
+            summary["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
