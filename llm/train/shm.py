@@ -30,8 +30,10 @@ def segment_path(rank: int) -> Path:
 def release_own_segment() -> bool:
     """After `deepspeed.init_distributed()`: wait until every rank has mapped its peers, then unlink this rank's
     segment name. Returns whether a segment was released (False off CPU or across nodes, where none exists)."""
-    if not dist.is_initialized():
-        return False
+    if not dist.is_initialized() or dist.get_backend() != "gloo":
+        return False  # GPUs all-reduce through NCCL; the shm op belongs to DeepSpeed's CPU accelerator
+    if os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
+        return False  # DeepSpeed creates the segments only when every rank is on this node (its own test)
     # Every rank leaves DeepSpeed's shm set-up only after opening all peers' segments; the barrier (gloo/NCCL, not
     # the shm op) makes sure nobody unlinks a name that a slower peer has still to open.
     dist.barrier()
