@@ -107,14 +107,8 @@ def wait_for_iteration(proc: subprocess.Popen, output_dir: Path, iteration: int,
 def shm_segments(port: int) -> tuple[list[str], int]:
     """DeepSpeed shm all-reduce segments of the run on `port`: (names still in /dev/shm, how many unlinked segments
     live processes map)."""
-    from llm.train.shm import PREFIX, SHM_DIR
+    from llm.train.shm import PREFIX, SHM_DIR, mapped_segments
 
     named = sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}{os.getuid()}_*_{port}_*"))
-    unlinked = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
-        try:
-            lines = maps.read_text(errors="replace").splitlines()
-        except OSError:
-            continue
-        unlinked.update(line.split()[-2] for line in lines if f"_{port}_" in line and line.endswith("(deleted)"))
+    unlinked = [name for name, deleted in mapped_segments().items() if deleted and f"_{port}_" in name]
     return named, len(unlinked)

@@ -34,7 +34,7 @@ def release_own_segment() -> bool:
         return False  # GPUs all-reduce through NCCL; the shm op belongs to DeepSpeed's CPU accelerator
     if os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
         return False  # DeepSpeed creates the segments only when every rank is on this node (its own test)
-    # Every rank leaves DeepSpeed's shm set-up only after opening all peers' segments; the barrier (gloo/NCCL, not
+    # Every rank leaves DeepSpeed's shm set-up only after opening all peers' segments; the barrier (plain gloo, not
     # the shm op) makes sure nobody unlinks a name that a slower peer has still to open.
     dist.barrier()
     path = segment_path(dist.get_rank())
@@ -45,9 +45,9 @@ def release_own_segment() -> bool:
     return True
 
 
-def _mapped_segments() -> set[str]:
-    """Names of shm segments that some live process of ours still maps (from /proc/*/maps)."""
-    mapped: set[str] = set()
+def mapped_segments() -> dict[str, bool]:
+    """DeepSpeed shm segments that some live process of ours maps (from /proc/*/maps): name -> already unlinked."""
+    mapped: dict[str, bool] = {}
     for maps in Path("/proc").glob("[0-9]*/maps"):
         try:
             text = maps.read_text(errors="replace")
@@ -55,7 +55,8 @@ def _mapped_segments() -> set[str]:
             continue
         for line in text.splitlines():
             if PREFIX in line:
-                mapped.add(line.rsplit("/", 1)[-1].split(" ")[0])
+                name = line.rsplit("/", 1)[-1].split(" ")[0]
+                mapped[name] = mapped.get(name, False) or line.endswith("(deleted)")
     return mapped
 
 
@@ -68,7 +69,7 @@ def remove_stale_segments(min_age_s: float = 60.0) -> list[Path]:
     ours = [p for p in SHM_DIR.glob(f"{PREFIX}{os.getuid()}_*") if p.is_file()]
     if not ours:
         return []
-    live = _mapped_segments()
+    live = mapped_segments()
     now = time.time()
     removed = []
     for path in ours:
