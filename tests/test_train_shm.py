@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -33,7 +35,16 @@ def test_only_old_unmapped_segments_are_removed():
                 path.unlink(missing_ok=True)
 
 
-def test_segment_path_follows_deepspeeds_naming(monkeypatch):
+def test_segment_path_follows_the_installed_deepspeeds_naming(monkeypatch):
+    """The name is DeepSpeed's, read from the shm.cpp it JIT-compiles: an upgrade that renames it fails here."""
+    import deepspeed
+
+    source = (Path(deepspeed.__file__).parent / "ops" / "csrc" / "cpu" / "comm" / "shm.cpp").read_text()
+    prefix = re.search(r'#define SHM_BUFFER_NAME "([^"]+)"', source).group(1)
+    # name = SHM_BUFFER_NAME _ uid _ MASTER_ADDR _ MASTER_PORT, then _ rank
+    assert re.search(r'"%s_%d_%s_%s",\s*SHM_BUFFER_NAME,\s*getuid\(\),\s*addr_string,\s*port_string\)', source)
+    assert re.search(r'"%s_%d",\s*shm_name_prefix,\s*rank\)', source)
+    assert PREFIX == f"{prefix}_"
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29501")
-    assert segment_path(3).name == f"deepspeed_allreduce_buffer_{os.getuid()}_10.0.0.1_29501_3"
+    assert segment_path(3).name == f"{prefix}_{os.getuid()}_10.0.0.1_29501_3"

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from llm.train.checkpoint import complete_checkpoints
+from llm.train.checkpoint import complete_checkpoints, tag_for
 from tests.trainer_utils import (
     launch,
     losses_by_iteration,
@@ -44,8 +44,8 @@ def test_straight_run_trains_and_logs(straight_run):
     assert [r["iteration"] for r in records] == list(range(1, ITERS + 1))
     assert records[-1]["lm_loss"] < records[0]["lm_loss"]
     assert all("aux_loss" in r and "moe/layers.0.down_proj/max_share" in r for r in records)
-    assert [it for it, _ in complete_checkpoints(straight_run / "checkpoints")] == [16, 24]
-    assert (straight_run / "checkpoints" / "latest").read_text() == "iter_0000024"
+    assert [it for it, _ in complete_checkpoints(straight_run / "checkpoints")] == [ITERS - SAVE, ITERS]
+    assert (straight_run / "checkpoints" / "latest").read_text() == tag_for(ITERS)
     summary = json.loads((straight_run / "summary.json").read_text())
     assert summary["model"] == "parameternet-llama-tiny" and summary["world_size"] == 2
     assert summary["total_params"] > summary["active_params"]
@@ -71,7 +71,7 @@ def test_sigkill_then_sigterm_then_resume_reproduces_the_straight_run(straight_r
     wait_for_iteration(proc, out, SAVE + 1, skip=logged)
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=300) == 0, read_log(out)[-4000:]
-    assert "resumed from iteration 8" in read_log(out)
+    assert f"resumed from iteration {SAVE}" in read_log(out)
     saved = [it for it, _ in complete_checkpoints(out / "checkpoints")]
     assert SAVE < saved[-1] < ITERS and not (out / "hf").exists()  # preempted: checkpoint, no export
     assert train_records(out)[-1]["iteration"] == saved[-1]  # stopped right after the step it saved
@@ -85,17 +85,19 @@ def test_sigkill_then_sigterm_then_resume_reproduces_the_straight_run(straight_r
 def test_corrupt_newest_checkpoint_falls_back_to_previous(straight_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(straight_run, out)
-    newest = out / "checkpoints" / "iter_0000024" / "model.safetensors"
+    newest = out / "checkpoints" / tag_for(ITERS) / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])  # truncated
     result = launch("parameternet", out, *RUN_ARGS, "--resume", "auto")
     assert result.returncode == 0, result.stdout[-4000:]
     assert "falling back to the previous one" in result.stdout
-    assert "resumed from iteration 16" in result.stdout
+    previous = ITERS - SAVE
+    assert f"resumed from iteration {previous}" in result.stdout
     losses = losses_by_iteration(out)
-    # Iterations 17..24 were re-run from the iteration-16 checkpoint: same data, same weights, same losses.
+    # The iterations after the previous checkpoint were re-run from it: same data, same weights, same losses.
     straight = losses_by_iteration(straight_run)
-    assert [losses[i] for i in range(17, ITERS + 1)] == [straight[i] for i in range(17, ITERS + 1)]
-    assert [it for it, _ in complete_checkpoints(out / "checkpoints")] == [16, 24]  # the corrupt one was replaced
+    rerun = range(previous + 1, ITERS + 1)
+    assert [losses[i] for i in rerun] == [straight[i] for i in rerun]
+    assert [it for it, _ in complete_checkpoints(out / "checkpoints")] == [previous, ITERS]  # corrupt one replaced
 
 
 FRESH = """
@@ -118,7 +120,7 @@ def test_export_loads_in_a_fresh_process_with_the_training_logits(straight_run, 
     assert (hf / "tokenizer.json").is_file() and (hf / "modeling_parameternet_llama.py").is_file()
     # The training model, rebuilt from the final checkpoint's gathered weights.
     model = build_model(load_model_config("parameternet-llama-tiny", **TINY_MODEL)).eval()
-    model.load_state_dict(load_file(straight_run / "checkpoints" / "iter_0000024" / "model.safetensors"))
+    model.load_state_dict(load_file(straight_run / "checkpoints" / tag_for(ITERS) / "model.safetensors"))
     x = torch.randint(3, 8000, (1, 12))
     with torch.no_grad():
         expected = model(input_ids=x).logits[0, -1]
@@ -165,7 +167,7 @@ def test_expert_parallel_training_matches_ep1(ep_run, straight_run):
 def test_expert_parallel_export_gathers_all_experts(ep_run, tmp_path):
     from safetensors.torch import load_file
 
-    full = load_file(ep_run / "checkpoints" / "iter_0000024" / "model.safetensors")
+    full = load_file(ep_run / "checkpoints" / tag_for(ITERS) / "model.safetensors")
     assert full["model.layers.0.mlp.down_proj.weight"].shape[0] == 8  # all experts, gathered from both ranks
     exported = load_file(ep_run / "hf" / "model.safetensors")
     assert all(torch.equal(exported[k], full[k]) for k in full)

@@ -30,9 +30,8 @@ def track(proc: subprocess.Popen) -> subprocess.Popen:
     return proc
 
 
-def kill_leftovers() -> list[int]:
-    """SIGKILL the process group of every tracked launch that is still running; returns their pids."""
-    killed = []
+def kill_leftovers() -> None:
+    """SIGKILL the process group of every tracked launch that is still running."""
     for proc in LAUNCHED:
         if proc.poll() is None:
             try:
@@ -40,9 +39,7 @@ def kill_leftovers() -> list[int]:
             except ProcessLookupError:
                 pass
             proc.wait()
-            killed.append(proc.pid)
     LAUNCHED.clear()
-    return killed
 
 
 def free_port() -> int:

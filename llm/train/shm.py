@@ -27,22 +27,17 @@ def segment_path(rank: int) -> Path:
     return SHM_DIR / f"{PREFIX}{os.getuid()}_{addr}_{port}_{rank}"
 
 
-def release_own_segment() -> bool:
+def release_own_segment() -> None:
     """After `deepspeed.init_distributed()`: wait until every rank has mapped its peers, then unlink this rank's
-    segment name. Returns whether a segment was released (False off CPU or across nodes, where none exists)."""
+    segment name (nothing to do off CPU or across nodes, where DeepSpeed makes none)."""
     if not dist.is_initialized() or dist.get_backend() != "gloo":
-        return False  # GPUs all-reduce through NCCL; the shm op belongs to DeepSpeed's CPU accelerator
+        return  # GPUs all-reduce through NCCL; the shm op belongs to DeepSpeed's CPU accelerator
     if os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
-        return False  # DeepSpeed creates the segments only when every rank is on this node (its own test)
+        return  # DeepSpeed creates the segments only when every rank is on this node (its own test)
     # Every rank leaves DeepSpeed's shm set-up only after opening all peers' segments; the barrier (plain gloo, not
     # the shm op) makes sure nobody unlinks a name that a slower peer has still to open.
     dist.barrier()
-    path = segment_path(dist.get_rank())
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    return True
+    segment_path(dist.get_rank()).unlink(missing_ok=True)
 
 
 def mapped_segments() -> dict[str, bool]:
