@@ -48,15 +48,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn(cmd: list[str], output_dir: Path, env: dict[str, str], log_name: str | None = None) -> subprocess.Popen:
+    """Start `cmd` in the repo, in a process group of its own (tracked), its output appended to the run's log."""
+    log = open(output_dir.parent / (log_name or f"{output_dir.name}.log"), "ab")
+    return track(subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True))
+
+
 def launch(model: str, output_dir: Path, *extra: str, nproc: int = 2, wait: bool = True,
            timeout: float = 600) -> subprocess.Popen | subprocess.CompletedProcess:
     port = free_port()
-    env = {**os.environ, "NPROC": str(nproc), "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
     cmd = ["bash", str(REPO / "launch" / "pretrain_llama.sh"), model, "--output_dir", str(output_dir),
            *TINY_ARGS, *extra]
-    log = open(output_dir.parent / f"{output_dir.name}.log", "ab")
-    proc = track(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True))
+    proc = spawn(cmd, output_dir, {"NPROC": str(nproc), "MASTER_PORT": str(port)})
     proc.master_port = port  # type: ignore[attr-defined]  (names DeepSpeed's shm segments of this run)
     if not wait:
         return proc

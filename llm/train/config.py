@@ -134,6 +134,8 @@ def _coerce(name: str, value: Any, from_cli: bool) -> Any:
         if optional:
             return None
         raise ValueError(f"{name}=None: this field needs a {expected} value")
+    if origin is list and isinstance(value, str):  # YAML `data_path: "0.7 a 0.3 b"`, as on the command line
+        return value.split()
     if origin is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if origin is bool and not isinstance(value, bool):
@@ -210,8 +212,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return config
 
 
+def _is_list_field(key: str) -> bool:
+    name = key.replace("-", "_")
+    return name in FIELDS and typing.get_origin(_type_of(name)) is list
+
+
 def parse_cli_pairs(argv: list[str]) -> dict[str, str]:
-    """['--lr', '3e-4', '--export=false'] -> {'lr': '3e-4', 'export': 'false'}."""
+    """['--lr', '3e-4', '--export=false'] -> {'lr': '3e-4', 'export': 'false'}.
+
+    A list field takes every word up to the next --flag, as Megatron's `--data-path W1 P1 W2 P2` does:
+    ['--data_path', '0.7', 'a', '0.3', 'b'] -> {'data_path': '0.7 a 0.3 b'} (the quoted one-word form works too)."""
     pairs: dict[str, str] = {}
     i = 0
     while i < len(argv):
@@ -225,8 +235,12 @@ def parse_cli_pairs(argv: list[str]) -> dict[str, str]:
         else:
             if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 raise ValueError(f"--{key} needs a value")
-            value = argv[i + 1]
-            i += 2
+            end = i + 2
+            if _is_list_field(key):
+                while end < len(argv) and not argv[end].startswith("--"):
+                    end += 1
+            value = " ".join(argv[i + 1:end])
+            i = end
         pairs[key] = value
     return pairs
 

@@ -1,10 +1,13 @@
-"""SLURM helpers for the launch scripts: `python -m llm.train.slurm hostnames 'gpu[01-03,07]'` prints one host a line
-(what `scontrol show hostnames` does, for machines without scontrol and for tests)."""
+"""SLURM helpers: node lists for the launch scripts, and ranks for one-task-per-rank `srun` steps.
+
+`python -m llm.train.slurm hostnames 'gpu[01-03,07]'` prints one host a line (what `scontrol show hostnames` does,
+for machines without scontrol and for tests)."""
 
 from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Mapping
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -22,6 +25,24 @@ def expand_nodelist(nodelist: str) -> list[str]:
             else:
                 hosts.append(prefix + part)
     return hosts
+
+
+def rank_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The torch.distributed variables of a task in an `srun` step that runs one task per rank; {} elsewhere.
+
+    Only job steps count (SLURM_STEP_NUM_TASKS is set by srun, not in the batch script or an salloc shell, where
+    SLURM_NTASKS describes the allocation, not this process). The rendezvous is the step's first node, on a port
+    every task derives from the job id (as launch/pretrain_llama.sh does for one launcher per node) unless
+    MASTER_PORT is given."""
+    if "RANK" in environ or "SLURM_STEP_NUM_TASKS" not in environ or "SLURM_PROCID" not in environ:
+        return {}
+    return {
+        "RANK": environ["SLURM_PROCID"],
+        "WORLD_SIZE": environ["SLURM_STEP_NUM_TASKS"],
+        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": environ.get("MASTER_ADDR") or expand_nodelist(environ["SLURM_STEP_NODELIST"])[0],
+        "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000),
+    }
 
 
 def main(argv: list[str]) -> int:
