@@ -64,7 +64,8 @@ fi
 if [ -n "${SLURM_STEP_ID:-}" ] && [ "$slurm_nodes" -gt 1 ] && [ -z "${NNODES:-}" ]; then
   # One srun task per node: rendezvous on the step's first node, on a port every node derives from the job id.
   NNODES="$slurm_nodes" NODE_RANK="$SLURM_NODEID"
-  MASTER_ADDR="$("$PY" -m llm.train.slurm hostnames "$SLURM_STEP_NODELIST" | head -n 1)"
+  hosts="$("$PY" -m llm.train.slurm hostnames "$SLURM_STEP_NODELIST")"
+  MASTER_ADDR="${hosts%%$'\n'*}"
   MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 fi
 if [ -z "${NPROC:-}" ]; then

@@ -1,0 +1,74 @@
+"""SLURM for real (tests/slurm_cluster.py: one slurmctld, two slurmd on this machine): the sbatch script trains on two
+nodes to the end; USR1 makes every rank on both nodes checkpoint, the job requeues and resumes; `srun` starting one
+task per rank runs the trainer directly with ranks from SLURM."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from llm.train.checkpoint import complete_checkpoints
+from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture, found by name)
+from tests.trainer_utils import REPO, TINY_ARGS, losses_by_iteration, train_records
+
+pytestmark = pytest.mark.distributed
+# The header asks for 8 GPUs and 64 CPUs per node; these nodes have one CPU and no GPU (the README's CPU form).
+CPU_NODES = ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1"]
+
+
+def _submit(cluster: SlurmCluster, out: Path, *args: str) -> tuple[int, Path]:
+    log = out.parent / f"{out.name}-slurm.out"
+    job = cluster.sbatch([*CPU_NODES, f"--output={log}", "launch/slurm/pretrain_llama.sbatch", "parameternet",
+                          "--output_dir", str(out), *TINY_ARGS, *args], cwd=REPO, env_extra={"SIZE": "tiny"})
+    return job, log
+
+
+def test_sbatch_trains_on_two_nodes_to_the_end(slurm_cluster: SlurmCluster, tmp_path: Path):
+    out = tmp_path / "run"
+    job, log = _submit(slurm_cluster, out, "--train_iters", "3", "--zero_stage", "2", "--expert_parallel_size", "2")
+    result = slurm_cluster.wait(job, timeout=300)
+    text = log.read_text(errors="replace")
+    print(text[-3000:])
+    assert (result.state, result.exit_code) == ("COMPLETED", 0), text[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["expert_parallel_size"] == 2 and summary["iterations"] == 3
+    # One rank on each node: DeepSpeed's per-node launcher ran on n1 (node rank 0) and n2 (node rank 1).
+    assert "nnodes=2, num_local_procs=1, node_rank=0" in text and "nnodes=2, num_local_procs=1, node_rank=1" in text
+
+
+def test_usr1_checkpoints_on_both_nodes_requeues_and_resumes(slurm_cluster: SlurmCluster, tmp_path: Path):
+    out = tmp_path / "run"
+    job, log = _submit(slurm_cluster, out, "--train_iters", "60", "--save_interval", "1000")
+    deadline = time.time() + 300
+    while not any(r["iteration"] >= 2 for r in train_records(out)):
+        assert time.time() < deadline and slurm_cluster.job_info(job)["JobState"] in ("PENDING", "RUNNING"), (
+            log.read_text(errors="replace")[-4000:])
+        time.sleep(0.5)
+    # What --signal=B:USR1@180 does before the time limit: USR1 to the batch script.
+    slurm_cluster.run(["scancel", "--signal=USR1", "--batch", str(job)])
+    result = slurm_cluster.wait(job, timeout=600)  # a requeued (pending) job is not finished
+    text = log.read_text(errors="replace")
+    print(text[-3000:])
+    assert (result.state, result.exit_code) == ("COMPLETED", 0), text[-4000:]
+    assert result.info["Restarts"] == "1"
+    saved = [int(line.split()[3]) for line in text.splitlines() if line.startswith("resumed from iteration")]
+    assert len(saved) == 1 and 2 <= saved[0] < 60, text[-4000:]
+    assert "restart 0" in text and "restart 1" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["iterations"] == 60
+    assert [it for it, _ in complete_checkpoints(out / "checkpoints")][-1] == 60
+    assert sorted(losses_by_iteration(out)) == list(range(1, 61))
+
+
+def test_srun_one_task_per_rank_runs_the_trainer_directly(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """Two tasks on one node (more tasks than nodes): each task is a rank, no DeepSpeed launcher starts."""
+    out = tmp_path / "run"
+    proc = slurm_cluster.run(["srun", "--nodes=1", "--ntasks=2", "--overcommit", "bash", "launch/pretrain_llama.sh",
+                              "llama", "--output_dir", str(out), *TINY_ARGS, "--train_iters", "2"],
+                             timeout=300, cwd=REPO, env_extra={"SIZE": "tiny"})
+    assert "WORLD INFO DICT" not in proc.stdout + proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["model"] == "llama-tiny"
