@@ -15,7 +15,7 @@
 # A rank (RANK set by a launcher, or one SLURM task per rank) runs the trainer itself; it never starts a launcher.
 #
 # With no arguments: tiny vanilla LLaMA on the embedded Shakespeare corpus, on CPU, a few minutes on 2 cores.
-# Environment (all optional):
+# Environment (all optional; NPROC, HOSTFILE, NNODES... are read by launch/common.sh, shared with train_vision.sh):
 #   SIZE=tiny|1b       model preset size (llama-$SIZE / parameternet-llama-$SIZE) and training preset llm/configs/$SIZE.yaml
 #   CONFIG=FILE|NAME   training preset instead of $SIZE (YAML mirroring the --key flags)
 #   NPROC=N            ranks per node (default: the visible GPUs, or 1 CPU rank without a GPU)
@@ -30,7 +30,6 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-die() { echo "pretrain_llama.sh: error: $*" >&2; exit 2; }
 
 # Launchers append --local_rank=N; the trainer reads the rank from the environment.
 user_args=()
@@ -41,7 +40,7 @@ model=llama
 case "${1:-}" in
   llama|parameternet) model="$1"; shift ;;
   -*|"") ;;
-  *) die "first argument must be 'llama' or 'parameternet', got '$1'" ;;
+  *) echo "pretrain_llama.sh: error: first argument must be 'llama' or 'parameternet', got '$1'" >&2; exit 2 ;;
 esac
 size="${SIZE:-tiny}"
 preset="llama-$size"; [ "$model" = parameternet ] && preset="parameternet-llama-$size"
@@ -49,51 +48,13 @@ args=(--config "${CONFIG:-$size}" --model "$preset" --output_dir "runs/$model-$s
 [ -n "${DS_CONFIG:-}" ] && args+=(--ds_config "$DS_CONFIG")
 [ -n "${EP:-}" ] && args+=(--expert_parallel_size "$EP")
 
-if [ -x "$repo/.venv/bin/deepspeed" ]; then DS="$repo/.venv/bin/deepspeed"; PY="$repo/.venv/bin/python"
-else DS="$(command -v deepspeed || echo deepspeed)"; PY="$(command -v python3)"; fi
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$repo/.venv/torch_extensions}"
-export PYTHONUNBUFFERED=1
+source "$repo/launch/common.sh"
 
-# --- Already a rank: run the trainer in this process. -----------------------------------------------------------
-slurm_tasks="${SLURM_STEP_NUM_TASKS:-0}" slurm_nodes="${SLURM_STEP_NUM_NODES:-0}"
-if [ -n "${RANK:-}" ] || [ -n "${OMPI_COMM_WORLD_RANK:-}" ] || [ "$slurm_tasks" -gt "$slurm_nodes" ]; then
-  exec "$PY" -u -m llm.pretrain "${args[@]}" "$@"   # llm.train.distributed maps SLURM's task ids to ranks
+if inside_launcher; then  # already a rank: run the trainer in this process (llm.train.slurm maps SLURM's task ids)
+  exec "$PY" -u -m llm.pretrain "${args[@]}" "$@"
 fi
-
-# --- Otherwise start the DeepSpeed launcher on this node. --------------------------------------------------------
-if [ -n "${SLURM_STEP_ID:-}" ] && [ "$slurm_nodes" -gt 1 ] && [ -z "${NNODES:-}" ]; then
-  # One srun task per node: rendezvous on the step's first node, on a port every node derives from the job id.
-  NNODES="$slurm_nodes" NODE_RANK="$SLURM_NODEID"
-  hosts="$("$PY" -m llm.train.slurm hostnames "$SLURM_STEP_NODELIST")"
-  MASTER_ADDR="${hosts%%$'\n'*}"
-  MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
-fi
-if [ -z "${NPROC:-}" ]; then
-  NPROC=$("$PY" -c 'import torch; print(torch.cuda.device_count() or 1)' 2>/dev/null || echo 1)
-fi
-[[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "NPROC=$NPROC: give the number of ranks per node, a positive integer"
-
-hostfile_tmp=""
-trap '[ -z "$hostfile_tmp" ] || rm -f "$hostfile_tmp"' EXIT
-launcher=("$DS" --master_port "${MASTER_PORT:-29500}")
-if [ -n "${HOSTFILE:-}" ]; then
-  [ -f "$HOSTFILE" ] || die "HOSTFILE=$HOSTFILE: no such file (see launch/hostfile.example)"
-  launcher+=(--hostfile "$HOSTFILE" --num_gpus "$NPROC")
-elif [ -n "${NNODES:-}" ] && [ "$NNODES" != 1 ]; then
-  [[ "$NNODES" =~ ^[1-9][0-9]*$ ]] || die "NNODES=$NNODES: give the number of nodes, a positive integer"
-  [[ "${NODE_RANK:-}" =~ ^[0-9]+$ ]] && [ "$NODE_RANK" -lt "$NNODES" ] \
-    || die "NODE_RANK='${NODE_RANK:-}': with NNODES=$NNODES give this node's index, 0..$((NNODES - 1))"
-  [ -n "${MASTER_ADDR:-}" ] || die "MASTER_ADDR is required with NNODES=$NNODES: the address of node 0"
-  # DeepSpeed's runner takes the node list from a hostfile even without ssh; only the slot counts and the order
-  # matter (global rank = NODE_RANK x NPROC + local rank), so the names are placeholders.
-  hostfile_tmp="$(mktemp "${TMPDIR:-/tmp}/pnet-hostfile.XXXXXX")"
-  for ((i = 0; i < NNODES; i++)); do echo "node$i slots=$NPROC"; done > "$hostfile_tmp"
-  launcher+=(--hostfile "$hostfile_tmp" --no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR"
-             --num_nodes "$NNODES" --num_gpus "$NPROC")
-else
-  launcher+=(--num_gpus "$NPROC")
-fi
-cmd=("${launcher[@]}" llm/pretrain.py "${args[@]}" "$@")
+deepspeed_launcher
+cmd=("${LAUNCHER[@]}" llm/pretrain.py "${args[@]}" "$@")
 
 if [ "${DRY_RUN:-0}" = 1 ]; then
   printf '%q ' "${cmd[@]}"; echo

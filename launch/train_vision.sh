@@ -1,4 +1,8 @@
 #!/usr/bin/env bash
+""":"
+# Bash and Python in one file, like launch/pretrain_llama.sh: `deepspeed launch/train_vision.sh ...` runs it with
+# python on every rank, and the Python lines at the bottom hand the rank back to bash, which runs vision.train.
+#
 # Train ParameterNet CNNs (or any timm model) on the DeepSpeed engine.
 #
 #   bash launch/train_vision.sh
@@ -14,15 +18,21 @@
 #         bash launch/train_vision.sh --num-gpus 8 --config parameternet_600m_in1k_ft --data-dir /data/imagenet \
 #             --init-from runs/vision/parameternet_600m_in22k
 #         bash launch/train_vision.sh --num-gpus 2 --config fashion_mnist_tiny --output-dir runs/vision/fm_2rank
+#       --num-gpus, --hostfile and --master-port set NPROC, HOSTFILE and MASTER_PORT; the rest of the environment is
+#       launch/pretrain_llama.sh's (launch/common.sh): NNODES/NODE_RANK/MASTER_ADDR for one launcher per node, the
+#       srun step's nodes inside SLURM. Also: deepspeed [launcher flags] launch/train_vision.sh <vision.train flags>.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+source "$repo/launch/common.sh"
 
-PYTHON=${PYTHON:-.venv/bin/python}
-DEEPSPEED=${DEEPSPEED:-.venv/bin/deepspeed}
-[ -x "$PYTHON" ] || PYTHON=python3
-[ -x "$DEEPSPEED" ] || DEEPSPEED=deepspeed
-# DeepSpeed's CPU communication op is prebuilt here at install time (see Makefile).
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
+# Launchers append --local_rank=N; vision.train reads the rank from the environment.
+user_args=()
+for arg in "$@"; do [[ "$arg" == --local_rank* ]] || user_args+=("$arg"); done
+set -- "${user_args[@]+"${user_args[@]}"}"
+if inside_launcher; then  # already a rank: train in this process
+  exec "$PY" -u -m vision.train "$@"
+fi
 
 demo() {
   local out=${DEMO_DIR:-runs/vision/demo}
@@ -33,9 +43,9 @@ demo() {
   for model in "${models[@]}"; do
     echo "== train_vision.sh: $model on Fashion-MNIST (output: $out/$model)"
     # shellcheck disable=SC2086  # DEMO_ARGS is a list of flags
-    "$PYTHON" -m vision.train --config fashion_mnist_tiny --model "$model" --output-dir "$out/$model" ${DEMO_ARGS:-}
+    "$PY" -m vision.train --config fashion_mnist_tiny --model "$model" --output-dir "$out/$model" ${DEMO_ARGS:-}
   done
-  "$PYTHON" - "$out" "${models[@]}" <<'EOF'
+  "$PY" - "$out" "${models[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
 out, models = Path(sys.argv[1]), sys.argv[2:]
@@ -57,31 +67,25 @@ if [ $# -eq 0 ]; then
   exit 0
 fi
 
-num_gpus=1
-hostfile=""
-master_port=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --num-gpus) num_gpus=$2; shift 2 ;;
-    --hostfile) hostfile=$2; shift 2 ;;
-    --master-port) master_port=$2; shift 2 ;;
+    --num-gpus) NPROC=$2; shift 2 ;;
+    --hostfile) HOSTFILE=$2; shift 2 ;;
+    --master-port) MASTER_PORT=$2; shift 2 ;;
     --) shift; break ;;
     *) break ;;
   esac
 done
-if ! [[ "$num_gpus" =~ ^[1-9][0-9]*$ ]]; then
-  echo "train_vision.sh: --num-gpus $num_gpus must be a positive integer" >&2
-  exit 2
+deepspeed_launcher
+if [ "$NPROC" = 1 ] && [ -z "${HOSTFILE:-}" ] && [ "${NNODES:-1}" = 1 ]; then
+  exec "$PY" -m vision.train "$@"   # one rank: no launcher
 fi
-if [ -n "$hostfile" ] && [ ! -f "$hostfile" ]; then
-  echo "train_vision.sh: --hostfile $hostfile does not exist (see launch/ for an example)" >&2
-  exit 2
-fi
+set +e; "${LAUNCHER[@]}" --module vision.train "$@"; rc=$?
+exit "$rc"  # (not exec: the EXIT trap removes the launcher's temporary hostfile)
+BASH ENDS
+":"""
+# Python: a launcher started this file with python on one rank (its rank variables are set); bash runs vision.train.
+import os
+import sys
 
-if [ "$num_gpus" = 1 ] && [ -z "$hostfile" ]; then
-  exec "$PYTHON" -m vision.train "$@"
-fi
-launcher_args=(--num_gpus "$num_gpus")
-[ -n "$hostfile" ] && launcher_args+=(--hostfile "$hostfile")
-[ -n "$master_port" ] && launcher_args+=(--master_port "$master_port")
-exec "$DEEPSPEED" "${launcher_args[@]}" --module vision.train "$@"
+os.execvp("bash", ["bash", os.path.abspath(__file__), *sys.argv[1:]])

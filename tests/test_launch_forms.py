@@ -1,6 +1,7 @@
-"""Every way users start a run, launched for real on tiny shapes: the literal `deepspeed launch/pretrain_llama.sh`,
-`deepspeed --no_python`, torchrun, a script that finds itself inside a launcher, and two nodes on this machine (two
-launcher processes, one rank each, no ssh) - with expert parallelism across the "nodes", SIGUSR1 to both and a resume.
+"""Launch forms, for real on tiny shapes, beyond what running the README's commands checks
+(tests/test_readme_commands.py runs every form once): the literal `deepspeed launch/pretrain_llama.sh` trains the
+chosen model on every rank, a script inside a launcher starts none, and two nodes on this machine (two launcher
+processes, one rank each, no ssh) split the experts across the "nodes", checkpoint on SIGUSR1 and resume.
 SLURM's forms run on a real cluster in tests/test_slurm_launch.py."""
 
 from __future__ import annotations
@@ -43,38 +44,25 @@ def _summary(out: Path) -> dict:
 
 def test_literal_deepspeed_form_trains_the_chosen_model(tmp_path):
     """`deepspeed [launcher flags] launch/pretrain_llama.sh parameternet ...`: DeepSpeed runs the file with python on
-    each rank; the same model/size/config choice as `bash launch/pretrain_llama.sh parameternet`."""
+    each rank; the same model/size/config choice as `bash launch/pretrain_llama.sh parameternet`. (The README's
+    commands run every form too, tests/test_readme_commands.py; this one checks what each rank trained.)"""
     out = tmp_path / "run"
-    _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), SCRIPT, "parameternet",
-          "--output_dir", str(out), *TINY_ARGS, "--train_iters", "3"], out)
+    log = _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), SCRIPT, "parameternet",
+                "--output_dir", str(out), *TINY_ARGS, "--train_iters", "3"], out)
     summary = _summary(out)
     assert summary["model"] == "parameternet-llama-tiny" and summary["world_size"] == 2
     assert [r["iteration"] for r in train_records(out)] == [1, 2, 3]
+    assert log.count("WORLD INFO DICT") == 1  # the ranks ran the trainer; none started a launcher of its own
 
 
-def test_no_python_and_inside_a_launcher_run_the_trainer_without_a_second_launcher(tmp_path):
-    # deepspeed --no_python executes the file as a program; the ranks it starts must not start launchers of their own.
-    out = tmp_path / "no_python"
-    log = _run([DEEPSPEED, "--no_python", "--num_gpus", "1", "--master_port", str(free_port()), SCRIPT, "llama",
-                "--output_dir", str(out), *TINY_ARGS, "--train_iters", "2"], out)
-    assert _summary(out)["model"] == "llama-tiny"
-    assert log.count("WORLD INFO DICT") == 1  # DeepSpeed's per-node launcher ran once: ours did not start another
-
-    # The rank variables of any launcher (here set by hand, as mpirun/srun wrappers do): the trainer runs in-process.
+def test_a_script_inside_a_launcher_runs_the_trainer_in_process(tmp_path):
+    # The rank variables of any launcher (here set by hand, as mpirun/srun wrappers do): no DeepSpeed launcher at all.
     out = tmp_path / "inside"
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
     log = _run(["bash", SCRIPT, "parameternet", "--output_dir", str(out), *TINY_ARGS, "--train_iters", "2"], out, env)
-    assert "WORLD INFO DICT" not in log and "cmd = " not in log  # no DeepSpeed launcher at all
+    assert "WORLD INFO DICT" not in log and "cmd = " not in log
     assert _summary(out)["model"] == "parameternet-llama-tiny"
-
-
-def test_torchrun_module_form(tmp_path):
-    out = tmp_path / "run"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-          "-m", "llm.pretrain", "--config", "tiny", "--model", "llama-tiny", "--output_dir", str(out), *TINY_ARGS,
-          "--train_iters", "2"], out)
-    assert _summary(out)["world_size"] == 2
 
 
 def _two_nodes(out: Path, port: int, *extra: str, model: str = "parameternet") -> list:
@@ -95,7 +83,7 @@ def _node_log(out: Path, node: int) -> str:
 
 def test_two_nodes_without_ssh_expert_parallel_across_nodes_usr1_and_resume(tmp_path):
     out = tmp_path / "run"
-    args = ["--train_iters", "100", "--save_interval", "100", "--zero_stage", "2", "--expert_parallel_size", "2"]
+    args = ["--train_iters", "30", "--save_interval", "100", "--zero_stage", "2", "--expert_parallel_size", "2"]
     port = free_port()
     procs = _two_nodes(out, port, *args)
     wait_for_iteration(procs[0], out, 2)
@@ -107,13 +95,33 @@ def test_two_nodes_without_ssh_expert_parallel_across_nodes_usr1_and_resume(tmp_
     logs = [_node_log(out, 0), _node_log(out, 1)]
     assert "rank 0 holds experts 0..3 of 8" in logs[0] and "rank 1 holds experts 4..7 of 8" in logs[1]
     saved = [it for it, _ in complete_checkpoints(out / "checkpoints")]
-    assert len(saved) == 1 and 2 <= saved[0] < 100 and not (out / "hf").exists()
+    assert len(saved) == 1 and 2 <= saved[0] < 30 and not (out / "hf").exists()
 
     procs = _two_nodes(out, free_port(), *args, "--resume", "auto")
     for node, proc in enumerate(procs):
         assert proc.wait(timeout=600) == 0, _node_log(out, node)[-4000:]
     assert f"resumed from iteration {saved[0]}" in _node_log(out, 0)
     summary = _summary(out)
-    assert summary["world_size"] == 2 and summary["expert_parallel_size"] == 2 and summary["iterations"] == 100
+    assert summary["world_size"] == 2 and summary["expert_parallel_size"] == 2 and summary["iterations"] == 30
     assert summary["dense_weights_identical_across_ranks"] is True
-    assert sorted(losses_by_iteration(out)) == list(range(1, 101))
+    assert sorted(losses_by_iteration(out)) == list(range(1, 31))
+
+
+def test_literal_deepspeed_form_of_the_vision_launcher(tmp_path):
+    """launch/train_vision.sh is a bash/Python file too, on launch/common.sh: `deepspeed launch/train_vision.sh ...`
+    runs vision.train on every rank."""
+    from PIL import Image
+
+    for split in ("train", "validation"):
+        for label, colour in (("a", (220, 20, 20)), ("b", (20, 20, 220))):
+            (tmp_path / "images" / split / label).mkdir(parents=True)
+            for k in range(4):
+                Image.new("RGB", (32, 32), colour).save(tmp_path / "images" / split / label / f"{k}.png")
+    out = tmp_path / "vision"
+    log = _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train_vision.sh",
+                "--config", "fashion_mnist_tiny", "--dataset", "folder", "--data-dir", str(tmp_path / "images"),
+                "--train-subset", "0", "--val-subset", "0", "--micro-batch-size", "2", "--global-batch-size", "4",
+                "--max-steps", "2", "--num-workers", "0", "--no-progress", "--no-tensorboard",
+                "--output-dir", str(out)], out)
+    assert log.count("WORLD INFO DICT") == 1 and "dist_world_size=2" in log
+    assert json.loads((out / "final_metrics.json").read_text())["global_step"] == 2

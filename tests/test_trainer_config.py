@@ -44,7 +44,7 @@ def test_cli_overrides_win_and_are_typed():
         (["--precision", "fp8"], "precision='fp8'"),
         (["--zero_stage", "5"], "zero_stage=5"),
         (["--min_lr", "1", "--lr", "0.1"], "min_lr=1.0"),
-        (["--train_tokens", "100"], "train_iters=60 and train_tokens=100"),
+        (["--train_tokens", "100", "--train_iters", "3"], "train_iters=3 and train_tokens=100"),
         (["--expert_parallel_size", "2", "--zero_stage", "3"], "expert_parallel_size=2 with zero_stage=3"),
     ],
 )
@@ -92,6 +92,13 @@ def test_lr_schedule_warmup_cosine_linear_constant():
     assert lr_at(35, cfg) == pytest.approx(0.775)
     cfg.lr_decay_style = "constant"
     assert lr_at(100, cfg) == 1.0
+
+
+def test_a_token_budget_on_the_command_line_replaces_the_presets_iterations():
+    cfg = load_config("tiny", cli_overrides=["--train_tokens", "8192"])  # tiny.yaml sets train_iters: 60
+    assert (cfg.train_iters, cfg.train_tokens, cfg.resolved_train_iters()) == (None, 8192, 2)
+    with pytest.raises(ValueError, match="both set; keep one"):  # both in one layer: ambiguous, refused
+        load_config("tiny", cli_overrides=["--train_tokens", "8192", "--train_iters", "3"])
 
 
 def test_data_path_takes_megatrons_several_word_form_on_the_cli_and_in_yaml(tmp_path):

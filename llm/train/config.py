@@ -150,6 +150,12 @@ def _coerce(name: str, value: Any, from_cli: bool) -> Any:
 
 
 def _apply(config: TrainConfig, updates: dict[str, Any], source: str, from_cli: bool) -> None:
+    # The budget is train_iters OR train_tokens: a layer that gives one replaces the other given by a layer below
+    # (`--train_tokens 2e9` over a preset with train_iters); one layer giving both is still refused by validate().
+    names = {key.replace("-", "_") for key in updates}
+    for given, other in (("train_iters", "train_tokens"), ("train_tokens", "train_iters")):
+        if given in names and other not in names:
+            setattr(config, other, None)
     for key, value in updates.items():
         name = key.replace("-", "_")
         if name not in FIELDS:

