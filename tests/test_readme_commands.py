@@ -50,7 +50,10 @@ NOT_RUN = {
     "make test": "the test suite itself (CI runs it through .ci/run)",
     "make run": "the main job (launch/main.sh = launch/compare.sh with --limit 40), covered by the compare.sh line",
 }
-# README commands whose paths run elsewhere in the fast suite too, but take minutes as written here.
+# README commands that take minutes as written here (make test-all runs them): compare.sh is pretrain_llama.sh +
+# evals.zero_shot + evals.compare, all run below; the vision demo and the two ImageNet stages (34.5M-parameter
+# models) are launch/train_vision.sh (its literal and 2-rank launches are fast tests in tests/test_launch_forms.py
+# and tests/test_vision_train.py) over vision.train stages that tests/test_vision_train.py also runs, slow there too.
 SLOW = ("bash launch/compare.sh", "bash launch/train_vision.sh")
 TINY_VISION = ["--epochs", "1", "--img-size", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
                "--precision", "fp32", "--num-workers", "0", "--log-every", "1"]
@@ -112,7 +115,7 @@ def _params() -> list:
             group.append(commands[i + 1])
             i += 1
         i += 1
-        marks = [pytest.mark.slow] if command.startswith(SLOW) and "--config" not in command else []
+        marks = [pytest.mark.slow] if command.startswith(SLOW) else []
         params.append(pytest.param(group, id=command[:60], marks=marks))
     return params
 
@@ -174,13 +177,13 @@ def test_readme_command_runs_as_written(group: list[str], sandbox: Path, request
         kill_leftovers()
     trained = trained_run(with_stand_ins(command))
     if trained is not None:
-        run_dir, world_size = trained
+        run_dir, world_size, kind = trained
         summary = json.loads((sandbox / run_dir / "summary.json").read_text())
-        assert summary["world_size"] == world_size, (command, summary)
+        assert summary["world_size"] == world_size and summary["model"].startswith(kind), (command, summary)
 
 
-def trained_run(command: str) -> tuple[str, int] | None:
-    """For a training command: the run directory it writes and the number of ranks it asked for."""
+def trained_run(command: str) -> tuple[str, int, str] | None:
+    """For a training command: the run directory it writes, the number of ranks and the model kind it asked for."""
     words = shlex.split(command)
     script = next((i for i, w in enumerate(words) if w in ("launch/pretrain_llama.sh", "llm.pretrain",
                                                             "launch/slurm/pretrain_llama.sbatch")), None)
@@ -188,5 +191,7 @@ def trained_run(command: str) -> tuple[str, int] | None:
         return None
     dirs = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--output_dir"]
     model = words[script + 1] if script + 1 < len(words) and not words[script + 1].startswith("-") else "llama"
+    models = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--model"]  # llm.pretrain's own flag
+    kind = "parameternet" if "parameternet" in (models[-1] if models else model) else "llama"
     two = ("NPROC=2", "--num_gpus 2", "--nproc_per_node 2", "NNODES=2", "--nodes=2")
-    return (dirs[-1] if dirs else f"runs/{model}-tiny"), 2 if any(t in command for t in two) else 1
+    return (dirs[-1] if dirs else f"runs/{model}-tiny"), 2 if any(t in command for t in two) else 1, kind
