@@ -23,6 +23,7 @@ from .ds_config import complete_ds_config, gradient_accumulation_steps, resolve_
 from .metrics import MetricsLogger, expert_load, memory_gib, peak_flops
 from .optim import deepspeed_optimizer_block, lr_at, parameter_groups
 from .shm import release_own_segment
+from .slurm import rank_env as slurm_rank_env
 
 
 class TrainingError(RuntimeError):
@@ -40,7 +41,8 @@ def init_distributed() -> None:
     torchrun, srun, or plain `python` (a single rank)."""
     import deepspeed
 
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+    os.environ.update(slurm_rank_env(os.environ))  # one srun task per rank: ranks from SLURM's task ids
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
