@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import yaml
 
 import vision  # noqa: F401  (registers the ParameterNet models in timm)
+from llm.train import collectives
 from llm.train.shm import release_own_segment
 from vision.checkpoint import (
     EMA_WEIGHTS,
@@ -258,25 +259,26 @@ def evaluate(model: torch.nn.Module, loader: Any, device: torch.device, dtype: t
     """Top-1 / top-5 and loss over the whole validation split, summed exactly over ranks."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
+    # Summed on the device (no host sync per batch), reduced once, read once. float64: the counts stay exact.
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
     for images, targets in loader:
-        logits = model(images.to(device=device, dtype=dtype)).float()
-        targets = targets.to(device)
+        logits = model(images.to(device=device, dtype=dtype, non_blocking=True)).float()
+        targets = targets.to(device, non_blocking=True)
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hits = top.eq(targets[:, None])
-        totals[0] += hits[:, 0].sum().item()
-        totals[1] += hits.any(dim=1).sum().item()
-        totals[2] += F.cross_entropy(logits, targets, reduction="sum").item()
+        totals[0] += hits[:, 0].sum()
+        totals[1] += hits.any(dim=1).sum()
+        totals[2] += F.cross_entropy(logits, targets, reduction="sum").double()
         totals[3] += targets.numel()
-    dist.all_reduce(totals)
+    correct1, correct5, loss_sum, count = collectives.all_reduce(totals).tolist()
     model.train(was_training)
-    n = max(1.0, totals[3].item())
+    n = max(1.0, count)
     return {
-        "top1": 100.0 * totals[0].item() / n,
-        "top5": 100.0 * totals[1].item() / n,
-        "loss": totals[2].item() / n,
-        "count": int(totals[3].item()),
+        "top1": 100.0 * correct1 / n,
+        "top5": 100.0 * correct5 / n,
+        "loss": loss_sum / n,
+        "count": int(count),
     }
 
 
@@ -487,23 +489,27 @@ class Trainer:
         return record
 
     def step(self, batches: Any) -> float:
-        """One optimizer step (grad_accum micro-batches); returns the loss averaged over the global batch."""
+        """One optimizer step (grad_accum micro-batches); returns the loss averaged over the global batch.
+
+        One host sync per step: the loss is summed on the device across micro-batches, all-reduced once and read
+        once (the finiteness check below needs it on the host)."""
         cfg, pos = self.cfg, self.pos
-        step_loss = torch.zeros(1, dtype=torch.float64)
+        step_loss = torch.zeros(1, dtype=torch.float64, device=self.device)
         for micro_step in range(self.grad_accum):
             images, targets = next(batches)
             # Mixup/CutMix draw from numpy, dropout and drop-path from torch: reseed from the position.
             seed_all(derived_seed(cfg.seed, pos.epoch, pos.step_in_epoch, micro_step, self.rank))
-            images, targets = images.to(device=self.device), targets.to(device=self.device)
+            # The loader pins memory on CUDA: these copies are queued, not waited for.
+            images = images.to(device=self.device, non_blocking=True)
+            targets = targets.to(device=self.device, non_blocking=True)
             if self.mixup is not None:
                 images, targets = self.mixup(images, targets)
             logits = self.engine(images.to(dtype=self.dtype))
             loss = self.criterion(logits.float(), targets)
             self.engine.backward(loss)
             self.engine.step()
-            step_loss += loss.detach().double().cpu()
-        dist.all_reduce(step_loss)
-        loss_value = step_loss.item() / (self.grad_accum * self.world)
+            step_loss += loss.detach().double()
+        loss_value = collectives.all_reduce(step_loss).item() / (self.grad_accum * self.world)
         if not math.isfinite(loss_value):
             raise FloatingPointError(
                 f"loss is {loss_value} at epoch {pos.epoch} step {pos.global_step}; lower lr={cfg.lr} or use fp32"

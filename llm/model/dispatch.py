@@ -14,6 +14,11 @@ those code paths only when the model also contains a `deepspeed.moe.layer.MoE` m
 the optimizer's parameter groups are split into MoE groups; the trainer, which may import deepspeed, sees to that.
 
 This file may be saved next to checkpoints, like moe.py, so it imports nothing but torch.
+
+Its collectives are the project's only raw torch.distributed calls outside llm/train/collectives.py (allow-listed,
+with this reason, in tests/test_collectives.py): they run on the model's own tensors - the routing counts and token
+rows of the forward and their gradients, and the expert weights - which live on the device the engine placed the
+model on, the device an NCCL group serves (CPU under gloo). Nothing here makes a tensor on the host for a collective.
 """
 
 from __future__ import annotations

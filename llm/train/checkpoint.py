@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .collectives import all_ranks
+
 TAG_RE = re.compile(r"^iter_(\d{7,})$")
 MANIFEST = "complete.json"
 
@@ -101,12 +103,8 @@ def _rank() -> int:
 
 
 def _all_ok(ok: bool) -> bool:
-    """True only if `ok` on every rank."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return ok
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-    dist.all_reduce(flag)
-    return int(flag.item()) == 0
+    """True only if `ok` on every rank (on the group's device: NCCL takes no CPU tensors)."""
+    return all_ranks(ok)
 
 
 def save_checkpoint(

@@ -67,10 +67,9 @@ def split_optimizer_groups(param_groups: list[dict]) -> list[dict]:
 
 def dense_weights_identical(model: nn.Module) -> bool:
     """Are all non-expert weights bitwise equal across ranks? (A cheap consistency check; collective.)"""
-    import torch.distributed as dist
+    from .collectives import all_gather
 
     dense = [p.detach().double().flatten() for p in model.parameters() if getattr(p, "allreduce", True)]
     checksum = torch.stack([torch.cat(dense).sum(), (torch.cat(dense) ** 2).sum()])
-    gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, checksum)
+    gathered = all_gather(checksum)
     return all(torch.equal(g, gathered[0]) for g in gathered)

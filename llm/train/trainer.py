@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import collectives
 from .checkpoint import complete_checkpoints, load_from, load_latest, save_checkpoint
 from .config import TrainConfig, dump_yaml
 from .ds_config import complete_ds_config, gradient_accumulation_steps, resolve_ds_config_path
@@ -51,7 +52,10 @@ def init_distributed() -> None:
 
 
 class PreemptionFlag:
-    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves and exits 0 (SLURM preemption/requeue)."""
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves and exits 0 (SLURM preemption/requeue).
+
+    The flag travels to the other ranks inside the step's one all-reduce (`Trainer.train_step`), not in a collective
+    of its own: a signal is seen at the last micro-batch of the step running when it arrives, or of the next one."""
 
     def __init__(self) -> None:
         self.raised = False
@@ -61,11 +65,27 @@ class PreemptionFlag:
     def _handler(self, signum, frame) -> None:
         self.raised = True
 
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1 if self.raised else 0], dtype=torch.int64)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+
+class NonFiniteGradGuard:
+    """Drops this rank's gradients of a micro-batch whose loss is non-finite, decided on the device.
+
+    A hook on every trainable parameter returns `grad.masked_fill(drop, 0)`, where `drop` is a 0-dim bool tensor on
+    the device that the loop sets before each backward. The decision never goes through the host, so the loop does
+    not wait for the forward to finish before queueing the backward. Selecting (not multiplying by 0) is what makes
+    it work: the gradients of a NaN loss are NaN all the way down, and 0 * NaN is NaN. Parameter hooks run before
+    autograd accumulates into .grad and before DeepSpeed's own post-accumulation hooks (ZeRO reductions), so what
+    the engine accumulates, reduces and clips is exactly what it would be had the micro-batch contributed zeros.
+    With `drop` false the hook returns the gradient bitwise unchanged."""
+
+    def __init__(self, params, device: torch.device) -> None:
+        self.drop = torch.zeros((), dtype=torch.bool, device=device)
+        for p in params:
+            if p.requires_grad:
+                p.register_hook(self._hook)
+
+    def _hook(self, grad: torch.Tensor) -> torch.Tensor:
+        drop = self.drop if self.drop.device == grad.device else self.drop.to(grad.device)
+        return grad.masked_fill(drop, 0)
 
 
 def _collate(samples: list[np.ndarray]) -> torch.Tensor:
@@ -196,6 +216,7 @@ class Trainer:
             self.engine.compile()
         self.device = self.engine.device
         self.peak = peak_flops(torch.device(self.device), cfg.precision)
+        self.grad_guard = NonFiniteGradGuard(self.engine.module.parameters(), torch.device(self.device))
 
     def _resume(self) -> None:
         cfg = self.cfg
@@ -243,11 +264,16 @@ class Trainer:
         sampler = PretrainingSampler(len(self.train_ds), self.consumed_samples, self.cfg.micro_batch_size,
                                      self.rank, self.world)
         loader = torch.utils.data.DataLoader(self.train_ds, batch_sampler=sampler, collate_fn=_collate,
-                                             num_workers=0)
+                                             num_workers=0, pin_memory=self._pin_memory())
         return iter(loader)
 
+    def _pin_memory(self) -> bool:
+        # A copy from pinned memory can be queued without waiting; from pageable memory, a blocking host-to-GPU copy
+        # synchronises the stream, i.e. waits for the previous micro-batch's backward: a host sync per micro-batch.
+        return torch.device(self.device).type == "cuda"
+
     def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        batch = batch.to(self.device)
+        batch = batch.to(self.device, non_blocking=True)  # pinned on CUDA (see _pin_memory); a no-op on CPU
         inputs, targets = batch[:, :-1], batch[:, 1:]
         out = self.engine(input_ids=inputs)
         lm_loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1))
@@ -255,49 +281,69 @@ class Trainer:
         total = lm_loss if router is None else lm_loss + router.to(lm_loss.dtype)
         return total, lm_loss, out
 
-    def _all_reduce_mean(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
-        return (t / self.world).tolist()
-
     def train_step(self, batches) -> dict[str, Any]:
-        """One global batch: grad_accum micro-batches through the engine, one optimizer step."""
-        lm_sum = aux_sum = z_sum = 0.0
-        counts = None
-        dropped = None
-        poisoned = False
-        for micro in range(self.grad_accum):
+        """One global batch: grad_accum micro-batches through the engine, one optimizer step.
+
+        Host syncs: one per call. Losses, the non-finite count and the expert counts stay on the device across
+        micro-batches; after the last backward they go, with the preemption flag, into ONE all-reduce of one small
+        float64 vector whose values the host reads once (it needs the skip decision before `engine.step()`). The
+        gradient norm stays as the engine left it (often a device tensor) until a log interval reads it.
+
+        A micro-batch whose loss is non-finite on a rank contributes nothing from that rank: zero gradients
+        (`NonFiniteGradGuard`) and no loss or routing statistics. If any micro-batch on any rank was non-finite, the
+        update is skipped (LR 0 for this step; the scheduler sets the next step's LR as usual)."""
+        ga = self.grad_accum
+        device = torch.device(self.device)
+        losses = torch.zeros(3, dtype=torch.float64, device=device)  # lm, aux, z: sums over finite micro-batches
+        nonfinite = torch.zeros((), dtype=torch.float64, device=device)  # how many micro-batches were not finite
+        counts: torch.Tensor | None = None
+        dropped: torch.Tensor | None = None
+        for micro in range(ga):
             total, lm_loss, out = self._forward(next(batches))
-            bad = torch.tensor([0 if torch.isfinite(total).item() else 1], dtype=torch.int64)
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bad.item():
-                poisoned = True
-            if poisoned:
-                # Every parameter gets an exact-zero gradient from this micro-batch, so the engine's accumulation
-                # and ZeRO hooks run as usual while nothing of the bad batch reaches the weights.
-                total = sum(p.sum() * 0.0 for p in self.engine.module.parameters() if p.requires_grad)
-            else:
-                lm_sum += lm_loss.item()
-                if getattr(out, "aux_loss", None) is not None:
-                    aux_sum += out.aux_loss.item()
-                    z_sum += out.z_loss.item()
-                    c = out.tokens_per_expert.detach().cpu()
-                    counts = c if counts is None else counts + c
-                    d = out.dropped_tokens.detach().cpu()
-                    dropped = d if dropped is None else dropped + d
-            if micro == self.grad_accum - 1 and poisoned:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = 0.0  # skip the update; the scheduler sets the next step's LR as usual
+            bad = torch.isfinite(total.detach()).logical_not()
+            nonfinite += bad
+            parts = [lm_loss.detach()]
+            if getattr(out, "aux_loss", None) is not None:
+                parts += [out.aux_loss.detach(), out.z_loss.detach()]
+                c = out.tokens_per_expert.detach().masked_fill(bad, 0)
+                counts = c if counts is None else counts + c
+                d = out.dropped_tokens.detach().masked_fill(bad, 0)
+                dropped = d if dropped is None else dropped + d
+            # float64 sums in micro-batch order: the same numbers as adding Python floats of the fp32 losses.
+            losses[: len(parts)] += torch.stack([p.double() for p in parts]).masked_fill(bad, 0.0)
+            self.grad_guard.drop = bad
             self.engine.backward(total)
+            if micro == ga - 1:
+                reduced = self._reduce_step(losses, nonfinite, counts, dropped)
+                if reduced["skipped"]:
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = 0.0  # skip the update
             self.engine.step()
-        lm, aux, z = self._all_reduce_mean([lm_sum / self.grad_accum, aux_sum / self.grad_accum,
-                                            z_sum / self.grad_accum])
+        reduced["grad_norm"] = self.engine.get_global_grad_norm()  # read (a host sync if a tensor) at log time only
+        return reduced
+
+    def _reduce_step(self, losses: torch.Tensor, nonfinite: torch.Tensor, counts: torch.Tensor | None,
+                     dropped: torch.Tensor | None) -> dict[str, Any]:
+        """The step's one collective and one host sync. Returns host values: mean losses over the global batch, the
+        skip and stop decisions, and the expert counts/dropped tokens summed over ranks (None without MoE layers, or
+        when no micro-batch anywhere was finite)."""
+        ga, device = self.grad_accum, losses.device
+        # torch.full launches a fill; torch.tensor([...], device=cuda) would copy from the host and wait for the queue.
+        stop = torch.full((1,), 1.0 if self.preemption.raised else 0.0, dtype=torch.float64, device=device)
+        pieces = [losses / ga, nonfinite.reshape(1), stop]
         if counts is not None:
-            dist.all_reduce(counts)
-            dist.all_reduce(dropped)
-        grad_norm = self.engine.get_global_grad_norm()
-        return {"lm_loss": lm, "aux_loss": aux, "z_loss": z, "skipped": poisoned, "counts": counts,
-                "dropped": dropped, "grad_norm": None if grad_norm is None else float(grad_norm)}
+            # Token counts are integers far below 2**53: exact in float64, so one vector carries everything.
+            pieces += [counts.double().flatten(), dropped.double().flatten()]
+        values = collectives.all_reduce(torch.cat(pieces)).tolist()
+        lm, aux, z = (v / self.world for v in values[:3])
+        n_nonfinite, stop_votes = values[3], values[4]
+        stats: dict[str, Any] = {"lm_loss": lm, "aux_loss": aux, "z_loss": z, "skipped": n_nonfinite > 0,
+                                 "stop": stop_votes > 0, "counts": None, "dropped": None}
+        if counts is not None and n_nonfinite < ga * self.world:
+            n = counts.numel()
+            stats["counts"] = torch.tensor(values[5:5 + n], dtype=torch.float64).long().view(counts.shape)
+            stats["dropped"] = torch.tensor(values[5 + n:], dtype=torch.float64).long().view(dropped.shape)
+        return stats
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -308,14 +354,18 @@ class Trainer:
             return {}
         self.engine.eval()
         sampler = PretrainingSampler(len(self.valid_ds), 0, self.cfg.micro_batch_size, self.rank, self.world)
-        loader = torch.utils.data.DataLoader(self.valid_ds, batch_sampler=sampler, collate_fn=_collate)
-        losses = []
+        loader = torch.utils.data.DataLoader(self.valid_ds, batch_sampler=sampler, collate_fn=_collate,
+                                             pin_memory=self._pin_memory())
+        loss_sum = torch.zeros((), dtype=torch.float64, device=torch.device(self.device))  # no host sync per batch
+        n = 0
         for i, batch in enumerate(loader):
             if i >= self.cfg.eval_iters * self.grad_accum:
                 break
-            losses.append(self._forward(batch)[1].item())
+            loss_sum += self._forward(batch)[1].double()
+            n += 1
         self.engine.train()
-        (val_loss,) = self._all_reduce_mean([sum(losses) / max(len(losses), 1)])
+        mean = (loss_sum / max(n, 1)).reshape(1)
+        val_loss = collectives.all_reduce(mean).item() / self.world
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     def _restore_expert_shards(self) -> None:
@@ -372,9 +422,10 @@ class Trainer:
         record: dict[str, Any] = {
             "kind": "train", "iteration": self.iteration, "tokens": self.consumed_samples * cfg.seq_len,
             "lm_loss": stats["lm_loss"], "lr": lr_at(self.iteration - 1, cfg),  # the LR this step used
-            "grad_norm": stats["grad_norm"], "tokens_per_s": tokens_per_s, "skipped": stats["skipped"],
+            "grad_norm": None if stats["grad_norm"] is None else float(stats["grad_norm"]),
+            "tokens_per_s": tokens_per_s, "skipped": stats["skipped"],
         }
-        if self.moe_names and stats["counts"] is not None:  # None when every micro-batch was skipped
+        if self.moe_names and stats["counts"] is not None:  # None when no micro-batch anywhere was finite
             record.update(aux_loss=stats["aux_loss"], z_loss=stats["z_loss"],
                           dropped_tokens=int(stats["dropped"].sum()),
                           expert_counts=stats["counts"].tolist())
@@ -422,7 +473,7 @@ class Trainer:
             if self.iteration % cfg.eval_interval == 0 and self.iteration != self.train_iters:
                 last_eval = self._eval_and_log()
                 last_log_time = time.perf_counter()
-            if self.preemption.any_rank():
+            if stats["stop"]:  # a signal on any rank, gathered by the step's all-reduce
                 preempted = True
                 if self.rank == 0:
                     bar.write(f"signal received: saving a checkpoint at iteration {self.iteration} and exiting")
