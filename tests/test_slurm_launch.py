@@ -59,3 +59,22 @@ def test_srun_one_task_per_rank_runs_the_trainer_directly(slurm_cluster: SlurmCl
     assert "WORLD INFO DICT" not in proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["model"] == "llama-tiny"
+
+
+def test_srun_one_task_per_rank_trains_vision_too(slurm_cluster: SlurmCluster, tmp_path: Path):
+    from PIL import Image
+
+    for split in ("train", "validation"):
+        for label, colour in (("a", (220, 20, 20)), ("b", (20, 20, 220))):
+            (tmp_path / "images" / split / label).mkdir(parents=True)
+            for k in range(4):
+                Image.new("RGB", (32, 32), colour).save(tmp_path / "images" / split / label / f"{k}.png")
+    out = tmp_path / "vision"
+    proc = slurm_cluster.run(["srun", "--nodes=1", "--ntasks=2", "--overcommit", "bash", "launch/train_vision.sh",
+                              "--config", "fashion_mnist_tiny", "--dataset", "folder",
+                              "--data-dir", str(tmp_path / "images"), "--micro-batch-size", "2",
+                              "--global-batch-size", "4", "--max-steps", "2", "--num-workers", "0", "--no-progress",
+                              "--no-tensorboard", "--output-dir", str(out)], timeout=300, cwd=REPO)
+    log = proc.stdout + proc.stderr
+    assert "WORLD INFO DICT" not in log and " 2 rank(s)" in log and " 1 rank(s)" not in log, log[-3000:]
+    assert json.loads((out / "final_metrics.json").read_text())["global_step"] == 2

@@ -37,6 +37,7 @@ import yaml
 import vision  # noqa: F401  (registers the ParameterNet models in timm)
 from llm.train import collectives
 from llm.train.shm import release_own_segment
+from llm.train.slurm import rank_env as slurm_rank_env
 from vision.checkpoint import (
     EMA_WEIGHTS,
     WEIGHTS,
@@ -89,7 +90,9 @@ def _free_port() -> int:
 
 
 def ensure_dist_env() -> None:
-    """A plain `python -m vision.train` is a world of one; DeepSpeed otherwise tries MPI discovery."""
+    """A plain `python -m vision.train` is a world of one; DeepSpeed otherwise tries MPI discovery. In an srun step
+    with one task per rank the ranks come from SLURM's task ids."""
+    os.environ.update(slurm_rank_env(os.environ))
     if "RANK" in os.environ:
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
