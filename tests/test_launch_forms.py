@@ -22,6 +22,7 @@ from tests.trainer_utils import (
     losses_by_iteration,
     read_log,
     spawn,
+    tiny_image_folder,
     wait_for_iteration,
 )
 
@@ -97,13 +98,7 @@ def test_two_nodes_without_ssh_expert_parallel_across_nodes_usr1_and_resume(tmp_
 def test_literal_deepspeed_form_of_the_vision_launcher(tmp_path):
     """launch/train_vision.sh is a bash/Python file too, on launch/common.sh: `deepspeed launch/train_vision.sh ...`
     runs vision.train on every rank."""
-    from PIL import Image
-
-    for split in ("train", "validation"):
-        for label, colour in (("a", (220, 20, 20)), ("b", (20, 20, 220))):
-            (tmp_path / "images" / split / label).mkdir(parents=True)
-            for k in range(4):
-                Image.new("RGB", (32, 32), colour).save(tmp_path / "images" / split / label / f"{k}.png")
+    tiny_image_folder(tmp_path / "images")
     out = tmp_path / "vision"
     log = _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train_vision.sh",
                 "--config", "fashion_mnist_tiny", "--dataset", "folder", "--data-dir", str(tmp_path / "images"),

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture, found by name)
-from tests.trainer_utils import REPO, free_port, kill_leftovers, track
+from tests.trainer_utils import REPO, free_port, kill_leftovers, tiny_image_folder, track
 
 pytestmark = pytest.mark.distributed
 
@@ -144,13 +144,7 @@ def sandbox(tmp_path_factory) -> Path:
         for path in plays:
             f.write(json.dumps({"text": Path(path).read_text(errors="replace")}) + "\n")
 
-    from PIL import Image
-
-    for split in ("train", "validation", "val"):
-        for label, colour in (("n01", (200, 30, 30)), ("n02", (30, 30, 200))):
-            (root / "imagenet" / split / label).mkdir(parents=True)
-            for k in range(2):
-                Image.new("RGB", (48, 48), colour).save(root / "imagenet" / split / label / f"{k}.png")
+    tiny_image_folder(root / "imagenet", splits=("train", "validation", "val"), per_class=2)
     return root
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from llm.train.checkpoint import complete_checkpoints
 from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture, found by name)
-from tests.trainer_utils import REPO, TINY_ARGS, losses_by_iteration, train_records
+from tests.trainer_utils import REPO, TINY_ARGS, losses_by_iteration, tiny_image_folder, train_records
 
 pytestmark = pytest.mark.distributed
 # The header asks for 8 GPUs and 64 CPUs per node; these nodes have one CPU and no GPU (the README's CPU form).
@@ -62,13 +62,7 @@ def test_srun_one_task_per_rank_runs_the_trainer_directly(slurm_cluster: SlurmCl
 
 
 def test_srun_one_task_per_rank_trains_vision_too(slurm_cluster: SlurmCluster, tmp_path: Path):
-    from PIL import Image
-
-    for split in ("train", "validation"):
-        for label, colour in (("a", (220, 20, 20)), ("b", (20, 20, 220))):
-            (tmp_path / "images" / split / label).mkdir(parents=True)
-            for k in range(4):
-                Image.new("RGB", (32, 32), colour).save(tmp_path / "images" / split / label / f"{k}.png")
+    tiny_image_folder(tmp_path / "images")
     out = tmp_path / "vision"
     proc = slurm_cluster.run(["srun", "--nodes=1", "--ntasks=2", "--overcommit", "bash", "launch/train_vision.sh",
                               "--config", "fashion_mnist_tiny", "--dataset", "folder",

@@ -113,3 +113,15 @@ def shm_segments(port: int) -> tuple[list[str], int]:
     named = sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}{os.getuid()}_*_{port}_*"))
     unlinked = [name for name, deleted in mapped_segments().items() if deleted and f"_{port}_" in name]
     return named, len(unlinked)
+
+
+def tiny_image_folder(root: Path, splits: tuple[str, ...] = ("train", "validation"), per_class: int = 4) -> Path:
+    """An ImageFolder tree of two solid-colour classes (32x32 PNGs): data for launch tests of the vision trainer."""
+    from PIL import Image
+
+    for split in splits:
+        for label, colour in (("a", (220, 20, 20)), ("b", (20, 20, 220))):
+            (root / split / label).mkdir(parents=True)
+            for k in range(per_class):
+                Image.new("RGB", (32, 32), colour).save(root / split / label / f"{k}.png")
+    return root
