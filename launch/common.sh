@@ -25,12 +25,11 @@ inside_launcher() {
 # Sets the array LAUNCHER to the DeepSpeed launcher command for this node (the user script and its arguments go
 # after it), from the variables above.
 deepspeed_launcher() {
-  if [ -n "${SLURM_STEP_ID:-}" ] && [ "${SLURM_STEP_NUM_NODES:-1}" -gt 1 ] && [ -z "${NNODES:-}" ]; then
-    # One srun task per node: rendezvous on the step's first node, on a port every node derives from the job id.
-    local hosts
-    hosts="$("$PY" -m llm.train.slurm hostnames "$SLURM_STEP_NODELIST")"
-    NNODES="$SLURM_STEP_NUM_NODES" NODE_RANK="$SLURM_NODEID" MASTER_ADDR="${hosts%%$'\n'*}"
-    MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+  if [ -n "${SLURM_STEP_ID:-}" ] && [ -z "${NNODES:-}" ]; then
+    # One srun task per node: NNODES, NODE_RANK and the rendezvous from the step (llm/train/slurm.py:node_env).
+    local line
+    while IFS= read -r line; do [ -z "$line" ] || declare -g "$line"; done \
+      < <("$PY" -m llm.train.slurm node-env)
   fi
   if [ -z "${NPROC:-}" ]; then
     NPROC=$("$PY" -c 'import torch; print(torch.cuda.device_count() or 1)' 2>/dev/null || echo 1)

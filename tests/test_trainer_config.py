@@ -12,7 +12,7 @@ import pytest
 from llm.train.config import CONFIG_DIR, TrainConfig, load_config
 from llm.train.ds_config import complete_ds_config
 from llm.train.optim import lr_at
-from llm.train.slurm import expand_nodelist, rank_env
+from llm.train.slurm import expand_nodelist, node_env, rank_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,6 +124,10 @@ def test_slurm_nodelist_and_rank_variables_of_a_task_per_rank_step():
     assert rank_env(step) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node07",
                               "MASTER_PORT": "24242"}
     assert rank_env({**step, "RANK": "0"}) == {}  # a launcher set the ranks already
+    # One launcher per node (launch/common.sh): the same rendezvous, node rank from SLURM_NODEID.
+    per_node = {**step, "SLURM_STEP_NUM_NODES": "4", "SLURM_NODEID": "2"}
+    assert node_env(per_node) == {"NNODES": "4", "NODE_RANK": "2", "MASTER_ADDR": "node07", "MASTER_PORT": "24242"}
+    assert node_env({**per_node, "NNODES": "1"}) == {} and node_env({**per_node, "SLURM_STEP_NUM_NODES": "1"}) == {}
     # The batch script and salloc shells are not job steps: their SLURM_NTASKS describe the allocation.
     assert rank_env({"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}) == {}
 
