@@ -1,11 +1,15 @@
 """Training checkpoint -> Hugging Face model directory (weights as safetensors, config, tokenizer).
 
-    python -m llm.export RUN_DIR_OR_CHECKPOINT OUT_DIR
+    python -m llm.export RUN_DIR_OR_CHECKPOINT OUT_DIR [--overwrite]
 
 Vanilla runs become a plain `LlamaForCausalLM` directory that needs no code of ours; ParameterNet runs carry
 `auto_map` and their self-contained code files (load with `trust_remote_code=True`). Every checkpoint our trainer
 writes holds the full weights gathered into `model.safetensors` (ZeRO-3 and expert-parallel runs included), so
 export reads no optimizer state and never unpickles anything.
+
+OUT_DIR must not exist yet (or be empty). An earlier export there (it holds `parameternet_export.json`, which lists
+its files) is replaced only with --overwrite; a directory with anything else in it, and a run or its checkpoints,
+never (llm.data.fsutil.claim_output).
 """
 
 from __future__ import annotations
@@ -36,34 +40,57 @@ def find_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: no complete checkpoint (a directory iter_NNNNNNN with {MANIFEST}) found")
 
 
+EXPORT_META = "parameternet_export.json"  # proves the directory is ours; names the checkpoint and its iteration
+TOOL = "llm.export"
+
+
+def claim_export_dir(out_dir: str | Path, overwrite: bool, flag: str = "OUT_DIR") -> bool:
+    """Refuse an output directory that export must not replace (see llm.data.fsutil.claim_output)."""
+    from llm.data.fsutil import claim_output
+
+    return claim_output(out_dir, overwrite=overwrite, flag=flag, tool=TOOL, proof=EXPORT_META)
+
+
 def write_hf_directory(model_config, state_dict: dict[str, torch.Tensor], tokenizer_dir: str | Path | None,
-                       out_dir: str | Path) -> Path:
+                       out_dir: str | Path, *, overwrite: bool = True, iteration: int | None = None,
+                       source: str | Path | None = None) -> Path:
     """Build the HF model from `model_config`, load `state_dict` strictly, save with its tokenizer. Written to a
-    temporary directory and renamed, so an existing good export is replaced only by a complete one."""
+    temporary directory and renamed, so an existing good export is replaced only by a complete one.
+
+    `overwrite=True` (what the trainer's RUN/hf needs on every publication) still replaces only an earlier export;
+    anything else at `out_dir` is refused before any work."""
     import llm.model  # noqa: F401  (registers ParameterNet for save_pretrained's auto_map)
+    from llm.data.fsutil import publish_dir, temp_dir_for, write_owner
     from llm.model import build_model
 
     out_dir = Path(out_dir)
+    claim_export_dir(out_dir, overwrite)
     with torch.device("meta"):
         model = build_model(model_config)
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.config.use_cache = True
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer_dir is not None:
-        from llm.data import load_tokenizer
+    tmp = temp_dir_for(out_dir)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer_dir is not None:
+            from llm.data import load_tokenizer
 
-        load_tokenizer(tokenizer_dir).save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+            load_tokenizer(tokenizer_dir).save_pretrained(tmp)
+        meta = {"iteration": iteration, "checkpoint": None if source is None else str(Path(source).resolve())}
+        write_owner(tmp, TOOL, EXPORT_META, meta)
+        publish_dir(tmp, out_dir)  # also gives every file the umask's mode (save_pretrained's weights are 0600)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out_dir
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None, *,
+                      overwrite: bool = False) -> Path:
+    """Export the newest complete checkpoint of `checkpoint` to `out_dir`; `overwrite` replaces an earlier export."""
     from llm.model.presets import config_from_dict, load_model_config
 
+    claim_export_dir(out_dir, overwrite)  # before reading gigabytes of weights
     ckpt = find_checkpoint(checkpoint)
     manifest = json.loads((ckpt / "complete.json").read_text())
     weights = ckpt / "model.safetensors"
@@ -78,17 +105,20 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir
     if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
         raise FileNotFoundError(f"{ckpt}: its tokenizer directory {tokenizer_dir!r} does not exist; "
                                 f"pass --tokenizer DIR")
-    return write_hf_directory(model_config, load_file(str(weights)), tokenizer_dir, out_dir)
+    return write_hf_directory(model_config, load_file(str(weights)), tokenizer_dir, out_dir, overwrite=overwrite,
+                              iteration=manifest.get("iteration"), source=ckpt)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="run directory, its checkpoints/ directory, or one iter_NNNNNNN directory")
-    parser.add_argument("out_dir")
+    parser.add_argument("out_dir", help="a directory that does not exist yet (or is empty)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR if it holds an earlier export (never anything else)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the run used)")
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out_dir, args.tokenizer)
+        out = export_checkpoint(args.checkpoint, args.out_dir, args.tokenizer, overwrite=args.overwrite)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -101,7 +101,7 @@ def test_interrupted_run_leaves_no_half_shard(tmp_path: Path, tokenizer_dir: Pat
     monkeypatch.setattr(prepare_module, "_WRITE_BATCH", 8)
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus([tmp_path / "c.jsonl"], tokenizer_dir, tmp_path / "out" / "c", num_proc=1,
-                       show_progress=False)
+                       show_progress=False, overwrite=True)
     assert calls["n"] == 2
     # The previous complete shard is untouched and nothing else (no temp file, no scratch dir) remains.
     assert (Path(f"{old}.bin").read_bytes(), Path(f"{old}.idx").read_bytes()) == old_bytes

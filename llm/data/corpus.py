@@ -22,7 +22,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llm.data.fsutil import file_lock, temp_path_for
+from llm.data.fsutil import file_lock, write_text_atomic
 
 DATA_DIR_ENV = "PNET_DATA_DIR"
 CORPUS_NAME = "shakespeare"
@@ -120,10 +120,11 @@ def _build(corpus_dir: Path, files: list[Path], vocab_size: int, expected: dict)
 
     train_start, train_end = split_ranges(len(files), DEFAULT_SPLIT)[0]
     tokenizer_dir = corpus_dir / f"tokenizer-{vocab_size}"
-    train_tokenizer(files[train_start:train_end], vocab_size, tokenizer_dir)
+    # A stale build (another corpus version) is replaced; claim_output still refuses anything that is not ours.
+    train_tokenizer(files[train_start:train_end], vocab_size, tokenizer_dir, overwrite=True)
     prefix = corpus_dir / f"{CORPUS_NAME}-{vocab_size}"
     stats = prepare_corpus_with_stats(files, tokenizer_dir, prefix, num_proc=2, text_unit="document",
-                                      show_progress=False)
+                                      show_progress=False, overwrite=True)
     manifest = expected | {
         "tokenizer_dir": tokenizer_dir.name,
         "prefix": prefix.name,
@@ -131,10 +132,8 @@ def _build(corpus_dir: Path, files: list[Path], vocab_size: int, expected: dict)
         "num_tokens": stats.tokens,
         "documents": [f.name for f in files],
     }
-    path = _manifest_path(corpus_dir, vocab_size)
-    tmp = temp_path_for(path)
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(path)  # written last: its presence means tokenizer and shards are complete
+    # Written last: its presence means tokenizer and shards are complete.
+    write_text_atomic(_manifest_path(corpus_dir, vocab_size), json.dumps(manifest, indent=2) + "\n")
     return DefaultCorpus(tokenizer_dir, str(prefix), vocab_size, DEFAULT_SPLIT, stats.documents, stats.tokens)
 
 

@@ -1,11 +1,14 @@
 """Corpus -> token shards in the Megatron indexed format.
 
     python -m llm.data.prepare --input 'my/*.jsonl' --tokenizer DIR --output-prefix out/my_corpus [--num-proc 2]
+                               [--overwrite]
 
 Reads local text / JSONL / parquet / arrow files (or a `save_to_disk` folder, or a hub dataset with `--dataset`)
 through the `datasets` library, tokenizes in `num_proc` processes, writes every non-empty document as
 `<s> tokens </s>` (one sequence per document) and publishes `out/my_corpus.bin` + `.idx` only when complete.
 Plain-text files are one document each by default (`--text-unit paragraph|line` to cut them finer).
+Inputs and output are checked before anything is created; an existing shard at the prefix is replaced only with
+--overwrite and only when its `PREFIX.json` shows that prepare wrote it (llm.data.fsutil.claim_output).
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from llm.data.fsutil import temp_path_for
-from llm.data.indexed_dataset import IndexedDatasetBuilder, dtype_for_vocab, split_prefix
+from llm.data.fsutil import claim_output, created_dirs_removed_on_error, read_owner, write_text_atomic
+from llm.data.indexed_dataset import IndexedDatasetBuilder, data_path, dtype_for_vocab, index_path, split_prefix
+
+TOOL = "llm.data.prepare"
+SHARD_FORMAT = "Megatron indexed dataset (MMIDIDX v1), one sequence per document"
 
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 FORMAT_OF_SUFFIX = {
@@ -80,6 +86,32 @@ def _format_of(path: Path) -> str:
     return fmt
 
 
+def check_local_inputs(inputs: Sequence[str | Path], text_unit: str = "document") -> tuple[list[Path], str]:
+    """The input files (globs expanded) and their one format; raises before anything is read or written."""
+    paths = resolve_inputs(inputs)
+    formats = {_format_of(p) for p in paths}
+    if len(formats) != 1:
+        raise ValueError(f"inputs mix formats {sorted(formats)}; prepare each format into its own shard prefix "
+                         f"and blend them at training time")
+    if text_unit not in TEXT_UNITS:
+        raise ValueError(f"text_unit={text_unit!r}; use one of {TEXT_UNITS}")
+    return paths, formats.pop()
+
+
+def sidecar_path(prefix: str | Path) -> Path:
+    return Path(f"{split_prefix(prefix)}.json")
+
+
+def claim_shard(prefix: str, overwrite: bool) -> bool:
+    """Refuse a prefix whose files prepare must not replace (llm.data.fsutil.claim_output); True if it replaces."""
+    sidecar = read_owner(sidecar_path(prefix))
+    # Sidecars written before "written_by" existed carry the format line, which no corpus file has.
+    ours = sidecar is not None and (sidecar.get("written_by") == TOOL or sidecar.get("format") == SHARD_FORMAT)
+    files = [data_path(prefix), index_path(prefix), sidecar_path(prefix)]
+    return claim_output(prefix, overwrite=overwrite, flag="--output-prefix", tool=TOOL, proof=sidecar_path(prefix),
+                        files=files, owned=ours)
+
+
 def load_corpus(
     inputs: Sequence[str | Path] = (),
     *,
@@ -102,14 +134,7 @@ def load_corpus(
             raise ValueError(f"could not load hub dataset {dataset_name!r} (config {dataset_config!r}, split "
                              f"{dataset_split!r}): {err}. Offline? Download it once, or pass local files") from err
     else:
-        paths = resolve_inputs(inputs)
-        formats = {_format_of(p) for p in paths}
-        if len(formats) != 1:
-            raise ValueError(f"inputs mix formats {sorted(formats)}; prepare each format into its own shard prefix "
-                             f"and blend them at training time")
-        (fmt,) = formats
-        if text_unit not in TEXT_UNITS:
-            raise ValueError(f"text_unit={text_unit!r}; use one of {TEXT_UNITS}")
+        paths, fmt = check_local_inputs(inputs, text_unit)
         if fmt == "save_to_disk":
             loaded = [datasets.load_from_disk(str(p)) for p in paths]
             if any(isinstance(d, datasets.DatasetDict) for d in loaded):
@@ -223,6 +248,7 @@ def prepare_corpus_with_stats(
     dataset_split: str = "train",
     batch_size: int = 16,
     show_progress: bool = True,
+    overwrite: bool = False,
 ) -> PrepareStats:
     import datasets
     from tqdm.auto import tqdm
@@ -230,18 +256,25 @@ def prepare_corpus_with_stats(
     if num_proc < 1:
         raise ValueError(f"num_proc={num_proc}; it must be >= 1")
     started = time.perf_counter()
+    # Everything that can be checked is checked before the first directory or file is created.
+    prefix = split_prefix(output_prefix)
+    claim_shard(prefix, overwrite)
     vocab_size, bos_id, eos_id = tokenizer_info(tokenizer_dir)
+    if dataset_name is None:
+        check_local_inputs(inputs, text_unit)
+    elif inputs:
+        raise ValueError("pass either --input files or --dataset NAME, not both")
     if append_eos and eos_id is None:
         raise ValueError(f"tokenizer {tokenizer_dir} has no EOS token; pass append_eos=False (--no-eos)")
     if prepend_bos and bos_id is None:
         raise ValueError(f"tokenizer {tokenizer_dir} has no BOS token; pass prepend_bos=False (--no-bos)")
-    prefix = split_prefix(output_prefix)
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     if not show_progress:
         datasets.disable_progress_bars()
     # Local files are converted to arrow in a private scratch folder (removed afterwards) rather than the user's
     # HF cache: no stale cache entries, and two concurrent runs never share one.
-    with tempfile.TemporaryDirectory(prefix=".prepare-", dir=Path(prefix).parent) as scratch:
+    # A failure below removes the directories created for the shard, so a refused corpus leaves nothing behind.
+    with created_dirs_removed_on_error(Path(prefix).parent), \
+            tempfile.TemporaryDirectory(prefix=".prepare-", dir=Path(prefix).parent) as scratch:
         corpus = load_corpus(
             inputs, text_key=text_key, text_unit=text_unit, dataset_name=dataset_name,
             dataset_config=dataset_config, dataset_split=dataset_split,
@@ -292,16 +325,13 @@ def prepare_corpus_with_stats(
 
 def _write_sidecar(prefix: str, stats: PrepareStats, tokenizer_dir, inputs, dataset_name) -> None:
     """`prefix.json`: which tokenizer and inputs produced the shard (for humans; loaders do not need it)."""
-    meta = asdict(stats) | {
+    meta = {"written_by": TOOL} | asdict(stats) | {
         "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
         "inputs": [str(p) for p in inputs] if inputs else [],
         "dataset": dataset_name,
-        "format": "Megatron indexed dataset (MMIDIDX v1), one sequence per document",
+        "format": SHARD_FORMAT,
     }
-    path = Path(f"{prefix}.json")
-    tmp = temp_path_for(path)
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(sidecar_path(prefix), json.dumps(meta, indent=2) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -318,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="for plain-text files: one document per file, per paragraph or per line")
     parser.add_argument("--no-bos", action="store_true", help="do not prepend <s> to each document")
     parser.add_argument("--no-eos", action="store_true", help="do not append </s> to each document")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the shard at --output-prefix if prepare wrote it (never other files)")
     args = parser.parse_args(argv)
     if not args.input and not args.dataset:
         parser.error("pass --input FILES or --dataset NAME")
@@ -326,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.input, args.tokenizer, args.output_prefix, num_proc=args.num_proc, text_key=args.text_key,
             text_unit=args.text_unit, prepend_bos=not args.no_bos, append_eos=not args.no_eos,
             dataset_name=args.dataset, dataset_config=args.dataset_config, dataset_split=args.dataset_split,
+            overwrite=args.overwrite,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """LLaMA-style sentencepiece tokenizers, exported as Hugging Face tokenizer directories.
 
-`python -m llm.data.tokenizer train --input FILES --vocab-size N --out DIR`
+`python -m llm.data.tokenizer train --input FILES --vocab-size N --out DIR [--overwrite]`
 
 What the directory holds and why:
 - `tokenizer.model`: the sentencepiece model (BPE, byte fallback, ids unk 0 / bos 1 / eos 2). It is the reference:
@@ -15,6 +15,13 @@ What the directory holds and why:
   pad = `<unk>` (id 0): byte fallback means sentencepiece never emits `<unk>` for real text, so padding can never be
   confused with data (pad = eos would be, since every document ends with eos). Padding side is left, what batched
   generation with a causal LM needs.
+- `parameternet_tokenizer.json`: vocabulary size, inputs, ids; it also proves the directory is ours, so `--overwrite`
+  may replace it (never a directory with other files, see llm.data.fsutil.claim_output).
+
+Vocabulary size: byte fallback reserves 259 ids (3 specials + 256 bytes) and every distinct character that
+`character_coverage` keeps needs one more, so the least size depends on the text: 327 for the Shakespeare corpus
+(68 characters), far more for Chinese or Japanese text. A model wants merges on top: thousands (8000 for the tiny
+presets, 32000 for LLaMA).
 """
 
 from __future__ import annotations
@@ -22,19 +29,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from llm.data.fsutil import publish_dir, temp_dir_for
+from llm.data.fsutil import claim_output, publish_dir, temp_dir_for
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
-# 3 special ids + 256 byte-fallback ids are always in the vocabulary; below this the trainer fails.
-MIN_VOCAB_SIZE = 3 + 256 + 1
+RESERVED_IDS = 3 + 256  # 3 special ids + 256 byte-fallback ids are always in the vocabulary
+# The least size that trained on the Shakespeare corpus (68 distinct characters, each needs an id too); real text
+# in a Latin script needs about as many, so the up-front advice names it. sentencepiece's own count for the given
+# text is reported when it refuses (see _vocab_error).
+SHAKESPEARE_MIN_VOCAB_SIZE = 327
 PLAIN_TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 META_FILE = "parameternet_tokenizer.json"
+TOOL = "llm.data.tokenizer"
+_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+_TOO_LARGE = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 
 
 def _check_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -69,28 +83,31 @@ def train_tokenizer(
     input_sentence_size: int = 10_000_000,
     num_threads: int | None = None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Train a LLaMA-style sentencepiece tokenizer on `inputs` and write an HF tokenizer directory to `out_dir`.
 
     Plain-text files are read line by line by sentencepiece; JSONL/parquet/arrow inputs through `datasets`
-    (field `text_key`). The directory is built under a temporary name and renamed when complete.
+    (field `text_key`). The directory is built under a temporary name and renamed when complete. An existing
+    non-empty `out_dir` is refused, except an earlier tokenizer of ours with `overwrite=True`.
     """
     import sentencepiece as spm
 
     paths = _check_inputs(inputs)
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type={model_type!r} is not supported; use 'bpe' (LLaMA) or 'unigram'")
-    if vocab_size < MIN_VOCAB_SIZE:
+    if vocab_size <= RESERVED_IDS:
         raise ValueError(
-            f"vocab_size={vocab_size} is too small: byte fallback reserves 259 ids (3 specials + 256 bytes); "
-            f"use at least {MIN_VOCAB_SIZE} (LLaMA uses 32000)"
+            f"vocab_size={vocab_size} is too small: byte fallback reserves {RESERVED_IDS} ids (3 specials + 256 "
+            f"bytes) and every distinct character of the text needs one more ({SHAKESPEARE_MIN_VOCAB_SIZE} in all for "
+            f"English text such as Shakespeare); use a few thousand (8000 for the tiny presets, LLaMA uses 32000)"
         )
     plain = all(p.is_file() and p.suffix.lower() in PLAIN_TEXT_SUFFIXES for p in paths)
     if plain and sum(p.stat().st_size for p in paths) == 0:
         raise ValueError(f"tokenizer inputs are empty: {', '.join(map(str, paths))}")
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    claim_output(out_dir, overwrite=overwrite, flag="--out", tool=TOOL, proof=META_FILE)
     tmp_dir = temp_dir_for(out_dir)
     try:
         options = dict(
@@ -126,16 +143,17 @@ def train_tokenizer(
                     raise ValueError(f"tokenizer inputs hold no text in field {text_key!r}: {paths}")
                 spm.SentencePieceTrainer.train(sentence_iterator=_chain(first, lines), **options)
         except RuntimeError as err:
-            # sentencepiece reports e.g. "Vocabulary size too high (8000). Please set it to a value <= 5000."
-            raise ValueError(f"sentencepiece could not train on {', '.join(map(str, paths))}: {err}") from err
+            raise _vocab_error(err, paths) from err
         (tmp_dir / "tokenizer.vocab").unlink(missing_ok=True)  # a human-readable copy of the vocabulary; unused
         export_hf_tokenizer(tmp_dir)
         meta = {
+            "written_by": TOOL,
             "vocab_size": vocab_size,
             "model_type": model_type,
             "inputs": [str(p) for p in paths],
             "special_ids": {"unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID, "pad": UNK_ID},
             "sentencepiece_version": spm.__version__,
+            "files": sorted(p.name for p in tmp_dir.iterdir()),
         }
         (tmp_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         publish_dir(tmp_dir, out_dir)
@@ -143,6 +161,27 @@ def train_tokenizer(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return out_dir
+
+
+def _vocab_error(err: RuntimeError, paths: list[Path]) -> ValueError:
+    """sentencepiece's refusals, as advice in our terms (its own text names internal fields)."""
+    inputs = ", ".join(map(str, paths))
+    small = _TOO_SMALL.search(str(err))
+    if small:
+        given, needed = small.groups()
+        return ValueError(
+            f"vocab_size={given} is too small for {inputs}: {RESERVED_IDS} ids are reserved (3 specials + 256 bytes) "
+            f"and each of its {int(needed) - RESERVED_IDS} distinct characters needs one; use at least {needed} "
+            f"(a few thousand for a useful model: 8000 for the tiny presets, LLaMA uses 32000)"
+        )
+    large = _TOO_LARGE.search(str(err))
+    if large:
+        given, most = large.groups()
+        return ValueError(
+            f"vocab_size={given} is too large for {inputs}: this much text allows a vocabulary size of at "
+            f"most {most}; use --vocab-size {most} or less, or give more text"
+        )
+    return ValueError(f"sentencepiece could not train on {inputs}: {err}")
 
 
 def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
@@ -203,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     train = sub.add_parser("train", help="train a sentencepiece BPE and write an HF tokenizer directory")
     train.add_argument("--input", nargs="+", required=True, help="text files (one sentence per line) or JSONL")
     train.add_argument("--vocab-size", type=int, required=True, help="e.g. 8000 (tiny presets) or 32000 (1B)")
-    train.add_argument("--out", required=True, help="output directory")
+    train.add_argument("--out", required=True, help="output directory (must not exist yet, or be empty)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace --out if it holds an earlier tokenizer of ours (never anything else)")
     train.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     train.add_argument("--text-key", default="text", help="field holding the text in JSONL/parquet inputs")
     train.add_argument("--input-sentence-size", type=int, default=10_000_000, help="lines sampled for training")
@@ -216,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_type=args.model_type,
             text_key=args.text_key,
             input_sentence_size=args.input_sentence_size,
+            overwrite=args.overwrite,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
