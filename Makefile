@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run test test-all clean-venv
+.PHONY: install run test test-all test-gpu clean-venv
 
 $(STAMP): pyproject.toml constraints.txt requirements-data.txt scripts/install_system_data.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The GPU tests (tests/gpu): skipped, with the reason, on a machine without CUDA. On a GPU machine without registry
+# access, benchmarks/gpu_suite.sh runs them with the system python instead.
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m gpu -q tests/gpu
 
 clean-venv:
 	rm -rf $(VENV)
