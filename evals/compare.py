@@ -5,6 +5,9 @@
 Each RUN is a run directory, or a directory of run directories that differ only in the seed (one column, reported
 as mean +- standard deviation over seeds). The first RUN is the baseline: every other column gets a delta against it.
 Writes report.md, results.json, accuracy.png and loss.png to --out, and prints the accuracy table.
+Each run contributes the evaluation (of those kept in RUN/eval/results/, see evals.results) whose task set and limit
+every run shares, the largest such, at the run's latest evaluated step. --out is replaced only when it holds an
+earlier report (parameternet_compare.json lists its files), never another directory.
 """
 
 from __future__ import annotations
@@ -12,17 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from evals.results import TaskScore, load_results, task_scores, write_text_atomic
+from evals.results import Evaluation, TaskScore, best, load_evaluations, task_scores
 from evals.runs import Run, RunGroup, load_group
+from llm.data.fsutil import claim_output, publish_dir, temp_dir_for, write_owner, write_text_atomic
 from evals.zero_shot import parse_batch_size
 
 AVERAGE = "Average"
+TOOL = "evals.compare"
+REPORT_META = "parameternet_compare.json"  # proves --out holds our report (and lists its files)
 
 
 @dataclass(frozen=True)
@@ -50,27 +57,66 @@ class GroupScores:
     per_seed: list[dict[str, float]]  # raw accuracies per seed, per task
 
 
-def _scores_of(run: Run) -> list[TaskScore]:
-    return task_scores(load_results(run.results_path), str(run.results_path))
+Chosen = dict[Path, Evaluation]  # run directory -> the evaluation reported for it
 
 
-def check_comparable(groups: list[RunGroup]) -> tuple[list[str], Any]:
-    """The common task list and limit; refuses runs evaluated on different tasks or document counts."""
+def _scores_of(run: Run, chosen: Chosen) -> list[TaskScore]:
+    evaluation = chosen[run.path]
+    return task_scores(evaluation.results, str(evaluation.path))
+
+
+def _limit_order(limit: float | None) -> float:
+    return math.inf if limit is None else limit
+
+
+def choose_evaluations(groups: list[RunGroup]) -> Chosen:
+    """For every run, the evaluation to report: of the (tasks, limit) pairs that every run was evaluated on, the one
+    with the most tasks, then the largest limit; of a run's evaluations with that pair, the latest step (then the
+    newest). A quick check on a few tasks therefore never displaces the suite."""
+    runs = [run for group in groups for run in group.runs]
+    if not runs:
+        raise ValueError("no runs to compare")
+    found = {run.path: load_evaluations(run.eval_dir) for run in runs}
+    for run in runs:
+        if not found[run.path]:
+            raise FileNotFoundError(f"{run.path} has not been evaluated (no {run.results_path}); run "
+                                    f"`python -m evals.zero_shot --model {run.path}` first, or pass --evaluate")
+    ref = runs[0]
+    common = {(e.tasks, e.limit) for e in found[ref.path]}
+    for run in runs[1:]:
+        mine = {(e.tasks, e.limit) for e in found[run.path]}
+        if not common & mine:
+            a, b = best(found[run.path]), best(found[ref.path])
+            if {e.tasks for e in found[run.path]} & {e.tasks for e in found[ref.path]}:
+                raise ValueError(
+                    f"{run.path} was evaluated with limit={a.limit} but {ref.path} with limit={b.limit} on the same "
+                    f"tasks; evaluate all runs with the same --limit"
+                )
+            raise ValueError(
+                f"{run.path} was evaluated on tasks {sorted(a.tasks)} but {ref.path} on {sorted(b.tasks)}; "
+                "evaluate all runs on the same --tasks"
+            )
+        common &= mine
+    pair = max(common, key=lambda p: (len(p[0]), _limit_order(p[1])))
+    chosen = {}
+    for path, evaluations in found.items():
+        matching = [e for e in evaluations if (e.tasks, e.limit) == pair]
+        chosen[path] = max(matching, key=lambda e: (-1 if e.step is None else e.step, e.evaluated_at))
+    return chosen
+
+
+def check_comparable(groups: list[RunGroup], chosen: Chosen) -> tuple[list[str], Any]:
+    """The common task list and limit; refuses runs whose chosen evaluations counted different documents."""
     reference: tuple[Run, dict[str, int], Any] | None = None
     for group in groups:
         for run in group.runs:
-            results = load_results(run.results_path)
-            samples = {s.name: s.samples for s in task_scores(results, str(run.results_path))}
-            limit = results.get("config", {}).get("limit")
+            evaluation = chosen[run.path]
+            samples = {s.name: s.samples for s in _scores_of(run, chosen)}
+            limit = evaluation.results.get("config", {}).get("limit")
             if reference is None:
                 reference = (run, samples, limit)
                 continue
             ref_run, ref_samples, ref_limit = reference
-            if set(samples) != set(ref_samples):
-                raise ValueError(
-                    f"{run.path} was evaluated on tasks {sorted(samples)} but {ref_run.path} on {sorted(ref_samples)}; "
-                    "evaluate all runs on the same --tasks"
-                )
             if samples != ref_samples or limit != ref_limit:
                 raise ValueError(
                     f"{run.path} was evaluated with limit={limit} ({samples}) but {ref_run.path} with "
@@ -78,18 +124,18 @@ def check_comparable(groups: list[RunGroup]) -> tuple[list[str], Any]:
                 )
     if reference is None:
         raise ValueError("no runs to compare")
-    names = [s.name for s in _scores_of(reference[0])]
+    names = [s.name for s in _scores_of(reference[0], chosen)]
     if not names:
-        raise ValueError(f"{reference[0].results_path} holds no accuracy metric (acc / acc_norm)")
+        raise ValueError(f"{chosen[reference[0].path].path} holds no accuracy metric (acc / acc_norm)")
     return names, reference[2]
 
 
-def group_scores(group: RunGroup, tasks: list[str]) -> GroupScores:
+def group_scores(group: RunGroup, tasks: list[str], chosen: Chosen) -> GroupScores:
     per_seed: list[dict[str, float]] = []
     stderrs: dict[str, float | None] = {}
     metrics: dict[str, str] = {}
     for run in group.runs:
-        scores = {s.name: s for s in _scores_of(run)}
+        scores = {s.name: s for s in _scores_of(run, chosen)}
         row = {name: scores[name].value for name in tasks}
         row[AVERAGE] = statistics.fmean(row[name] for name in tasks)
         per_seed.append(row)
@@ -209,8 +255,9 @@ def build_report(groups: list[RunGroup], out_dir: Path) -> tuple[str, str, dict[
     """(full markdown report, accuracy table, results.json content); also draws the two PNGs into out_dir."""
     from evals.plots import plot_accuracy, plot_losses
 
-    tasks, limit = check_comparable(groups)
-    scores = [group_scores(group, tasks) for group in groups]
+    chosen = choose_evaluations(groups)
+    tasks, limit = check_comparable(groups, chosen)
+    scores = [group_scores(group, tasks, chosen) for group in groups]
     rows = model_rows(groups)
     table = accuracy_table(scores, tasks)
     n_seeds = {len(g.runs) for g in groups}
@@ -223,7 +270,6 @@ def build_report(groups: list[RunGroup], out_dir: Path) -> tuple[str, str, dict[
         "(lm-eval's stderr, taken as independent: conservative, both models saw the same documents); use --seeds N "
         "to measure seed-to-seed noise"
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
     plot_accuracy(scores, tasks, out_dir / "accuracy.png")
     plot_losses(groups, out_dir / "loss.png")
     report = "\n".join(
@@ -258,6 +304,7 @@ def build_report(groups: list[RunGroup], out_dir: Path) -> tuple[str, str, dict[
                 "label": s.label,
                 "path": str(g.path),
                 "runs": [str(r.path) for r in g.runs],
+                "evaluations": [str(chosen[r.path].path) for r in g.runs],
                 "metrics": s.metrics,
                 "accuracy": {name: asdict(stat) for name, stat in s.per_task.items()},
                 "accuracy_per_seed": s.per_seed,
@@ -292,9 +339,12 @@ def compare(
     for group in groups:
         if seen[group.label] > 1 and labels is None:
             group.label = f"{group.path.parent.name}/{group.path.name}"
+    out = Path(out_dir) if out_dir is not None else groups[0].path.parent / "compare"
+    # The report is a view of runs that stay on disk: an earlier report of ours is replaced, anything else refused.
+    claim_output(out, overwrite=True, flag="--out", tool=TOOL, proof=REPORT_META)
     for group in groups:
         for run in group.runs:
-            if run.results_path.is_file():
+            if load_evaluations(run.eval_dir):
                 continue
             if not evaluate:
                 raise FileNotFoundError(
@@ -303,11 +353,18 @@ def compare(
                 )
             from evals.zero_shot import run_zero_shot
 
-            run_zero_shot(run.path, output_dir=run.results_path.parent, **(eval_kwargs or {}))
-    out = Path(out_dir) if out_dir is not None else groups[0].path.parent / "compare"
-    report, table, data = build_report(groups, out)
-    write_text_atomic(out / "report.md", report)
-    write_text_atomic(out / "results.json", json.dumps(data, indent=2) + "\n")
+            run_zero_shot(run.path, output_dir=run.eval_dir, **(eval_kwargs or {}))
+    choose_evaluations(groups)  # refuses incomparable runs before anything is created
+    tmp = temp_dir_for(out)
+    try:
+        report, table, data = build_report(groups, tmp)
+        write_text_atomic(tmp / "report.md", report)
+        write_text_atomic(tmp / "results.json", json.dumps(data, indent=2) + "\n")
+        write_owner(tmp, TOOL, REPORT_META)
+        publish_dir(tmp, out)  # also gives the plots the umask's mode
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out, table
 
 

@@ -2,7 +2,8 @@
 
 A run directory RUN/ holds `config.yaml` (resolved training config), `metrics.jsonl` (train and valid lines),
 `summary.json` (parameters, FLOPs per token, final validation loss), `hf/` (the exported model) and, once evaluated,
-`eval/results.json` (lm-eval's results, written by `python -m evals.zero_shot --model RUN`).
+`eval/results/*.json` (every lm-eval evaluation, written by `python -m evals.zero_shot --model RUN`) with
+`eval/results.json`, the headline one (see evals.results).
 A directory whose subdirectories are run directories (e.g. OUT/parameternet/seed1, seed2, ...) is one group: the same
 configuration repeated with several seeds, reported as mean and standard deviation.
 """
@@ -30,7 +31,12 @@ class Run:
 
     @property
     def results_path(self) -> Path:
+        """The headline evaluation; all of them are in `eval_dir` (evals.results.load_evaluations)."""
         return self.path / RESULTS_PATH
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.results_path.parent
 
     @property
     def seed(self) -> int | None:

@@ -5,8 +5,9 @@
 Runs `lm_eval.simple_evaluate` with lm-eval's `hf` model on a Hugging Face directory. A path without config.json is
 taken for a training run or checkpoint: `RUN/hf/` is used when present, otherwise it is exported with
 `llm.export.export_checkpoint`. Offline (`--offline`, HF_HUB_OFFLINE=1, or no route to huggingface.co), the tasks
-are the offline twins in evals/tasks/; online, lm-eval's official tasks. Writes lm-eval's results JSON
-(`results.json`) and a markdown table (`results.md`) to --output_dir.
+are the offline twins in evals/tasks/; online, lm-eval's official tasks. Every evaluation is kept in
+--output_dir/results/<step>_<tasks>_<limit>.json (+ .md, lm-eval's JSON and a markdown table); --output_dir/results.json
+(+ .md) is the headline evaluation, the one covering the most tasks and documents of the latest step (evals.results).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evals.results import summary_markdown, task_scores, write_text_atomic
+from evals.results import check_eval_dir, store_evaluation, summary_markdown, task_scores
 from evals.suite import TASKS_DIR, canonical_name, enter_offline_mode, hub_reachable, resolve_tasks
 
 log = logging.getLogger("evals.zero_shot")
@@ -31,9 +32,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 @dataclass(frozen=True)
 class ZeroShotOutput:
     results: dict[str, Any]
-    results_json: Path
+    results_json: Path  # this evaluation, in the store
     results_md: Path
     model_dir: Path
+    headline_json: Path  # OUT/results.json: the best evaluation kept so far (maybe another one)
 
 
 def default_output_dir(model: Path) -> Path:
@@ -71,7 +73,24 @@ def resolve_model_dir(model: Path, export_dir: Path) -> Path:
             f"`llm.export` cannot be imported ({exc}); export it to a Hugging Face directory first"
         ) from exc
     log.info("exporting checkpoint %s -> %s", model, export_dir)
-    return Path(export_checkpoint(model, export_dir))
+    # export_dir is this evaluation's own cache: an earlier export there is replaced, anything else refused.
+    return Path(export_checkpoint(model, export_dir, overwrite=True))
+
+
+def model_step(model: Path, model_dir: Path) -> int | None:
+    """The training iteration of the weights in `model_dir`: from our export's record, the checkpoint's manifest,
+    or the run's summary.json; None for a model we did not train."""
+    from llm.export import EXPORT_META
+
+    for path, key in ((model_dir / EXPORT_META, "iteration"), (model / "complete.json", "iteration"),
+                      ((model.parent if model.name == "hf" else model) / "summary.json", "iterations")):
+        try:
+            value = json.loads(path.read_text(encoding="utf-8")).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def check_tokenizer(model_dir: Path, tokenizer: Path | None) -> None:
@@ -122,6 +141,7 @@ def run_zero_shot(
     if offline:
         enter_offline_mode()
     out_dir = Path(output_dir) if output_dir is not None else default_output_dir(model)
+    check_eval_dir(out_dir)
     model_dir = resolve_model_dir(model, out_dir / "hf")
     tok_dir = Path(tokenizer) if tokenizer is not None else None
     check_tokenizer(model_dir, tok_dir)
@@ -130,7 +150,7 @@ def run_zero_shot(
     import lm_eval
     import torch
     from lm_eval.tasks import TaskManager
-    from lm_eval.utils import handle_non_serializable, make_table
+    from lm_eval.utils import make_table
 
     logging.getLogger("lm_eval.api.task").addFilter(_DropCustomDatasetNotice())
     # Offline, lm-eval's 14,000 built-in task configs need not be indexed (8 s): only ours can run anyway.
@@ -165,6 +185,7 @@ def run_zero_shot(
     results["evals"] = {
         "model": str(model),
         "model_dir": str(model_dir),
+        "step": model_step(model, model_dir),
         "offline": offline,
         "benchmarks": {task: canonical_name(task) for task in task_names},
     }
@@ -184,11 +205,11 @@ def run_zero_shot(
             make_table(results),
         ]
     )
-    results_json = out_dir / "results.json"
-    results_md = out_dir / "results.md"
-    write_text_atomic(results_json, json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
-    write_text_atomic(results_md, table)
-    return ZeroShotOutput(results, results_json, results_md, model_dir)
+    stored, headline = store_evaluation(out_dir, results, table)
+    if headline.key != stored.key:
+        log.info("kept %s; the headline %s stays %s (%s)", stored.path, out_dir / "results.json", headline.path.name,
+                 headline.describe())
+    return ZeroShotOutput(results, stored.path, stored.path.with_suffix(".md"), model_dir, out_dir / "results.json")
 
 
 def parse_batch_size(text: str) -> int | str:
@@ -245,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(summary_markdown(task_scores(out.results)))
-    print(f"wrote {out.results_json} and {out.results_md}")
+    print(f"wrote {out.results_json} and {out.results_md}; headline: {out.headline_json}")
     return 0
 
 

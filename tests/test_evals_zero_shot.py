@@ -117,7 +117,9 @@ def test_offline_suite_on_both_models(runs: dict[str, Path], evaluated: dict[str
     expected = {b.offline_task for b in LLAMA_ZERO_SHOT}
     for name, out in evaluated.items():
         assert out.model_dir == runs[name] / "hf"
-        assert out.results_json == runs[name] / "eval" / "results.json"
+        assert out.results_json.parent == runs[name] / "eval" / "results"  # every evaluation is kept there
+        assert out.headline_json == runs[name] / "eval" / "results.json"  # the only one so far is the headline
+        assert out.headline_json.read_bytes() == out.results_json.read_bytes()
         saved = json.loads(out.results_json.read_text())
         assert set(saved["results"]) == expected
         assert {t: n["effective"] for t, n in saved["n-samples"].items()} == {t: LIMIT for t in expected}
