@@ -3,6 +3,9 @@ the coefficient of variation of the expert counts over time, from a run's metric
 
     python -m llm.plot_routing RUN_DIR [--out PNG]
 
+The PNG is a view of metrics.jsonl, so an earlier plot of ours at --out (its PNG text names this tool) is replaced;
+any other file there never is (llm.data.fsutil.claim_output).
+
 The trainer's train records carry `"expert_counts": [[E ints] per MoE layer]` and `moe/<layer>/...` keys that name
 the layers in the same order. A healthy router keeps every share near 1/E and the CV low; an expert that goes dark
 (a black row) or one that takes everything (a bright row, high CV) is load-balancing failure.
@@ -19,6 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from llm.data.fsutil import claim_output, temp_path_for
+
+TOOL = "llm.plot_routing"
 
 
 @dataclass
@@ -112,6 +119,7 @@ def plot_routing(run_dir: Path, out: Path | None = None) -> Path:
         raise FileNotFoundError(f"run directory {run_dir} does not exist; pass a training run's --output_dir")
     history = load_routing(run_dir / "metrics.jsonl")
     out = out or run_dir / "routing.png"
+    claim_output(out, overwrite=True, flag="--out", tool=TOOL, proof=out, files=[out], owned=_is_our_plot(out))
     num_layers, num_experts = history.counts.shape[1:]
     cols = min(num_layers, 4)
     rows = math.ceil(num_layers / cols)
@@ -147,11 +155,27 @@ def plot_routing(run_dir: Path, out: Path | None = None) -> Path:
     fig.suptitle(f"Expert load: {run_dir.name} ({num_layers} MoE layers x {num_experts} experts)")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+    tmp = temp_path_for(out)
+    try:
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": TOOL})
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out
+
+
+def _is_our_plot(path: Path) -> bool:
+    """A PNG that this tool wrote (savefig records the tool in the PNG's Software text)."""
+    if not path.is_file():
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.text.get("Software") == TOOL
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,15 +13,15 @@ barrier, so a run killed mid-save resumes from the previous complete checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from llm.data import fsutil
 
 LATEST = "latest"
 WEIGHTS = "model.safetensors"
@@ -32,22 +32,9 @@ def step_tag(global_step: int) -> str:
     return f"step{global_step:08d}"
 
 
-def _write_atomic(path: Path, write: Any, mode: str = "w") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_text_atomic(path: Path, text: str) -> None:
-    _write_atomic(path, lambda fh: fh.write(text))
+    """Published by rename with the umask's mode (llm.data.fsutil)."""
+    fsutil.write_text_atomic(path, text)
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -96,15 +83,7 @@ def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """fp32 safetensors, written to a temporary name and renamed."""
     tensors = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fsutil.save_safetensors_atomic(tensors, path, metadata=metadata)
 
 
 def resolve_init_weights(init_from: str, use_ema: bool) -> Path:
