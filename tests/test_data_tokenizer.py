@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,23 @@ def test_vocab_size_out_of_range(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"tiny\.txt.*[Vv]ocabulary size"):
         train_tokenizer([tiny], 5000, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.txt"]  # no half-built directory
+
+
+def test_vocab_size_advice_works_on_real_text(tmp_path: Path) -> None:
+    """The advised least vocabulary trains on real English text (the whole Shakespeare corpus); "at least 260" did not:
+    every distinct character needs an id on top of the 259 reserved ones."""
+    files = shakespeare_files()
+    with pytest.raises(ValueError, match=r"vocab_size=200 is too small") as small:
+        train_tokenizer(files, 200, tmp_path / "a")
+    english = int(re.search(r"\((\d+) in all for English text", str(small.value)).group(1))
+    with pytest.raises(ValueError, match=r"vocab_size=300 is too small for .*distinct characters") as exact:
+        train_tokenizer(files, 300, tmp_path / "b")
+    advised = int(re.search(r"use at least (\d+)", str(exact.value)).group(1))
+    assert advised == english  # the up-front advice is the measured least for this corpus
+    assert len(load_tokenizer(train_tokenizer(files, advised, tmp_path / "c"))) == advised
+    with pytest.raises(ValueError, match=rf"use at least {advised}"):
+        train_tokenizer(files, advised - 1, tmp_path / "d")  # and it is the least
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 
 def test_load_tokenizer_needs_tokenizer_json(tmp_path: Path) -> None:
