@@ -248,8 +248,9 @@ def test_compare_out_never_replaces_a_run_or_foreign_directory(run: Path, tmp_pa
     from evals.compare import main
 
     other = make_run(tmp_path / "runs" / "pnet" / "seed1", tokenizer_dir)
-    for r in (run, other):
-        store_fake(r / "eval", ("arc_easy", "piqa"), None, 4)
+    for r in (run, other):  # evaluated before the store existed: a lone results.json
+        (r / "eval").mkdir()
+        (r / "eval" / "results.json").write_text(json.dumps(fake_results(("arc_easy", "piqa"), None, 4)))
     before = tree(tmp_path)
     for out in (tmp_path / "runs", run):
         assert main([str(run), str(other), "--out", str(out)]) == 2
@@ -348,10 +349,10 @@ def test_zero_shot_cli_keeps_the_suite_after_a_quick_eval(run: Path, tokenizer_d
     from evals.zero_shot import run_zero_shot
 
     full = run_zero_shot(run, tasks="arc_easy,piqa", offline=True, limit=2, batch_size=8)
-    assert full.results["evals"]["step"] == 4
     quick = run_zero_shot(run, tasks="piqa", offline=True, limit=1, batch_size=8)
     headline = json.loads((run / "eval" / "results.json").read_text())
-    assert set(headline["results"]) == {"arc_easy_offline", "piqa_offline"} and headline["evals"]["step"] == 4
+    assert set(headline["results"]) == {"arc_easy_offline", "piqa_offline"}
+    assert full.results["evals"]["step"] == headline["evals"]["step"] == 4
     assert full.results_json.is_file() and quick.results_json.is_file() and full.results_json != quick.results_json
     add_checkpoint(run, 8, tokenizer_dir, seed=1)
     later = run_zero_shot(run, tasks="arc_easy,piqa", offline=True, limit=2, batch_size=8)
@@ -383,15 +384,18 @@ def test_export_and_evaluation_files_get_the_umask_mode(run: Path, tmp_path: Pat
 
 
 def test_atomic_writers_get_the_umask_mode(tmp_path: Path) -> None:
-    from llm.data import fsutil
     from vision.checkpoint import save_weights, write_json_atomic
 
     before = os.umask(0o027)
     try:
-        fsutil.write_text_atomic(tmp_path / "a.txt", "x")
-        fsutil.save_safetensors_atomic({"w": torch.zeros(2)}, tmp_path / "b.safetensors")
         save_weights({"w": torch.zeros(2)}, tmp_path / "c.safetensors")
         write_json_atomic(tmp_path / "d.json", {"a": 1})
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {
+            "c.safetensors": "0o640", "d.json": "0o640"}
+        from llm.data import fsutil
+
+        fsutil.write_text_atomic(tmp_path / "a.txt", "x")
+        fsutil.save_safetensors_atomic({"w": torch.zeros(2)}, tmp_path / "b.safetensors")
     finally:
         os.umask(before)
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {
