@@ -199,7 +199,7 @@ def test_prepare_refuses_before_creating_anything(tmp_path: Path, tokenizer_dir:
     proc = cli("-m", "llm.data.prepare", "--input", str(tmp_path / "nothing" / "*.jsonl"), "--tokenizer",
                str(tokenizer_dir), "--output-prefix", str(target))
     assert proc.returncode == 2
-    one_line_error(proc.stderr, "corpus input(s) not found", "nothing/*.jsonl")
+    one_line_error(proc.stderr, "--input: corpus input(s) not found", "nothing/*.jsonl", "quoted glob")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output directory, no scratch folder
 
 

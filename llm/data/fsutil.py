@@ -180,7 +180,7 @@ def claim_output(path: str | Path, *, overwrite: bool, flag: str, tool: str, pro
     if sign is not None:
         raise OutputRefused(
             f"{flag} {path}: {sign} belongs to a training run, whose checkpoints are never replaced or written "
-            f"into (not even with --overwrite); choose a path outside the run that does not exist yet"
+            f"into; choose a path outside the run that does not exist yet"
         )
     if files is not None:
         present = sorted(str(f) for f in files if f.exists() or f.is_symlink())
@@ -215,8 +215,12 @@ def claim_output(path: str | Path, *, overwrite: bool, flag: str, tool: str, pro
                     f"never replaced: move those files away or choose a new path"
                 )
     if not owned:
-        held = f"exists and holds files that {tool} did not write ({shown})" if what == "directory" else (
-            f"would replace {shown}, which {tool} did not write")
+        if what == "directory":
+            held = f"exists and holds files that {tool} did not write ({shown})"
+        elif files == [path]:
+            held = f"exists and was not written by {tool}"
+        else:
+            held = f"would replace {shown}, which {tool} did not write"
         raise OutputRefused(f"{flag} {path} {held}; it is never replaced: choose a new path"
                             + (" or an empty directory" if what == "directory" else ""))
     if not overwrite:

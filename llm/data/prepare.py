@@ -64,7 +64,8 @@ def resolve_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         else:
             missing.append(text)
     if missing:
-        raise FileNotFoundError(f"corpus input(s) not found: {', '.join(missing)}")
+        raise FileNotFoundError(f"--input: corpus input(s) not found: {', '.join(missing)}; give existing files, or a "
+                                f"quoted glob that matches some")
     return paths
 
 
