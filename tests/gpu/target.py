@@ -32,11 +32,6 @@ class Target:
     def check_mode(self) -> bool:
         return self.device == "cpu"
 
-    @property
-    def backend(self) -> str:
-        """The process-group backend DeepSpeed picks on this device."""
-        return "nccl" if self.device == "cuda" else "gloo"
-
     def llm_args(self) -> list[str]:
         """Trainer flags on top of the `tiny` preset (launch/pretrain_llama.sh's default SIZE=tiny).
 

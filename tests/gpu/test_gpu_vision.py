@@ -1,0 +1,38 @@
+"""ParameterNet (dynamic convolutions) trains bf16 steps on the device through DeepSpeed: `bash launch/train_vision.sh
+--num-gpus 1 ...` as users run it. Mirrors tests/test_vision_train.py::test_bf16_zero1_trains_a_few_steps."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+from pathlib import Path
+
+from tests.gpu.target import TARGET, gpu, needs_device, subprocess_env
+from tests.trainer_utils import REPO, free_port, tiny_image_folder
+
+pytestmark = [gpu, needs_device]
+
+STEPS = 2
+
+
+def test_vision_bf16_steps_through_deepspeed_on_the_device(tmp_path: Path) -> None:
+    data = tiny_image_folder(tmp_path / "images")  # 2 classes x 4 images per split
+    out = tmp_path / "run"
+    cmd = ["bash", str(REPO / "launch" / "train_vision.sh"), "--num-gpus", "1", "--master-port", str(free_port()),
+           "--config", "fashion_mnist_tiny", "--model", "parameternet_tiny", "--dataset", "folder", "--data-dir",
+           str(data), "--train-subset", "0", "--val-subset", "0", "--micro-batch-size", "4", "--global-batch-size",
+           "4", "--precision", "bf16", "--zero-stage", "1", "--ds-config", "zero1", "--ema", "--max-steps",
+           str(STEPS), "--num-workers", "0", "--log-every", "1", "--no-progress", "--no-tensorboard",
+           "--output-dir", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    # vision.train describes its engine: the device it placed the model on and the precision.
+    assert re.search(rf"on 1 rank\(s\), {TARGET.device}(:\d+)?, bf16, ZeRO-1", proc.stdout), proc.stdout[-2000:]
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["global_step"] == STEPS and final["world_size"] == 1 and final["model"] == "parameternet_tiny"
+    assert math.isfinite(final["train_loss"]) and math.isfinite(final["val_loss"])
+    assert math.isfinite(final["ema_top1"])
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if r["kind"] == "train"] == list(range(1, STEPS + 1))
