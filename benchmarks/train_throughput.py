@@ -3,7 +3,13 @@ ParameterNet-LLaMA against LLaMA through the trainer - all in one process, inter
 reported as ratios of median tokens/s.
 
     python benchmarks/train_throughput.py [--size tiny] [--rounds 4] [--steps 3] [--precision fp32] [--zero_stage 1]
-On a GPU machine: --size 1b --precision bf16 --seq_len 2048 --micro_batch_size 4 adds MFU (active FLOPs).
+On a GPU machine (benchmarks/gpu_suite.sh runs each model in its own process, so each gets the whole GPU):
+    python benchmarks/train_throughput.py --size 1b --kinds llama --precision bf16 --seq_len 2048 \
+        --micro_batch_size 8 --global_batch_size 8 --no_bare [--activation_checkpointing]
+The device is DeepSpeed's accelerator: CUDA where a GPU is visible, else CPU. MFU = model FLOPs per token (active
+parameters and attention, llm/model/flops.py; activation-checkpointing recompute not counted) x tokens/s / peak: the
+dense bf16 peak of the GPU from llm/train/metrics.py (989 TFLOP/s for H100/H200 SXM), or --peak_tflops. Without a
+known peak (a CPU, an unknown GPU) MFU is left out.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from llm.train.config import load_config
 from llm.train.metrics import peak_flops
 from llm.train.optim import lr_at, parameter_groups
 from llm.train.trainer import Trainer
+
+
+KINDS = ("llama", "parameternet")
 
 
 class BareLoop:
@@ -73,18 +82,31 @@ def main() -> None:
     p.add_argument("--global_batch_size", type=int, default=8)
     p.add_argument("--zero_stage", type=int, default=1)
     p.add_argument("--no_bare", action="store_true", help="skip the bare loops (e.g. 1B ParameterNet on one GPU)")
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS,
+                   help="which models to time (one per process gives each the whole GPU)")
+    p.add_argument("--activation_checkpointing", action="store_true")
+    p.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="peak FLOP/s per device for MFU, in TFLOP/s (default: the GPU's dense bf16 peak from "
+                        "llm/train/metrics.py, e.g. 989 for H100/H200 SXM)")
     args = p.parse_args()
+    for name in ("rounds", "steps", "seq_len", "micro_batch_size", "global_batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: must be >= 1")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        p.error(f"--peak_tflops {args.peak_tflops}: must be > 0 (TFLOP/s per device)")
 
     tmp = tempfile.mkdtemp(prefix="bench-train-")
     total_iters = (args.rounds + 1) * args.steps * 2 + 2
     contenders: dict[str, object] = {}
     trainers = {}
-    for kind in ("llama", "parameternet"):
+    for kind in args.kinds:
         preset = f"llama-{args.size}" if kind == "llama" else f"parameternet-llama-{args.size}"
         cfg = load_config(None, overrides=dict(
             model=preset, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
             global_batch_size=args.global_batch_size, train_iters=total_iters, precision=args.precision,
-            zero_stage=args.zero_stage,
+            zero_stage=args.zero_stage, activation_checkpointing=args.activation_checkpointing,
+            attn_implementation=args.attn_implementation,
             output_dir=os.path.join(tmp, kind), progress_bar=False, export=False, warmup_iters=0))
         trainer = Trainer(cfg)
         trainers[kind] = trainer
@@ -92,7 +114,7 @@ def main() -> None:
         if not args.no_bare:
             contenders[f"bare_{kind}"] = (BareLoop(trainer), trainer._batches())
     tokens_per_step = args.global_batch_size * args.seq_len
-    device = torch.device(trainers["llama"].device)
+    device = torch.device(next(iter(trainers.values())).device)
 
     def block(runner, batches) -> float:
         if device.type == "cuda":
@@ -116,20 +138,26 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()}, "
         f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "precision": args.precision,
         "size": args.size, "seq_len": args.seq_len, "micro_batch_size": args.micro_batch_size,
-        "global_batch_size": args.global_batch_size, "zero_stage": args.zero_stage, "rounds": args.rounds,
-        "steps_per_block": args.steps,
+        "global_batch_size": args.global_batch_size, "zero_stage": args.zero_stage,
+        "activation_checkpointing": args.activation_checkpointing, "attn_implementation": args.attn_implementation,
+        "rounds": args.rounds, "steps_per_block": args.steps,
         "median_tokens_per_s": {k: round(v, 1) for k, v in med.items()},
-        "parameternet_vs_llama_trainer": round(med["trainer_parameternet"] / med["trainer_llama"], 3),
     }
+    if len(trainers) == 2:
+        result["parameternet_vs_llama_trainer"] = round(med["trainer_parameternet"] / med["trainer_llama"], 3)
     if not args.no_bare:
-        result["trainer_vs_bare_llama"] = round(med["trainer_llama"] / med["bare_llama"], 3)
-        result["trainer_vs_bare_parameternet"] = round(med["trainer_parameternet"] / med["bare_parameternet"], 3)
-    peak = peak_flops(device, args.precision)
-    if peak is not None:
-        for kind, trainer in trainers.items():
-            flops = trainer.accounting.train_flops_per_token * med[f"trainer_{kind}"]
+        for kind in trainers:
+            result[f"trainer_vs_bare_{kind}"] = round(med[f"trainer_{kind}"] / med[f"bare_{kind}"], 3)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops is not None else peak_flops(device, args.precision)
+    if device.type == "cuda":
+        result["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    for kind, trainer in trainers.items():
+        flops = trainer.accounting.train_flops_per_token * med[f"trainer_{kind}"]  # one device
+        result[f"tflops_{kind}"] = round(flops / 1e12, 3)
+        if peak is not None:
             result[f"mfu_{kind}"] = round(flops / peak, 4)
-            result[f"tflops_{kind}"] = round(flops / 1e12, 1)
+    if peak is not None:
+        result["peak_tflops"] = round(peak / 1e12, 1)
     print(json.dumps(result, indent=2))
     import torch.distributed as dist
 
