@@ -399,3 +399,28 @@ def test_atomic_writers_get_the_umask_mode(tmp_path: Path) -> None:
         os.umask(before)
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {
         name: "0o640" for name in ("a.txt", "b.safetensors", "c.safetensors", "d.json")}
+
+
+def test_plots_and_unpacked_datasets_get_the_umask_mode(tmp_path: Path) -> None:
+    import gzip
+
+    import matplotlib.pyplot as plt
+
+    from evals.plots import _save
+    from vision.data import FASHION_MNIST_FILES, prepare_fashion_mnist
+
+    source = tmp_path / "debian"
+    source.mkdir()
+    for name in FASHION_MNIST_FILES:
+        with gzip.open(source / f"{name}.gz", "wb") as f:
+            f.write(b"\0\0\x08\x01\0\0\0\0")
+    before = os.umask(0o027)
+    try:
+        _save(plt.figure(), tmp_path / "plots" / "p.png")
+        root = prepare_fashion_mnist(tmp_path / "fm", source=source)
+    finally:
+        os.umask(before)
+    assert root is not None
+    written = [tmp_path / "plots" / "p.png", *sorted((root / "FashionMNIST" / "raw").iterdir())]
+    assert len(written) == 1 + len(FASHION_MNIST_FILES)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o640" for p in written}

@@ -18,7 +18,6 @@ import hashlib
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from PIL import Image
 from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from llm.data.fsutil import temp_path_for
 from vision.config import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -83,8 +83,8 @@ def prepare_fashion_mnist(root: Path | None = None, source: Path = DEBIAN_FASHIO
         target = raw / name
         if target.is_file():
             continue
-        fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{name}.")
-        with os.fdopen(fd, "wb") as out, gzip.open(source / f"{name}.gz", "rb") as src:
+        tmp = temp_path_for(target)  # the umask's mode, not mkstemp's 0600 (a shared cache other users read)
+        with open(tmp, "wb") as out, gzip.open(source / f"{name}.gz", "rb") as src:
             shutil.copyfileobj(src, out)
         os.replace(tmp, target)
     return root
