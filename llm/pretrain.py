@@ -15,26 +15,43 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def usage() -> str:
+    from llm.train.config import FIELDS, TrainConfig
+
+    defaults = TrainConfig()
+    keys = "\n".join(f"  --{name} (default: {getattr(defaults, name)!r})" for name in FIELDS)
+    return f"{(__doc__ or '').strip()}\n\nTraining-config fields (llm/train/config.py):\n{keys}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
-    from llm.train.config import load_config, parse_cli_pairs
+    from llm.train.config import first_rank_on_node, load_config, print_error, warnings_for
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    speaks = first_rank_on_node(argv)  # config errors and warnings: the same on every rank, printed once per node
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
-    argv = [a for i, a in enumerate(argv) if not a.startswith("--local_rank")]
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        return 0
     config_path = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            print("error: --config needs a value", file=sys.stderr)
-            return 2
-        config_path = argv[i + 1]
-        del argv[i:i + 2]
+    for i, arg in enumerate(argv):
+        if arg == "--config" or arg.startswith("--config="):
+            if arg == "--config" and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
+                if speaks:
+                    print_error("--config needs a value: a preset name (tiny, 1b) or a YAML file")
+                return 2
+            config_path = argv[i + 1] if arg == "--config" else arg.split("=", 1)[1]
+            del argv[i:i + (2 if arg == "--config" else 1)]
+            break
     try:
-        parse_cli_pairs(argv)
         cfg = load_config(config_path, cli_overrides=argv)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if speaks:
+            print_error(str(err))
         return 2
+    if speaks:
+        for note in warnings_for(cfg):
+            print_error(note, kind="warning")
 
     import torch.distributed as dist
 
@@ -44,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg)
         result = trainer.train()
     except (TrainingError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(str(err))  # every rank: these may differ between ranks
         code = 2
     else:
         if trainer.rank == 0:

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
-from llm.train.config import CONFIG_DIR, TrainConfig, load_config
+from llm.model.presets import load_model_config
+from llm.pretrain import main
+from llm.train.config import (
+    CHOICES,
+    CONFIG_DIR,
+    FIELDS,
+    FLOAT_RANGES,
+    INT_MINIMUMS,
+    TrainConfig,
+    _type_of,
+    first_rank_on_node,
+    load_config,
+    print_error,
+    warnings_for,
+)
 from llm.train.ds_config import complete_ds_config
 from llm.train.optim import lr_at
 from llm.train.slurm import expand_nodelist, node_env, rank_env
@@ -30,7 +47,8 @@ def test_every_yaml_preset_mirrors_the_cli_fields(preset):
 def test_cli_overrides_win_and_are_typed():
     cfg = load_config("tiny", cli_overrides=["--lr", "3e-4", "--zero_stage", "2", "--activation_checkpointing",
                                              "true", "--data_path", "0.3 a 0.7 b", "--train_tokens", "1e6",
-                                             "--train_iters", "none", "--model_overrides", '{"num_experts": 4}'])
+                                             "--train_iters", "none", "--model", "parameternet-llama-tiny",
+                                             "--model_overrides", '{"num_experts": 4}'])
     assert (cfg.lr, cfg.zero_stage, cfg.activation_checkpointing) == (3e-4, 2, True)
     assert cfg.data_path == ["0.3", "a", "0.7", "b"] and cfg.model_overrides == {"num_experts": 4}
     assert cfg.train_iters is None and cfg.resolved_train_iters() == 245  # ceil(1e6 / (16 * 256))
@@ -58,6 +76,222 @@ def test_yaml_with_wrong_type_is_refused(tmp_path):
     path.write_text("train_iters: 10\nmicro_batch_size: '8'\n")
     with pytest.raises(ValueError, match="micro_batch_size='8': expected an integer"):
         load_config(path)
+
+
+# --- every field has a checked range: one line naming the field, the value and the fix (issue 12, item 9) ----------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lr", "nan"], "lr=nan must be a finite number in (0, inf)"),  # was blamed on min_lr
+        (["--lr", "inf"], "lr=inf must be a finite number in (0, inf)"),
+        (["--lr", "0"], "lr=0.0 must be a finite number in (0, inf)"),
+        (["--adam_eps", "-1"], "adam_eps=-1.0 must be a finite number in (0, inf)"),
+        (["--adam_eps", "0"], "adam_eps=0.0 must be a finite number in (0, inf)"),
+        (["--grad_clip", "-1"], "grad_clip=-1.0 must be a finite number in [0, inf); the max global gradient norm"),
+        (["--grad_clip", "nan"], "grad_clip=nan must be a finite number in [0, inf)"),
+        (["--adam_beta1", "1"], "adam_beta1=1.0 must be a finite number in [0, 1)"),
+        (["--adam_beta2", "-0.1"], "adam_beta2=-0.1 must be a finite number in [0, 1)"),
+        (["--weight_decay", "-0.1"], "weight_decay=-0.1 must be a finite number in [0, inf)"),
+        (["--weight_decay", "inf"], "weight_decay=inf must be a finite number in [0, inf)"),
+        (["--zero_stage", "4"], "zero_stage=4 is not one of 0, 1, 2, 3; e.g. --zero_stage 1"),
+        (["--attn_implementation", "foo"], "attn_implementation='foo' is not one of sdpa, flash_attention_2, eager"),
+        (["--lr_decay_style", "poly"], "lr_decay_style='poly' is not one of cosine, linear, constant"),
+        (["--micro_batch_size", "3"], "global_batch_size=16 is not a multiple of micro_batch_size=3"),
+        (["--train_iters", "2.5"], "--train_iters '2.5': expected int or none, e.g. --train_iters 1000"),
+        (["--seq_len", "nan"], "--seq_len 'nan': expected int, e.g. --seq_len 256"),
+        (["--train_tokens", "-5"], "train_tokens=-5 must be >= 1"),
+        (["--warmup_iters", "-1"], "warmup_iters=-1 must be >= 0 (0 = no warmup)"),
+        (["--lr_decay_iters", "0"], "lr_decay_iters=0 must be >= 1"),
+        (["--lr_decay_iters", "4", "--warmup_iters", "6"], "lr_decay_iters=4 must be > warmup_iters=6"),
+        (["--seed", "-1"], "seed=-1 must be >= 0"),
+        (["--seed", str(2**32)], "seed=4294967296 must be at most 2**32 - 1"),
+        (["--split", "a,b"], "split='a,b' is not a list of numbers"),
+        (["--split", "0,1"], "split='0,1' leaves no documents for training"),
+        (["--data_path", "0.5 a b"], "data_path: data path '0.5 a b' must alternate weights and prefixes"),
+        (["--data_path", "-1 a"], "data_path: "),
+        (["--data_path", "[1, a"], "--data_path '[1, a': not valid JSON"),
+        (["--tokenizer", "/nonexistent/tok"], "tokenizer='/nonexistent/tok': no tokenizer.json there"),
+        (["--resume", "/nonexistent/ckpt"], "an existing checkpoint directory; use --resume auto to continue"),
+        (["--ds_config", "zero9"], "ds_config: 'zero9' is neither a file nor one of ds_configs/"),
+        (["--model", "llama-7b"], "model='llama-7b' is neither a preset"),
+        (["--expert_parallel_size", "2"], "expert_parallel_size=2 needs a ParameterNet model"),
+        (["--model", "parameternet-llama-tiny", "--expert_parallel_size", "3"],
+         "expert_parallel_size=3 does not divide num_experts=8"),
+        (["--seq_len", "2048"], "seq_len=2048 exceeds the model's max_position_embeddings=1024"),
+        (["--output_dir", ""], "output_dir='' is empty"),
+        (["--model_overrides", "{num_experts: 4}"],  # the JSON parse error is shown, not just "expected dict"
+         "--model_overrides '{num_experts: 4}': not valid JSON (Expecting property name enclosed in double quotes "
+         "at column 2)"),
+        (["--model_overrides", "[4]"], "--model_overrides '[4]': expected a JSON object, got a JSON list"),
+    ],
+)
+def test_every_field_is_range_checked_with_the_field_value_and_fix(args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config("tiny", cli_overrides=args)
+
+
+def test_every_numeric_field_has_a_checked_range():
+    # A new int/float field must get a range (or a choice list) here, or it would take nan, negatives... unchecked.
+    numeric = {name for name in FIELDS if {int, float} & {_type_of(name), *typing.get_args(_type_of(name))}}
+    covered = set(INT_MINIMUMS) | set(FLOAT_RANGES) | {"zero_stage", "min_lr"}  # min_lr: within [0, lr]
+    assert numeric == covered, numeric ^ covered
+    assert {"attn_implementation", "lr_decay_style", "precision", "zero_stage"} <= set(CHOICES)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_flash_attention_without_the_package_is_refused_up_front():
+    with pytest.raises(ValueError, match=r"attn_implementation='flash_attention_2' needs the flash-attn package"):
+        load_config("tiny", cli_overrides=["--attn_implementation", "flash_attention_2"])
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "taken").write_text("not a directory")
+    with pytest.raises(ValueError, match=re.escape(f"output_dir='{tmp_path}/taken' is an existing file")):
+        load_config("tiny", cli_overrides=["--output_dir", str(tmp_path / "taken")])
+    with pytest.raises(ValueError, match=re.escape(f"'{tmp_path}/taken' on its path is a file")):
+        load_config("tiny", cli_overrides=["--output_dir", str(tmp_path / "taken" / "run")])
+    with pytest.raises(ValueError, match="data_cache_dir=.* is an existing file"):
+        load_config("tiny", cli_overrides=["--data_cache_dir", str(tmp_path / "taken")])
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train_iters: 3\nlr: [1, 2\nseed: 1\n",
+         "bad.yaml:3:5: not valid YAML (while parsing a flow sequence at line 2"),
+        ("train_iters: 3\n\tlr: 1\n", "bad.yaml:2:1: not valid YAML (found character '\\t'"),
+        ("- 1\n- 2\n", "bad.yaml: expected a mapping of config keys (`key: value` lines), got list"),
+        ("train_iters: 3\nlr: .nan\n", "lr=nan must be a finite number"),
+        ("train_iters: 3\nwramup_iters: 3\n",
+         "bad.yaml: unknown config key 'wramup_iters' (did you mean warmup_iters"),
+        ("train_iters: 2.5\n", "bad.yaml: train_iters=2.5: expected an integer"),
+    ],
+)
+def test_malformed_yaml_names_the_file_and_line(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(path)
+
+
+def test_yaml_that_is_not_text_is_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"train_iters: 3\nlr: \xff\xfe\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not UTF-8 text")):
+        load_config(path)
+
+
+def test_warmup_longer_than_the_run_is_said_not_refused():
+    # Refusing it would break every short smoke run on the tiny preset (warmup 6); a warning is printed at start.
+    cfg = load_config("tiny", cli_overrides=["--train_iters", "4"])
+    assert warnings_for(cfg) == ["warmup_iters=6 > train_iters=4: the learning rate never reaches lr=0.002; lower "
+                                 "--warmup_iters to at most 4"]
+    assert warnings_for(load_config("tiny")) == []
+
+
+# --- model_overrides: keys and values checked against the chosen model (issue 12, item 3) ------------------------
+
+
+@pytest.mark.parametrize(
+    "model, overrides, message",
+    [
+        ("parameternet-llama-tiny", {"num_expertz": 4},
+         "unknown key 'num_expertz' for model='parameternet-llama-tiny' (ParameterNetLlamaConfig); did you mean "
+         "'num_experts'?"),
+        ("llama-tiny", {"num_expertz": 4}, "did you mean 'num_experts' (ParameterNet models only)?"),
+        ("llama-tiny", {"num_experts": 4},
+         "'num_experts' applies only to ParameterNet models, but model='llama-tiny' is a vanilla LLaMA"),
+        ("llama-tiny", {"moe_projections": ["up_proj"]}, "'moe_projections' applies only to ParameterNet models"),
+        ("llama-tiny", {"hidden_sise": 64}, "unknown key 'hidden_sise' for model='llama-tiny' (LlamaConfig); did you "
+                                            "mean 'hidden_size'"),
+        ("llama-tiny", {"model_type": "parameternet_llama"}, "model_type='parameternet_llama' cannot be overridden"),
+        ("llama-tiny", {"return_dict": False}, "unknown key 'return_dict'"),
+        ("parameternet-llama-tiny", {"num_experts": 0}, "num_experts=0 must be an integer >= 1"),
+        ("parameternet-llama-tiny", {"num_experts": 4.5}, "num_experts=4.5 must be an integer >= 1"),
+        ("parameternet-llama-tiny", {"num_experts": "4"}, "num_experts='4' must be an integer >= 1"),
+        ("parameternet-llama-tiny", {"num_experts": True}, "num_experts=True must be an integer >= 1"),
+        ("parameternet-llama-tiny", {"top_k": 1.0}, "top_k=1.0 must be an integer between 1 and num_experts=8"),
+        ("parameternet-llama-tiny", {"capacity_factor": "x"}, "capacity_factor='x' must be a number > 0"),
+        ("parameternet-llama-tiny", {"router_aux_loss_coef": float("nan")}, "router_aux_loss_coef=nan must be"),
+        ("parameternet-llama-tiny", {"expert_bias": "yes"}, "expert_bias='yes' must be true or false"),
+        ("parameternet-llama-tiny", {"moe_projections": 3}, "moe_projections=3 must be a non-empty list"),
+        ("llama-tiny", {"hidden_size": 66}, "hidden_size=66 is not a multiple of num_attention_heads=8"),
+        ("llama-tiny", {"hidden_size": "64"}, "hidden_size='64' must be an integer >= 1"),
+        ("llama-tiny", {"num_attention_heads": 0}, "num_attention_heads=0 must be an integer >= 1"),
+        ("llama-tiny", {"num_key_value_heads": 3}, "num_key_value_heads=3 must be an integer dividing"),
+        ("llama-tiny", {"vocab_size": 0}, "vocab_size=0 must be an integer >= 1"),
+        ("llama-tiny", {"rms_norm_eps": 0}, "rms_norm_eps=0 must be a finite number > 0"),
+    ],
+)
+def test_model_overrides_are_checked_against_the_model_at_config_load(model, overrides, message):
+    args = ["--model", model, "--model_overrides", json.dumps(overrides)]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config("tiny", cli_overrides=args)
+    with pytest.raises(ValueError, match=re.escape(message)):  # and where the trainer and export build the model
+        load_model_config(model, **overrides)
+
+
+def test_valid_model_overrides_still_apply():
+    config = load_model_config("parameternet-llama-tiny", num_experts=4, top_k=2, capacity_factor=1.25,
+                               moe_projections=["up_proj", "down_proj"], rope_theta=5e5, hidden_size=128)
+    assert (config.num_experts, config.top_k, config.capacity_factor, config.moe_projections, config.hidden_size) == (
+        4, 2, 1.25, ["up_proj", "down_proj"], 128)
+
+
+# --- the CLI: one `error:` line per node, written whole; exit 2; nothing written ---------------------------------
+
+
+def test_error_lines_are_written_whole_and_config_errors_once_per_node(monkeypatch, capsys):
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            writes.append("<flush>")
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    print_error("first part\n  second part")
+    assert writes == ["error: first part second part\n", "<flush>"]  # one write of one complete line, then flush
+
+    monkeypatch.undo()
+    for local_rank, expected in (("1", ""), ("0", "error: grad_clip=-1.0 must be")):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert main(["--config", "tiny", "--grad_clip", "-1"]) == 2
+        assert capsys.readouterr().err.startswith(expected)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert first_rank_on_node(["--local_rank=1"]) is False and first_rank_on_node([]) is True
+
+
+E2E_CASES = {
+    "malformed_yaml": (["--config", "{tmp}/bad.yaml"], "bad.yaml:3:5: not valid YAML"),
+    "output_dir_is_a_file": (["--config", "tiny", "--output_dir", "{tmp}/out/file"], "is an existing file"),
+    "negative_grad_clip": (["--config", "tiny", "--grad_clip", "-1", "--output_dir", "{tmp}/out"], "grad_clip=-1.0"),
+    "override_typo": (["--config", "tiny", "--model", "parameternet-llama-tiny", "--model_overrides",
+                       '{"num_expertz": 4}', "--output_dir", "{tmp}/out"], "unknown key 'num_expertz'"),
+}
+
+
+@pytest.mark.parametrize("case", list(E2E_CASES))
+def test_pretrain_cli_refuses_with_one_line_and_exit_2(tmp_path, case):
+    args, message = E2E_CASES[case]
+    (tmp_path / "bad.yaml").write_text("train_iters: 3\nlr: [1, 2\nseed: 1\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "file").write_text("keep me")
+    before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "llm.pretrain", *argv], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
 
 
 def test_cli_unknown_key_exits_nonzero_with_message():
@@ -135,13 +369,14 @@ def test_slurm_nodelist_and_rank_variables_of_a_task_per_rank_step():
 BAD_INPUTS = r"""
 import json, os, sys
 from pathlib import Path
+from llm.data import ensure_default_corpus
 from llm.train.config import load_config
 from llm.train.trainer import Trainer, TrainingError
 base = ["--train_iters", "2", "--seq_len", "32", "--micro_batch_size", "2", "--global_batch_size", "4",
         "--progress_bar", "false", "--output_dir"]
 cases = {
     "indivisible": ["--global_batch_size", "6", "--micro_batch_size", "4"],
-    "missing_data": ["--data_path", "/nonexistent/corpus", "--tokenizer", "/nonexistent/tok"],
+    "missing_data": ["--data_path", "/nonexistent/corpus", "--tokenizer", str(ensure_default_corpus().tokenizer_dir)],
     "vocab": ["--model_overrides", '{"vocab_size": 1000}'],
     "existing_run": [],
 }
@@ -170,8 +405,7 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert "global_batch_size=6 is not divisible by micro_batch_size x data-parallel ranks = 4 x 1" in results[
-        "indivisible"]
+    assert "global_batch_size=6 is not a multiple of micro_batch_size=4" in results["indivisible"]
     assert "/nonexistent/corpus" in results["missing_data"] and "llm.data.prepare" in results["missing_data"]
     assert "8000 tokens" in results["vocab"] and "vocab_size=1000" in results["vocab"]
     assert "already holds checkpoints" in results["existing_run"] and "--resume auto" in results["existing_run"]

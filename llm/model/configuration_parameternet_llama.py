@@ -6,10 +6,20 @@ nothing but torch/transformers/huggingface_hub.
 
 from __future__ import annotations
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
 MOE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def validate_parameternet_fields(config: "ParameterNetLlamaConfig") -> None:
@@ -26,31 +36,34 @@ def validate_parameternet_fields(config: "ParameterNetLlamaConfig") -> None:
             f"{config.num_attention_heads}; choose a divisor (equal for multi-head attention)"
         )
     projections = config.moe_projections
-    if isinstance(projections, str) or not projections:
+    if not isinstance(projections, (list, tuple)) or not projections:
         raise ValueError(
             f"moe_projections={projections!r} must be a non-empty list drawn from {list(MOE_PROJECTIONS)}, "
             f"e.g. ['down_proj']"
         )
-    unknown = [p for p in projections if p not in MOE_PROJECTIONS]
+    unknown = [p for p in projections if not isinstance(p, str) or p not in MOE_PROJECTIONS]
     if unknown or len(set(projections)) != len(projections):
         raise ValueError(
             f"moe_projections={list(projections)!r}: {unknown or 'duplicates'} not allowed; "
             f"use distinct names from {list(MOE_PROJECTIONS)}"
         )
-    if config.num_experts < 1:
-        raise ValueError(f"num_experts={config.num_experts} must be >= 1")
-    if not 1 <= config.top_k <= config.num_experts:
+    if not _is_int(config.num_experts) or config.num_experts < 1:
+        raise ValueError(f"num_experts={config.num_experts!r} must be an integer >= 1")
+    if not _is_int(config.top_k) or not 1 <= config.top_k <= config.num_experts:
         raise ValueError(
-            f"top_k={config.top_k} must be between 1 and num_experts={config.num_experts}"
+            f"top_k={config.top_k!r} must be an integer between 1 and num_experts={config.num_experts}"
         )
-    if config.capacity_factor is not None and not config.capacity_factor > 0:
+    capacity = config.capacity_factor
+    if capacity is not None and not (_is_finite_number(capacity) and capacity > 0):
         raise ValueError(
-            f"capacity_factor={config.capacity_factor} must be > 0, or null for dropless routing"
+            f"capacity_factor={capacity!r} must be a number > 0, or null for dropless routing"
         )
     for name in ("router_aux_loss_coef", "router_z_loss_coef"):
         value = getattr(config, name)
-        if value < 0:
-            raise ValueError(f"{name}={value} must be >= 0 (0 disables the loss)")
+        if not _is_finite_number(value) or value < 0:
+            raise ValueError(f"{name}={value!r} must be a number >= 0 (0 disables the loss)")
+    if not isinstance(config.expert_bias, bool):
+        raise ValueError(f"expert_bias={config.expert_bias!r} must be true or false")
 
 
 @strict
@@ -79,9 +92,8 @@ class ParameterNetLlamaConfig(LlamaConfig):
     expert_bias: bool = False
 
     def __post_init__(self, **kwargs):
-        self.moe_projections = list(self.moe_projections) if not isinstance(self.moe_projections, str) else (
-            self.moe_projections
-        )
+        if isinstance(self.moe_projections, tuple):  # anything else is left for the validation to name
+            self.moe_projections = list(self.moe_projections)
         validate_parameternet_fields(self)
         super().__post_init__(**kwargs)
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from huggingface_hub.errors import StrictDataclassError
+from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .configuration_parameternet_llama import ParameterNetLlamaConfig
 from .modeling_parameternet_llama import ParameterNetLlamaForCausalLM
@@ -17,6 +21,19 @@ CONFIG_CLASSES: dict[str, type[LlamaConfig]] = {
     "llama": LlamaConfig,
     "parameternet_llama": ParameterNetLlamaConfig,
 }
+
+
+# Keys LlamaConfig still takes and folds into rope_parameters (older config.json files carry them).
+LEGACY_KEYS = ("rope_theta", "rope_scaling")
+# Fields every transformers config has (bookkeeping, output flags, classification heads): none of them is a setting
+# of a causal LM to pretrain, so an override naming one is a mistake.
+NOT_OVERRIDABLE = tuple(f.name for f in dataclasses.fields(PretrainedConfig)) + ("model_type", "auto_map")
+PARAMETERNET_KEYS = tuple(
+    f.name for f in dataclasses.fields(ParameterNetLlamaConfig) if f.name not in LlamaConfig.__dataclass_fields__
+)
+# Dimensions every LLaMA needs >= 1 (a 0 or a negative one fails deep inside the model, or divides by zero).
+POSITIVE_DIMENSIONS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "max_position_embeddings")
 
 
 def list_presets() -> list[str]:
@@ -48,15 +65,77 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> LlamaConfi
     fields = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "auto_map")}
     try:
         return CONFIG_CLASSES[model_type](**fields)
-    except TypeError as err:
-        raise ValueError(f"{source}: {err}") from err
+    except (TypeError, ValueError, ZeroDivisionError, StrictDataclassError) as err:
+        # transformers' strict-dataclass errors span several lines; the CLIs print one.
+        raise ValueError(f"{source}: {' '.join(str(err).split())}") from err
+
+
+def overridable_keys(config_class: type[LlamaConfig]) -> list[str]:
+    keys = [f.name for f in dataclasses.fields(config_class) if f.name not in NOT_OVERRIDABLE]
+    return keys + list(LEGACY_KEYS)
+
+
+def check_overrides(model: str, model_type: str, overrides: dict[str, Any]) -> None:
+    """Refuse override keys the model would silently keep as stray attributes (and save into its config.json):
+    typos, bookkeeping keys, and ParameterNet-only keys given to a vanilla LLaMA."""
+    config_class = CONFIG_CLASSES[model_type]
+    valid = overridable_keys(config_class)
+    for key, value in overrides.items():
+        if key in valid:
+            continue
+        if key == "model_type":
+            raise ValueError(f"model_overrides: model_type={value!r} cannot be overridden; choose the model with "
+                             f"--model (presets: {', '.join(list_presets())})")
+        if key in PARAMETERNET_KEYS:
+            raise ValueError(
+                f"model_overrides: {key!r} applies only to ParameterNet models, but model={model!r} is a vanilla LLaMA "
+                f"(model_type {model_type!r}); use a parameternet-llama-* model or drop {key!r}"
+            )
+        elsewhere = [k for k in PARAMETERNET_KEYS if k not in valid]  # named as such, for a typo on a vanilla model
+        close = difflib.get_close_matches(str(key), valid + elsewhere, n=3)
+        named = [repr(k) + (" (ParameterNet models only)" if k in elsewhere else "") for k in close]
+        hint = f"did you mean {' or '.join(named)}? " if close else ""
+        raise ValueError(
+            f"model_overrides: unknown key {key!r} for model={model!r} ({config_class.__name__}); {hint}"
+            f"valid keys: {', '.join(sorted(valid))}"
+        )
+
+
+def _check_dimensions(data: dict[str, Any], source: str) -> None:
+    """Ranges LlamaConfig does not check itself, on the merged dict (before construction, which may divide by them)."""
+    for key in POSITIVE_DIMENSIONS:
+        value = data.get(key)
+        if key in data and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{source}: {key}={value!r} must be an integer >= 1")
+    kv_heads = data.get("num_key_value_heads")
+    heads, hidden = data.get("num_attention_heads"), data.get("hidden_size")
+    if isinstance(heads, int) and isinstance(hidden, int) and hidden % heads:
+        raise ValueError(f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}; choose "
+                         f"a hidden_size that is (e.g. {hidden - hidden % heads or heads})")
+    if kv_heads is not None and isinstance(heads, int):
+        if not isinstance(kv_heads, int) or isinstance(kv_heads, bool) or kv_heads < 1 or heads % kv_heads:
+            raise ValueError(f"{source}: num_key_value_heads={kv_heads!r} must be an integer dividing "
+                             f"num_attention_heads={heads} (equal to it for multi-head attention)")
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = data.get(key)
+        if key in data and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                and math.isfinite(value) and value > 0):
+            raise ValueError(f"{source}: {key}={value!r} must be a finite number > 0")
 
 
 def load_model_config(name_or_path: str | Path, **overrides: Any) -> LlamaConfig:
     """A preset name (`llama-tiny`), a config.json path or an HF model directory -> LlamaConfig or
-    ParameterNetLlamaConfig. `overrides` replace fields, e.g. `moe_projections=["up_proj"]`, `num_experts=4`."""
+    ParameterNetLlamaConfig. `overrides` replace fields, e.g. `moe_projections=["up_proj"]`, `num_experts=4`;
+    keys the model does not have are refused (they would otherwise be kept and saved, unused)."""
     data, source = _read_config_dict(name_or_path)
+    model_type = data.get("model_type", "llama")
+    if model_type in CONFIG_CLASSES:
+        check_overrides(str(name_or_path), model_type, overrides)
     data.update(overrides)
+    source = f"model={str(name_or_path)!r}"
+    if overrides:
+        source += f" with model_overrides {json.dumps(overrides, default=str)}"
+    _check_dimensions(data, source)
     return config_from_dict(data, source)
 
 
