@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -189,3 +190,73 @@ def test_augmentation_is_a_function_of_the_sample_seed(tmp_path: Path) -> None:
     assert torch.equal(torch.rand(3), expected)  # the caller's RNG stream is untouched
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert splits.class_names == ["a", "b"] and splits.num_classes == 2
+
+
+# --- every field range-checked; CLI errors as one line, exit 2 (issue 12, item 9) -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(lr=float("nan")), "lr=nan must be finite (no nan or inf); e.g. lr: 0.002"),
+        (dict(warmup_epochs=float("inf")), "warmup_epochs=inf must be finite"),
+        (dict(clip_grad=float("nan")), "clip_grad=nan must be finite"),
+        (dict(betas=[float("nan"), 0.999]), "betas=[nan, 0.999] must be finite"),
+        (dict(eps=0.0), "eps=0.0 must be > 0"),
+        (dict(weight_decay=-0.1), "weight_decay=-0.1 must be >= 0"),
+        (dict(betas=[0.9, 1.0]), "betas=[0.9, 1.0] must be two numbers in [0, 1)"),
+        (dict(std=[0.5, 0.0, 0.5]), "std=[0.5, 0.0, 0.5] must hold values > 0"),
+        (dict(drop_path_rate=1.5), "drop_path_rate=1.5 must be within [0, 1]"),
+        (dict(crop_pct=0.0), "crop_pct=0.0 must be within (0, 1]"),
+        (dict(color_jitter=-0.1), "color_jitter=-0.1 must be >= 0"),
+        (dict(mixup=-1.0), "mixup=-1.0 must be >= 0"),
+        (dict(interpolation="random"), "interpolation='random' is not one of bicubic, bilinear"),
+        (dict(auto_augment="rand-x9"), "auto_augment='rand-x9' is not a timm augmentation spec"),
+        (dict(micro_batch_size=96), "global_batch_size=4096 is not a multiple of micro_batch_size=96"),
+        (dict(seed=-1), "seed=-1 must be >= 0"),
+        (dict(img_size=0), "img_size=0 must be >= 1"),
+        (dict(keep_classifier=True), "keep_classifier=true needs init_from"),
+        (dict(init_from_ema=True), "init_from_ema=true needs init_from"),
+        (dict(ds_config="zero9"), "ds_config: 'zero9' is neither a file nor one of ds_configs/"),
+        (dict(output_dir=""), "output_dir='' is empty"),
+    ],
+)
+def test_every_vision_field_is_range_checked(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate(TrainConfig(data_dir="x", **overrides))
+
+
+def test_vision_output_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("keep")
+    with pytest.raises(ValueError, match=re.escape(f"output_dir='{tmp_path}/taken' is an existing file")):
+        validate(TrainConfig(data_dir="x", output_dir=str(tmp_path / "taken")))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--config", "{tmp}/bad.yaml"], "vision.train: error: {tmp}/bad.yaml:2:1: not valid YAML"),
+        (["--config", "{tmp}/typo.yaml"],
+         "vision.train: error: config {tmp}/typo.yaml: unknown field(s) ['learnin_rate']"),
+        (["--lr", "abc"], "vision.train: error: argument --lr: invalid float value: 'abc'"),
+        (["--config", "no_such_preset"],
+         "vision.train: error: config: 'no_such_preset' is neither a file nor a preset"),
+    ],
+)
+def test_vision_cli_errors_are_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str], message: str
+) -> None:
+    (tmp_path / "bad.yaml").write_text("epochs: 3\n\tlr: 1\n")
+    (tmp_path / "typo.yaml").write_text("epochs: 3\nlearnin_rate: 1\n")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(message.replace("{tmp}", str(tmp_path))), err
+    assert "Traceback" not in err and "usage:" not in err
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the other ranks of a node say nothing: one line per node
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert capsys.readouterr().err == ""

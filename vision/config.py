@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import inspect
+import math
 import re
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-import yaml
+from llm.train.config import check_directory_path, first_rank_on_node, print_error, read_yaml_mapping
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -159,10 +161,12 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 
 def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
-    unknown = sorted(set(values) - set(FIELDS))
+    unknown = sorted(set(values) - set(FIELDS), key=str)
     if unknown:
+        close = [m for key in unknown for m in difflib.get_close_matches(str(key), FIELDS, n=1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ValueError(
-            f"{source}: unknown field(s) {unknown}; valid fields: {', '.join(FIELDS)} (see vision/config.py)"
+            f"{source}: unknown field(s) {unknown}{hint}; valid fields: {', '.join(FIELDS)} (see vision/config.py)"
         )
     return TrainConfig(**{k: _coerce(k, v, source) for k, v in values.items()})
 
@@ -176,13 +180,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
             raise FileNotFoundError(f"config: {path!r} is neither a file nor a preset in vision/configs/ {known}")
         candidate = named
-    try:
-        values = yaml.safe_load(candidate.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"config {candidate}: not valid YAML ({err})") from err
-    if not isinstance(values, dict):
-        raise ValueError(f"config {candidate}: expected a mapping of field: value, got {type(values).__name__}")
-    return values
+    return read_yaml_mapping(candidate)
 
 
 def _parse_optional(base: type):
@@ -194,8 +192,17 @@ def _parse_optional(base: type):
     return parse
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints its usage before the error; under a launcher every rank would. One line, once per node."""
+
+    def error(self, message: str) -> NoReturn:
+        if first_rank_on_node(sys.argv[1:]):
+            print_error(message, prog="vision.train")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="python -m vision.train",
         description="Train a timm image classifier (ParameterNet or its static twin) on the DeepSpeed engine.",
     )
@@ -224,17 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """defaults < YAML preset < command-line flags."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
-    values: dict[str, Any] = load_yaml(args.config) if args.config else {}
-    source = f"config {args.config}" if args.config else "config"
-    cfg = config_from_dict(values, source)
-    overrides = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
-    # Flags may set an optional field back to None ("--layer-decay none"): argparse cannot tell that from "not given".
-    for name in FIELDS:
-        flag = "--" + name.replace("_", "-")
-        if flag in argv and getattr(args, name) is None:
-            overrides[name] = None
-    return dataclasses.replace(cfg, **{k: _coerce(k, v, "command line") for k, v in overrides.items()})
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        values: dict[str, Any] = load_yaml(args.config) if args.config else {}
+        source = f"config {args.config}" if args.config else "config"
+        cfg = config_from_dict(values, source)
+        overrides = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
+        # Flags may set an optional field back to None ("--layer-decay none"): argparse cannot tell that from "not
+        # given".
+        for name in FIELDS:
+            flag = "--" + name.replace("_", "-")
+            if flag in argv and getattr(args, name) is None:
+                overrides[name] = None
+        return dataclasses.replace(cfg, **{k: _coerce(k, v, "command line") for k, v in overrides.items()})
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -250,11 +262,14 @@ def validate(cfg: TrainConfig) -> None:
 
     from vision.models import MODEL_NAMES, check_input_size
 
+    _check_finite(cfg)
     if not timm.is_model(cfg.model):
         raise ValueError(
             f"model={cfg.model!r} is not a registered timm model; ours: {', '.join(MODEL_NAMES)} "
             f"(or any name from timm.list_models())"
         )
+    if cfg.img_size < 1:
+        raise ValueError(f"img_size={cfg.img_size} must be >= 1 (e.g. 224)")
     if cfg.model in MODEL_NAMES:
         check_input_size(cfg.img_size, cfg.model)
     elif cfg.img_size < 8:
@@ -278,9 +293,18 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{name}={value} has {len(value)} values; in_chans={cfg.in_chans} needs one per channel")
     if len(cfg.scale) != 2 or not 0 < cfg.scale[0] <= cfg.scale[1] <= 1:
         raise ValueError(f"scale={cfg.scale} must be two fractions 0 < min <= max <= 1")
-    for name in ("hflip", "re_prob", "mixup_prob", "mixup_switch_prob", "label_smoothing", "drop_rate"):
+    if cfg.std is not None and min(cfg.std) <= 0:
+        raise ValueError(f"std={cfg.std} must hold values > 0 (inputs are divided by them), or null for the model's")
+    for name in ("hflip", "re_prob", "mixup_prob", "mixup_switch_prob", "label_smoothing", "drop_rate",
+                 "drop_path_rate"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise ValueError(f"{name}={getattr(cfg, name)} must be within [0, 1]")
+    if not 0 < cfg.crop_pct <= 1:
+        raise ValueError(f"crop_pct={cfg.crop_pct} must be within (0, 1] (1 = no crop; 0.875 is usual)")
+    for name in ("color_jitter", "mixup", "cutmix"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 0 (0 = off)")
+    _check_augmentation(cfg)
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.micro_batch_size % 2:
         raise ValueError(
             f"micro_batch_size={cfg.micro_batch_size} is odd, but Mixup/CutMix mix each batch with its reverse; "
@@ -292,16 +316,27 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("max_steps", "save_every", "train_subset", "val_subset", "num_workers", "warmup_epochs", "clip_grad"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name}={getattr(cfg, name)} must be >= 0")
+    if cfg.global_batch_size % cfg.micro_batch_size:
+        raise ValueError(
+            f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size={cfg.micro_batch_size}; "
+            f"choose a global batch that is a multiple of micro_batch_size x data-parallel ranks"
+        )
+    if cfg.seed < 0:
+        raise ValueError(f"seed={cfg.seed} must be >= 0")
     if cfg.lr <= 0:
-        raise ValueError(f"lr={cfg.lr} must be > 0")
+        raise ValueError(f"lr={cfg.lr} must be > 0 (the peak AdamW LR, e.g. 2e-3)")
+    if cfg.weight_decay < 0:
+        raise ValueError(f"weight_decay={cfg.weight_decay} must be >= 0 (0 = off)")
+    if cfg.eps <= 0:
+        raise ValueError(f"eps={cfg.eps} must be > 0 (e.g. 1e-8)")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise ValueError(f"min_lr_ratio={cfg.min_lr_ratio} must be within [0, 1]")
     if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
         raise ValueError(f"layer_decay={cfg.layer_decay} must be within (0, 1], or null for none")
     if not 0 < cfg.ema_decay < 1:
         raise ValueError(f"ema_decay={cfg.ema_decay} must be within (0, 1)")
-    if len(cfg.betas) != 2:
-        raise ValueError(f"betas={cfg.betas} must be two numbers, e.g. [0.9, 0.999]")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise ValueError(f"betas={cfg.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision={cfg.precision!r} must be 'fp32' or 'bf16' (fp16 is not supported here)")
     if cfg.zero_stage not in (0, 1, 2):
@@ -309,3 +344,42 @@ def validate(cfg: TrainConfig) -> None:
             f"zero_stage={cfg.zero_stage} must be 0, 1 or 2 (ZeRO-3 partitions parameters, which the per-sample "
             f"kernels of dynamic convolutions would gather every layer)"
         )
+    if cfg.init_from is None and (cfg.init_from_ema or cfg.keep_classifier):
+        flag = "init_from_ema" if cfg.init_from_ema else "keep_classifier"
+        raise ValueError(f"{flag}=true needs init_from (a previous run directory or .safetensors file); set it, "
+                         f"or drop {flag}")
+    from llm.train.ds_config import resolve_ds_config_path
+
+    resolve_ds_config_path(cfg.ds_config)
+    check_directory_path("output_dir", cfg.output_dir)
+
+
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")
+
+
+def _check_finite(cfg: TrainConfig) -> None:
+    """nan/inf slip through every range check (each comparison with nan is false): refuse them first, by name."""
+    for name in FIELDS:
+        base, _, is_list = _base_type(_HINTS[name])
+        value = getattr(cfg, name)
+        if base is not float or value is None:
+            continue
+        if not all(math.isfinite(v) for v in (value if is_list else [value])):
+            example = getattr(TrainConfig(), name)
+            raise ValueError(f"{name}={value} must be finite (no nan or inf); e.g. {name}: {example}")
+
+
+def _check_augmentation(cfg: TrainConfig) -> None:
+    """timm refuses a bad interpolation or augmentation spec with a KeyError or an assert deep in the data set-up."""
+    from timm.data import create_transform
+
+    if cfg.interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation={cfg.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+    if cfg.auto_augment is not None:
+        try:
+            create_transform(32, is_training=True, auto_augment=cfg.auto_augment)
+        except (AssertionError, ValueError, KeyError, IndexError) as err:
+            raise ValueError(
+                f"auto_augment={cfg.auto_augment!r} is not a timm augmentation spec ({err}); e.g. "
+                f"'rand-m9-mstd0.5-inc1' (RandAugment), 'augmix-m5-w3', 'original', or null for none"
+            ) from None
