@@ -7,10 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.gpu.target import launch_llm
+from tests.gpu.target import TARGET_ERROR, launch_llm
 
 # Iterations of every trained tiny run, and the checkpoint in the middle that the resume test restarts from.
 ITERS, SAVE = 16, 8
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if TARGET_ERROR is not None:
+        raise pytest.UsageError(TARGET_ERROR)
 
 
 @pytest.fixture(scope="session")

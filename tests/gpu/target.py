@@ -54,16 +54,16 @@ class Target:
         return "float32" if self.check_mode else "bfloat16"
 
 
-def _target_from_env() -> Target:
+def _target_from_env() -> tuple[Target, str | None]:
+    """The target, and the error to report (by tests/gpu/conftest.py's pytest_configure) for a bad value."""
     value = os.environ.get(MODE_ENV, "cuda").strip().lower() or "cuda"
     if value not in MODES:
-        raise pytest.UsageError(
-            f"{MODE_ENV}={value!r} is not one of {', '.join(MODES)}: leave it unset (or cuda) for the GPU tests, "
-            f"or set cpu to check the test code on CPU")
-    return Target(value)
+        return Target("cuda"), (f"{MODE_ENV}={value!r} is not one of {', '.join(MODES)}: leave it unset (or cuda) "
+                                f"for the GPU tests, or set cpu to check the test code on CPU")
+    return Target(value), None
 
 
-TARGET = _target_from_env()
+TARGET, TARGET_ERROR = _target_from_env()
 
 # Every module of tests/gpu sets `pytestmark = [gpu, needs_device]`.
 gpu = pytest.mark.gpu

@@ -42,10 +42,12 @@ def test_bf16_training_on_the_device_lowers_the_loss(trained_llm, model: str, at
     assert [it for it, _ in complete_checkpoints(run / "checkpoints")] == [SAVE, ITERS]
 
 
-@pytest.mark.parametrize("model", ["llama", "parameternet"])
-def test_checkpoint_saved_on_the_device_resumes_bitwise(trained_llm, tmp_path, model: str) -> None:
+def test_checkpoint_saved_on_the_device_resumes_bitwise(trained_llm, tmp_path) -> None:
     """The straight run without its last checkpoint resumes from iteration SAVE and re-runs SAVE+1..ITERS with the
-    same losses, bit for bit: weights, fp32 master weights, Adam state, LR schedule and data position restored."""
+    same losses, bit for bit: weights, fp32 master weights, Adam state, LR schedule and data position restored.
+    ParameterNet, whose MoE layers add routing state to the step (the vanilla run's resume is the same code path;
+    one run of it is left out to keep the GPU suite within its time)."""
+    model = "parameternet"
     straight = trained_llm(model, "sdpa")
     out = tmp_path / "run"
     shutil.copytree(straight, out)
