@@ -36,6 +36,7 @@ import yaml
 
 import vision  # noqa: F401  (registers the ParameterNet models in timm)
 from llm.train import collectives
+from llm.train.config import print_error
 from llm.train.shm import release_own_segment
 from llm.train.slurm import rank_env as slurm_rank_env
 from vision.checkpoint import (
@@ -625,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         # Bad input: a message, not a traceback. Failures once training runs keep their traceback.
         if os.environ.get("RANK", "0") == "0":
-            print(f"vision.train: error: {err}", file=sys.stderr, flush=True)
+            print_error(str(err), prog="vision.train")  # one line in one write: ranks share the terminal
         return 2
     try:
         run(cfg, prep)
