@@ -18,6 +18,7 @@
 # line also goes to $OUT/gpu_suite.jsonl when OUT is set (the device tool collects $OUT), else to
 # benchmarks/gpu_out/gpu_suite.jsonl, beside gpu_suite.log (all output) and gpu_tests.xml (pytest's JUnit report).
 # Environment: PYTHON (default python3: the interpreter that has torch), GPU_SUITE_SITE (default /tmp/pn-gpu-site),
+# GPU_SUITE_WHEELS (default benchmarks/wheels),
 # GPU_SUITE_SMOKE=1 runs every step on CPU with tiny shapes: a check of this script's plumbing, not a measurement
 # (its lines say "smoke": true; never report them as GPU figures).
 set -uo pipefail
@@ -25,6 +26,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 PY="${PYTHON:-python3}"
 SITE="${GPU_SUITE_SITE:-/tmp/pn-gpu-site}"
+WHEELS="${GPU_SUITE_WHEELS:-$repo/benchmarks/wheels}"
 SMOKE="${GPU_SUITE_SMOKE:-0}"
 OUT_DIR="${OUT:-$repo/benchmarks/gpu_out}"
 mkdir -p "$OUT_DIR" || { echo "gpu_suite.sh: error: cannot create OUT=$OUT_DIR; set OUT to a writable folder" >&2; exit 2; }
@@ -34,24 +36,27 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/gpu-suite.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 export PYTHONPATH="$repo:$SITE${PYTHONPATH:+:$PYTHONPATH}"
-export PATH="$SITE/bin:$PATH"
+# The launch scripts (launch/common.sh) start `deepspeed` and `python3` from PATH: the carried deepspeed, and PYTHON's.
+PY_BIN="$(dirname "$(command -v "$PY" || echo "$PY")")"
+export PATH="$SITE/bin:$PY_BIN:$PATH"
 suite_start=$(date +%s)
 
-# Step limits in seconds (sum 455 s + ~15 s of the suite's own work: under 8 minutes). The CPU smoke run gets 4x:
-# a loaded 2-core machine starts DeepSpeed slower than a GPU machine trains.
-T_WHEELS=30 T_TESTS=180 T_PLAN=20 T_LLAMA=70 T_PNET=100 T_MOE=20 T_VISION=35
+# Step limits in seconds: 450 s in all, plus at most 5 s each to die after SIGINT and ~10 s of the suite's own work,
+# so under 8 minutes however the steps end. The CPU smoke run gets 4x: a loaded 2-core machine starts DeepSpeed
+# slower than a GPU machine trains.
+T_WHEELS=30 T_TESTS=180 T_PLAN=20 T_LLAMA=70 T_PNET=95 T_MOE=20 T_VISION=35
 if [ "$SMOKE" = 1 ]; then
   T_WHEELS=120 T_TESTS=720 T_PLAN=80 T_LLAMA=280 T_PNET=400 T_MOE=80 T_VISION=140
 fi
 
 # run_step NAME LIMIT CMD...: CMD's stdout to $work/NAME.out, both streams to the log; sets RC and SECONDS_TAKEN.
-# SIGINT first (pytest then still writes its report), SIGKILL 15 s later.
+# SIGINT first (pytest then still writes its report), SIGKILL 5 s later.
 run_step() {
   local name=$1 limit=$2 start
   shift 2
   start=$(date +%s)
   echo "== gpu_suite: $name (limit ${limit}s): $*" | tee -a "$LOG" >&2
-  timeout -s INT -k 15 "$limit" "$@" > "$work/$name.out" 2>> "$LOG"
+  timeout -s INT -k 5 "$limit" "$@" > "$work/$name.out" 2>> "$LOG"
   RC=$?
   SECONDS_TAKEN=$(( $(date +%s) - start ))
   cat "$work/$name.out" >> "$LOG"
@@ -232,11 +237,11 @@ if [ "$SMOKE" = 1 ]; then DEVICE=cpu; else DEVICE=cuda; fi
 
 # --------------------------------------------------------------------------------------------- 1. carried wheels
 RC=0 SECONDS_TAKEN=0
-report wheels "$repo/benchmarks/wheels" "$work/to_install"
+report wheels "$WHEELS" "$work/to_install"
 if [ -s "$work/to_install" ]; then
   mapfile -t to_install < "$work/to_install"
   run_step wheels "$T_WHEELS" "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check \
-    --find-links "$repo/benchmarks/wheels" --target "$SITE" "${to_install[@]}"
+    --find-links "$WHEELS" --target "$SITE" "${to_install[@]}"
 else
   RC=0 SECONDS_TAKEN=0
 fi
