@@ -66,9 +66,10 @@ def test_sigkill_then_sigterm_then_resume_reproduces_the_straight_run(straight_r
 
     # 2. Resume; SIGTERM the launch script once the first resumed iteration is logged: the ranks finish their step,
     # save and exit 0, long before the end of the run.
-    logged = len(train_records(out))
     proc = launch("parameternet", out, *RUN_ARGS, "--resume", "auto", wait=False)
-    wait_for_iteration(proc, out, SAVE + 1, skip=logged)
+    # The resumed run first drops the dead run's records past its checkpoint (iterations 1..SAVE stay, once each).
+    _wait_for_log(proc, out, f"past iteration {SAVE}")
+    wait_for_iteration(proc, out, SAVE + 1, skip=SAVE)
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=300) == 0, read_log(out)[-4000:]
     assert f"resumed from iteration {SAVE}" in read_log(out)
@@ -80,6 +81,17 @@ def test_sigkill_then_sigterm_then_resume_reproduces_the_straight_run(straight_r
     result = launch("parameternet", out, *RUN_ARGS, "--resume", "auto")
     assert result.returncode == 0, result.stdout[-4000:]
     assert losses_by_iteration(out) == losses_by_iteration(straight_run)
+    assert [r["iteration"] for r in train_records(out)] == list(range(1, ITERS + 1))  # none twice
+
+
+def _wait_for_log(proc, out, text: str, timeout: float = 600) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while text not in read_log(out):
+        assert proc.poll() is None, f"run ended (rc={proc.returncode}) before {text!r}:\n{read_log(out)[-3000:]}"
+        assert time.time() < deadline, f"no {text!r} within {timeout}s"
+        time.sleep(0.2)
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(straight_run, tmp_path):

@@ -4,12 +4,17 @@ Layout under `<output_dir>/checkpoints/`:
     iter_0000100/            one DeepSpeed checkpoint (the engine's own files) plus ours:
         model.safetensors    the full model weights (gathered under ZeRO-3 / expert parallelism), for export
         rng_rank<r>.pt       each rank's python/numpy/torch RNG states (tensors only; loaded with weights_only=True)
-        complete.json        written last: iteration, consumed samples, the resolved config, every file and its size
+        complete.json        written last: iteration, consumed samples, world size, the resolved config, and every
+                             file with its size and checksum
     latest                   the newest complete tag; moved (atomic rename) only after every rank finished
 
-Every rank writes into `.tmp-iter_0000100/`; after a barrier rank 0 renames it to its final name, writes
-`complete.json`, then moves `latest`. A crash at any point leaves either the previous state or a `.tmp-` directory
-that resume ignores and the next save removes.
+Every rank writes into `.tmp-iter_0000100/`; after a barrier rank 0 reads every file back once to checksum it,
+renames the directory to its final name, writes `complete.json`, then moves `latest`. A crash at any point leaves
+either the previous state or a `.tmp-` directory that resume ignores and the next save removes.
+
+Loading verifies sizes and checksums before the engine reads anything: a file that differs is corruption, and resume
+falls back to the previous checkpoint. A checkpoint of another shape (other model, seq_len, world size...) is not
+corruption: `resume_differences` names what differs, and the trainer refuses it (see RESUME_POLICY).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import warnings
 from collections.abc import Callable
@@ -27,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from llm.data.fsutil import make_public
 
 from .collectives import all_ranks
 
@@ -78,19 +86,187 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def verify_manifest(directory: Path) -> dict[str, Any]:
-    """Raise ValueError if the manifest is unreadable or a listed file is missing or has another size."""
+# xxHash3 (128 bits) reads ~8 GB/s on one core, blake2b ~0.5 GB/s: checksumming a checkpoint costs a fraction of
+# writing it. It comes with `datasets` (a dependency of ours). The manifest names the algorithm it used.
+CHECKSUM = "xxh3_128"
+
+
+def file_checksum(path: Path) -> str:
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 23), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The checkpoint's manifest; ValueError if it is unreadable."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{directory}: unreadable {MANIFEST} ({err})") from err
-    for rel, size in manifest.get("files", {}).items():
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise ValueError(f"{directory}: {MANIFEST} is not a checkpoint manifest")
+    return manifest
+
+
+def verify_files(directory: Path, manifest: dict[str, Any], rank: int = 0, world_size: int = 1) -> None:
+    """Raise ValueError if a listed file is missing, has another size, or (for this rank's share of the files: the
+    ranks split the reading) another checksum. Manifests written before checksums were recorded give sizes only:
+    those are checked, with a warning."""
+    sizes_only = []
+    for index, (rel, entry) in enumerate(sorted(manifest.get("files", {}).items())):
         path = directory / rel
         if not path.is_file():
             raise ValueError(f"{directory}: {rel} is missing")
+        size = entry if isinstance(entry, int) else entry["bytes"]
         if path.stat().st_size != size:
             raise ValueError(f"{directory}: {rel} has {path.stat().st_size} bytes, the manifest says {size}")
-    return manifest
+        if isinstance(entry, int):
+            sizes_only.append(rel)
+        elif index % world_size == rank:
+            algorithm = manifest.get("checksum", CHECKSUM)
+            if algorithm != CHECKSUM:
+                raise ValueError(f"{directory}: {MANIFEST} uses checksum {algorithm!r}; this version reads {CHECKSUM}")
+            got = file_checksum(path)
+            if got != entry[CHECKSUM]:
+                raise ValueError(f"{directory}: {rel} does not match its {CHECKSUM} checksum in {MANIFEST} "
+                                 f"({got} != {entry[CHECKSUM]}): its content changed after it was written")
+    if sizes_only and rank == 0:
+        warnings.warn(f"{directory}: {MANIFEST} was written before checksums were recorded; only the sizes of its "
+                      f"{len(sizes_only)} files are checked", stacklevel=2)
+
+
+# How a resume treats each TrainConfig field whose value differs from the config saved with the checkpoint.
+#   REFUSE: the checkpoint means something else under the new value: its weights, optimizer state or position in the
+#           data would be read wrongly (this is what Megatron's check_checkpoint_args and its LR-scheduler checks
+#           guard, widened to the data: here the sample order is a pure function of the settings).
+#   ALLOW:  a change made on purpose: how long, how often, how fast, the tail of the LR schedule; logged as
+#           "resume: log_interval 10 -> 5".
+#   IGNORE: where the run is and how it was started, not what it is.
+# tests/test_resume_safety.py fails when a TrainConfig field is missing here, so every new field gets a decision.
+REFUSE, ALLOW, IGNORE = "refuse", "allow", "ignore"
+_ARCH = "the architecture of the saved weights"
+_DATA = "the position in the data that the checkpoint holds"
+_OPT = "the saved optimizer state was accumulated under it"
+_HEAD = "the LR schedule already followed (the LR would jump; Megatron refuses this too)"
+RESUME_POLICY: dict[str, tuple[str, str]] = {
+    "model": (REFUSE, _ARCH),
+    "model_overrides": (REFUSE, _ARCH),
+    "attn_implementation": (ALLOW, "the same attention, another kernel"),
+    "activation_checkpointing": (ALLOW, "memory for compute; the same math"),
+    "compile": (ALLOW, "speed only"),
+    "data_path": (REFUSE, _DATA),
+    "tokenizer": (REFUSE, "the token ids the weights were trained on"),
+    "split": (REFUSE, _DATA),
+    "data_cache_dir": (ALLOW, "where index arrays are cached"),
+    "seq_len": (REFUSE, _DATA),
+    "micro_batch_size": (ALLOW, "gradient accumulation changes, the global batches stay the same"),
+    "global_batch_size": (REFUSE, _DATA),
+    "train_iters": (ALLOW, "extending or shortening the run"),
+    "train_tokens": (ALLOW, "extending or shortening the run"),
+    "lr": (REFUSE, _HEAD),
+    "min_lr": (ALLOW, "the tail of the LR schedule"),
+    "warmup_iters": (REFUSE, _HEAD),
+    "lr_decay_style": (REFUSE, _HEAD),
+    "lr_decay_iters": (ALLOW, "the tail of the LR schedule"),
+    "weight_decay": (REFUSE, _OPT),
+    "adam_beta1": (REFUSE, _OPT),
+    "adam_beta2": (REFUSE, _OPT),
+    "adam_eps": (REFUSE, _OPT),
+    "grad_clip": (ALLOW, "a stabiliser applied to each new step"),
+    "precision": (REFUSE, "the layout of the optimizer state (fp32 master weights under bf16/fp16)"),
+    "zero_stage": (REFUSE, "the layout of the optimizer state (sharded by ZeRO stage)"),
+    "ds_config": (ALLOW, "engine settings; the ZeRO stage and precision it must agree with are checked"),
+    "expert_parallel_size": (REFUSE, "how the experts and their optimizer state are sharded over the ranks"),
+    "eval_interval": (ALLOW, "how often"),
+    "eval_iters": (ALLOW, "how much validation"),
+    "save_interval": (ALLOW, "how often"),
+    "keep_last": (ALLOW, "how many checkpoints stay"),
+    "log_interval": (ALLOW, "how often"),
+    "seed": (REFUSE, _DATA),
+    "output_dir": (IGNORE, "where the run is (a run may be moved)"),
+    "resume": (IGNORE, "how this run was started"),
+    "max_nonfinite_steps": (ALLOW, "a safety limit"),
+    "export": (ALLOW, "what happens at the end"),
+    "progress_bar": (ALLOW, "display only"),
+}
+# The world size is not a config field: it is refused only where the checkpoint's layout depends on it.
+WORLD_SIZE_WHY = "the optimizer state is sharded over the data-parallel ranks"
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value)
+
+
+def _as_flag(name: str, value: Any) -> str:
+    if value is None:
+        text = "none"
+    elif isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, (dict, list)) and not (isinstance(value, list) and value):
+        text = shlex.quote(json.dumps(value))
+    elif isinstance(value, list):
+        text = " ".join(shlex.quote(str(v)) for v in value)
+    else:
+        text = shlex.quote(str(value))
+    return f"--{name} {text}"
+
+
+def saved_world_size(manifest: dict[str, Any]) -> int | None:
+    """The world size the checkpoint was written with (older manifests: one rng_rank<r>.pt per rank)."""
+    if "world_size" in manifest:
+        return int(manifest["world_size"])
+    ranks = [rel for rel in manifest.get("files", {}) if re.fullmatch(r"rng_rank\d+\.pt", rel)]
+    return len(ranks) or None
+
+
+def resume_differences(directory: Path, manifest: dict[str, Any], config: dict[str, Any],
+                       world_size: int) -> tuple[str | None, list[str]]:
+    """Compare this run's settings with those saved in the checkpoint's manifest (RESUME_POLICY).
+
+    Returns (the one-line refusal, or None; the "resume: FIELD OLD -> NEW" lines of the allowed changes)."""
+    saved = manifest.get("config") or {}
+    refused: list[tuple[str, Any, Any, str]] = []
+    changed: list[str] = []
+    for name, (policy, why) in RESUME_POLICY.items():
+        if name not in saved or name not in config or saved[name] == config[name] or policy == IGNORE:
+            continue
+        if policy == REFUSE:
+            refused.append((name, saved[name], config[name], why))
+        else:
+            changed.append(f"resume: {name} {_shown(saved[name])} -> {_shown(config[name])}")
+    saved_world = saved_world_size(manifest)
+    world_refused = False
+    if saved_world is not None and saved_world != world_size:
+        sharded = int(saved.get("zero_stage", 0)) >= 1 or int(saved.get("expert_parallel_size", 1)) > 1
+        if sharded:
+            world_refused = True
+        else:
+            changed.append(f"resume: world_size {saved_world} -> {world_size}")
+    if not refused and not world_refused:
+        return None, changed
+    was = [f"{name}={_shown(old)}" for name, old, _, _ in refused]
+    now = [f"{name}={_shown(new)}" for name, _, new, _ in refused]
+    by_reason: dict[str, list[str]] = {}
+    for name, _, _, why in refused:
+        by_reason.setdefault(why, []).append(name)
+    reasons = [f"{', '.join(names)}: {why}" for why, names in by_reason.items()]
+    fixes = [_as_flag(name, old) for name, old, _, _ in refused]
+    if world_refused:
+        was.append(f"world_size={saved_world}")
+        now.append(f"world_size={world_size}")
+        reasons.append(f"world_size at ZeRO stage {saved.get('zero_stage')}: {WORLD_SIZE_WHY}")
+        fixes.append(f"{saved_world} ranks (NPROC={saved_world} for launch/pretrain_llama.sh, "
+                     f"--num_gpus {saved_world} for deepspeed)")
+    return (f"resume: checkpoint {directory} was written with {', '.join(was)} but this run has {', '.join(now)} "
+            f"({'; '.join(reasons)}). Resume it with {' '.join(fixes)}, or start a new --output_dir"), changed
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint is intact but was written by another kind of run: refused, never a reason to fall back."""
 
 
 def _barrier() -> None:
@@ -138,9 +314,13 @@ def save_checkpoint(
                   metadata={"format": "pt"})
     _barrier()
     if rank == 0:
+        make_public(root / tmp_tag / "model.safetensors")  # safetensors writes 0600 whatever the umask
+        # Read back once, right after writing (from the page cache, usually): the checksums of the bytes written.
+        files = {str(p.relative_to(root / tmp_tag)): {"bytes": p.stat().st_size, CHECKSUM: file_checksum(p)}
+                 for p in sorted((root / tmp_tag).rglob("*")) if p.is_file()}
         os.replace(root / tmp_tag, final)
-        files = {str(p.relative_to(final)): p.stat().st_size for p in sorted(final.rglob("*")) if p.is_file()}
-        manifest = {"iteration": iteration, "files": files,
+        manifest = {"iteration": iteration, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                    "checksum": CHECKSUM, "files": files,
                     **{k: client_state[k] for k in ("consumed_samples", "consumed_tokens", "config", "model_config",
                                                     "tokenizer_dir") if k in client_state}}
         atomic_write_text(final / MANIFEST, json.dumps(manifest, indent=1))
@@ -151,32 +331,51 @@ def save_checkpoint(
     return final
 
 
-def load_latest(engine, root: Path, load_optimizer: bool = True) -> tuple[int, dict[str, Any]] | None:
+# Compares a checkpoint's manifest with this run: (the refusal or None, the allowed changes). See resume_differences.
+SettingsCheck = Callable[[Path, dict[str, Any]], tuple[str | None, list[str]]]
+
+
+def load_latest(engine, root: Path, check: SettingsCheck,
+                load_optimizer: bool = True) -> tuple[int, dict[str, Any], list[str]] | None:
     """Load the newest complete checkpoint; fall back, with a warning, to older ones if it is corrupt.
 
-    Returns (iteration, client_state), or None if there is no loadable checkpoint. Every rank must call this.
+    Returns (iteration, client_state, the allowed setting changes), or None if there is no loadable checkpoint.
+    Raises CheckpointMismatch if `check` refuses the checkpoint it would load. Every rank must call this.
     """
     candidates = list(reversed(complete_checkpoints(root)))
-    return _load_first(engine, candidates, load_optimizer)
+    return _load_first(engine, candidates, check, load_optimizer)
 
 
-def load_from(engine, directory: Path, load_optimizer: bool = True) -> tuple[int, dict[str, Any]]:
+def load_from(engine, directory: Path, check: SettingsCheck,
+              load_optimizer: bool = True) -> tuple[int, dict[str, Any], list[str]]:
     match = TAG_RE.match(directory.name)
     if not match:
         raise ValueError(f"resume={directory}: not a checkpoint directory (iter_NNNNNNN)")
-    loaded = _load_first(engine, [(int(match.group(1)), directory)], load_optimizer)
+    loaded = _load_first(engine, [(int(match.group(1)), directory)], check, load_optimizer)
     if loaded is None:
         raise ValueError(f"resume={directory}: the checkpoint is incomplete or corrupt (see the warning above)")
     return loaded
 
 
-def _load_first(engine, candidates: list[tuple[int, Path]], load_optimizer: bool):
+def _load_first(engine, candidates: list[tuple[int, Path]], check: SettingsCheck, load_optimizer: bool):
     rank = _rank()
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     for iteration, directory in candidates:
         error = None
         client_state: dict[str, Any] | None = None
+        changes: list[str] = []
         try:
-            verify_manifest(directory)
+            manifest = read_manifest(directory)
+        except ValueError as err:
+            manifest, error = None, err
+        # Every rank read the same manifest; deciding together keeps a rank that could not from waiting alone.
+        refusal, changes = check(directory, manifest) if manifest is not None else (None, [])
+        if not _all_ok(refusal is None):
+            raise CheckpointMismatch(refusal or f"resume: checkpoint {directory} was refused on another rank")
+        try:
+            if error is not None:
+                raise error
+            verify_files(directory, manifest, rank, world)  # every rank checksums its share of the files
             path, client_state = engine.load_checkpoint(
                 str(directory.parent), tag=directory.name, load_optimizer_states=load_optimizer,
                 load_lr_scheduler_states=load_optimizer)
@@ -188,8 +387,8 @@ def _load_first(engine, candidates: list[tuple[int, Path]], load_optimizer: bool
         except Exception as err:  # any failure to read is "corrupt": the caller falls back to an older checkpoint
             error = err
         if _all_ok(error is None):
-            return iteration, client_state or {}
-        if rank == 0:
+            return iteration, client_state or {}, changes
+        if error is not None or rank == 0:
             warnings.warn(f"checkpoint {directory} could not be loaded ({error or 'failed on another rank'}); "
                           f"falling back to the previous one", stacklevel=2)
     return None

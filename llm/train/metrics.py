@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import resource
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from llm.data.fsutil import temp_path_for
 
 # Dense bf16 peak FLOP/s (no sparsity) of known accelerators, by a substring of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {
@@ -58,24 +62,58 @@ def expert_load(tokens_per_expert: torch.Tensor, layer_names: list[str]) -> dict
     return out
 
 
-class MetricsLogger:
-    """Writes only on rank 0; other ranks get a logger that does nothing."""
+def _json_safe(value: Any) -> Any:
+    # json.dumps writes NaN/Infinity, which strict JSON readers refuse; a non-finite number is logged as null.
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
-    def __init__(self, output_dir: Path, enabled: bool) -> None:
+
+def trim_jsonl(path: Path, last_iteration: int) -> int:
+    """Keep the records of iterations <= `last_iteration` (a resumed run replays the ones after its checkpoint;
+    lines cut by a crash go too). Rewritten atomically; returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    kept: list[str] = []
+    lines = path.read_text().splitlines()
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("iteration", 0) <= last_iteration:
+            kept.append(line)
+    if len(kept) < len(lines):
+        tmp = temp_path_for(path)
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+class MetricsLogger:
+    """Writes only on rank 0; other ranks get a logger that does nothing.
+
+    `start_iteration` is where this run starts (a resumed checkpoint's iteration, else 0): what a dead run logged
+    after it is removed from metrics.jsonl and hidden from TensorBoard (`purge_step`), so every iteration appears
+    once."""
+
+    def __init__(self, output_dir: Path, enabled: bool, start_iteration: int = 0) -> None:
         self.enabled = enabled
         self.jsonl = None
         self.tb = None
         if enabled:
             output_dir.mkdir(parents=True, exist_ok=True)
+            dropped = trim_jsonl(output_dir / "metrics.jsonl", start_iteration)
+            if dropped:
+                print(f"metrics.jsonl: dropped {dropped} records past iteration {start_iteration} (the steps this "
+                      f"run replays)")
             self.jsonl = open(output_dir / "metrics.jsonl", "a", buffering=1)
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_iteration + 1)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
         step = record.get("iteration", 0)
         prefix = record.get("kind", "train")
         for key, value in record.items():

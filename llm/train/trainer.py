@@ -18,7 +18,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import collectives
-from .checkpoint import complete_checkpoints, load_from, load_latest, save_checkpoint
+from .checkpoint import (
+    CheckpointMismatch,
+    complete_checkpoints,
+    load_from,
+    load_latest,
+    read_manifest,
+    resume_differences,
+    save_checkpoint,
+    tag_for,
+)
 from .config import TrainConfig, dump_yaml
 from .ds_config import complete_ds_config, gradient_accumulation_steps, resolve_ds_config_path
 from .metrics import MetricsLogger, expert_load, memory_gib, peak_flops
@@ -101,15 +110,18 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
         self.train_iters = cfg.resolved_train_iters()
+        # Everything is checked before anything is written to output_dir: a refused run leaves it as it was.
         self._check_output_dir()
+        self._check_resume_settings()
         self._setup_data()
         self._setup_model()
         self._setup_engine()
-        self.logger = MetricsLogger(self.output_dir, enabled=self.rank == 0)
         self.iteration = 0
         self.consumed_samples = 0
         self.preemption = PreemptionFlag()
         self._resume()
+        # Records past the iteration this run starts from belong to a dead run's replayed steps: dropped.
+        self.logger = MetricsLogger(self.output_dir, enabled=self.rank == 0, start_iteration=self.iteration)
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -159,6 +171,33 @@ class Trainer:
             vocab_size=self.model_config.vocab_size,
             max_position_embeddings=self.model_config.max_position_embeddings, cache_dir=cfg.data_cache_dir)
         self.data_split = split
+        if self.valid_ds is None:
+            self._without_validation(prefixes, split)
+
+    def _without_validation(self, prefixes: list[str], split: str) -> None:
+        """The split gives the validation set no documents: refused, since the run would end with no validation
+        loss; a warning only when evaluation is off (eval_iters=0)."""
+        from llm.data.gpt_dataset import parse_split, split_ranges
+        from llm.data.indexed_dataset import IndexedDataset
+
+        documents = sum(IndexedDataset(p).num_documents for p in prefixes)
+        where = f"the {documents} documents of {prefixes[0]}" if len(prefixes) == 1 else \
+            f"the {documents} documents of {len(prefixes)} shards"
+        if parse_split(split)[1] == 0:
+            fix = "give it a validation part, e.g. --split 90,10,0"
+        else:
+            needed = next((n for n in range(documents + 1, 10**6) if split_ranges(n, split)[1][1] >
+                           split_ranges(n, split)[1][0]), None)
+            more = f"a corpus of at least {needed} documents" if needed else "a bigger corpus"
+            fix = f"pass e.g. --split 80,20,0 or use {more}"
+        message = f"split={split!r} gives the validation split none of {where}"
+        if self.cfg.eval_iters == 0:
+            if self.rank == 0:
+                print(f"warning: {message}; evaluation is off (eval_iters=0), so this run reports no validation "
+                      f"loss", file=sys.stderr)
+            return
+        raise TrainingError(f"{message}, so the run would end without a validation loss; {fix}, or turn "
+                            f"evaluation off with --eval_iters 0")
 
     def _load_model_config(self):
         from llm.model import load_model_config
@@ -218,6 +257,27 @@ class Trainer:
         self.peak = peak_flops(torch.device(self.device), cfg.precision)
         self.grad_guard = NonFiniteGradGuard(self.engine.module.parameters(), torch.device(self.device))
 
+    def _settings_check(self, directory: Path, manifest: dict[str, Any]) -> tuple[str | None, list[str]]:
+        return resume_differences(directory, manifest, self.cfg.to_dict(), self.world)
+
+    def _check_resume_settings(self) -> None:
+        """Refuse, before any set-up, a resume whose settings differ from those saved with the checkpoint it would
+        load (the loader checks again the one it actually loads, should it fall back to an older one)."""
+        cfg = self.cfg
+        if cfg.resume == "none":
+            return
+        candidates = complete_checkpoints(self.ckpt_root) if cfg.resume == "auto" else [(0, Path(cfg.resume))]
+        if not candidates:
+            return
+        directory = candidates[-1][1]
+        try:
+            manifest = read_manifest(directory)
+        except ValueError:
+            return  # an unreadable manifest is the loader's business (it falls back or refuses)
+        refusal, _ = self._settings_check(directory, manifest)
+        if refusal is not None:
+            raise TrainingError(refusal)
+
     def _resume(self) -> None:
         cfg = self.cfg
         if cfg.resume == "none":
@@ -227,35 +287,36 @@ class Trainer:
             if self.rank == 0:
                 print(f"resume=auto: no complete checkpoint under {self.ckpt_root}; starting from scratch")
             return
-        newest = candidates[-1][1] if candidates else Path(cfg.resume)
-        self._check_expert_parallel_size(newest)
-        if cfg.resume == "auto":
-            loaded = load_latest(self.engine, self.ckpt_root)
-            if loaded is None:  # checkpoints exist but none loads: never start over on top of them
-                raise TrainingError(
-                    f"resume=auto: none of the {len(candidates)} checkpoints under {self.ckpt_root} could be loaded "
-                    f"(see the warnings above); fix or move them, or choose another --output_dir")
-        else:
-            loaded = load_from(self.engine, Path(cfg.resume))
-        self.iteration, state = loaded
+        try:
+            if cfg.resume == "auto":
+                loaded = load_latest(self.engine, self.ckpt_root, self._settings_check)
+                if loaded is None:  # checkpoints exist but none loads: never start over on top of them
+                    raise TrainingError(
+                        f"resume=auto: none of the {len(candidates)} checkpoints under {self.ckpt_root} could be "
+                        f"loaded (see the warnings above); fix or move them, or choose another --output_dir")
+            else:
+                loaded = load_from(self.engine, Path(cfg.resume), self._settings_check)
+        except CheckpointMismatch as err:
+            raise TrainingError(str(err)) from err
+        self.iteration, state, changes = loaded
         if self.ep_group is not None:
             self._restore_expert_shards()
         self.consumed_samples = int(state["consumed_samples"])
+        self._apply_schedule()
         if self.rank == 0:
+            for line in changes:
+                print(line)
             print(f"resumed from iteration {self.iteration} ({self.consumed_samples} samples consumed)")
 
-    def _check_expert_parallel_size(self, checkpoint: Path) -> None:
-        try:
-            saved = json.loads((checkpoint / "complete.json").read_text())["config"]
-        except (OSError, KeyError, json.JSONDecodeError):
-            return  # unreadable manifests are the loader's business (it falls back or refuses)
-        saved_ep = int(saved.get("expert_parallel_size", 1))
-        if saved_ep != self.cfg.expert_parallel_size:
-            raise TrainingError(
-                f"checkpoint {checkpoint} was written with expert_parallel_size={saved_ep} but this run has "
-                f"expert_parallel_size={self.cfg.expert_parallel_size}, and the optimizer state is sharded by it. "
-                f"Resume with --expert_parallel_size {saved_ep} (the weights alone load at any size: "
-                f"python -m llm.export writes them as a Hugging Face directory)")
+    def _apply_schedule(self) -> None:
+        """Set the next step's LR from this run's schedule. The optimizer state restored the LR the saved run's
+        schedule gave; the two differ when an allowed schedule setting changed (train_iters, min_lr,
+        lr_decay_iters). The same expression as LambdaLR's, so an unchanged schedule gives the same bits."""
+        scheduler = self.scheduler
+        lrs = [base * schedule(scheduler.last_epoch) for base, schedule in zip(scheduler.base_lrs,
+                                                                               scheduler.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
 
     # ------------------------------------------------------------------------------------------------ steps
     def _batches(self):
@@ -335,10 +396,13 @@ class Trainer:
             # Token counts are integers far below 2**53: exact in float64, so one vector carries everything.
             pieces += [counts.double().flatten(), dropped.double().flatten()]
         values = collectives.all_reduce(torch.cat(pieces)).tolist()
-        lm, aux, z = (v / self.world for v in values[:3])
         n_nonfinite, stop_votes = values[3], values[4]
+        # A skipped step has no loss: its sums leave out the non-finite micro-batches, so they would read as a
+        # loss far too low (0.0 when none was finite).
+        lm, aux, z = (None, None, None) if n_nonfinite > 0 else (v / self.world for v in values[:3])
         stats: dict[str, Any] = {"lm_loss": lm, "aux_loss": aux, "z_loss": z, "skipped": n_nonfinite > 0,
-                                 "stop": stop_votes > 0, "counts": None, "dropped": None}
+                                 "nonfinite_micro_batches": int(n_nonfinite), "stop": stop_votes > 0,
+                                 "counts": None, "dropped": None}
         if counts is not None and n_nonfinite < ga * self.world:
             n = counts.numel()
             stats["counts"] = torch.tensor(values[5:5 + n], dtype=torch.float64).long().view(counts.shape)
@@ -373,7 +437,6 @@ class Trainer:
         from safetensors import safe_open
 
         from llm.model.dispatch import load_expert_shards
-        from llm.train.checkpoint import tag_for
 
         path = self.ckpt_root / tag_for(self.iteration) / "model.safetensors"
         expert_keys = {f"{name}.{attr}" for name, layer in self.engine.module.moe_layers()
@@ -404,7 +467,26 @@ class Trainer:
                 state.update({k: v.detach().cpu() for k, v in experts.items()})
         return state if self.rank == 0 else None
 
+    def _weights_finite(self) -> bool:
+        """True if every weight on every rank is finite. Each rank checks what it holds (its ZeRO-3 partitions, its
+        experts); one host sync and one all-reduce."""
+        local = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in self.engine.module.parameters()]
+        checks = [torch.isfinite(t.detach()).all() for t in local if t.numel()]
+        return collectives.all_ranks(bool(torch.stack(checks).all()) if checks else True)
+
+    def _refuse_nonfinite(self, what: str) -> None:
+        """Stop rather than publish non-finite weights as a checkpoint or as hf/ (they would be resumed from or
+        evaluated as if fine)."""
+        good = complete_checkpoints(self.ckpt_root)
+        newest = f"the newest checkpoint, {good[-1][1]}, is from before" if good else "no checkpoint was written"
+        raise TrainingError(
+            f"iteration {self.iteration}: {what}; neither a checkpoint nor hf/ is written from these weights "
+            f"({newest}). Resume from an earlier checkpoint with --resume DIR, or check the data and lower --lr "
+            f"in a new --output_dir")
+
     def save(self) -> None:
+        if not self._weights_finite():
+            self._refuse_nonfinite("the weights are not finite (NaN or inf)")
         client_state = {
             "iteration": self.iteration,
             "consumed_samples": self.consumed_samples,
@@ -425,7 +507,9 @@ class Trainer:
             "grad_norm": None if stats["grad_norm"] is None else float(stats["grad_norm"]),
             "tokens_per_s": tokens_per_s, "skipped": stats["skipped"],
         }
-        if self.moe_names and stats["counts"] is not None:  # None when no micro-batch anywhere was finite
+        if stats["skipped"]:
+            record["nonfinite_micro_batches"] = stats["nonfinite_micro_batches"]
+        if self.moe_names and not stats["skipped"] and stats["counts"] is not None:
             record.update(aux_loss=stats["aux_loss"], z_loss=stats["z_loss"],
                           dropped_tokens=int(stats["dropped"].sum()),
                           expert_counts=stats["counts"].tolist())
@@ -467,8 +551,9 @@ class Trainer:
                 now = time.perf_counter()
                 record = self._log_train(stats, now - last_log_time, self.iteration - last_log_iter)
                 last_log_time, last_log_iter = now, self.iteration
-                if self.rank == 0:
+                if self.rank == 0 and record["lm_loss"] is not None:
                     bar.set_postfix(loss=f"{record['lm_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if self.rank == 0:
                     bar.write(self._console_line(record))
             if self.iteration % cfg.eval_interval == 0 and self.iteration != self.train_iters:
                 last_eval = self._eval_and_log()
@@ -486,6 +571,8 @@ class Trainer:
         if preempted:
             return {"preempted": True, "iteration": self.iteration}
         last_eval = self._eval_and_log()
+        if "val_loss" in last_eval and not math.isfinite(last_eval["val_loss"]):
+            self._refuse_nonfinite(f"the final validation loss is not finite ({last_eval['val_loss']})")
         self.save()
         result = {"iteration": self.iteration, "tokens": self.consumed_samples * cfg.seq_len, **last_eval}
         if self.ep_group is not None:
@@ -508,7 +595,8 @@ class Trainer:
         return result
 
     def _console_line(self, r: dict[str, Any]) -> str:
-        parts = [f"iter {r['iteration']}/{self.train_iters}", f"tokens {r['tokens']}", f"loss {r['lm_loss']:.4f}",
+        loss = "skipped (non-finite)" if r["lm_loss"] is None else f"{r['lm_loss']:.4f}"
+        parts = [f"iter {r['iteration']}/{self.train_iters}", f"tokens {r['tokens']}", f"loss {loss}",
                  f"lr {r['lr']:.2e}", f"grad_norm {r['grad_norm'] or float('nan'):.3f}",
                  f"tok/s {r['tokens_per_s']:.0f}"]
         if "aux_loss" in r:

@@ -1,0 +1,290 @@
+"""Resume safety on one CPU rank through the real entry point (python -m llm.pretrain): checkpoints verified by
+content, settings compared with the checkpoint's, replayed metrics not duplicated, nothing written before a refusal,
+no run without validation unless asked, and non-finite weights never published."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from llm.train.checkpoint import (
+    CHECKSUM,
+    MANIFEST,
+    RESUME_POLICY,
+    complete_checkpoints,
+    read_manifest,
+    resume_differences,
+    tag_for,
+    verify_files,
+)
+from tests.trainer_utils import REPO, TINY_MODEL, train_records
+
+ITERS, SAVE = 6, 4
+# One rank, two micro-batches of 2 per step: start-up dominates.
+ARGS = ["--config", "tiny", "--model", "llama-tiny", "--seq_len", "32", "--micro_batch_size", "2",
+        "--global_batch_size", "4", "--log_interval", "1", "--eval_interval", "1000", "--eval_iters", "1",
+        "--warmup_iters", "2", "--progress_bar", "false", "--export", "false", "--save_interval", str(SAVE),
+        "--model_overrides", json.dumps(TINY_MODEL)]
+
+
+def pretrain(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+    return subprocess.run([sys.executable, "-m", "llm.pretrain", *ARGS, "--output_dir", str(out), *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else b"<dir>"
+            for p in sorted(directory.rglob("*"))}
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    """Vanilla tiny model, 6 iterations, checkpoints at 4 and 6."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    proc = pretrain(out, "--train_iters", str(ITERS))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ checksums
+def test_manifest_holds_a_checksum_of_every_file(base_run):
+    ckpt = base_run / "checkpoints" / tag_for(ITERS)
+    manifest = read_manifest(ckpt)
+    on_disk = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST}
+    assert set(manifest["files"]) == on_disk and manifest["checksum"] == CHECKSUM
+    assert all(len(entry[CHECKSUM]) == 32 for entry in manifest["files"].values())
+    assert manifest["world_size"] == 1
+    verify_files(ckpt, manifest)
+
+
+def _overwrite_keeping_size(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for offset in range(len(data) // 9, len(data), len(data) // 9)[:8]:
+        data[offset:offset + 4096] = b"\xff" * len(data[offset:offset + 4096])
+    path.write_bytes(bytes(data))
+
+
+def test_corruption_that_keeps_the_size_is_caught(base_run, tmp_path):
+    ckpt = tmp_path / tag_for(ITERS)
+    shutil.copytree(base_run / "checkpoints" / tag_for(ITERS), ckpt)
+    manifest = read_manifest(ckpt)
+    target = ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    size = target.stat().st_size
+    _overwrite_keeping_size(target)
+    assert target.stat().st_size == size
+    with pytest.raises(ValueError, match="does not match its xxh3_128 checksum"):
+        verify_files(ckpt, manifest)
+
+
+def test_old_manifest_without_checksums_still_loads_with_a_warning(base_run, tmp_path):
+    ckpt = tmp_path / tag_for(ITERS)
+    shutil.copytree(base_run / "checkpoints" / tag_for(ITERS), ckpt)
+    manifest = read_manifest(ckpt)
+    manifest["files"] = {rel: entry["bytes"] for rel, entry in manifest["files"].items()}  # the old format
+    del manifest["checksum"], manifest["world_size"]
+    with pytest.warns(UserWarning, match="written before checksums were recorded; only the sizes"):
+        verify_files(ckpt, manifest)
+    (ckpt / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(ValueError, match="model.safetensors has 1 bytes"):
+        verify_files(ckpt, manifest)
+
+
+@pytest.fixture(scope="module")
+def fallback_run(base_run, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The base run with its newest checkpoint corrupted in place (sizes kept), resumed with a longer budget and
+    another log interval: falls back to iteration 4 and replays 5 and 6."""
+    out = tmp_path_factory.mktemp("fallback") / "run"
+    shutil.copytree(base_run, out)
+    _overwrite_keeping_size(out / "checkpoints" / tag_for(ITERS) / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    proc = pretrain(out, "--train_iters", str(ITERS + 2), "--log_interval", "2", "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(fallback_run):
+    out, proc = fallback_run
+    log = proc.stdout + proc.stderr
+    assert "does not match its xxh3_128 checksum" in log and "falling back to the previous one" in log
+    assert f"resumed from iteration {SAVE}" in log
+
+
+def test_allowed_changes_are_logged(fallback_run):
+    out, proc = fallback_run
+    assert f"resume: train_iters {ITERS} -> {ITERS + 2}" in proc.stdout
+    assert "resume: log_interval 1 -> 2" in proc.stdout
+
+
+def test_replayed_iterations_are_logged_once(fallback_run):
+    out, _ = fallback_run
+    iterations = [r["iteration"] for r in train_records(out)]
+    # 1..4 from the first run (log_interval 1), then every 2nd from the resumed one; 5 and 6 of the dead run gone.
+    assert iterations == [1, 2, 3, 4, 6, 8]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/lm_loss")]
+    assert steps == [1, 2, 3, 4, 6, 8]
+
+
+# ------------------------------------------------------------------------------------------- settings check
+def test_every_config_field_has_a_resume_policy():
+    from llm.train.config import FIELDS
+
+    assert set(RESUME_POLICY) == set(FIELDS)
+
+
+def test_changed_settings_and_model_are_refused_before_anything_is_written(base_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    before = snapshot(out)
+    other_model = json.dumps({**TINY_MODEL, "hidden_size": 32})
+    proc = pretrain(out, "--train_iters", str(ITERS + 2), "--resume", "auto", "--seq_len", "64",
+                    "--global_batch_size", "8", "--lr", "0.1", "--model_overrides", other_model)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    [line] = error_lines(proc)
+    assert "Traceback" not in proc.stderr
+    for field in ("seq_len=32", "global_batch_size=4", "lr=0.002", "seq_len=64", "global_batch_size=8", "lr=0.1",
+                  "model_overrides="):
+        assert field in line, field
+    assert "--model_overrides '{" in line and "--seq_len 32 --global_batch_size 4 --lr 0.002" in line
+    assert "start a new --output_dir" in line
+    assert "corrupt" not in proc.stderr and "falling back" not in proc.stderr
+    assert snapshot(out) == before  # no metrics line, no TensorBoard events file, no config.yaml rewrite
+
+
+def _manifest(world_size: int | None, **config) -> dict:
+    from llm.train.config import TrainConfig
+
+    files = {f"rng_rank{r}.pt": {"bytes": 1, CHECKSUM: "0"} for r in range(world_size or 2)}
+    manifest = {"iteration": 8, "files": files, "config": {**TrainConfig().to_dict(), **config}}
+    if world_size is not None:
+        manifest["world_size"] = world_size
+    return manifest
+
+
+def test_another_world_size_is_a_mismatch_where_the_optimizer_state_is_sharded():
+    from llm.train.config import TrainConfig
+
+    config = TrainConfig().to_dict()
+    # World size read from the manifest, or (older manifests) counted from the per-rank RNG files.
+    for manifest in (_manifest(2, zero_stage=2), _manifest(None, zero_stage=2)):
+        refusal, _ = resume_differences(Path("ck"), manifest, {**config, "zero_stage": 2}, world_size=1)
+        assert refusal is not None and "world_size=2" in refusal and "world_size=1" in refusal
+        assert "NPROC=2" in refusal
+    # ZeRO-0 keeps the whole optimizer state on every rank: another world size is allowed, and logged.
+    refusal, changes = resume_differences(Path("ck"), _manifest(2, zero_stage=0), {**config, "zero_stage": 0}, 1)
+    assert refusal is None and changes == ["resume: world_size 2 -> 1"]
+
+
+# ---------------------------------------------------------------------------------------- empty validation
+@pytest.fixture(scope="module")
+def ten_documents(tmp_path_factory) -> tuple[str, str]:
+    import numpy as np
+
+    from llm.data import ensure_default_corpus
+    from llm.data.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path_factory.mktemp("corpus") / "ten")
+    rng = np.random.default_rng(0)
+    with IndexedDatasetBuilder(prefix) as builder:
+        for _ in range(10):
+            builder.add_document(rng.integers(3, 8000, 300).astype(np.uint16))
+    return prefix, str(ensure_default_corpus().tokenizer_dir)
+
+
+def test_an_empty_validation_split_is_refused(ten_documents, tmp_path):
+    prefix, tokenizer = ten_documents
+    out = tmp_path / "run"
+    proc = pretrain(out, "--train_iters", "2", "--data_path", prefix, "--tokenizer", tokenizer)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    [line] = error_lines(proc)
+    assert "split='969,30,1'" in line and "10 documents" in line and "--split 80,20,0" in line
+    assert "--eval_iters 0" in line and "at least 17 documents" in line
+    assert not out.exists()
+
+
+def test_an_empty_validation_split_with_evaluation_off_warns_once(ten_documents, tmp_path):
+    prefix, tokenizer = ten_documents
+    out = tmp_path / "run"
+    proc = pretrain(out, "--train_iters", "1", "--data_path", prefix, "--tokenizer", tokenizer, "--eval_iters", "0")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("gives the validation split none of the 10 documents") == 1
+    assert "evaluation is off (eval_iters=0)" in proc.stderr
+
+
+# -------------------------------------------------------------------------------------------- non-finite
+NONFINITE = r"""
+import json, sys, torch
+from llm.train.config import load_config
+from llm.train.trainer import Trainer, TrainingError
+
+class Diverging(Trainer):
+    # The real loop; iteration 2's loss is made non-finite (a skipped step), and after iteration 3 the weights turn
+    # NaN, as a corrupted optimizer state makes them (ZeRO-0: no master copy restores them at the next step).
+    def _forward(self, batch):
+        total, lm_loss, out = super()._forward(batch)
+        if self.iteration + 1 == 2:
+            total, lm_loss = total * float("nan"), lm_loss * float("nan")
+        return total, lm_loss, out
+    def train_step(self, batches):
+        stats = super().train_step(batches)
+        if self.iteration + 1 == 3:
+            with torch.no_grad():
+                next(self.engine.module.parameters()).fill_(float("nan"))
+        return stats
+
+errors = {}
+# a: the NaN weights reach the end (the final validation loss is NaN); b: they reach a periodic save (iteration 4).
+for name, iters in (("a", "4"), ("b", "5")):
+    args = sys.argv[2:] + ["--train_iters", iters, "--save_interval", "2", "--output_dir", f"{sys.argv[1]}/{name}"]
+    try:
+        Diverging(load_config("tiny", cli_overrides=args)).train()
+        errors[name] = None
+    except TrainingError as err:
+        errors[name] = str(err)
+print(json.dumps(errors))
+"""
+
+
+def test_nonfinite_weights_are_never_published(tmp_path):
+    args = ARGS[2:] + ["--export", "true", "--zero_stage", "0"]
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                                 str(REPO / ".venv" / "torch_extensions"))}
+    proc = subprocess.run([sys.executable, "-c", NONFINITE, str(tmp_path), *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert errors["a"] is not None and "iteration 4: the final validation loss is not finite (nan)" in errors["a"]
+    assert errors["b"] is not None and "iteration 4: the weights are not finite" in errors["b"]
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert f"{tag_for(2)}, is from before" in errors[name]
+        assert [it for it, _ in complete_checkpoints(out / "checkpoints")] == [2]  # iteration 4's weights: not saved
+        assert not (out / "hf").exists() and not (out / "summary.json").exists()
+    out = tmp_path / "a"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in records if r["kind"] == "train" and r["iteration"] == 2]
+    assert skipped and skipped[0]["skipped"] is True and skipped[0]["lm_loss"] is None
+    valid = [r for r in records if r["kind"] == "valid"]
+    assert valid and valid[-1]["val_loss"] is None  # NaN is logged as null, never as a number
+
+
+def test_new_manifests_verify_without_warnings(base_run):
+    ckpt = base_run / "checkpoints" / tag_for(ITERS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        verify_files(ckpt, read_manifest(ckpt))
