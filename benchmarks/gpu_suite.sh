@@ -23,7 +23,7 @@
 # (its lines say "smoke": true; never report them as GPU figures).
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$repo"
+cd "$repo" || exit 2
 PY="${PYTHON:-python3}"
 SITE="${GPU_SUITE_SITE:-/tmp/pn-gpu-site}"
 WHEELS="${GPU_SUITE_WHEELS:-$repo/benchmarks/wheels}"
