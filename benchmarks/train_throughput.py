@@ -107,7 +107,8 @@ def main() -> None:
             global_batch_size=args.global_batch_size, train_iters=total_iters, precision=args.precision,
             zero_stage=args.zero_stage, activation_checkpointing=args.activation_checkpointing,
             attn_implementation=args.attn_implementation,
-            output_dir=os.path.join(tmp, kind), progress_bar=False, export=False, warmup_iters=0))
+            output_dir=os.path.join(tmp, kind), progress_bar=False, export=False, warmup_iters=0,
+            eval_iters=0))  # timing only: no validation split needed at any seq_len
         trainer = Trainer(cfg)
         trainers[kind] = trainer
         contenders[f"trainer_{kind}"] = (trainer, trainer._batches())
