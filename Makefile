@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # DeepSpeed JIT-compiles its CPU ops (shm_comm, ~2 min on 2 cores); keep them with the env, built once at install.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+# ...with the venv's own ninja (DeepSpeed's dependency): ninja 1.11 and 1.13 hash build commands differently, so a
+# system ninja and the venv's one, taking turns, each rebuild that op (1-2 min every switch).
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install run test test-all test-gpu clean-venv

@@ -1,4 +1,5 @@
 import os
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -10,6 +11,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".venv", "torch_extensions")
 )
+# ...built by this interpreter's ninja (the Makefile and launch/common.sh do the same): ninja 1.11 and 1.13 hash the
+# build commands differently, so two ninjas taking turns rebuild the op every time (1-2 min each).
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
 
 @pytest.fixture(scope="module")
