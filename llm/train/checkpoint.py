@@ -259,7 +259,7 @@ def resume_differences(directory: Path, manifest: dict[str, Any], config: dict[s
         was.append(f"world_size={saved_world}")
         now.append(f"world_size={world_size}")
         reasons.append(f"world_size at ZeRO stage {saved.get('zero_stage')}: {WORLD_SIZE_WHY}")
-        fixes.append(f"{saved_world} ranks (NPROC={saved_world} for launch/pretrain_llama.sh, "
+        fixes.append(f"world size {saved_world} (NPROC={saved_world} for launch/pretrain_llama.sh, "
                      f"--num_gpus {saved_world} for deepspeed)")
     return (f"resume: checkpoint {directory} was written with {', '.join(was)} but this run has {', '.join(now)} "
             f"({'; '.join(reasons)}). Resume it with {' '.join(fixes)}, or start a new --output_dir"), changed
