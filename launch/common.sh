@@ -6,7 +6,11 @@
 # Sets PY and DS (the venv's python and deepspeed when there is one) and TORCH_EXTENSIONS_DIR (DeepSpeed's CPU op is
 # prebuilt there at install time; see Makefile).
 
-if [ -x "$repo/.venv/bin/deepspeed" ]; then DS="$repo/.venv/bin/deepspeed"; PY="$repo/.venv/bin/python"
+if [ -x "$repo/.venv/bin/deepspeed" ]; then
+  DS="$repo/.venv/bin/deepspeed"; PY="$repo/.venv/bin/python"
+  # The venv's ninja for DeepSpeed's JIT op builds: another ninja version on PATH reads the build log's command
+  # hashes as changed and rebuilds the op (1-2 min) each time the two take turns.
+  export PATH="$repo/.venv/bin:$PATH"
 else DS="$(command -v deepspeed || echo deepspeed)"; PY="$(command -v python3)"; fi
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$repo/.venv/torch_extensions}"
 export PYTHONUNBUFFERED=1
@@ -55,4 +59,41 @@ deepspeed_launcher() {
   else
     LAUNCHER+=(--num_gpus "$NPROC")
   fi
+}
+
+# Runs the launcher command "$@" and exits with its status once every rank is gone. A stop request - TERM, INT or
+# USR1 to this script or to its whole process group - is passed to the ranks as USR1: each finishes its step, saves a
+# checkpoint and exits 0. The launcher runs in a session of its own (llm/train/launcher_session.py), so a signal to
+# this script's group does not kill DeepSpeed's runner under the ranks; it dies with this script all the same.
+run_launcher() {
+  local stop=0 interrupts=0 child_pid rc
+  _descendants() { local c; for c in $(pgrep -P "$1" || true); do echo "$c"; _descendants "$c"; done; }
+  _request_stop() {
+    echo "$(basename "$0"): $1 received; every rank will checkpoint and exit" >&2
+    stop=1
+  }
+  _interrupt() {
+    interrupts=$((interrupts + 1))
+    if [ "$interrupts" -ge 2 ]; then
+      echo "$(basename "$0"): second interrupt: stopping now, without a checkpoint" >&2
+      kill -KILL -- "-$child_pid" 2>/dev/null || true
+    else
+      _request_stop INT
+    fi
+  }
+  trap '_request_stop TERM' TERM
+  trap '_request_stop USR1' USR1
+  trap '_interrupt' INT
+  "$PY" -m llm.train.launcher_session "$$" -- "$@" &
+  child_pid=$!
+  while kill -0 "$child_pid" 2>/dev/null; do
+    # Until a rank has installed its handler it ignores USR1 (inherited), so the request repeats every second.
+    if [ "$stop" = 1 ]; then
+      local p
+      for p in $(_descendants "$child_pid"); do kill -USR1 "$p" 2>/dev/null || true; done
+    fi
+    sleep 1 & wait $! 2>/dev/null || true
+  done
+  set +e; wait "$child_pid"; rc=$?
+  exit "$rc"
 }

@@ -25,8 +25,9 @@
 #   EP=N               expert_parallel_size
 #   DRY_RUN=1          print the launcher command instead of running it
 # Extra --key value pairs override any training-config field (e.g. --train_iters 100 --output_dir runs/x).
-# SIGTERM or SIGUSR1 to this script (or SIGUSR1 to the whole job step, as SLURM's --signal does) makes every rank
-# finish its step, save a checkpoint and exit 0; rerun with --resume auto to continue.
+# SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 to this script or to its process group (or SIGUSR1 to the whole job step, as
+# SLURM's --signal does) makes every rank finish its step, save a checkpoint and exit 0; this script exits 0 after the
+# last rank. Rerun with --resume auto to continue. A second Ctrl-C stops at once, without a checkpoint.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -61,27 +62,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   exit 0
 fi
 
-descendants() { local child; for child in $(pgrep -P "$1" || true); do echo "$child"; descendants "$child"; done; }
-signal_ranks() {
-  # The launcher processes ignore USR1 (see below); the trainer ranks handle it. Until a rank has installed its
-  # handler it ignores USR1 too, so the request is repeated every second until the run ends.
-  local p
-  for p in $(descendants "$child_pid"); do kill -USR1 "$p" 2>/dev/null || true; done
-}
-stop=0
-request_stop() { echo "pretrain_llama.sh: $1 received; every rank will checkpoint and exit" >&2; stop=1; }
-trap 'request_stop TERM' TERM
-trap 'request_stop USR1' USR1
-# Ignored signals stay ignored across exec: DeepSpeed's launcher processes ignore USR1 while the trainer installs
-# its own handler, so a USR1 sent to the whole job step (SLURM --signal) reaches only the ranks.
-( trap '' USR1; exec "${cmd[@]}" ) &
-child_pid=$!
-while kill -0 "$child_pid" 2>/dev/null; do
-  if [ "$stop" = 1 ]; then signal_ranks; fi
-  sleep 1 & wait $! 2>/dev/null || true
-done
-set +e; wait "$child_pid"; rc=$?
-exit "$rc"
+run_launcher "${cmd[@]}"
 BASH ENDS
 ":"""
 # Python: a launcher started this file with python on one rank (its rank variables are set); bash runs the trainer.

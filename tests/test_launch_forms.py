@@ -2,7 +2,8 @@
 (tests/test_readme_commands.py runs every form once - the literal `deepspeed launch/pretrain_llama.sh`, --no_python,
 torchrun, two nodes, sbatch - and checks each run's model and world size): a script inside a launcher starts none,
 the vision launcher's literal form, and two nodes on this machine (two launcher
-processes, one rank each, no ssh) split the experts across the "nodes", checkpoint on SIGUSR1 and resume.
+processes, one rank each, no ssh) split the experts across the "nodes", checkpoint on SIGUSR1 and resume; a signal to
+the launch script's whole process group (what `timeout`, Ctrl-C and many schedulers send) stops the run cleanly.
 SLURM's forms run on a real cluster in tests/test_slurm_launch.py."""
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ from llm.train.checkpoint import complete_checkpoints
 from tests.trainer_utils import (
     TINY_ARGS,
     free_port,
+    launch,
     losses_by_iteration,
     read_log,
     spawn,
@@ -107,3 +111,42 @@ def test_literal_deepspeed_form_of_the_vision_launcher(tmp_path):
                 "--output-dir", str(out)], out)
     assert log.count("WORLD INFO DICT") == 1 and "dist_world_size=2" in log
     assert json.loads((out / "final_metrics.json").read_text())["global_step"] == 2
+
+
+def _processes_of(out: Path) -> list[str]:
+    """Live processes started for the run writing to `out` (its path is on their command lines)."""
+    found = subprocess.run(["pgrep", "-af", "--", f"--output_dir {out}"], capture_output=True, text=True).stdout
+    return [line for line in found.splitlines() if "pgrep" not in line]
+
+
+def _ranks_of(out: Path) -> list[str]:
+    return [line for line in _processes_of(out) if "llm/pretrain.py --local_rank" in line]
+
+
+def test_a_signal_to_the_whole_process_group_checkpoints_and_exits_after_the_last_rank(tmp_path):
+    """`timeout`, Ctrl-C and schedulers signal the launch script's whole process group. SIGTERM there used to kill
+    DeepSpeed's runner at once, so the script exited 143 in about a second while the ranks were still saving (and
+    DeepSpeed's launch.py SIGKILLed them 30 s later). Now: exit 0 once every rank has checkpointed and gone. SIGKILL to
+    the group still leaves no rank behind, though the launcher runs in a session of its own."""
+    out = tmp_path / "run"
+    proc = launch("llama", out, "--train_iters", "200", "--save_interval", "1000", wait=False)
+    wait_for_iteration(proc, out, 2)
+    assert len(_ranks_of(out)) == 2
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, read_log(out)[-4000:]
+    assert _processes_of(out) == []
+    saved = [it for it, _ in complete_checkpoints(out / "checkpoints")]
+    assert len(saved) == 1 and 2 <= saved[0] < 200, saved
+    assert f"saving a checkpoint at iteration {saved[0]} and exiting" in read_log(out)
+
+    proc = launch("llama", out, "--train_iters", "200", "--save_interval", "1000", "--resume", "auto", wait=False)
+    deadline = time.time() + 300
+    while len(_ranks_of(out)) < 2 and time.time() < deadline:
+        time.sleep(0.2)  # both ranks started (DeepSpeed's launch.py spawned them in the launcher's own session)
+    assert len(_ranks_of(out)) == 2
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.time() + 10
+    while _processes_of(out) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _processes_of(out) == []
