@@ -78,7 +78,8 @@ def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]
                 if not f.readline():
                     break
                 raise ValueError(f"{path}:{number}: not a JSON line ({exc})") from exc
-            if record.get("kind") == "train" and "lm_loss" in record:
+            # A skipped (non-finite) step logs lm_loss null: it has no loss to report or plot.
+            if record.get("kind") == "train" and record.get("lm_loss") is not None:
                 train.append(record)
             elif record.get("kind") == "valid" and "val_loss" in record:
                 valid.append(record)

@@ -424,3 +424,21 @@ def test_plots_and_unpacked_datasets_get_the_umask_mode(tmp_path: Path) -> None:
     written = [tmp_path / "plots" / "p.png", *sorted((root / "FashionMNIST" / "raw").iterdir())]
     assert len(written) == 1 + len(FASHION_MNIST_FILES)
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o640" for p in written}
+
+
+def test_a_skipped_step_in_the_metrics_does_not_break_the_report(tmp_path: Path) -> None:
+    """The trainer logs a skipped (non-finite) step with lm_loss null; the report's readers and plots skip it."""
+    from evals.plots import plot_losses
+    from evals.runs import load_group
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"kind": "train", "iteration": 1, "tokens": 8, "lm_loss": 9.0},
+               {"kind": "train", "iteration": 2, "tokens": 16, "lm_loss": None, "nonfinite_micro_batches": 1},
+               {"kind": "train", "iteration": 3, "tokens": 24, "lm_loss": 8.5},
+               {"kind": "valid", "iteration": 3, "tokens": 24, "val_loss": 8.7}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    group = load_group(run)
+    assert [r["iteration"] for r in group.runs[0].train] == [1, 3]
+    plot_losses([group], tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 0

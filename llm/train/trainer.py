@@ -614,7 +614,9 @@ class Trainer:
 
         state = self.full_state_dict()
         if self.rank == 0:
-            write_hf_directory(self.model_config, state, self.tokenizer_dir, self.output_dir / "hf")
+            # The step goes into the export's record: evaluations of RUN/hf are kept per step (evals.zero_shot).
+            write_hf_directory(self.model_config, state, self.tokenizer_dir, self.output_dir / "hf",
+                               iteration=self.iteration)
         dist.barrier()
 
     def _write_summary(self, result: dict[str, Any]) -> None:
