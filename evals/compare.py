@@ -24,7 +24,7 @@ from typing import Any
 
 from evals.results import Evaluation, TaskScore, best, load_evaluations, task_scores
 from evals.runs import Run, RunGroup, load_group
-from llm.data.fsutil import claim_output, publish_dir, temp_dir_for, write_owner, write_text_atomic
+from runtime.fsutil import claim_output, publish_dir, temp_dir_for, write_owner, write_text_atomic
 from evals.zero_shot import parse_batch_size
 
 AVERAGE = "Average"

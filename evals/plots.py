@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from llm.data.fsutil import temp_path_for  # noqa: E402
+from runtime.fsutil import temp_path_for  # noqa: E402
 
 if TYPE_CHECKING:
     from evals.compare import GroupScores

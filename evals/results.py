@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.suite import BENCHMARKS, canonical_name, primary_metric
-from llm.data.fsutil import OutputRefused, run_inside, write_text_atomic
+from runtime.fsutil import OutputRefused, run_inside, write_text_atomic
 
 FILTER = "none"  # lm-eval's key suffix for metrics computed without a filter ("acc,none")
 

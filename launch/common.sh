@@ -30,10 +30,10 @@ inside_launcher() {
 # after it), from the variables above.
 deepspeed_launcher() {
   if [ -n "${SLURM_STEP_ID:-}" ] && [ -z "${NNODES:-}" ]; then
-    # One srun task per node: NNODES, NODE_RANK and the rendezvous from the step (llm/train/slurm.py:node_env).
+    # One srun task per node: NNODES, NODE_RANK and the rendezvous from the step (runtime/slurm.py:node_env).
     local line
     while IFS= read -r line; do [ -z "$line" ] || declare -g "$line"; done \
-      < <("$PY" -m llm.train.slurm node-env)
+      < <("$PY" -m runtime.slurm node-env)
   fi
   if [ -z "${NPROC:-}" ]; then
     NPROC=$("$PY" -c 'import torch; print(torch.cuda.device_count() or 1)' 2>/dev/null || echo 1)
@@ -63,7 +63,7 @@ deepspeed_launcher() {
 
 # Runs the launcher command "$@" and exits with its status once every rank is gone. A stop request - TERM, INT or
 # USR1 to this script or to its whole process group - is passed to the ranks as USR1: each finishes its step, saves a
-# checkpoint and exits 0. The launcher runs in a session of its own (llm/train/launcher_session.py), so a signal to
+# checkpoint and exits 0. The launcher runs in a session of its own (runtime/launcher_session.py), so a signal to
 # this script's group does not kill DeepSpeed's runner under the ranks; it dies with this script all the same.
 run_launcher() {
   local stop=0 interrupts=0 child_pid rc
@@ -84,7 +84,7 @@ run_launcher() {
   trap '_request_stop TERM' TERM
   trap '_request_stop USR1' USR1
   trap '_interrupt' INT
-  "$PY" -m llm.train.launcher_session "$$" -- "$@" &
+  "$PY" -m runtime.launcher_session "$$" -- "$@" &
   child_pid=$!
   while kill -0 "$child_pid" 2>/dev/null; do
     # Until a rank has installed its handler it ignores USR1 (inherited), so the request repeats every second.

@@ -21,7 +21,7 @@
 #   NPROC=N            ranks per node (default: the visible GPUs, or 1 CPU rank without a GPU)
 #   HOSTFILE=FILE      several nodes over ssh/pdsh (see launch/hostfile.example)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   one launcher per node without ssh (set for you inside an srun step)
-#   DS_CONFIG=NAME     ds_configs/NAME.json (must agree with --zero_stage)
+#   DS_CONFIG=NAME     runtime/ds_configs/NAME.json (must agree with --zero_stage)
 #   EP=N               expert_parallel_size
 #   DRY_RUN=1          print the launcher command instead of running it
 # Extra --key value pairs override any training-config field (e.g. --train_iters 100 --output_dir runs/x).
@@ -51,7 +51,7 @@ args=(--config "${CONFIG:-$size}" --model "$preset" --output_dir "runs/$model-$s
 
 source "$repo/launch/common.sh"
 
-if inside_launcher; then  # already a rank: run the trainer in this process (llm.train.slurm maps SLURM's task ids)
+if inside_launcher; then  # already a rank: run the trainer in this process (runtime.slurm maps SLURM's task ids)
   exec "$PY" -u -m llm.pretrain "${args[@]}" "$@"
 fi
 deepspeed_launcher

@@ -9,7 +9,7 @@ export reads no optimizer state and never unpickles anything.
 
 OUT_DIR must not exist yet (or be empty). An earlier export there (it holds `parameternet_export.json`, which lists
 its files) is replaced only with --overwrite; a directory with anything else in it, and a run or its checkpoints,
-never (llm.data.fsutil.claim_output).
+never (runtime.fsutil.claim_output).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ TOOL = "llm.export"
 
 
 def claim_export_dir(out_dir: str | Path, overwrite: bool, flag: str = "OUT_DIR") -> bool:
-    """Refuse an output directory that export must not replace (see llm.data.fsutil.claim_output)."""
-    from llm.data.fsutil import claim_output
+    """Refuse an output directory that export must not replace (see runtime.fsutil.claim_output)."""
+    from runtime.fsutil import claim_output
 
     return claim_output(out_dir, overwrite=overwrite, flag=flag, tool=TOOL, proof=EXPORT_META)
 
@@ -60,7 +60,7 @@ def write_hf_directory(model_config, state_dict: dict[str, torch.Tensor], tokeni
     `overwrite=True` (what the trainer's RUN/hf needs on every publication) still replaces only an earlier export;
     anything else at `out_dir` is refused before any work."""
     import llm.model  # noqa: F401  (registers ParameterNet for save_pretrained's auto_map)
-    from llm.data.fsutil import publish_dir, temp_dir_for, write_owner
+    from runtime.fsutil import publish_dir, temp_dir_for, write_owner
     from llm.model import build_model
 
     out_dir = Path(out_dir)

@@ -4,7 +4,7 @@ the coefficient of variation of the expert counts over time, from a run's metric
     python -m llm.plot_routing RUN_DIR [--out PNG]
 
 The PNG is a view of metrics.jsonl, so an earlier plot of ours at --out (its PNG text names this tool) is replaced;
-any other file there never is (llm.data.fsutil.claim_output).
+any other file there never is (runtime.fsutil.claim_output).
 
 The trainer's train records carry `"expert_counts": [[E ints] per MoE layer]` and `moe/<layer>/...` keys that name
 the layers in the same order. A healthy router keeps every share near 1/E and the CV low; an expert that goes dark
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm.data.fsutil import claim_output, temp_path_for
+from runtime.fsutil import claim_output, temp_path_for
 
 TOOL = "llm.plot_routing"
 

@@ -30,8 +30,8 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_stale_shared_memory() -> None:
-    """/dev/shm is RAM: drop DeepSpeed shm segments that runs from before llm.train.shm existed left behind."""
-    from llm.train.shm import remove_stale_segments
+    """/dev/shm is RAM: drop DeepSpeed shm segments that runs from before runtime.shm existed left behind."""
+    from runtime.shm import remove_stale_segments
 
     removed = remove_stale_segments()
     if removed:

@@ -1,4 +1,4 @@
-"""Device-correct collectives (llm/train/collectives.py) and the hot loop's host syncs.
+"""Device-correct collectives (runtime/collectives.py) and the hot loop's host syncs.
 
 Under the deepspeed launcher on CUDA the default process group is NCCL, whose device map holds only `cuda`; a
 collective on a CPU tensor then raises "No backend type associated with device type cpu". gloo takes CPU tensors,
@@ -41,7 +41,7 @@ def _free_port() -> str:
 RULE_SCRIPT = r"""
 import json, os, sys
 import torch, torch.distributed as dist
-from llm.train import collectives
+from runtime import collectives
 
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
 dist.init_process_group(sys.argv[1], rank=0, world_size=1)
@@ -86,7 +86,7 @@ def test_group_that_takes_cpu_tensors_gets_cpu(backend):
 
 
 def test_without_a_process_group_the_wrappers_are_a_world_of_one():
-    from llm.train import collectives
+    from runtime import collectives
 
     assert collectives.group_device() == torch.device("cpu")
     t = torch.tensor([1.0, 2.0])
@@ -98,7 +98,7 @@ def test_without_a_process_group_the_wrappers_are_a_world_of_one():
 TWO_RANK_SCRIPT = r"""
 import json, os, sys
 import torch, torch.distributed as dist
-from llm.train import collectives
+from runtime import collectives
 
 rank = int(sys.argv[1])
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
@@ -146,8 +146,8 @@ COLLECTIVES = {
 }
 COLLECTIVE_MODULES = ("torch.distributed", "torch.distributed.nn", "torch.distributed.nn.functional",
                       "torch.distributed._functional_collectives", "deepspeed.comm")
-RULE_MODULE = "llm/train/collectives.py"
-SCANNED = ("llm", "vision", "evals")
+RULE_MODULE = "runtime/collectives.py"
+SCANNED = ("runtime", "llm", "vision", "evals")
 
 # (file, enclosing function, collective) -> why it may call torch.distributed directly.
 DISPATCH_REASON = ("the model's own tensors (routing counts, token rows and their gradients, expert weights) on the "
@@ -248,7 +248,7 @@ def test_every_collective_goes_through_the_collectives_module():
                 used.add(key)
             else:
                 offending.append(f"{rel}:{line} {scope or '<module>'} calls {name}")
-    assert not offending, ("collectives outside llm/train/collectives.py (under NCCL a CPU tensor there raises; "
+    assert not offending, ("collectives outside runtime/collectives.py (under NCCL a CPU tensor there raises; "
                            "use its wrappers, which put tensors on the group's device):\n" + "\n".join(offending))
     assert used == set(ALLOWED), f"stale allow-list entries: {sorted(set(ALLOWED) - used)}"
 
@@ -258,7 +258,7 @@ SYNC_SCRIPT = r"""
 import json, sys, torch, torch.distributed as dist
 from pathlib import Path
 
-OURS = str(Path("llm/train").resolve())
+OURS = (str(Path("llm/train").resolve()), str(Path("runtime").resolve()))
 counts = {"host_reads": 0, "collectives": 0}
 
 def counted(fn, key):

@@ -322,7 +322,7 @@ os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0
 import deepspeed
 deepspeed.init_distributed(dist_backend="gloo")
 from llm.model.presets import build_model, load_model_config
-from llm.train.ds_config import complete_ds_config
+from runtime.ds_config import complete_ds_config
 from llm.train.optim import parameter_groups
 
 def nbytes(tensors):

@@ -1,4 +1,4 @@
-"""Nothing lost: no command of ours deletes or overwrites what it did not write (llm.data.fsutil.claim_output), every
+"""Nothing lost: no command of ours deletes or overwrites what it did not write (runtime.fsutil.claim_output), every
 evaluation is kept, and published files get the mode the user's umask gives (issue 12, items 1, 8, 11, 12).
 
 A fake training run (a real checkpoint of a tiny model, in the trainer's layout) stands in for the trainer, so these
@@ -391,7 +391,7 @@ def test_atomic_writers_get_the_umask_mode(tmp_path: Path) -> None:
         write_json_atomic(tmp_path / "d.json", {"a": 1})
         assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {
             "c.safetensors": "0o640", "d.json": "0o640"}
-        from llm.data import fsutil
+        from runtime import fsutil
 
         fsutil.write_text_atomic(tmp_path / "a.txt", "x")
         fsutil.save_safetensors_atomic({"w": torch.zeros(2)}, tmp_path / "b.safetensors")

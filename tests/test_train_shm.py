@@ -1,4 +1,4 @@
-"""llm.train.shm: stale DeepSpeed shm segments are removed only when no process maps them and they are old."""
+"""runtime.shm: stale DeepSpeed shm segments are removed only when no process maps them and they are old."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.train.shm import PREFIX, SHM_DIR, remove_stale_segments, segment_path
+from runtime.shm import PREFIX, SHM_DIR, remove_stale_segments, segment_path
 
 pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
 

@@ -27,9 +27,9 @@ from llm.train.config import (
     print_error,
     warnings_for,
 )
-from llm.train.ds_config import complete_ds_config
+from runtime.ds_config import complete_ds_config
 from llm.train.optim import lr_at
-from llm.train.slurm import expand_nodelist, node_env, rank_env
+from runtime.slurm import expand_nodelist, node_env, rank_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +114,7 @@ def test_yaml_with_wrong_type_is_refused(tmp_path):
         (["--data_path", "[1, a"], "--data_path '[1, a': not valid JSON"),
         (["--tokenizer", "/nonexistent/tok"], "tokenizer='/nonexistent/tok': no tokenizer.json there"),
         (["--resume", "/nonexistent/ckpt"], "an existing checkpoint directory; use --resume auto to continue"),
-        (["--ds_config", "zero9"], "ds_config: 'zero9' is neither a file nor one of ds_configs/"),
+        (["--ds_config", "zero9"], "ds_config: 'zero9' is neither a file nor one of runtime/ds_configs/"),
         (["--model", "llama-7b"], "model='llama-7b' is neither a preset"),
         (["--expert_parallel_size", "2"], "expert_parallel_size=2 needs a ParameterNet model"),
         (["--model", "parameternet-llama-tiny", "--expert_parallel_size", "3"],

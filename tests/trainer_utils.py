@@ -108,7 +108,7 @@ def wait_for_iteration(proc: subprocess.Popen, output_dir: Path, iteration: int,
 def shm_segments(port: int) -> tuple[list[str], int]:
     """DeepSpeed shm all-reduce segments of the run on `port`: (names still in /dev/shm, how many unlinked segments
     live processes map)."""
-    from llm.train.shm import PREFIX, SHM_DIR, mapped_segments
+    from runtime.shm import PREFIX, SHM_DIR, mapped_segments
 
     named = sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}{os.getuid()}_*_{port}_*"))
     unlinked = [name for name, deleted in mapped_segments().items() if deleted and f"_{port}_" in name]

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from llm.data import fsutil
+from runtime import fsutil
 
 LATEST = "latest"
 WEIGHTS = "model.safetensors"
@@ -33,7 +33,7 @@ def step_tag(global_step: int) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Published by rename with the umask's mode (llm.data.fsutil)."""
+    """Published by rename with the umask's mode (runtime.fsutil)."""
     fsutil.write_text_atomic(path, text)
 
 

@@ -76,7 +76,7 @@ class TrainConfig:
     clip_grad: float = 5.0  # max global grad norm (0 = off)
     precision: str = "fp32"  # fp32 | bf16 (bf16 is ~30x slower on CPUs without native bf16)
     zero_stage: int = 1  # 0, 1 or 2
-    ds_config: str = "zero1"  # base DeepSpeed JSON in ds_configs/ (buckets, offload); batch/optimizer come from here
+    ds_config: str = "zero1"  # base DeepSpeed JSON in runtime/ds_configs/ (buckets, offload); batch/optimizer come from here
     ema: bool = False
     ema_decay: float = 0.9998
 
@@ -348,7 +348,7 @@ def validate(cfg: TrainConfig) -> None:
         flag = "init_from_ema" if cfg.init_from_ema else "keep_classifier"
         raise ValueError(f"{flag}=true needs init_from (a previous run directory or .safetensors file); set it, "
                          f"or drop {flag}")
-    from llm.train.ds_config import resolve_ds_config_path
+    from runtime.ds_config import resolve_ds_config_path
 
     resolve_ds_config_path(cfg.ds_config)
     check_directory_path("output_dir", cfg.output_dir)

@@ -29,7 +29,7 @@ from PIL import Image
 from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from llm.data.fsutil import temp_path_for
+from runtime.fsutil import temp_path_for
 from vision.config import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

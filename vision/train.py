@@ -35,10 +35,10 @@ import torch.nn.functional as F
 import yaml
 
 import vision  # noqa: F401  (registers the ParameterNet models in timm)
-from llm.train import collectives
+from runtime import collectives
 from llm.train.config import print_error
-from llm.train.shm import release_own_segment
-from llm.train.slurm import rank_env as slurm_rank_env
+from runtime.shm import release_own_segment
+from runtime.slurm import rank_env as slurm_rank_env
 from vision.checkpoint import (
     EMA_WEIGHTS,
     WEIGHTS,
@@ -206,7 +206,7 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any
 
 
 def ds_config(cfg: TrainConfig, world_size: int, steps_per_epoch: int) -> dict[str, Any]:
-    from llm.train.ds_config import complete_ds_config
+    from runtime.ds_config import complete_ds_config
 
     total_steps = max(1, cfg.epochs * steps_per_epoch)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
@@ -311,7 +311,7 @@ class Prepared:
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
-    from llm.train.ds_config import gradient_accumulation_steps
+    from runtime.ds_config import gradient_accumulation_steps
 
     validate(cfg)
     splits = build_datasets(cfg)

@@ -22,7 +22,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llm.data.fsutil import file_lock, write_text_atomic
+from runtime.fsutil import file_lock, write_text_atomic
 
 DATA_DIR_ENV = "PNET_DATA_DIR"
 CORPUS_NAME = "shakespeare"

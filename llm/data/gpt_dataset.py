@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llm.data.fsutil import file_lock, temp_path_for, writable_dir
+from runtime.fsutil import file_lock, temp_path_for, writable_dir
 from llm.data.indexed_dataset import IndexedDataset, split_prefix
 
 SPLIT_NAMES = ("train", "valid", "test")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm.data.fsutil import fsync_file, temp_path_for
+from runtime.fsutil import fsync_file, temp_path_for
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1

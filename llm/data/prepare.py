@@ -8,7 +8,7 @@ through the `datasets` library, tokenizes in `num_proc` processes, writes every 
 `<s> tokens </s>` (one sequence per document) and publishes `out/my_corpus.bin` + `.idx` only when complete.
 Plain-text files are one document each by default (`--text-unit paragraph|line` to cut them finer).
 Inputs and output are checked before anything is created; an existing shard at the prefix is replaced only with
---overwrite and only when its `PREFIX.json` shows that prepare wrote it (llm.data.fsutil.claim_output).
+--overwrite and only when its `PREFIX.json` shows that prepare wrote it (runtime.fsutil.claim_output).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm.data.fsutil import claim_output, created_dirs_removed_on_error, read_owner, write_text_atomic
+from runtime.fsutil import claim_output, created_dirs_removed_on_error, read_owner, write_text_atomic
 from llm.data.indexed_dataset import IndexedDatasetBuilder, data_path, dtype_for_vocab, index_path, split_prefix
 
 TOOL = "llm.data.prepare"
@@ -104,7 +104,7 @@ def sidecar_path(prefix: str | Path) -> Path:
 
 
 def claim_shard(prefix: str, overwrite: bool) -> bool:
-    """Refuse a prefix whose files prepare must not replace (llm.data.fsutil.claim_output); True if it replaces."""
+    """Refuse a prefix whose files prepare must not replace (runtime.fsutil.claim_output); True if it replaces."""
     sidecar = read_owner(sidecar_path(prefix))
     # Sidecars written before "written_by" existed carry the format line, which no corpus file has.
     ours = sidecar is not None and (sidecar.get("written_by") == TOOL or sidecar.get("format") == SHARD_FORMAT)

@@ -16,7 +16,7 @@ What the directory holds and why:
   confused with data (pad = eos would be, since every document ends with eos). Padding side is left, what batched
   generation with a causal LM needs.
 - `parameternet_tokenizer.json`: vocabulary size, inputs, ids; it also proves the directory is ours, so `--overwrite`
-  may replace it (never a directory with other files, see llm.data.fsutil.claim_output).
+  may replace it (never a directory with other files, see runtime.fsutil.claim_output).
 
 Vocabulary size: byte fallback reserves 259 ids (3 specials + 256 bytes) and every distinct character that
 `character_coverage` keeps needs one more, so the least size depends on the text: 327 for the Shakespeare corpus
@@ -35,7 +35,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from llm.data.fsutil import claim_output, publish_dir, temp_dir_for
+from runtime.fsutil import claim_output, publish_dir, temp_dir_for
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"

@@ -15,7 +15,7 @@ the optimizer's parameter groups are split into MoE groups; the trainer, which m
 
 This file may be saved next to checkpoints, like moe.py, so it imports nothing but torch.
 
-Its collectives are the project's only raw torch.distributed calls outside llm/train/collectives.py (allow-listed,
+Its collectives are the project's only raw torch.distributed calls outside runtime/collectives.py (allow-listed,
 with this reason, in tests/test_collectives.py): they run on the model's own tensors - the routing counts and token
 rows of the forward and their gradients, and the expert weights - which live on the device the engine placed the
 model on, the device an NCCL group serves (CPU under gloo). Nothing here makes a tensor on the host for a collective.

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from llm.data.fsutil import make_public
+from runtime.fsutil import make_public
 
-from .collectives import all_ranks
+from runtime.collectives import all_ranks
 
 TAG_RE = re.compile(r"^iter_(\d{7,})$")
 MANIFEST = "complete.json"

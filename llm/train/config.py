@@ -56,7 +56,7 @@ class TrainConfig:
     # engine
     precision: str = "fp32"  # fp32 | bf16 | fp16
     zero_stage: int = 1
-    ds_config: str | None = None  # ds_configs/<name>.json or a path; None = ds_configs/zero<zero_stage>.json
+    ds_config: str | None = None  # runtime/ds_configs/<name>.json or a path; None = runtime/ds_configs/zero<zero_stage>.json
     expert_parallel_size: int = 1
     # evaluation, checkpoints, logging
     eval_interval: int = 50
@@ -305,7 +305,7 @@ def _check_paths(config: TrainConfig) -> None:
             f"python -m llm.data.tokenizer train --input FILES --vocab-size N --out DIR)"
         )
     if config.ds_config is not None:
-        from .ds_config import resolve_ds_config_path
+        from runtime.ds_config import resolve_ds_config_path
 
         resolve_ds_config_path(config.ds_config)
 
@@ -467,7 +467,7 @@ def print_error(message: str, kind: str = "error", prog: str | None = None) -> N
 def first_rank_on_node(argv: list[str] | None = None) -> bool:
     """Is this the node's local rank 0? Every rank reads the same command line and config, so a config error is
     printed once per node (by this rank) rather than once per rank."""
-    from .slurm import rank_env
+    from runtime.slurm import rank_env
 
     env = {**os.environ, **rank_env(os.environ)}
     for key in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"):

@@ -67,7 +67,7 @@ def split_optimizer_groups(param_groups: list[dict]) -> list[dict]:
 
 def dense_weights_identical(model: nn.Module) -> bool:
     """Are all non-expert weights bitwise equal across ranks? (A cheap consistency check; collective.)"""
-    from .collectives import all_gather
+    from runtime.collectives import all_gather
 
     dense = [p.detach().double().flatten() for p in model.parameters() if getattr(p, "allreduce", True)]
     checksum = torch.stack([torch.cat(dense).sum(), (torch.cat(dense) ** 2).sum()])

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from llm.data.fsutil import temp_path_for
+from runtime.fsutil import temp_path_for
 
 # Dense bf16 peak FLOP/s (no sparsity) of known accelerators, by a substring of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {

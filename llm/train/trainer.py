@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import collectives
+from runtime import collectives
 from .checkpoint import (
     CheckpointMismatch,
     complete_checkpoints,
@@ -29,11 +29,11 @@ from .checkpoint import (
     tag_for,
 )
 from .config import TrainConfig, dump_yaml
-from .ds_config import complete_ds_config, gradient_accumulation_steps, resolve_ds_config_path
+from runtime.ds_config import complete_ds_config, gradient_accumulation_steps, resolve_ds_config_path
 from .metrics import MetricsLogger, expert_load, memory_gib, peak_flops
 from .optim import deepspeed_optimizer_block, lr_at, parameter_groups
-from .shm import release_own_segment
-from .slurm import rank_env as slurm_rank_env
+from runtime.shm import release_own_segment
+from runtime.slurm import rank_env as slurm_rank_env
 
 
 class TrainingError(RuntimeError):
@@ -237,7 +237,7 @@ class Trainer:
         file_stage = json.loads(ds_path.read_text()).get("zero_optimization", {}).get("stage", 0)
         if cfg.ds_config is not None and file_stage != cfg.zero_stage:
             raise TrainingError(f"ds_config {ds_path} has ZeRO stage {file_stage} but zero_stage={cfg.zero_stage}; "
-                                f"make them agree (or drop --ds_config to use ds_configs/zero{cfg.zero_stage}.json)")
+                                f"make them agree (or drop --ds_config to use runtime/ds_configs/zero{cfg.zero_stage}.json)")
         self.ds_config = complete_ds_config(
             ds_path, micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
             data_parallel_size=self.world, precision=cfg.precision, gradient_clipping=cfg.grad_clip,

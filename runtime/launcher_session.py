@@ -1,6 +1,6 @@
 """Run a launcher (DeepSpeed's runner, its ranks) in a session of its own, tied to the script that started it.
 
-    python -m llm.train.launcher_session OWNER_PID -- COMMAND [ARGS ...]
+    python -m runtime.launcher_session OWNER_PID -- COMMAND [ARGS ...]
 
 Why: `timeout`, a closing terminal, many schedulers and Ctrl-C signal a whole process group. In one group with the
 launch script, SIGTERM reached DeepSpeed's runner (which died at once), its `launch.py` (which SIGKILLs the ranks 30 s
@@ -66,7 +66,7 @@ def run(owner: int, cmd: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--" or not argv[0].isdigit():
-        print("usage: python -m llm.train.launcher_session OWNER_PID -- COMMAND [ARGS ...]", file=sys.stderr)
+        print("usage: python -m runtime.launcher_session OWNER_PID -- COMMAND [ARGS ...]", file=sys.stderr)
         return 2
     return run(int(argv[0]), argv[2:])
 

@@ -1,7 +1,7 @@
 """SLURM helpers: node lists for the launch scripts, and ranks for one-task-per-rank `srun` steps.
 
-`python -m llm.train.slurm hostnames 'gpu[01-03,07]'` prints one host a line (what `scontrol show hostnames` does,
-for machines without scontrol and for tests); `python -m llm.train.slurm node-env` prints the launcher variables of an
+`python -m runtime.slurm hostnames 'gpu[01-03,07]'` prints one host a line (what `scontrol show hostnames` does,
+for machines without scontrol and for tests); `python -m runtime.slurm node-env` prints the launcher variables of an
 srun task that runs one launcher per node."""
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     if argv == ["node-env"]:  # KEY=VALUE lines for launch/common.sh
         print("\n".join(f"{k}={v}" for k, v in node_env(os.environ).items()))
         return 0
-    print("usage: python -m llm.train.slurm hostnames NODELIST | node-env", file=sys.stderr)
+    print("usage: python -m runtime.slurm hostnames NODELIST | node-env", file=sys.stderr)
     return 2
 
 
