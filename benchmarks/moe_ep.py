@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from llm.model.dispatch import AllToAllExperts, shard_experts
+from llm.parallel import AllToAllExperts, shard_experts
 from llm.model.moe import MoELinear
 
 SHAPES = {

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from llm.model import MoELinear, ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM
-from llm.model.dispatch import AllToAllExperts, expert_group_name, gather_experts, load_expert_shards, shard_experts
+from llm.parallel import AllToAllExperts, expert_group_name, gather_experts, load_expert_shards, shard_experts
 
 TOL = {"atol": 2e-5, "rtol": 1e-4}
 

@@ -150,16 +150,15 @@ RULE_MODULE = "runtime/collectives.py"
 SCANNED = ("runtime", "llm", "vision", "evals")
 
 # (file, enclosing function, collective) -> why it may call torch.distributed directly.
-DISPATCH_REASON = ("the model's own tensors (routing counts, token rows and their gradients, expert weights) on the "
-                   "device the engine put the model on, which the group serves; dispatch.py imports only torch "
-                   "because it is saved beside checkpoints")
+DISPATCH_REASON = ("the model's own tensors (routing counts, token rows and their gradients) on the device the engine "
+                   "put the model on, which the group serves; the exchange needs the autograd-aware "
+                   "torch.distributed.nn all-to-all, which the wrappers do not offer")
 ALLOWED = {
-    ("llm/model/dispatch.py", "AllToAllExperts.dispatch", "torch.distributed.all_to_all_single"): DISPATCH_REASON,
-    ("llm/model/dispatch.py", "AllToAllExperts.dispatch", "torch.distributed.nn.functional.all_to_all_single"):
+    ("llm/parallel/experts.py", "AllToAllExperts.dispatch", "torch.distributed.all_to_all_single"): DISPATCH_REASON,
+    ("llm/parallel/experts.py", "AllToAllExperts.dispatch", "torch.distributed.nn.functional.all_to_all_single"):
         DISPATCH_REASON,
-    ("llm/model/dispatch.py", "AllToAllExperts.combine", "torch.distributed.nn.functional.all_to_all_single"):
+    ("llm/parallel/experts.py", "AllToAllExperts.combine", "torch.distributed.nn.functional.all_to_all_single"):
         DISPATCH_REASON,
-    ("llm/model/dispatch.py", "gather_experts", "torch.distributed.all_gather"): DISPATCH_REASON,
 }
 
 

@@ -1,4 +1,4 @@
-"""Expert parallelism (llm/model/dispatch.py): 2 gloo ranks with experts sharded against the unsharded layer/model.
+"""Expert parallelism (llm/parallel/): 2 gloo ranks with experts sharded against the unsharded layer/model.
 
 All 2-rank cases run in ONE torchrun launch of tests/ep_worker.py (start-up dominates); the tests below assert on the
 JSON it writes. What "the same" means is spelled out in ep_worker.py's docstring.
@@ -6,6 +6,7 @@ JSON it writes. What "the same" means is spelled out in ep_worker.py's docstring
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import socket
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from llm.model import MoELinear
-from llm.model.dispatch import AllToAllExperts, shard_experts
+from llm.parallel import AllToAllExperts, shard_experts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,3 +105,28 @@ def test_without_torch_distributed_a_clear_error():
         shard_experts(MoELinear(8, 8, num_experts=2), None)
     with pytest.raises(RuntimeError, match="init_process_group"):
         AllToAllExperts(None, num_experts=2)
+
+
+def _distributed_uses(source: str) -> list[str]:
+    """Imports of torch.distributed and attribute uses `<x>.distributed` / `dist.<y>` in a module's code."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("torch.distributed")]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [f"{node.module}.{a.name}" for a in node.names]
+            found += [n for n in names if n.startswith("torch.distributed")]
+        elif isinstance(node, ast.Attribute) and node.attr == "distributed":
+            found.append(ast.unparse(node))
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "dist":
+            found.append(ast.unparse(node))
+    return found
+
+
+def test_model_package_has_no_distributed_code():
+    # The model knows only the dispatcher interface (issue 13): expert parallelism lives in llm/parallel/.
+    assert _distributed_uses("import torch.distributed as dist\nfrom torch import distributed\ndist.get_rank()\n"
+                             "torch.distributed.is_initialized()\n")  # the scanner sees each form
+    offending = {path.relative_to(REPO).as_posix(): uses for path in sorted((REPO / "llm" / "model").rglob("*.py"))
+                 if (uses := _distributed_uses(path.read_text()))}
+    assert not offending, f"distributed code in llm/model/ (move it to llm/parallel/): {offending}"

@@ -4,10 +4,10 @@ router Linear(in -> E) -> softmax -> top-k -> output = gate probability x expert
 `[E, out, in]` parameter. Dispatch sorts the token-expert assignments by expert and runs one grouped matmul
 (`torch._grouped_mm` where the device has it, contiguous slices otherwise); no per-expert boolean masks.
 
-Who computes the experts is a dispatcher object: `LocalExperts` (all experts on this rank) by default, or an
-all-to-all dispatcher for expert parallelism installed after construction (see `dispatch.py`); the routing, capacity,
-gating and combine code here does not change. This file is saved next to ParameterNet checkpoints and imports only
-torch.
+Who computes the experts is a dispatcher object (`ExpertDispatcher`): `LocalExperts` (all experts on this rank) by
+default, or the all-to-all dispatcher for expert parallelism that llm/parallel/ installs after construction; the
+routing, capacity, gating and combine code here does not change. The model package imports no torch.distributed.
+This file is saved next to ParameterNet checkpoints and imports only torch.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Expert parallelism on the DeepSpeed engine: groups, sharding, optimizer groups, checkpoint gather/restore.
 
-The model code does not change: `shard_experts` (llm/model/dispatch.py) keeps each rank's experts and installs the
-all-to-all dispatcher. What DeepSpeed needs on top:
+The model code does not change: `shard_experts` (experts.py) keeps each rank's experts and installs the all-to-all
+dispatcher. What DeepSpeed needs on top:
 - its expert-parallel and expert-data-parallel groups (`deepspeed.utils.groups`), named `ep_size_<ep>`;
 - expert parameters tagged (`allreduce=False`, `group_name`) and put in their own optimizer groups
   (`split_params_into_different_moe_groups_for_optimizer`), so ZeRO reduces them over the expert-data-parallel group;
@@ -18,6 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from runtime.collectives import all_gather
+
+from .experts import expert_group_name, shard_experts
+
 
 def make_marker(ep: int, num_experts: int) -> nn.Module:
     from deepspeed.moe.layer import MoE
@@ -28,7 +32,7 @@ def make_marker(ep: int, num_experts: int) -> nn.Module:
         def __init__(self) -> None:
             nn.Module.__init__(self)  # not MoE.__init__: there is no DeepSpeed expert here
             self.ep_size, self.num_experts, self.num_local_experts = ep, num_experts, 0
-            self.expert_group_name = f"ep_size_{ep}"
+            self.expert_group_name = expert_group_name(ep)
             self.enable_expert_tensor_parallelism = False
 
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
@@ -44,8 +48,6 @@ def setup_expert_parallel(model: nn.Module, ep: int, world_size: int):
     """Create DeepSpeed's groups, shard the experts, add the marker. Returns the expert-parallel group."""
     from deepspeed.utils import groups
 
-    from llm.model.dispatch import shard_experts
-
     moe = [m for m in model.modules() if hasattr(m, "dispatcher") and hasattr(m, "num_experts")]
     if not moe:
         raise ValueError(f"expert_parallel_size={ep} needs a ParameterNet model (with MoE projections)")
@@ -53,7 +55,7 @@ def setup_expert_parallel(model: nn.Module, ep: int, world_size: int):
         raise ValueError(f"expert_parallel_size={ep} does not divide the {world_size} data-parallel ranks; "
                          f"choose a divisor of {world_size}")
     groups._create_expert_and_data_parallel(ep)
-    ep_group = groups._get_expert_parallel_group(f"ep_size_{ep}")
+    ep_group = groups._get_expert_parallel_group(expert_group_name(ep))
     shard_experts(model, ep_group)
     model.add_module("ds_expert_parallel_marker", make_marker(ep, moe[0].num_experts))
     return ep_group
@@ -67,8 +69,6 @@ def split_optimizer_groups(param_groups: list[dict]) -> list[dict]:
 
 def dense_weights_identical(model: nn.Module) -> bool:
     """Are all non-expert weights bitwise equal across ranks? (A cheap consistency check; collective.)"""
-    from runtime.collectives import all_gather
-
     dense = [p.detach().double().flatten() for p in model.parameters() if getattr(p, "allreduce", True)]
     checksum = torch.stack([torch.cat(dense).sum(), (torch.cat(dense) ** 2).sum()])
     gathered = all_gather(checksum)

@@ -1,24 +1,25 @@
 """Expert parallelism for `MoELinear`: experts sharded over a process group, tokens exchanged with all-to-all.
 
-`MoELinear` routes, applies the capacity limit and sorts its assignments by global expert id; a dispatcher then
-computes the experts. `AllToAllExperts` sends each block of rows to the rank that owns its expert, runs that rank's
-local experts as one grouped matmul, and sends the results back. `shard_experts` turns a model built identically on
-every rank into its expert-parallel shard; `gather_experts` rebuilds the full expert tensors (for checkpoints) and
-`load_expert_shards` puts each rank's slice of them back (for resuming, at any expert-parallel size).
+`MoELinear` (llm/model/moe.py) routes, applies the capacity limit and sorts its assignments by global expert id; a
+dispatcher then computes the experts. The model only knows the dispatcher interface and its local default
+(`ExpertDispatcher`, `LocalExperts`); this file holds the distributed one. `AllToAllExperts` sends each block of rows
+to the rank that owns its expert, runs that rank's local experts as one grouped matmul, and sends the results back.
+`shard_experts` turns a model built identically on every rank into its expert-parallel shard; `gather_experts`
+rebuilds the full expert tensors (for checkpoints) and `load_expert_shards` puts each rank's slice of them back (for
+resuming, at any expert-parallel size).
 
 Layout, as in DeepSpeed/Megatron: rank r of an expert-parallel group of size `ep` owns the contiguous experts
 [r * E / ep, (r + 1) * E / ep). Expert parameters are tagged the way DeepSpeed recognises expert parameters
 (`allreduce = False`, `group_name = "ep_size_<ep>"`) so that their gradients are reduced over the
 expert-data-parallel group rather than over all ranks. The tags are necessary, not sufficient: DeepSpeed 0.19 runs
 those code paths only when the model also contains a `deepspeed.moe.layer.MoE` module (`engine.has_moe_layers`) and
-the optimizer's parameter groups are split into MoE groups; the trainer, which may import deepspeed, sees to that.
+the optimizer's parameter groups are split into MoE groups; engine.py sees to that.
 
-This file may be saved next to checkpoints, like moe.py, so it imports nothing but torch.
-
-Its collectives are the project's only raw torch.distributed calls outside runtime/collectives.py (allow-listed,
-with this reason, in tests/test_collectives.py): they run on the model's own tensors - the routing counts and token
-rows of the forward and their gradients, and the expert weights - which live on the device the engine placed the
-model on, the device an NCCL group serves (CPU under gloo). Nothing here makes a tensor on the host for a collective.
+The all-to-alls of the dispatcher are the project's only raw torch.distributed collectives outside
+runtime/collectives.py (allow-listed, with this reason, in tests/test_collectives.py): they run on the model's own
+tensors - the routing counts and token rows of the forward and their gradients - which live on the device the engine
+placed the model on, the device an NCCL group serves (CPU under gloo), and they need the autograd-aware
+`torch.distributed.nn` form that the wrappers do not offer. Nothing here makes a tensor on the host for a collective.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
+
+from runtime.collectives import all_gather
 
 # torch >= 2.10 marks the autograd collectives of torch.distributed.nn as deprecated in favour of the private
 # _functional_collectives module; they remain the public, autograd-correct all-to-all that works on gloo and NCCL.
@@ -203,10 +206,7 @@ def gather_experts(model: nn.Module, ep_group: dist.ProcessGroup | None) -> dict
             raise ValueError(f"{name} is sharded over ep={layer.dispatcher.ep} ranks but ep_group has {ep}; "
                              f"pass the group given to shard_experts")
         for attr, param in _expert_params(layer):
-            local = param.detach().contiguous()
-            parts = [torch.empty_like(local) for _ in range(ep)]
-            dist.all_gather(parts, local, group=ep_group)
-            full[f"{name}.{attr}" if name else attr] = torch.cat(parts, dim=0)
+            full[f"{name}.{attr}" if name else attr] = torch.cat(all_gather(param.detach(), group=ep_group), dim=0)
     return full
 
 
