@@ -18,43 +18,18 @@ import math
 import shutil
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from evals.results import Evaluation, TaskScore, best, load_evaluations, task_scores
 from evals.runs import Run, RunGroup, load_group
-from runtime.fsutil import claim_output, publish_dir, temp_dir_for, write_owner, write_text_atomic
+from evals.scores import AVERAGE, GroupScores, Stat
 from evals.zero_shot import parse_batch_size
+from runtime.fsutil import claim_output, publish_dir, temp_dir_for, write_owner, write_text_atomic
 
-AVERAGE = "Average"
 TOOL = "evals.compare"
 REPORT_META = "parameternet_compare.json"  # proves --out holds our report (and lists its files)
-
-
-@dataclass(frozen=True)
-class Stat:
-    """A value over the seeds of one group: mean, sample std (None for one seed), and a standard error of the mean."""
-
-    mean: float
-    std: float | None
-    sem: float | None  # seeds: std / sqrt(n); one seed: lm-eval's stderr over documents
-    n: int
-
-    @staticmethod
-    def of(values: list[float], single_stderr: float | None = None) -> Stat:
-        if len(values) > 1:
-            std = statistics.stdev(values)
-            return Stat(statistics.fmean(values), std, std / math.sqrt(len(values)), len(values))
-        return Stat(values[0], None, single_stderr, 1)
-
-
-@dataclass(frozen=True)
-class GroupScores:
-    label: str
-    per_task: dict[str, Stat]  # benchmark name (and "Average") -> accuracy
-    metrics: dict[str, str]  # benchmark name -> metric reported
-    per_seed: list[dict[str, float]]  # raw accuracies per seed, per task
 
 
 Chosen = dict[Path, Evaluation]  # run directory -> the evaluation reported for it

@@ -12,10 +12,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from evals.scores import AVERAGE, GroupScores  # noqa: E402
 from runtime.fsutil import temp_path_for  # noqa: E402
 
 if TYPE_CHECKING:
-    from evals.compare import GroupScores
     from evals.runs import RunGroup
 
 
@@ -34,8 +34,6 @@ def _save(fig: Any, path: Path) -> None:
 
 def plot_accuracy(scores: list[GroupScores], tasks: list[str], path: Path) -> None:
     """Grouped bars per task (and the average); error bars: std over seeds, else lm-eval's stderr."""
-    from evals.compare import AVERAGE
-
     names = [*tasks, AVERAGE]
     width = 0.8 / len(scores)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.5))

@@ -14,7 +14,6 @@ Inputs and output are checked before anything is created; an existing shard at t
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import sys
 import tempfile
@@ -25,78 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.fsutil import claim_output, created_dirs_removed_on_error, read_owner, write_text_atomic
+from llm.data.documents import TEXT_UNITS, check_local_inputs, load_corpus
 from llm.data.indexed_dataset import IndexedDatasetBuilder, data_path, dtype_for_vocab, index_path, split_prefix
+from runtime.fsutil import claim_output, created_dirs_removed_on_error, read_owner, write_text_atomic
 
 TOOL = "llm.data.prepare"
 SHARD_FORMAT = "Megatron indexed dataset (MMIDIDX v1), one sequence per document"
 
-COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
-FORMAT_OF_SUFFIX = {
-    ".txt": "text",
-    ".text": "text",
-    ".md": "text",
-    ".rst": "text",
-    ".json": "json",
-    ".jsonl": "json",
-    ".ndjson": "json",
-    ".parquet": "parquet",
-    ".arrow": "arrow",
-}
-TEXT_UNITS = ("document", "paragraph", "line")
 _WRITE_BATCH = 1024  # documents per arrow batch when copying tokens into the shard
-
-
-def resolve_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Expand glob patterns (for quoted arguments) and check that every input exists."""
-    if not inputs:
-        raise ValueError("no input files given; pass --input FILE [FILE ...] (globs allowed)")
-    paths: list[Path] = []
-    missing: list[str] = []
-    for item in inputs:
-        text = str(item)
-        if Path(text).exists():
-            paths.append(Path(text))
-            continue
-        matches = sorted(glob.glob(text, recursive=True)) if any(c in text for c in "*?[") else []
-        if matches:
-            paths.extend(Path(m) for m in matches)
-        else:
-            missing.append(text)
-    if missing:
-        raise FileNotFoundError(f"--input: corpus input(s) not found: {', '.join(missing)}; give existing files, or a "
-                                f"quoted glob that matches some")
-    return paths
-
-
-def _format_of(path: Path) -> str:
-    if path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
-            return "save_to_disk"
-        raise ValueError(f"{path} is a directory but not a `datasets` save_to_disk folder; pass its files instead")
-    name = path.name.lower()
-    for suffix in COMPRESSION_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    fmt = FORMAT_OF_SUFFIX.get(Path(name).suffix)
-    if fmt is None:
-        raise ValueError(
-            f"cannot tell the format of {path}: known suffixes are {', '.join(sorted(FORMAT_OF_SUFFIX))} "
-            f"(optionally compressed: {', '.join(COMPRESSION_SUFFIXES)})"
-        )
-    return fmt
-
-
-def check_local_inputs(inputs: Sequence[str | Path], text_unit: str = "document") -> tuple[list[Path], str]:
-    """The input files (globs expanded) and their one format; raises before anything is read or written."""
-    paths = resolve_inputs(inputs)
-    formats = {_format_of(p) for p in paths}
-    if len(formats) != 1:
-        raise ValueError(f"inputs mix formats {sorted(formats)}; prepare each format into its own shard prefix "
-                         f"and blend them at training time")
-    if text_unit not in TEXT_UNITS:
-        raise ValueError(f"text_unit={text_unit!r}; use one of {TEXT_UNITS}")
-    return paths, formats.pop()
 
 
 def sidecar_path(prefix: str | Path) -> Path:
@@ -111,49 +46,6 @@ def claim_shard(prefix: str, overwrite: bool) -> bool:
     files = [data_path(prefix), index_path(prefix), sidecar_path(prefix)]
     return claim_output(prefix, overwrite=overwrite, flag="--output-prefix", tool=TOOL, proof=sidecar_path(prefix),
                         files=files, owned=ours)
-
-
-def load_corpus(
-    inputs: Sequence[str | Path] = (),
-    *,
-    text_key: str = "text",
-    text_unit: str = "document",
-    dataset_name: str | None = None,
-    dataset_config: str | None = None,
-    dataset_split: str = "train",
-    cache_dir: str | Path | None = None,
-):
-    """A `datasets.Dataset` whose column `text_key` holds the documents' text."""
-    import datasets
-
-    if dataset_name is not None:
-        if inputs:
-            raise ValueError("pass either --input files or --dataset NAME, not both")
-        try:
-            corpus = datasets.load_dataset(dataset_name, dataset_config, split=dataset_split)
-        except Exception as err:  # offline, unknown name, wrong config: datasets raises many types
-            raise ValueError(f"could not load hub dataset {dataset_name!r} (config {dataset_config!r}, split "
-                             f"{dataset_split!r}): {err}. Offline? Download it once, or pass local files") from err
-    else:
-        paths, fmt = check_local_inputs(inputs, text_unit)
-        if fmt == "save_to_disk":
-            loaded = [datasets.load_from_disk(str(p)) for p in paths]
-            if any(isinstance(d, datasets.DatasetDict) for d in loaded):
-                raise ValueError(f"{paths} hold a DatasetDict; pass the folder of one split")
-            corpus = datasets.concatenate_datasets(loaded) if len(loaded) > 1 else loaded[0]
-        else:
-            files = [str(p) for p in paths]
-            extra = {"sample_by": text_unit, "keep_linebreaks": True} if fmt == "text" else {}
-            corpus = datasets.load_dataset(
-                fmt, data_files=files, split="train", cache_dir=None if cache_dir is None else str(cache_dir),
-                **extra,
-            )
-            if fmt == "text" and text_key != "text":
-                corpus = corpus.rename_column("text", text_key)  # the text builder always names it 'text'
-    if text_key not in corpus.column_names:
-        raise ValueError(f"the corpus has no field {text_key!r} (fields: {corpus.column_names}); pick one with "
-                         f"--text-key")
-    return corpus
 
 
 @dataclass

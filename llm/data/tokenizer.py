@@ -63,7 +63,7 @@ def _check_inputs(inputs: Sequence[str | Path]) -> list[Path]:
 
 def _text_lines(paths: list[Path], text_key: str) -> Iterator[str]:
     """Lines of every document of non-plain-text inputs (JSONL, parquet, ...), read through `datasets`."""
-    from llm.data.prepare import load_corpus
+    from llm.data.documents import load_corpus
 
     corpus = load_corpus(paths, text_key=text_key)
     for row in corpus:
