@@ -15,7 +15,8 @@ import pytest
 
 import llm.data.corpus as corpus_module
 from llm.data.corpus import DEFAULT_SPLIT, ensure_default_corpus, shakespeare_files
-from llm.data.gpt_dataset import build_datasets, split_ranges
+from llm.data.data_path import split_ranges
+from llm.data.gpt_dataset import build_datasets
 from llm.data.indexed_dataset import IndexedDataset
 from llm.data.tokenizer import load_tokenizer
 

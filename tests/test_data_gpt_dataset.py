@@ -9,16 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import llm.data.gpt_dataset as gpt_dataset
-from llm.data.gpt_dataset import (
-    BlendedDataset,
-    GPTDataset,
-    blend_indices,
-    build_datasets,
-    parse_data_path,
-    parse_split,
-    split_ranges,
-)
+import llm.data.index_cache as index_cache
+from llm.data.blend import BlendedDataset, blend_indices
+from llm.data.data_path import parse_data_path, parse_split, split_ranges
+from llm.data.gpt_dataset import GPTDataset, build_datasets
 from llm.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from llm.data.sampler import PretrainingSampler
 
@@ -165,7 +159,7 @@ def test_index_cache_next_to_shards_reused_and_rebuilt_when_stale(tmp_path: Path
     def no_rebuild(*args, **kwargs):
         raise AssertionError("index arrays were rebuilt although the cache is valid")
 
-    monkeypatch.setattr(gpt_dataset, "build_epoch", no_rebuild)
+    monkeypatch.setattr(index_cache, "build_epoch", no_rebuild)
     cached, _, _ = build_datasets([str(prefix)], None, "1", 8, 0, (50, 0, 0))
     np.testing.assert_array_equal(np.stack([cached[i] for i in range(50)]), expected)
     monkeypatch.undo()
@@ -180,8 +174,8 @@ def test_index_cache_next_to_shards_reused_and_rebuilt_when_stale(tmp_path: Path
 def test_read_only_shard_dir_uses_user_cache(tmp_path: Path, monkeypatch) -> None:
     prefix = tmp_path / "ro" / "s"
     write_unique_shard(prefix, random_lengths(3, 30))
-    monkeypatch.setattr(gpt_dataset, "writable_dir", lambda path: False)
-    monkeypatch.setenv(gpt_dataset.CACHE_ENV, str(tmp_path / "user_cache"))
+    monkeypatch.setattr(index_cache, "writable_dir", lambda path: False)
+    monkeypatch.setenv(index_cache.CACHE_ENV, str(tmp_path / "user_cache"))
     train, _, _ = build_datasets([str(prefix)], None, "1", 8, 0, (20, 0, 0), vocab_size=100_000)
     assert len(train) == 20
     assert not (tmp_path / "ro" / "index_cache").exists()

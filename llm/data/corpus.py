@@ -114,7 +114,7 @@ def ensure_default_corpus(data_dir: str | Path | None = None, vocab_size: int = 
 
 
 def _build(corpus_dir: Path, files: list[Path], vocab_size: int, expected: dict) -> DefaultCorpus:
-    from llm.data.gpt_dataset import split_ranges
+    from llm.data.data_path import split_ranges
     from llm.data.prepare import prepare_corpus_with_stats
     from llm.data.tokenizer import train_tokenizer
 
