@@ -8,14 +8,7 @@ from vision.models.parameternet import (
     ParameterNet,
     check_input_size,
 )
-
-# Every registered ParameterNet and its same-FLOPs static twin.
-STATIC_TWINS: dict[str, str] = {
-    "parameternet_600m": "ghostnet_600m",
-    "parameternet_300m": "ghostnet_300m",
-    "parameternet_tiny": "ghostnet_tiny",
-}
-MODEL_NAMES: tuple[str, ...] = tuple(name for pair in STATIC_TWINS.items() for name in pair)
+from vision.models.registry import MODEL_NAMES, STATIC_TWINS
 
 __all__ = [
     "BlockSpec",

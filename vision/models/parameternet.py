@@ -1,4 +1,4 @@
-"""ParameterNet CNNs (Han et al., CVPR 2024) and their static GhostNet twins, registered in timm.
+"""ParameterNet CNNs (Han et al., CVPR 2024) and their static GhostNet twins: the network.
 
 The network is GhostNet v1 (ghost modules = a primary conv plus a cheap depthwise conv, squeeze-excite, ghost
 bottlenecks) on the *extended* block list of the paper's released `parameternet.py`, with Hardswish activations and
@@ -11,23 +11,21 @@ Differences from the release, on purpose: it runs on current timm (`timm.layers`
 `register_model`), `reset_classifier` sizes the new head from the 1280-wide head (the release used the pre-head width
 and produced a classifier that could not run), stochastic depth is spread per block rather than per stage, and there
 are no debug prints or global config.
+
+The blocks are in ghost_blocks.py; the named, timm-registered models (widths, expert counts) in registry.py.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Linear, SelectAdaptivePool2d, make_divisible
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._efficientnet_blocks import SqueezeExcite
+from timm.layers import Linear, SelectAdaptivePool2d, make_divisible
 from timm.models._manipulate import checkpoint_seq
 
-from vision.models.dynamic_conv import DynamicConv
+from vision.models.ghost_blocks import ConvBnAct, GhostBottleneck, make_conv
 
 __all__ = [
     "BlockSpec",
@@ -86,114 +84,6 @@ def check_input_size(img_size: int | tuple[int, int], model_name: str = "model")
             f"total stride 32); resize the images to at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} "
             f"(e.g. --img-size {MIN_INPUT_SIZE})"
         )
-
-
-def make_conv(
-    in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1, num_experts: int = 0
-) -> nn.Module:
-    """A bias-free 'same'-padded conv: dynamic with `num_experts` experts, or a plain `nn.Conv2d` when 0."""
-    padding = kernel_size // 2
-    if num_experts == 0:
-        return nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)
-    return DynamicConv(in_chs, out_chs, kernel_size, stride, padding, groups=groups, num_experts=num_experts)
-
-
-class GhostModule(nn.Module):
-    """Half of the output from a 1x1 conv, the other half from a cheap depthwise conv on that half."""
-
-    def __init__(
-        self, in_chs: int, out_chs: int, act_layer: type[nn.Module] | None, num_experts: int, dw_size: int = 3
-    ) -> None:
-        super().__init__()
-        self.out_chs = out_chs
-        init_chs = math.ceil(out_chs / 2)
-
-        def act() -> nn.Module:
-            return act_layer(inplace=True) if act_layer is not None else nn.Identity()
-
-        self.primary_conv = nn.Sequential(
-            make_conv(in_chs, init_chs, 1, num_experts=num_experts), nn.BatchNorm2d(init_chs), act()
-        )
-        self.cheap_operation = nn.Sequential(
-            make_conv(init_chs, init_chs, dw_size, groups=init_chs, num_experts=num_experts),
-            nn.BatchNorm2d(init_chs),
-            act(),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1 = self.primary_conv(x)
-        x2 = self.cheap_operation(x1)
-        return torch.cat([x1, x2], dim=1)[:, : self.out_chs]
-
-
-class GhostBottleneck(nn.Module):
-    """ghost (expand) -> [depthwise stride-2 conv] -> [SE] -> ghost (project) + shortcut."""
-
-    def __init__(
-        self,
-        in_chs: int,
-        mid_chs: int,
-        out_chs: int,
-        kernel_size: int,
-        stride: int,
-        se_ratio: float,
-        act_layer: type[nn.Module],
-        num_experts: int,
-        drop_path_rate: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.ghost1 = GhostModule(in_chs, mid_chs, act_layer, num_experts)
-        if stride > 1:
-            # Static in the release as well: a depthwise kernel is a tiny share of the parameters.
-            self.conv_dw: nn.Module | None = nn.Conv2d(
-                mid_chs, mid_chs, kernel_size, stride, kernel_size // 2, groups=mid_chs, bias=False
-            )
-            self.bn_dw: nn.Module | None = nn.BatchNorm2d(mid_chs)
-        else:
-            self.conv_dw = None
-            self.bn_dw = None
-        self.se = (
-            SqueezeExcite(
-                mid_chs,
-                rd_ratio=se_ratio,
-                act_layer=act_layer,
-                gate_layer="hard_sigmoid",
-                rd_round_fn=lambda c: make_divisible(c, 4),
-            )
-            if se_ratio > 0
-            else None
-        )
-        self.ghost2 = GhostModule(mid_chs, out_chs, None, num_experts)
-        if in_chs == out_chs and stride == 1:
-            self.shortcut: nn.Module = nn.Identity()
-        else:
-            self.shortcut = nn.Sequential(
-                make_conv(in_chs, in_chs, kernel_size, stride, groups=in_chs, num_experts=num_experts),
-                nn.BatchNorm2d(in_chs),
-                make_conv(in_chs, out_chs, 1, num_experts=num_experts),
-                nn.BatchNorm2d(out_chs),
-            )
-        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.ghost1(x)
-        if self.conv_dw is not None and self.bn_dw is not None:
-            out = self.bn_dw(self.conv_dw(out))
-        if self.se is not None:
-            out = self.se(out)
-        out = self.ghost2(out)
-        return self.shortcut(x) + self.drop_path(out)
-
-
-class ConvBnAct(nn.Module):
-    def __init__(self, in_chs: int, out_chs: int, act_layer: type[nn.Module], num_experts: int) -> None:
-        super().__init__()
-        self.conv = make_conv(in_chs, out_chs, 1, num_experts=num_experts)
-        self.bn1 = nn.BatchNorm2d(out_chs)
-        self.act1 = act_layer(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act1(self.bn1(self.conv(x)))
 
 
 class ParameterNet(nn.Module):
@@ -319,105 +209,3 @@ class ParameterNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "min_input_size": (3, MIN_INPUT_SIZE, MIN_INPUT_SIZE),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "conv_stem",
-        "classifier": "classifier",
-        "license": "apache-2.0",
-        **kwargs,
-    }
-
-
-# timm's `register_model` reads this module attribute to attach a pretrained config to each registered name.
-default_cfgs = generate_default_cfgs(
-    {
-        "parameternet_600m.untrained": _cfg(),
-        "parameternet_300m.untrained": _cfg(),
-        "parameternet_tiny.untrained": _cfg(),
-        "ghostnet_600m.untrained": _cfg(),
-        "ghostnet_300m.untrained": _cfg(),
-        "ghostnet_tiny.untrained": _cfg(),
-    }
-)
-
-WIDTH_600M = 1.9
-# Not published by the paper: the width of the same block list that lands at about 300 M multiply-adds at 224
-# (parameternet_300m: 18.5M parameters, 0.303 G MACs; the static twin 11.1M, 0.293 G; `python -m vision.summary`).
-WIDTH_300M = 1.34
-# For CPU smoke tests and the laptop demo; not a paper model.
-WIDTH_TINY = 0.5
-
-
-def _create(variant: str, width: float, default_experts: int, pretrained: bool, **kwargs: Any) -> ParameterNet:
-    if pretrained:
-        raise ValueError(
-            f"{variant}: pretrained=True, but no pretrained weights are published for this model; train one with "
-            f"`bash launch/train_vision.sh` and load it with `vision.train` --init-from"
-        )
-    if default_experts == 0 and kwargs.get("num_experts", 0) != 0:
-        raise ValueError(
-            f"{variant} is the static twin (plain convolutions): num_experts={kwargs['num_experts']} is not accepted; "
-            f"use the parameternet_* model of the same size for dynamic convolutions"
-        )
-    kwargs.setdefault("num_experts", default_experts)
-    return build_model_with_cfg(
-        ParameterNet,
-        variant,
-        pretrained=False,
-        feature_cfg=dict(flatten_sequential=True),
-        block_specs=EXTENDED_GHOSTNET_BLOCKS,
-        width=width,
-        **kwargs,
-    )
-
-
-@register_model
-def parameternet_600m(pretrained: bool = False, **kwargs: Any) -> ParameterNet:
-    """ParameterNet-600M as released: extended GhostNet, width 1.9, Hardswish, 4-expert dynamic convs.
-
-    34.5M parameters and 0.590 G multiply-adds at 224x224 (its static twin ghostnet_600m: 19.8M, 0.570 G).
-    """
-    return _create("parameternet_600m", WIDTH_600M, 4, pretrained, **kwargs)
-
-
-@register_model
-def parameternet_300m(pretrained: bool = False, **kwargs: Any) -> ParameterNet:
-    """ParameterNet-300M. The paper does not publish its configuration: this is the released 600M block list at
-    width 1.34 (chosen here), which lands at about 0.30 G multiply-adds (18.5M parameters) at 224x224 with 4-expert
-    dynamic convs."""
-    return _create("parameternet_300m", WIDTH_300M, 4, pretrained, **kwargs)
-
-
-@register_model
-def parameternet_tiny(pretrained: bool = False, **kwargs: Any) -> ParameterNet:
-    """Width 0.5 of the same block list, 4 experts: for CPU smoke runs (not a paper model)."""
-    return _create("parameternet_tiny", WIDTH_TINY, 4, pretrained, **kwargs)
-
-
-@register_model
-def ghostnet_600m(pretrained: bool = False, **kwargs: Any) -> ParameterNet:
-    """Static twin of parameternet_600m: the same network and widths with plain convolutions."""
-    return _create("ghostnet_600m", WIDTH_600M, 0, pretrained, **kwargs)
-
-
-@register_model
-def ghostnet_300m(pretrained: bool = False, **kwargs: Any) -> ParameterNet:
-    """Static twin of parameternet_300m (width 1.34, plain convolutions)."""
-    return _create("ghostnet_300m", WIDTH_300M, 0, pretrained, **kwargs)
-
-
-@register_model
-def ghostnet_tiny(pretrained: bool = False, **kwargs: Any) -> ParameterNet:
-    """Static twin of parameternet_tiny (width 0.5, plain convolutions)."""
-    return _create("ghostnet_tiny", WIDTH_TINY, 0, pretrained, **kwargs)
