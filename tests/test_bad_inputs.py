@@ -44,7 +44,7 @@ def llm(*args: str) -> list[str]:
 
 
 def vision(*args: str) -> list[str]:
-    return [PY, "-m", "vision.train", "--config", "fashion_mnist_tiny", "--data-dir", "{S}/images", "--output-dir",
+    return [PY, "-m", "vision.train", "--config", "fashion_mnist_tiny", "--data_dir", "{S}/images", "--output_dir",
             "{S}/vrun", *args]
 
 
@@ -99,14 +99,16 @@ CASES = [
                                         "--output_dir", "{S}/notes.txt"], ("--output_dir", "notes.txt", "directory")),
     Case("compare-over-user-files", [PY, "-m", "evals.compare", "{RUN}", "{RUN}", "--out", "{S}/mine"],
          ("--out", "mine", "notes.txt")),
-    Case("routing-plot-over-user-file", [PY, "-m", "llm.plot_routing", "{S}/moe-run", "--out", "{S}/user.png"],
+    Case("routing-plot-over-user-file", [PY, "-m", "evals.plot_routing", "{S}/moe-run", "--out", "{S}/user.png"],
          ("--out", "user.png")),
     # --- the vision trainer's config
     Case("vision-lr-nan", vision("--lr", "nan"), ("lr=nan", "e.g.")),
-    Case("vision-betas-one", vision("--betas", "0.9", "1.0"), ("betas=[0.9, 1.0]", "[0, 1)")),
+    Case("vision-adam-beta2-one", vision("--adam_beta2", "1.0"), ("adam_beta2=1.0", "[0, 1)")),
+    Case("vision-old-flag", vision("--max-steps", "2"), ("max-steps", "renamed: use train_iters")),
+    Case("vision-scale-not-numbers", vision("--scale", "0.5", "big"), ("--scale", "0.5 big", "a list of numbers")),
     Case("vision-interpolation-unknown", vision("--interpolation", "random"), ("interpolation='random'", "bicubic")),
-    Case("vision-output-is-a-file", [PY, "-m", "vision.train", "--config", "fashion_mnist_tiny", "--data-dir",
-                                     "{S}/images", "--output-dir", "{S}/notes.txt"], ("output_dir", "notes.txt")),
+    Case("vision-output-is-a-file", [PY, "-m", "vision.train", "--config", "fashion_mnist_tiny", "--data_dir",
+                                     "{S}/images", "--output_dir", "{S}/notes.txt"], ("output_dir", "notes.txt")),
     # --- the launch script's own inputs
     Case("launcher-model-unknown", ["bash", "launch/pretrain_llama.sh", "gpt2"], ("first argument", "gpt2")),
     Case("launcher-nproc-not-a-number", ["bash", "launch/pretrain_llama.sh"], ("NPROC=two", "positive integer"),

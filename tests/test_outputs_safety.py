@@ -231,7 +231,7 @@ def test_prepare_replaces_only_its_own_shard(tmp_path: Path, tokenizer_dir: Path
 
 
 def test_plot_routing_never_replaces_a_foreign_file(tmp_path: Path) -> None:
-    from llm.plot_routing import main
+    from evals.plot_routing import main
 
     run = tmp_path / "run"
     write_run(run, [train_record(1, [[3, 5, 0, 8]] * 3)])

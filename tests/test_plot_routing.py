@@ -1,4 +1,4 @@
-"""llm.plot_routing: expert-load heat maps from a run's metrics.jsonl (written here in the trainer's format)."""
+"""evals.plot_routing: expert-load heat maps from a run's metrics.jsonl (written here in the trainer's format)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
-from llm.plot_routing import load_routing, main, plot_routing
-from llm.train.metrics import expert_load
+from evals.plot_routing import load_routing, main, plot_routing
+from llm.train.routing_stats import expert_load
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["layers.0.down_proj", "layers.1.down_proj", "layers.2.down_proj"]
@@ -80,7 +80,7 @@ def test_plot_writes_a_png_heat_map(run_dir, tmp_path):
 
 def test_cli_default_output_and_single_record(tmp_path):
     run = write_run(tmp_path / "one", [train_record(7, [[5, 3, 0, 8]] * 3)])
-    proc = subprocess.run([sys.executable, "-m", "llm.plot_routing", str(run)], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "evals.plot_routing", str(run)], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()) == run / "routing.png"
@@ -107,3 +107,16 @@ def test_clear_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="iteration 2 has expert_counts of shape"):
         plot_routing(mixed)
     assert not (mixed / "routing.png").exists()
+
+
+def test_a_plot_from_before_the_move_is_redrawn_a_foreign_png_is_not(tmp_path):
+    """routing.png files drawn when the tool was llm.plot_routing are ours: the default output replaces them."""
+    run = write_run(tmp_path / "run", [train_record(1, [[3, 5, 0, 8]] * 3)])
+    for software, replaced in (("llm.plot_routing", True), ("someone's script", False)):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Software", software)
+        Image.new("RGB", (4, 4)).save(run / "routing.png", pnginfo=info)
+        assert main([str(run)]) == (0 if replaced else 2)
+        with Image.open(run / "routing.png") as image:
+            assert image.size != (4, 4) if replaced else image.size == (4, 4)
+            assert image.text.get("Software") == ("evals.plot_routing" if replaced else software)

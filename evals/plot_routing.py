@@ -1,7 +1,7 @@
 """Expert load over training: a heat map per MoE layer (x: iteration, y: expert, colour: share of assignments) and
 the coefficient of variation of the expert counts over time, from a run's metrics.jsonl.
 
-    python -m llm.plot_routing RUN_DIR [--out PNG]
+    python -m evals.plot_routing RUN_DIR [--out PNG]
 
 The PNG is a view of metrics.jsonl, so an earlier plot of ours at --out (its PNG text names this tool) is replaced;
 any other file there never is (runtime.fsutil.claim_output).
@@ -25,7 +25,9 @@ import numpy as np
 
 from runtime.fsutil import claim_output, temp_path_for
 
-TOOL = "llm.plot_routing"
+TOOL = "evals.plot_routing"
+# Plots written before the tool moved from llm/ to evals/ name it so; they are ours too, so replaced as well.
+FORMER_TOOLS = ("llm.plot_routing",)
 
 
 @dataclass
@@ -173,13 +175,13 @@ def _is_our_plot(path: Path) -> bool:
 
     try:
         with Image.open(path) as image:
-            return image.format == "PNG" and image.text.get("Software") == TOOL
+            return image.format == "PNG" and image.text.get("Software") in (TOOL, *FORMER_TOOLS)
     except OSError:
         return False
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm.plot_routing", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m evals.plot_routing", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a training run's --output_dir (holds metrics.jsonl)")
     parser.add_argument("--out", type=Path, default=None, help="PNG to write (default RUN_DIR/routing.png)")
     args = parser.parse_args(argv)
