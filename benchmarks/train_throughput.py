@@ -8,7 +8,7 @@ On a GPU machine (benchmarks/gpu_suite.sh runs each model in its own process, so
         --micro_batch_size 8 --global_batch_size 8 --no_bare [--activation_checkpointing]
 The device is DeepSpeed's accelerator: CUDA where a GPU is visible, else CPU. MFU = model FLOPs per token (active
 parameters and attention, llm/model/flops.py; activation-checkpointing recompute not counted) x tokens/s / peak: the
-dense bf16 peak of the GPU from llm/train/metrics.py (989 TFLOP/s for H100/H200 SXM), or --peak_tflops. Without a
+dense bf16 peak of the GPU from runtime/metrics.py (989 TFLOP/s for H100/H200 SXM), or --peak_tflops. Without a
 known peak (a CPU, an unknown GPU) MFU is left out.
 """
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from llm.train.config import load_config
-from llm.train.metrics import peak_flops
+from runtime.metrics import peak_flops
 from llm.train.optim import lr_at, parameter_groups
 from llm.train.trainer import Trainer
 
@@ -88,7 +88,7 @@ def main() -> None:
     p.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="peak FLOP/s per device for MFU, in TFLOP/s (default: the GPU's dense bf16 peak from "
-                        "llm/train/metrics.py, e.g. 989 for H100/H200 SXM)")
+                        "runtime/metrics.py, e.g. 989 for H100/H200 SXM)")
     args = p.parse_args()
     for name in ("rounds", "steps", "seq_len", "micro_batch_size", "global_batch_size"):
         if getattr(args, name) < 1:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 def find_checkpoint(path: str | Path) -> Path:
     """A run directory (newest complete checkpoint), its checkpoints/ directory, or one checkpoint directory."""
-    from llm.train.checkpoint import MANIFEST, complete_checkpoints
+    from runtime.checkpoint import MANIFEST, complete_checkpoints
 
     path = Path(path)
     if not path.exists():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.train.checkpoint import complete_checkpoints
+from runtime.checkpoint import complete_checkpoints
 from tests.trainer_utils import (
     TINY_ARGS,
     free_port,
@@ -105,10 +105,10 @@ def test_literal_deepspeed_form_of_the_vision_launcher(tmp_path):
     tiny_image_folder(tmp_path / "images")
     out = tmp_path / "vision"
     log = _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train_vision.sh",
-                "--config", "fashion_mnist_tiny", "--dataset", "folder", "--data-dir", str(tmp_path / "images"),
-                "--train-subset", "0", "--val-subset", "0", "--micro-batch-size", "2", "--global-batch-size", "4",
-                "--max-steps", "2", "--num-workers", "0", "--no-progress", "--no-tensorboard",
-                "--output-dir", str(out)], out)
+                "--config", "fashion_mnist_tiny", "--dataset", "folder", "--data_dir", str(tmp_path / "images"),
+                "--train_subset", "0", "--val_subset", "0", "--micro_batch_size", "2", "--global_batch_size", "4",
+                "--train_iters", "2", "--num_workers", "0", "--progress_bar", "false", "--tensorboard", "false",
+                "--output_dir", str(out)], out)
     assert log.count("WORLD INFO DICT") == 1 and "dist_world_size=2" in log
     assert json.loads((out / "final_metrics.json").read_text())["global_step"] == 2
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from llm.train.checkpoint import (
+from llm.train.checkpoint import RESUME_POLICY
+from runtime.checkpoint import (
     CHECKSUM,
     MANIFEST,
-    RESUME_POLICY,
     complete_checkpoints,
     read_manifest,
     resume_differences,
@@ -182,11 +182,11 @@ def test_another_world_size_is_a_mismatch_where_the_optimizer_state_is_sharded()
     config = TrainConfig().to_dict()
     # World size read from the manifest, or (older manifests) counted from the per-rank RNG files.
     for manifest in (_manifest(2, zero_stage=2), _manifest(None, zero_stage=2)):
-        refusal, _ = resume_differences(Path("ck"), manifest, {**config, "zero_stage": 2}, world_size=1)
+        refusal, _ = resume_differences(Path("ck"), manifest, {**config, "zero_stage": 2}, 1, RESUME_POLICY)
         assert refusal is not None and "world_size=2" in refusal and "world_size=1" in refusal
         assert "NPROC=2" in refusal
     # ZeRO-0 keeps the whole optimizer state on every rank: another world size is allowed, and logged.
-    refusal, changes = resume_differences(Path("ck"), _manifest(2, zero_stage=0), {**config, "zero_stage": 0}, 1)
+    refusal, changes = resume_differences(Path("ck"), _manifest(2, zero_stage=0), {**config, "zero_stage": 0}, 1, RESUME_POLICY)
     assert refusal is None and changes == ["resume: world_size 2 -> 1"]
 
 

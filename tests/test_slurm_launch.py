@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.train.checkpoint import complete_checkpoints
+from runtime.checkpoint import complete_checkpoints
 from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture, found by name)
 from tests.trainer_utils import REPO, TINY_ARGS, losses_by_iteration, tiny_image_folder, train_records
 
@@ -66,9 +66,10 @@ def test_srun_one_task_per_rank_trains_vision_too(slurm_cluster: SlurmCluster, t
     out = tmp_path / "vision"
     proc = slurm_cluster.run(["srun", "--nodes=1", "--ntasks=2", "--overcommit", "bash", "launch/train_vision.sh",
                               "--config", "fashion_mnist_tiny", "--dataset", "folder",
-                              "--data-dir", str(tmp_path / "images"), "--micro-batch-size", "2",
-                              "--global-batch-size", "4", "--max-steps", "2", "--num-workers", "0", "--no-progress",
-                              "--no-tensorboard", "--output-dir", str(out)], timeout=300, cwd=REPO)
+                              "--data_dir", str(tmp_path / "images"), "--micro_batch_size", "2",
+                              "--global_batch_size", "4", "--train_iters", "2", "--num_workers", "0",
+                              "--progress_bar", "false", "--tensorboard", "false", "--output_dir", str(out)],
+                             timeout=300, cwd=REPO)
     log = proc.stdout + proc.stderr
     assert "WORLD INFO DICT" not in log and " 2 rank(s)" in log and " 1 rank(s)" not in log, log[-3000:]
     assert json.loads((out / "final_metrics.json").read_text())["global_step"] == 2

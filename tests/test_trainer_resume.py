@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from llm.train.checkpoint import complete_checkpoints, tag_for
+from runtime.checkpoint import complete_checkpoints, tag_for
 from tests.trainer_utils import (
     launch,
     losses_by_iteration,

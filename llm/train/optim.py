@@ -36,13 +36,3 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     else:
         factor = 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
-
-
-def deepspeed_optimizer_block(cfg: TrainConfig) -> dict[str, Any]:
-    # torch_adam: torch.optim.AdamW instead of JIT-compiling DeepSpeed's fused Adam; its fused kernel (CPU and CUDA)
-    # updates ZeRO's flat fp32 partitions in one pass, without the temporaries of the per-tensor loop.
-    return {
-        "type": "AdamW",
-        "params": {"lr": cfg.lr, "betas": [cfg.adam_beta1, cfg.adam_beta2], "eps": cfg.adam_eps,
-                   "weight_decay": cfg.weight_decay, "torch_adam": True, "fused": True},
-    }

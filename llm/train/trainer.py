@@ -4,75 +4,37 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from runtime import collectives
-from .checkpoint import (
-    CheckpointMismatch,
+from runtime.checkpoint import (
+    check_resume_settings,
     complete_checkpoints,
-    load_from,
-    load_latest,
-    read_manifest,
+    refuse_to_start_over,
     resume_differences,
+    resume_from,
     save_checkpoint,
     tag_for,
 )
-from .config import TrainConfig, dump_yaml
-from runtime.ds_config import complete_ds_config, gradient_accumulation_steps, resolve_ds_config_path
-from .metrics import MetricsLogger, expert_load, memory_gib, peak_flops
-from .optim import deepspeed_optimizer_block, lr_at, parameter_groups
-from runtime.shm import release_own_segment
-from runtime.slurm import rank_env as slurm_rank_env
+from runtime.dist import PreemptionFlag, init_distributed
+from runtime.ds_config import adamw_block, complete_ds_config, gradient_accumulation_steps, resolve_ds_config_path
+from runtime.errors import TrainingError
+from runtime.metrics import MetricsLogger, memory_gib, peak_flops
+from runtime.rundir import CHECKPOINTS, write_config, write_summary
 
-
-class TrainingError(RuntimeError):
-    """A problem the user must fix; the entry point prints it and exits non-zero."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> None:
-    """Start torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU). Works under the deepspeed launcher,
-    torchrun, srun, or plain `python` (a single rank)."""
-    import deepspeed
-
-    os.environ.update(slurm_rank_env(os.environ))  # one srun task per rank: ranks from SLURM's task ids
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if not dist.is_initialized():
-        deepspeed.init_distributed()
-        release_own_segment()
-
-
-class PreemptionFlag:
-    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, saves and exits 0 (SLURM preemption/requeue).
-
-    The flag travels to the other ranks inside the step's one all-reduce (`Trainer.train_step`), not in a collective
-    of its own: a signal is seen at the last micro-batch of the step running when it arrives, or of the next one."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame) -> None:
-        self.raised = True
+from .checkpoint import RESUME_POLICY
+from .config import TrainConfig
+from .inputs import build_inputs, loader
+from .optim import lr_at, parameter_groups
+from .routing_stats import expert_load
+from .weights import full_state_dict, restore_expert_shards, save_full_weights, weights_finite
 
 
 class NonFiniteGradGuard:
@@ -97,10 +59,6 @@ class NonFiniteGradGuard:
         return grad.masked_fill(drop, 0)
 
 
-def _collate(samples: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(samples).astype(np.int64))
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -108,12 +66,17 @@ class Trainer:
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.output_dir = Path(cfg.output_dir)
-        self.ckpt_root = self.output_dir / "checkpoints"
+        self.ckpt_root = self.output_dir / CHECKPOINTS
         self.train_iters = cfg.resolved_train_iters()
         # Everything is checked before anything is written to output_dir: a refused run leaves it as it was.
-        self._check_output_dir()
-        self._check_resume_settings()
-        self._setup_data()
+        refuse_to_start_over(self.ckpt_root, cfg.resume, cfg.output_dir)
+        check_resume_settings(self.ckpt_root, cfg.resume, self._settings_check)
+        from llm.model import load_model_config
+
+        self.model_config = load_model_config(cfg.model, **cfg.model_overrides)
+        self.grad_accum = gradient_accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, self.world)
+        self.inputs = build_inputs(cfg, self.model_config, self.train_iters, self.rank)
+        self.tokenizer_dir = self.inputs.tokenizer_dir
         self._setup_model()
         self._setup_engine()
         self.iteration = 0
@@ -121,89 +84,12 @@ class Trainer:
         self.preemption = PreemptionFlag()
         self._resume()
         # Records past the iteration this run starts from belong to a dead run's replayed steps: dropped.
-        self.logger = MetricsLogger(self.output_dir, enabled=self.rank == 0, start_iteration=self.iteration)
+        self.logger = MetricsLogger(self.output_dir, enabled=self.rank == 0, start_iteration=self.iteration,
+                                    tensorboard=getattr(cfg, "tensorboard", True))
         if self.rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
+            write_config(self.output_dir, cfg.to_dict())
 
     # ----------------------------------------------------------------------------------------------- set-up
-    def _check_output_dir(self) -> None:
-        existing = complete_checkpoints(self.ckpt_root)
-        if self.cfg.resume == "none" and existing:
-            raise TrainingError(
-                f"output_dir={self.cfg.output_dir!r} already holds checkpoints of a run (newest: {existing[-1][1].name}); "
-                f"pass --resume auto to continue it, or choose another --output_dir"
-            )
-
-    def _setup_data(self) -> None:
-        from llm.data import build_datasets, load_tokenizer, parse_data_path
-
-        cfg = self.cfg
-        if cfg.data_path:
-            prefixes, weights = parse_data_path(cfg.data_path)
-            if cfg.tokenizer is None:
-                raise TrainingError("data_path is set but tokenizer is not; pass --tokenizer DIR (an HF tokenizer "
-                                    "directory, e.g. from python -m llm.data.tokenizer train)")
-            tokenizer_dir, split = cfg.tokenizer, cfg.split or "969,30,1"
-        else:
-            from llm.data import ensure_default_corpus
-
-            corpus = ensure_default_corpus()
-            prefixes, weights = [corpus.prefix], None
-            tokenizer_dir, split = cfg.tokenizer or str(corpus.tokenizer_dir), cfg.split or corpus.split
-        missing = [p for p in prefixes if not (Path(f"{p}.bin").is_file() and Path(f"{p}.idx").is_file())]
-        if missing:
-            raise TrainingError(f"data_path: no shards {missing[0]}.bin/.idx; prepare them with python -m llm.data.prepare")
-        self.tokenizer_dir = str(tokenizer_dir)
-        self.tokenizer = load_tokenizer(tokenizer_dir)
-        self.model_config = self._load_model_config()
-        if len(self.tokenizer) > self.model_config.vocab_size:
-            raise TrainingError(
-                f"tokenizer {tokenizer_dir} has {len(self.tokenizer)} tokens but model {cfg.model!r} has "
-                f"vocab_size={self.model_config.vocab_size}; use a model with vocab_size >= {len(self.tokenizer)} "
-                f"(--model_overrides '{{\"vocab_size\": {len(self.tokenizer)}}}') or a smaller tokenizer"
-            )
-        self.grad_accum = gradient_accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, self.world)
-        train_samples = self.train_iters * cfg.global_batch_size
-        valid_samples = max(cfg.eval_iters, 1) * cfg.global_batch_size
-        self.train_ds, self.valid_ds, _ = build_datasets(
-            prefixes, weights, split, cfg.seq_len, cfg.seed, (train_samples, valid_samples, 0),
-            vocab_size=self.model_config.vocab_size,
-            max_position_embeddings=self.model_config.max_position_embeddings, cache_dir=cfg.data_cache_dir)
-        self.data_split = split
-        if self.valid_ds is None:
-            self._without_validation(prefixes, split)
-
-    def _without_validation(self, prefixes: list[str], split: str) -> None:
-        """The split gives the validation set no documents: refused, since the run would end with no validation
-        loss; a warning only when evaluation is off (eval_iters=0)."""
-        from llm.data.gpt_dataset import parse_split, split_ranges
-        from llm.data.indexed_dataset import IndexedDataset
-
-        documents = sum(IndexedDataset(p).num_documents for p in prefixes)
-        where = f"the {documents} documents of {prefixes[0]}" if len(prefixes) == 1 else \
-            f"the {documents} documents of {len(prefixes)} shards"
-        if parse_split(split)[1] == 0:
-            fix = "give it a validation part, e.g. --split 90,10,0"
-        else:
-            needed = next((n for n in range(documents + 1, 10**6) if split_ranges(n, split)[1][1] >
-                           split_ranges(n, split)[1][0]), None)
-            more = f"a corpus of at least {needed} documents" if needed else "a bigger corpus"
-            fix = f"pass e.g. --split 80,20,0 or use {more}"
-        message = f"split={split!r} gives the validation split none of {where}"
-        if self.cfg.eval_iters == 0:
-            if self.rank == 0:
-                print(f"warning: {message}; evaluation is off (eval_iters=0), so this run reports no validation "
-                      f"loss", file=sys.stderr)
-            return
-        raise TrainingError(f"{message}, so the run would end without a validation loss; {fix}, or turn "
-                            f"evaluation off with --eval_iters 0")
-
-    def _load_model_config(self):
-        from llm.model import load_model_config
-
-        return load_model_config(self.cfg.model, **self.cfg.model_overrides)
-
     def _setup_model(self) -> None:
         from llm.model import build_model
         from llm.model.flops import account
@@ -215,7 +101,7 @@ class Trainer:
         self.model.config.use_cache = False
         self.ep_group = None
         if self.cfg.expert_parallel_size > 1:
-            from .expert_parallel import setup_expert_parallel
+            from llm.parallel import setup_expert_parallel
 
             try:
                 self.ep_group = setup_expert_parallel(self.model, self.cfg.expert_parallel_size, self.world)
@@ -241,10 +127,10 @@ class Trainer:
         self.ds_config = complete_ds_config(
             ds_path, micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
             data_parallel_size=self.world, precision=cfg.precision, gradient_clipping=cfg.grad_clip,
-            optimizer=deepspeed_optimizer_block(cfg))
+            optimizer=adamw_block(cfg.lr, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay))
         groups = parameter_groups(self.model, cfg.weight_decay)
         if self.ep_group is not None:
-            from .expert_parallel import split_optimizer_groups
+            from llm.parallel import split_optimizer_groups
 
             groups = split_optimizer_groups(groups)
         schedule = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
@@ -258,49 +144,15 @@ class Trainer:
         self.grad_guard = NonFiniteGradGuard(self.engine.module.parameters(), torch.device(self.device))
 
     def _settings_check(self, directory: Path, manifest: dict[str, Any]) -> tuple[str | None, list[str]]:
-        return resume_differences(directory, manifest, self.cfg.to_dict(), self.world)
-
-    def _check_resume_settings(self) -> None:
-        """Refuse, before any set-up, a resume whose settings differ from those saved with the checkpoint it would
-        load (the loader checks again the one it actually loads, should it fall back to an older one)."""
-        cfg = self.cfg
-        if cfg.resume == "none":
-            return
-        candidates = complete_checkpoints(self.ckpt_root) if cfg.resume == "auto" else [(0, Path(cfg.resume))]
-        if not candidates:
-            return
-        directory = candidates[-1][1]
-        try:
-            manifest = read_manifest(directory)
-        except ValueError:
-            return  # an unreadable manifest is the loader's business (it falls back or refuses)
-        refusal, _ = self._settings_check(directory, manifest)
-        if refusal is not None:
-            raise TrainingError(refusal)
+        return resume_differences(directory, manifest, self.cfg.to_dict(), self.world, RESUME_POLICY)
 
     def _resume(self) -> None:
-        cfg = self.cfg
-        if cfg.resume == "none":
+        loaded = resume_from(self.engine, self.ckpt_root, self.cfg.resume, self._settings_check)
+        if loaded is None:
             return
-        candidates = complete_checkpoints(self.ckpt_root) if cfg.resume == "auto" else []
-        if cfg.resume == "auto" and not candidates:
-            if self.rank == 0:
-                print(f"resume=auto: no complete checkpoint under {self.ckpt_root}; starting from scratch")
-            return
-        try:
-            if cfg.resume == "auto":
-                loaded = load_latest(self.engine, self.ckpt_root, self._settings_check)
-                if loaded is None:  # checkpoints exist but none loads: never start over on top of them
-                    raise TrainingError(
-                        f"resume=auto: none of the {len(candidates)} checkpoints under {self.ckpt_root} could be "
-                        f"loaded (see the warnings above); fix or move them, or choose another --output_dir")
-            else:
-                loaded = load_from(self.engine, Path(cfg.resume), self._settings_check)
-        except CheckpointMismatch as err:
-            raise TrainingError(str(err)) from err
         self.iteration, state, changes = loaded
         if self.ep_group is not None:
-            self._restore_expert_shards()
+            restore_expert_shards(self.engine.module, self.ckpt_root / tag_for(self.iteration))
         self.consumed_samples = int(state["consumed_samples"])
         self._apply_schedule()
         if self.rank == 0:
@@ -320,21 +172,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ steps
     def _batches(self):
-        from llm.data import PretrainingSampler
-
-        sampler = PretrainingSampler(len(self.train_ds), self.consumed_samples, self.cfg.micro_batch_size,
-                                     self.rank, self.world)
-        loader = torch.utils.data.DataLoader(self.train_ds, batch_sampler=sampler, collate_fn=_collate,
-                                             num_workers=0, pin_memory=self._pin_memory())
-        return iter(loader)
-
-    def _pin_memory(self) -> bool:
-        # A copy from pinned memory can be queued without waiting; from pageable memory, a blocking host-to-GPU copy
-        # synchronises the stream, i.e. waits for the previous micro-batch's backward: a host sync per micro-batch.
-        return torch.device(self.device).type == "cuda"
+        return iter(loader(self.inputs.train_ds, self.consumed_samples, self.cfg.micro_batch_size, self.rank,
+                           self.world, torch.device(self.device)))
 
     def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        batch = batch.to(self.device, non_blocking=True)  # pinned on CUDA (see _pin_memory); a no-op on CPU
+        batch = batch.to(self.device, non_blocking=True)  # pinned on CUDA (inputs.loader); a no-op on CPU
         inputs, targets = batch[:, :-1], batch[:, 1:]
         out = self.engine(input_ids=inputs)
         lm_loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1))
@@ -412,17 +254,14 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean LM loss over the first eval_iters global batches of the validation split (the same every time)."""
-        from llm.data import PretrainingSampler
-
-        if self.valid_ds is None or self.cfg.eval_iters == 0:
+        if self.inputs.valid_ds is None or self.cfg.eval_iters == 0:
             return {}
         self.engine.eval()
-        sampler = PretrainingSampler(len(self.valid_ds), 0, self.cfg.micro_batch_size, self.rank, self.world)
-        loader = torch.utils.data.DataLoader(self.valid_ds, batch_sampler=sampler, collate_fn=_collate,
-                                             pin_memory=self._pin_memory())
+        batches = loader(self.inputs.valid_ds, 0, self.cfg.micro_batch_size, self.rank, self.world,
+                         torch.device(self.device))
         loss_sum = torch.zeros((), dtype=torch.float64, device=torch.device(self.device))  # no host sync per batch
         n = 0
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(batches):
             if i >= self.cfg.eval_iters * self.grad_accum:
                 break
             loss_sum += self._forward(batch)[1].double()
@@ -432,48 +271,7 @@ class Trainer:
         val_loss = collectives.all_reduce(mean).item() / self.world
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
-    def _restore_expert_shards(self) -> None:
-        """DeepSpeed wrote the module weights from rank 0 only: take each rank's experts from the full tensors."""
-        from safetensors import safe_open
-
-        from llm.model.dispatch import load_expert_shards
-
-        path = self.ckpt_root / tag_for(self.iteration) / "model.safetensors"
-        expert_keys = {f"{name}.{attr}" for name, layer in self.engine.module.moe_layers()
-                       for attr in ("weight", "bias") if getattr(layer, attr, None) is not None}
-        with safe_open(str(path), framework="pt") as f:
-            full = {k: f.get_tensor(k) for k in expert_keys}
-        load_expert_shards(self.engine.module, full)
-
     # ---------------------------------------------------------------------------------------------- the loop
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's weights on rank 0 (gathered under ZeRO-3); None on other ranks. Collective."""
-        import deepspeed
-
-        state: dict[str, torch.Tensor] = {}
-        for name, param in self.engine.module.named_parameters():
-            if hasattr(param, "ds_id"):
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                    tensor = param.detach().cpu().clone()
-            else:
-                tensor = param.detach().cpu().clone()
-            if self.rank == 0:
-                state[name] = tensor
-        if self.ep_group is not None:
-            from llm.model.dispatch import gather_experts
-
-            experts = gather_experts(self.engine.module, self.ep_group)  # collective over the EP group
-            if self.rank == 0:
-                state.update({k: v.detach().cpu() for k, v in experts.items()})
-        return state if self.rank == 0 else None
-
-    def _weights_finite(self) -> bool:
-        """True if every weight on every rank is finite. Each rank checks what it holds (its ZeRO-3 partitions, its
-        experts); one host sync and one all-reduce."""
-        local = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in self.engine.module.parameters()]
-        checks = [torch.isfinite(t.detach()).all() for t in local if t.numel()]
-        return collectives.all_ranks(bool(torch.stack(checks).all()) if checks else True)
-
     def _refuse_nonfinite(self, what: str) -> None:
         """Stop rather than publish non-finite weights as a checkpoint or as hf/ (they would be resumed from or
         evaluated as if fine)."""
@@ -485,7 +283,7 @@ class Trainer:
             f"in a new --output_dir")
 
     def save(self) -> None:
-        if not self._weights_finite():
+        if not weights_finite(self.engine.module):
             self._refuse_nonfinite("the weights are not finite (NaN or inf)")
         client_state = {
             "iteration": self.iteration,
@@ -495,8 +293,12 @@ class Trainer:
             "model_config": self.model_config.to_dict(),
             "tokenizer_dir": self.tokenizer_dir,
         }
-        save_checkpoint(self.engine, self.ckpt_root, self.iteration, client_state, self.full_state_dict,
-                        self.cfg.keep_last)
+        manifest = {k: client_state[k] for k in ("consumed_samples", "consumed_tokens", "model_config",
+                                                 "tokenizer_dir")}
+        save_checkpoint(self.engine, self.ckpt_root, self.iteration, client_state, self.cfg.keep_last,
+                        self.cfg.to_dict(), manifest,
+                        extra=lambda directory: save_full_weights(self.engine.module, self.ep_group, self.rank,
+                                                                  directory))
 
     def _log_train(self, stats: dict[str, Any], elapsed: float, iters: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -576,7 +378,7 @@ class Trainer:
         self.save()
         result = {"iteration": self.iteration, "tokens": self.consumed_samples * cfg.seq_len, **last_eval}
         if self.ep_group is not None:
-            from .expert_parallel import dense_weights_identical
+            from llm.parallel import dense_weights_identical
 
             result["dense_weights_identical"] = dense_weights_identical(self.engine.module)
         if cfg.export:
@@ -612,7 +414,7 @@ class Trainer:
     def export(self) -> None:
         from llm.export import write_hf_directory
 
-        state = self.full_state_dict()
+        state = full_state_dict(self.engine.module, self.ep_group, self.rank)
         if self.rank == 0:
             # The step goes into the export's record: evaluations of RUN/hf are kept per step (evals.zero_shot).
             write_hf_directory(self.model_config, state, self.tokenizer_dir, self.output_dir / "hf",
@@ -623,7 +425,7 @@ class Trainer:
         if self.rank != 0:
             return
         acc = self.accounting
-        summary = {"model": self.cfg.model, "model_overrides": self.cfg.model_overrides,
+        summary = {"task": "llm", "model": self.cfg.model, "model_overrides": self.cfg.model_overrides,
                    "total_params": acc.total_params, "active_params": acc.active_params,
                    "flops_per_token": acc.forward_flops_per_token, "seq_len": self.cfg.seq_len,
                    "final_val_loss": result.get("val_loss"), "tokens": result["tokens"],
@@ -636,4 +438,4 @@ class Trainer:
 
             # How many graphs torch.compile produced (MoE grouped GEMMs outside bf16 run between graphs, eagerly).
             summary["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
-        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary(self.output_dir, summary)

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from llm.train.checkpoint import complete_checkpoints, tag_for
+from runtime.checkpoint import complete_checkpoints, tag_for
 from tests.gpu.conftest import ITERS, SAVE
 from tests.gpu.target import TARGET, attention_param, gpu, launch_llm, needs_device, subprocess_env
 from tests.trainer_utils import losses_by_iteration, train_records

@@ -1,17 +1,17 @@
-"""Metrics: JSONL + TensorBoard + console on rank 0, throughput and MFU, expert-load summaries."""
+"""Metrics of a run: metrics.jsonl (+ TensorBoard) on rank 0, trimmed when a run resumes; peak FLOP/s and memory."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from runtime.fsutil import temp_path_for
+from runtime.fsutil import write_text_atomic
+from runtime.rundir import METRICS, TENSORBOARD
 
 # Dense bf16 peak FLOP/s (no sparsity) of known accelerators, by a substring of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {
@@ -49,19 +49,6 @@ def memory_gib(device: torch.device) -> dict[str, float]:
     return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def expert_load(tokens_per_expert: torch.Tensor, layer_names: list[str]) -> dict[str, float]:
-    """Per MoE layer: min and max share of the assignments, coefficient of variation of the counts."""
-    out: dict[str, float] = {}
-    counts = tokens_per_expert.double()
-    shares = counts / counts.sum(-1, keepdim=True).clamp(min=1)
-    cv = counts.std(-1, unbiased=False) / counts.mean(-1).clamp(min=1e-9)
-    for i, name in enumerate(layer_names):
-        out[f"moe/{name}/min_share"] = float(shares[i].min())
-        out[f"moe/{name}/max_share"] = float(shares[i].max())
-        out[f"moe/{name}/cv"] = float(cv[i])
-    return out
-
-
 def _json_safe(value: Any) -> Any:
     # json.dumps writes NaN/Infinity, which strict JSON readers refuse; a non-finite number is logged as null.
     return None if isinstance(value, float) and not math.isfinite(value) else value
@@ -82,9 +69,7 @@ def trim_jsonl(path: Path, last_iteration: int) -> int:
         if isinstance(record, dict) and record.get("iteration", 0) <= last_iteration:
             kept.append(line)
     if len(kept) < len(lines):
-        tmp = temp_path_for(path)
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
     return len(lines) - len(kept)
 
 
@@ -93,27 +78,30 @@ class MetricsLogger:
 
     `start_iteration` is where this run starts (a resumed checkpoint's iteration, else 0): what a dead run logged
     after it is removed from metrics.jsonl and hidden from TensorBoard (`purge_step`), so every iteration appears
-    once."""
+    once. Records are keyed by "iteration" (runtime.rundir)."""
 
-    def __init__(self, output_dir: Path, enabled: bool, start_iteration: int = 0) -> None:
+    def __init__(self, output_dir: Path, enabled: bool, start_iteration: int = 0, tensorboard: bool = True) -> None:
         self.enabled = enabled
         self.jsonl = None
         self.tb = None
         if enabled:
             output_dir.mkdir(parents=True, exist_ok=True)
-            dropped = trim_jsonl(output_dir / "metrics.jsonl", start_iteration)
+            dropped = trim_jsonl(output_dir / METRICS, start_iteration)
             if dropped:
                 print(f"metrics.jsonl: dropped {dropped} records past iteration {start_iteration} (the steps this "
                       f"run replays)")
-            self.jsonl = open(output_dir / "metrics.jsonl", "a", buffering=1)
-            from torch.utils.tensorboard import SummaryWriter
+            self.jsonl = open(output_dir / METRICS, "a", buffering=1)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_iteration + 1)
+                self.tb = SummaryWriter(str(output_dir / TENSORBOARD), purge_step=start_iteration + 1)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
+        if self.tb is None:
+            return
         step = record.get("iteration", 0)
         prefix = record.get("kind", "train")
         for key, value in record.items():
@@ -125,4 +113,5 @@ class MetricsLogger:
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
-            self.tb.close()
+            if self.tb is not None:
+                self.tb.close()

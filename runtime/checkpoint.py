@@ -1,0 +1,391 @@
+"""Checkpoints that are never half-published: the protocol both trainers use.
+
+Layout under `<output_dir>/checkpoints/`:
+    iter_0000100/            one DeepSpeed checkpoint (the engine's own files) plus ours:
+        rng_rank<r>.pt       each rank's python/numpy/torch(/cuda) RNG states (tensors only; weights_only=True)
+        ...                  files of the trainer's `extra` hook (llm: model.safetensors, the full gathered weights)
+        complete.json        written last: iteration, world size, the resolved config, the trainer's manifest keys,
+                             and every file with its size and checksum
+    latest                   the newest complete tag; moved (atomic rename) only after every rank finished
+
+Every rank writes into `.tmp-iter_0000100/`; after a barrier rank 0 reads every file back once to checksum it,
+renames the directory to its final name, writes `complete.json`, then moves `latest`. A crash at any point leaves
+either the previous state or a `.tmp-` directory that resume ignores and the next save removes.
+
+Loading verifies sizes and checksums before the engine reads anything: a file that differs is corruption, and resume
+falls back to the previous checkpoint. A checkpoint of another shape (other model, seq_len, world size...) is not
+corruption: `resume_differences` names what differs, and the trainer refuses it according to its RESUME_POLICY table
+(field -> REFUSE | ALLOW | IGNORE and why; llm/train/config.py, vision/config.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shlex
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from runtime.collectives import all_ranks
+from runtime.dist import barrier, rank, world_size
+from runtime.errors import TrainingError
+from runtime.fsutil import make_public, write_text_atomic
+
+TAG_RE = re.compile(r"^iter_(\d{7,})$")
+MANIFEST = "complete.json"
+
+
+def tag_for(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].copy()), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy(), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(iteration, dir) of every published checkpoint, oldest first."""
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            match = TAG_RE.match(child.name)
+            if match and child.is_dir() and (child / MANIFEST).is_file():
+                found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+# xxHash3 (128 bits) reads ~8 GB/s on one core, blake2b ~0.5 GB/s: checksumming a checkpoint costs a fraction of
+# writing it. It comes with `datasets` (a dependency of ours). The manifest names the algorithm it used.
+CHECKSUM = "xxh3_128"
+
+
+def file_checksum(path: Path) -> str:
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 23), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The checkpoint's manifest; ValueError if it is unreadable."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{directory}: unreadable {MANIFEST} ({err})") from err
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise ValueError(f"{directory}: {MANIFEST} is not a checkpoint manifest")
+    return manifest
+
+
+def verify_files(directory: Path, manifest: dict[str, Any], rank: int = 0, world_size: int = 1) -> None:
+    """Raise ValueError if a listed file is missing, has another size, or (for this rank's share of the files: the
+    ranks split the reading) another checksum. Manifests written before checksums were recorded give sizes only:
+    those are checked, with a warning."""
+    sizes_only = []
+    for index, (rel, entry) in enumerate(sorted(manifest.get("files", {}).items())):
+        path = directory / rel
+        if not path.is_file():
+            raise ValueError(f"{directory}: {rel} is missing")
+        size = entry if isinstance(entry, int) else entry["bytes"]
+        if path.stat().st_size != size:
+            raise ValueError(f"{directory}: {rel} has {path.stat().st_size} bytes, the manifest says {size}")
+        if isinstance(entry, int):
+            sizes_only.append(rel)
+        elif index % world_size == rank:
+            algorithm = manifest.get("checksum", CHECKSUM)
+            if algorithm != CHECKSUM:
+                raise ValueError(f"{directory}: {MANIFEST} uses checksum {algorithm!r}; this version reads {CHECKSUM}")
+            got = file_checksum(path)
+            if got != entry[CHECKSUM]:
+                raise ValueError(f"{directory}: {rel} does not match its {CHECKSUM} checksum in {MANIFEST} "
+                                 f"({got} != {entry[CHECKSUM]}): its content changed after it was written")
+    if sizes_only and rank == 0:
+        warnings.warn(f"{directory}: {MANIFEST} was written before checksums were recorded; only the sizes of its "
+                      f"{len(sizes_only)} files are checked", stacklevel=2)
+
+
+# How a resume treats a config field whose value differs from the one saved with the checkpoint. Each trainer has a
+# RESUME_POLICY table, field -> (decision, why), next to its config fields; its tests fail when a field has none.
+#   REFUSE: the checkpoint means something else under the new value: its weights, optimizer state or position in the
+#           data would be read wrongly (Megatron's check_checkpoint_args and its LR-scheduler checks, widened to the
+#           data: the sample order is a pure function of the settings).
+#   ALLOW:  a change made on purpose (how long, how often, how fast, the tail of the LR schedule); logged as
+#           "resume: log_interval 10 -> 5".
+#   IGNORE: where the run is and how it was started, not what it is.
+REFUSE, ALLOW, IGNORE = "refuse", "allow", "ignore"
+ResumePolicy = dict[str, tuple[str, str]]
+# The world size is not a config field: it is refused only where the checkpoint's layout depends on it.
+WORLD_SIZE_WHY = "the optimizer state is sharded over the data-parallel ranks"
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value)
+
+
+def _as_flag(name: str, value: Any) -> str:
+    if value is None:
+        text = "none"
+    elif isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, (dict, list)) and not (isinstance(value, list) and value):
+        text = shlex.quote(json.dumps(value))
+    elif isinstance(value, list):
+        text = " ".join(shlex.quote(str(v)) for v in value)
+    else:
+        text = shlex.quote(str(value))
+    return f"--{name} {text}"
+
+
+def saved_world_size(manifest: dict[str, Any]) -> int | None:
+    """The world size the checkpoint was written with (older manifests: one rng_rank<r>.pt per rank)."""
+    if "world_size" in manifest:
+        return int(manifest["world_size"])
+    ranks = [rel for rel in manifest.get("files", {}) if re.fullmatch(r"rng_rank\d+\.pt", rel)]
+    return len(ranks) or None
+
+
+def resume_differences(directory: Path, manifest: dict[str, Any], config: dict[str, Any], world_size: int,
+                       policy: ResumePolicy) -> tuple[str | None, list[str]]:
+    """Compare this run's settings with those saved in the checkpoint's manifest, field by field under `policy`.
+
+    Returns (the one-line refusal, or None; the "resume: FIELD OLD -> NEW" lines of the allowed changes)."""
+    saved = manifest.get("config") or {}
+    refused: list[tuple[str, Any, Any, str]] = []
+    changed: list[str] = []
+    for name, (decision, why) in policy.items():
+        if name not in saved or name not in config or saved[name] == config[name] or decision == IGNORE:
+            continue
+        if decision == REFUSE:
+            refused.append((name, saved[name], config[name], why))
+        else:
+            changed.append(f"resume: {name} {_shown(saved[name])} -> {_shown(config[name])}")
+    saved_world = saved_world_size(manifest)
+    world_refused = False
+    if saved_world is not None and saved_world != world_size:
+        sharded = int(saved.get("zero_stage", 0)) >= 1 or int(saved.get("expert_parallel_size", 1)) > 1
+        if sharded:
+            world_refused = True
+        else:
+            changed.append(f"resume: world_size {saved_world} -> {world_size}")
+    if not refused and not world_refused:
+        return None, changed
+    was = [f"{name}={_shown(old)}" for name, old, _, _ in refused]
+    now = [f"{name}={_shown(new)}" for name, _, new, _ in refused]
+    by_reason: dict[str, list[str]] = {}
+    for name, _, _, why in refused:
+        by_reason.setdefault(why, []).append(name)
+    reasons = [f"{', '.join(names)}: {why}" for why, names in by_reason.items()]
+    fixes = [_as_flag(name, old) for name, old, _, _ in refused]
+    if world_refused:
+        was.append(f"world_size={saved_world}")
+        now.append(f"world_size={world_size}")
+        reasons.append(f"world_size at ZeRO stage {saved.get('zero_stage')}: {WORLD_SIZE_WHY}")
+        fixes.append(f"world size {saved_world} (NPROC={saved_world} for the launch scripts, --num_gpus "
+                     f"{saved_world} for deepspeed)")
+    return (f"resume: checkpoint {directory} was written with {', '.join(was)} but this run has {', '.join(now)} "
+            f"({'; '.join(reasons)}). Resume it with {' '.join(fixes)}, or start a new --output_dir"), changed
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint is intact but was written by another kind of run: refused, never a reason to fall back."""
+
+
+# Called on every rank with the temporary checkpoint directory, after the engine's files are written and before the
+# manifest: writes the trainer's own files there (llm: the full gathered weights; may be collective).
+ExtraFiles = Callable[[Path], None]
+
+
+def save_checkpoint(
+    engine,
+    root: Path,
+    iteration: int,
+    client_state: dict[str, Any],
+    keep_last: int,
+    config: dict[str, Any],
+    manifest_extra: dict[str, Any] | None = None,
+    extra: ExtraFiles | None = None,
+) -> Path:
+    """Save, publish atomically, prune to the newest `keep_last`. Every rank must call this.
+
+    `config` (the resolved training config) and `manifest_extra` go into the manifest, where resume reads them."""
+    this_rank = rank()
+    tag = tag_for(iteration)
+    tmp_tag = f".tmp-{tag}"
+    final = root / tag
+    if this_rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-iter_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():  # a re-run of the same iteration after a resume: replace it
+            shutil.rmtree(final)
+    barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), root / tmp_tag / f"rng_rank{this_rank}.pt")
+    if extra is not None:
+        extra(root / tmp_tag)
+    barrier()
+    if this_rank == 0:
+        # Read back once, right after writing (from the page cache, usually): the checksums of the bytes written.
+        # Published with the umask's mode (safetensors, for one, writes 0600 whatever the umask).
+        files = {}
+        for path in sorted((root / tmp_tag).rglob("*")):
+            if path.is_file():
+                make_public(path)
+                files[str(path.relative_to(root / tmp_tag))] = {"bytes": path.stat().st_size,
+                                                                CHECKSUM: file_checksum(path)}
+        os.replace(root / tmp_tag, final)
+        manifest = {"iteration": iteration, "world_size": world_size(), "checksum": CHECKSUM, "files": files,
+                    "config": config, **(manifest_extra or {})}
+        write_text_atomic(final / MANIFEST, json.dumps(manifest, indent=1))
+        write_text_atomic(root / "latest", tag)
+        for _, old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+# Compares a checkpoint's manifest with this run: (the refusal or None, the allowed changes). See resume_differences.
+SettingsCheck = Callable[[Path, dict[str, Any]], tuple[str | None, list[str]]]
+
+
+def load_latest(engine, root: Path, check: SettingsCheck,
+                load_optimizer: bool = True) -> tuple[int, dict[str, Any], list[str]] | None:
+    """Load the newest complete checkpoint; fall back, with a warning, to older ones if it is corrupt.
+
+    Returns (iteration, client_state, the allowed setting changes), or None if there is no loadable checkpoint.
+    Raises CheckpointMismatch if `check` refuses the checkpoint it would load. Every rank must call this.
+    """
+    candidates = list(reversed(complete_checkpoints(root)))
+    return _load_first(engine, candidates, check, load_optimizer)
+
+
+def load_from(engine, directory: Path, check: SettingsCheck,
+              load_optimizer: bool = True) -> tuple[int, dict[str, Any], list[str]]:
+    match = TAG_RE.match(directory.name)
+    if not match:
+        raise ValueError(f"resume={directory}: not a checkpoint directory (iter_NNNNNNN)")
+    loaded = _load_first(engine, [(int(match.group(1)), directory)], check, load_optimizer)
+    if loaded is None:
+        raise ValueError(f"resume={directory}: the checkpoint is incomplete or corrupt (see the warning above)")
+    return loaded
+
+
+def _load_first(engine, candidates: list[tuple[int, Path]], check: SettingsCheck, load_optimizer: bool):
+    this_rank, world = rank(), world_size()
+    for iteration, directory in candidates:
+        error = None
+        client_state: dict[str, Any] | None = None
+        changes: list[str] = []
+        try:
+            manifest = read_manifest(directory)
+        except ValueError as err:
+            manifest, error = None, err
+        # Every rank read the same manifest; deciding together keeps a rank that could not from waiting alone.
+        refusal, changes = check(directory, manifest) if manifest is not None else (None, [])
+        if not all_ranks(refusal is None):
+            raise CheckpointMismatch(refusal or f"resume: checkpoint {directory} was refused on another rank")
+        try:
+            if error is not None:
+                raise error
+            verify_files(directory, manifest, this_rank, world)  # every rank checksums its share of the files
+            path, client_state = engine.load_checkpoint(
+                str(directory.parent), tag=directory.name, load_optimizer_states=load_optimizer,
+                load_lr_scheduler_states=load_optimizer)
+            if path is None:
+                raise ValueError("DeepSpeed found no checkpoint files")
+            rng_file = directory / f"rng_rank{this_rank}.pt"
+            if rng_file.is_file():
+                set_rng_state(torch.load(rng_file, weights_only=True))
+        except Exception as err:  # any failure to read is "corrupt": the caller falls back to an older checkpoint
+            error = err
+        if all_ranks(error is None):
+            return iteration, client_state or {}, changes
+        if error is not None or this_rank == 0:
+            warnings.warn(f"checkpoint {directory} could not be loaded ({error or 'failed on another rank'}); "
+                          f"falling back to the previous one", stacklevel=2)
+    return None
+
+
+# ------------------------------------------------------------------------------- resume, as both trainers do it
+def refuse_to_start_over(root: Path, resume: str, output_dir: str) -> None:
+    """resume=none over a run's checkpoints would train a new run on top of them: refused, naming the fix."""
+    existing = complete_checkpoints(root)
+    if resume == "none" and existing:
+        raise TrainingError(
+            f"output_dir={output_dir!r} already holds checkpoints of a run (newest: {existing[-1][1].name}); pass "
+            f"--resume auto to continue it, or choose another --output_dir"
+        )
+
+
+def check_resume_settings(root: Path, resume: str, check: SettingsCheck) -> None:
+    """Refuse, before any set-up (nothing written yet), a resume whose settings differ from those saved with the
+    checkpoint it would load (the loader checks again the one it actually loads, should it fall back)."""
+    if resume == "none":
+        return
+    candidates = complete_checkpoints(root) if resume == "auto" else [(0, Path(resume))]
+    if not candidates:
+        return
+    directory = candidates[-1][1]
+    try:
+        manifest = read_manifest(directory)
+    except ValueError:
+        return  # an unreadable manifest is the loader's business (it falls back or refuses)
+    refusal, _ = check(directory, manifest)
+    if refusal is not None:
+        raise TrainingError(refusal)
+
+
+def resume_from(engine, root: Path, resume: str, check: SettingsCheck) -> tuple[int, dict[str, Any], list[str]] | None:
+    """Load what `resume` asks for (none | auto | a checkpoint directory). Returns (iteration, client_state, allowed
+    setting changes), or None for a fresh start. Existing checkpoints that none loads are never started over on top
+    of. Every rank must call this."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        candidates = complete_checkpoints(root)
+        if not candidates:
+            if rank() == 0:
+                print(f"resume=auto: no complete checkpoint under {root}; starting from scratch", flush=True)
+            return None
+    try:
+        if resume != "auto":
+            return load_from(engine, Path(resume), check)
+        loaded = load_latest(engine, root, check)
+    except CheckpointMismatch as err:
+        raise TrainingError(str(err)) from err
+    if loaded is None:
+        raise TrainingError(
+            f"resume=auto: none of the {len(candidates)} checkpoints under {root} could be loaded (see the "
+            f"warnings above); fix or move them, or choose another --output_dir"
+        )
+    return loaded
