@@ -14,10 +14,10 @@
 #   bash launch/train_vision.sh [--num-gpus N] [--hostfile FILE] [--master-port P] [--] <vision.train flags>
 #       One training run; N > 1 (or a hostfile) goes through the `deepspeed` launcher, which on a machine without a
 #       GPU starts N CPU ranks. Examples:
-#         bash launch/train_vision.sh --num-gpus 8 --config parameternet_600m_in22k --data-dir /data/imagenet22k
-#         bash launch/train_vision.sh --num-gpus 8 --config parameternet_600m_in1k_ft --data-dir /data/imagenet \
-#             --init-from runs/vision/parameternet_600m_in22k
-#         bash launch/train_vision.sh --num-gpus 2 --config fashion_mnist_tiny --output-dir runs/vision/fm_2rank
+#         bash launch/train_vision.sh --num-gpus 8 --config parameternet_600m_in22k --data_dir /data/imagenet22k
+#         bash launch/train_vision.sh --num-gpus 8 --config parameternet_600m_in1k_ft --data_dir /data/imagenet \
+#             --init_from runs/vision/parameternet_600m_in22k
+#         bash launch/train_vision.sh --num-gpus 2 --config fashion_mnist_tiny --output_dir runs/vision/fm_2rank
 #       --num-gpus, --hostfile and --master-port set NPROC, HOSTFILE and MASTER_PORT; the rest of the environment is
 #       launch/pretrain_llama.sh's (launch/common.sh): NNODES/NODE_RANK/MASTER_ADDR for one launcher per node, the
 #       srun step's nodes inside SLURM. Also: deepspeed [launcher flags] launch/train_vision.sh <vision.train flags>.
@@ -43,7 +43,7 @@ demo() {
   for model in "${models[@]}"; do
     echo "== train_vision.sh: $model on Fashion-MNIST (output: $out/$model)"
     # shellcheck disable=SC2086  # DEMO_ARGS is a list of flags
-    "$PY" -m vision.train --config fashion_mnist_tiny --model "$model" --output-dir "$out/$model" ${DEMO_ARGS:-}
+    "$PY" -m vision.train --config fashion_mnist_tiny --model "$model" --output_dir "$out/$model" ${DEMO_ARGS:-}
   done
   "$PY" - "$out" "${models[@]}" <<'EOF'
 import json, sys

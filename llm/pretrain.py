@@ -16,40 +16,21 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 
 
 def usage() -> str:
-    from llm.train.config import FIELDS, TrainConfig
+    from llm.train.config import ENGINE
 
-    defaults = TrainConfig()
-    keys = "\n".join(f"  --{name} (default: {getattr(defaults, name)!r})" for name in FIELDS)
-    return f"{(__doc__ or '').strip()}\n\nTraining-config fields (llm/train/config.py):\n{keys}\n"
+    return ENGINE.usage(__doc__ or "")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llm.train.config import first_rank_on_node, load_config, print_error, warnings_for
+    from llm.train.config import ENGINE, load_config, warnings_for
+    from runtime.config import first_rank_on_node, print_error
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    speaks = first_rank_on_node(argv)  # config errors and warnings: the same on every rank, printed once per node
-    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
-    argv = [a for a in argv if not a.startswith("--local_rank")]
-    if "-h" in argv or "--help" in argv:
-        print(usage())
-        return 0
-    config_path = None
-    for i, arg in enumerate(argv):
-        if arg == "--config" or arg.startswith("--config="):
-            if arg == "--config" and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
-                if speaks:
-                    print_error("--config needs a value: a preset name (tiny, 1b) or a YAML file")
-                return 2
-            config_path = argv[i + 1] if arg == "--config" else arg.split("=", 1)[1]
-            del argv[i:i + (2 if arg == "--config" else 1)]
-            break
-    try:
-        cfg = load_config(config_path, cli_overrides=argv)
-    except ValueError as err:
-        if speaks:
-            print_error(str(err))
-        return 2
-    if speaks:
+    cfg, code = ENGINE.parse_command_line(argv, lambda path, pairs: load_config(path, cli_overrides=pairs),
+                                          __doc__ or "")
+    if cfg is None:
+        return code
+    if first_rank_on_node(argv):  # warnings: the same on every rank, printed once per node
         for note in warnings_for(cfg):
             print_error(note, kind="warning")
 

@@ -61,8 +61,8 @@ SLOW = ("bash launch/compare.sh", "bash launch/train_vision.sh",
         # as well); ZeRO-2 over 2 ranks through the launch script is what tests/test_trainer_resume.py runs.
         "SIZE=1b NPROC=8 bash launch/pretrain_llama.sh parameternet", "sbatch --nodes=4 launch/slurm/pretrain_llama.sbatch",
         "NPROC=2 bash launch/pretrain_llama.sh parameternet --zero_stage 2")
-TINY_VISION = ["--epochs", "1", "--img-size", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
-               "--precision", "fp32", "--num-workers", "0", "--log-every", "1"]
+TINY_VISION = ["--epochs", "1", "--img_size", "32", "--micro_batch_size", "2", "--global_batch_size", "4",
+               "--precision", "fp32", "--num_workers", "0", "--log_interval", "1"]
 # (pattern, replacement) applied to every command: only what needs a GPU, a 1B model or data we do not ship.
 STAND_INS = [
     (r"\bSIZE=1b\b", "SIZE=tiny"),

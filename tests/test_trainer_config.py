@@ -21,12 +21,11 @@ from llm.train.config import (
     FLOAT_RANGES,
     INT_MINIMUMS,
     TrainConfig,
-    _type_of,
-    first_rank_on_node,
     load_config,
-    print_error,
+    type_of,
     warnings_for,
 )
+from runtime.config import first_rank_on_node, print_error
 from runtime.ds_config import complete_ds_config
 from llm.train.optim import lr_at
 from runtime.slurm import expand_nodelist, node_env, rank_env
@@ -52,6 +51,27 @@ def test_cli_overrides_win_and_are_typed():
     assert (cfg.lr, cfg.zero_stage, cfg.activation_checkpointing) == (3e-4, 2, True)
     assert cfg.data_path == ["0.3", "a", "0.7", "b"] and cfg.model_overrides == {"num_experts": 4}
     assert cfg.train_iters is None and cfg.resolved_train_iters() == 245  # ceil(1e6 / (16 * 256))
+
+
+def test_one_flag_style_dashes_equals_and_boolean_words():
+    # The vision trainer reads the same way (runtime.config): underscores canonical, dashes accepted, --key=value.
+    cfg = load_config("tiny", cli_overrides=["--micro-batch-size", "4", "--global_batch_size=8", "--export=false",
+                                             "--data-path", "0.7", "a", "0.3", "b", "--tensorboard", "no"])
+    assert (cfg.micro_batch_size, cfg.global_batch_size, cfg.export, cfg.tensorboard) == (4, 8, False, False)
+    assert cfg.data_path == ["0.7", "a", "0.3", "b"]
+    with pytest.raises(ValueError, match=re.escape("--export needs a value: --export true or --export false")):
+        load_config("tiny", cli_overrides=["--export", "--lr", "1e-3"])
+    with pytest.raises(ValueError, match=re.escape("unknown config key 'no-export' (booleans take a value: --export "
+                                                   "false)")):
+        load_config("tiny", cli_overrides=["--no-export=1"])
+
+
+def test_help_lists_every_field_with_its_default_and_comment(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--micro_batch_size INT  (default: 8)\n        samples per rank and forward pass" in out
+    assert "--train_iters INT|none  (default: none)" in out and "--data_path WORD [WORD ...]  (default: [])" in out
+    assert all(f"--{name} " in out for name in FIELDS)
 
 
 @pytest.mark.parametrize(
@@ -134,7 +154,7 @@ def test_every_field_is_range_checked_with_the_field_value_and_fix(args, message
 
 def test_every_numeric_field_has_a_checked_range():
     # A new int/float field must get a range (or a choice list) here, or it would take nan, negatives... unchecked.
-    numeric = {name for name in FIELDS if {int, float} & {_type_of(name), *typing.get_args(_type_of(name))}}
+    numeric = {name for name in FIELDS if {int, float} & {type_of(name), *typing.get_args(type_of(name))}}
     covered = set(INT_MINIMUMS) | set(FLOAT_RANGES) | {"zero_stage", "min_lr"}  # min_lr: within [0, lr]
     assert numeric == covered, numeric ^ covered
     assert {"attn_implementation", "lr_decay_style", "precision", "zero_stage"} <= set(CHOICES)

@@ -14,13 +14,16 @@ import timm
 import torch
 from PIL import Image
 
+from runtime.config import REFUSE
 from vision.config import (
+    ENGINE,
     FIELDS,
+    FLOAT_RANGES,
+    INT_MINIMUMS,
     PRESET_DIR,
+    RESUME_POLICY,
     TrainConfig,
-    build_parser,
-    config_from_dict,
-    load_yaml,
+    load_config,
     parse_config,
     validate,
 )
@@ -59,31 +62,58 @@ def _folder_cfg(root: Path, **overrides: object) -> TrainConfig:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_are_valid_and_use_only_cli_fields(preset: str) -> None:
-    values = load_yaml(preset)
-    assert set(values) <= set(FIELDS)
-    cfg = config_from_dict(values, preset)
-    validate(cfg)
+    values = ENGINE.read_preset(preset)
+    assert set(values) <= set(FIELDS), set(values) - set(FIELDS)
+    cfg = load_config(preset)
     # Every preset key is a flag: the preset equals the same values given on the command line.
-    argv = ["--config", preset]
+    argv = []
+    for key in values:
+        value = getattr(cfg, key)
+        words = ["none"] if value is None else [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        argv += [f"--{key}", *words]
     assert parse_config(argv) == cfg
 
 
 def test_every_field_is_a_flag_and_flags_override_the_preset() -> None:
-    options = {a.dest for a in build_parser()._actions}
-    assert set(FIELDS) <= options
+    # One flag style with the LLM trainer: --key value or --key=value, dashes or underscores, booleans with a value.
     cfg = parse_config(
         ["--config", "fashion_mnist_tiny", "--model", "ghostnet_tiny", "--lr", "1e-4", "--scale", "0.5", "1.0",
-         "--no-progress", "--layer-decay", "0.7", "--local_rank=1"]
+         "--progress-bar", "false", "--layer_decay=0.7", "--ema", "true", "--local_rank=1"]
     )
-    got = (cfg.model, cfg.lr, cfg.scale, cfg.progress, cfg.layer_decay)
-    assert got == ("ghostnet_tiny", 1e-4, [0.5, 1.0], False, 0.7)
+    got = (cfg.model, cfg.lr, cfg.scale, cfg.progress_bar, cfg.layer_decay, cfg.ema)
+    assert got == ("ghostnet_tiny", 1e-4, [0.5, 1.0], False, 0.7, True)
     assert cfg.img_size == 32  # from the preset
     assert parse_config(["--config", "parameternet_600m_in1k_ft", "--layer-decay", "none"]).layer_decay is None
+    usage = ENGINE.usage("vision.train")
+    for name in FIELDS:  # every field is documented in --help, with its default
+        assert f"--{name} " in usage
+
+
+def test_every_numeric_field_has_a_checked_range_and_every_field_a_resume_policy() -> None:
+    numeric = {name for name, shape in ENGINE.shapes.items() if shape.origin in (int, float)}
+    covered = set(INT_MINIMUMS) | set(FLOAT_RANGES) | {"in_chans", "zero_stage", "min_lr"}  # choices; min_lr in [0, lr]
+    assert numeric == covered, numeric ^ covered
+    assert set(RESUME_POLICY) == set(FIELDS)
+    old_must_match = ("model", "num_experts", "num_classes", "in_chans", "img_size", "dataset", "train_subset",
+                      "epochs", "global_batch_size", "micro_batch_size", "seed", "precision", "ema")
+    assert all(RESUME_POLICY[name][0] == REFUSE for name in old_must_match)
+
+
+def test_the_old_vision_flags_are_answered_with_their_new_names() -> None:
+    for old, new in (("--max-steps", "train_iters"), ("--clip_grad", "grad_clip"), ("--log-every", "log_interval"),
+                     ("--betas", "adam_beta1 and adam_beta2"), ("--min-lr-ratio", "min_lr")):
+        with pytest.raises(ValueError, match=re.escape(f"unknown config key '{old[2:]}' (renamed: use {new}")):
+            parse_config([old, "1"])
+    with pytest.raises(ValueError, match=re.escape("unknown config key 'no-progress-bar' (booleans take a value: "
+                                                   "--progress_bar false)")):
+        parse_config(["--no-progress-bar=1"])
+    with pytest.raises(ValueError, match=re.escape("--ema needs a value: --ema true or --ema false")):
+        parse_config(["--ema", "--lr", "1e-3"])
 
 
 def test_fine_tune_preset_has_the_papers_recipe_fields() -> None:
-    pre = config_from_dict(load_yaml("parameternet_600m_in22k"))
-    ft = config_from_dict(load_yaml("parameternet_600m_in1k_ft"))
+    pre = ENGINE.load("parameternet_600m_in22k")
+    ft = ENGINE.load("parameternet_600m_in1k_ft")
     assert pre.model == ft.model == "parameternet_600m"
     assert ft.layer_decay == 0.5 and ft.re_prob == 0.0 and pre.layer_decay is None
     assert ft.init_from == pre.output_dir and ft.num_classes == 1000
@@ -130,21 +160,23 @@ def test_image_size_below_the_minimum(tmp_path: Path) -> None:
 
 
 def test_other_bad_fields_are_named() -> None:
-    with pytest.raises(ValueError, match=r"unknown field\(s\) \['learning_rate'\]"):
-        config_from_dict({"learning_rate": 1.0})
-    with pytest.raises(ValueError, match=r"epochs='ten' must be of type int"):
-        config_from_dict({"epochs": "ten"})
+    with pytest.raises(ValueError, match=r"overrides: unknown config key 'learning_rate'; known keys: model, .*, lr, "):
+        ENGINE.load(overrides={"learning_rate": 1.0})
+    with pytest.raises(ValueError, match=r"overrides: epochs='ten': expected an integer, e.g. --epochs 90"):
+        ENGINE.load(overrides={"epochs": "ten"})
+    with pytest.raises(ValueError, match=re.escape("--scale '0.5 x': expected a list of numbers, e.g. --scale 0.08 1")):
+        parse_config(["--scale", "0.5", "x"])
     with pytest.raises(ValueError, match=r"micro_batch_size=5 is odd"):
         validate(TrainConfig(data_dir="x", micro_batch_size=5))
     with pytest.raises(ValueError, match=r"zero_stage=3"):
         validate(TrainConfig(data_dir="x", zero_stage=3))
-    with pytest.raises(FileNotFoundError, match="nope"):
-        load_yaml("nope")
+    with pytest.raises(ValueError, match=r"config='nope': no such file, nor a preset in vision/configs/ \(fashion"):
+        ENGINE.read_preset("nope")
 
 
 def test_cli_exits_nonzero_with_the_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "missing"
-    assert main(["--dataset", "folder", "--data-dir", str(missing), "--img-size", "32"]) == 2
+    assert main(["--dataset", "folder", "--data_dir", str(missing), "--img-size", "32"]) == 2
     err = capsys.readouterr().err
     assert f"vision.train: error: data_dir='{missing}' does not exist" in err
     assert "RANK" not in os.environ or os.environ["RANK"] == _RANK_BEFORE  # refused before any process group
@@ -198,19 +230,24 @@ def test_augmentation_is_a_function_of_the_sample_seed(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(lr=float("nan")), "lr=nan must be finite (no nan or inf); e.g. lr: 0.002"),
-        (dict(warmup_epochs=float("inf")), "warmup_epochs=inf must be finite"),
-        (dict(clip_grad=float("nan")), "clip_grad=nan must be finite"),
-        (dict(betas=[float("nan"), 0.999]), "betas=[nan, 0.999] must be finite"),
-        (dict(eps=0.0), "eps=0.0 must be > 0"),
-        (dict(weight_decay=-0.1), "weight_decay=-0.1 must be >= 0"),
-        (dict(betas=[0.9, 1.0]), "betas=[0.9, 1.0] must be two numbers in [0, 1)"),
+        (dict(lr=float("nan")), "lr=nan must be a finite number in (0, inf); the peak AdamW learning rate, e.g. 2e-3"),
+        (dict(warmup_epochs=float("inf")), "warmup_epochs=inf must be a finite number in [0, inf)"),
+        (dict(grad_clip=float("nan")), "grad_clip=nan must be a finite number in [0, inf)"),
+        (dict(mean=[float("nan"), 0.5, 0.5]), "mean=[nan, 0.5, 0.5] must be finite (no nan or inf)"),
+        (dict(adam_eps=0.0), "adam_eps=0.0 must be a finite number in (0, inf)"),
+        (dict(weight_decay=-0.1), "weight_decay=-0.1 must be a finite number in [0, inf)"),
+        (dict(adam_beta2=1.0), "adam_beta2=1.0 must be a finite number in [0, 1)"),
+        (dict(min_lr=0.1), "min_lr=0.1 must lie in [0, lr=0.002]"),
         (dict(std=[0.5, 0.0, 0.5]), "std=[0.5, 0.0, 0.5] must hold values > 0"),
-        (dict(drop_path_rate=1.5), "drop_path_rate=1.5 must be within [0, 1]"),
-        (dict(crop_pct=0.0), "crop_pct=0.0 must be within (0, 1]"),
-        (dict(color_jitter=-0.1), "color_jitter=-0.1 must be >= 0"),
-        (dict(mixup=-1.0), "mixup=-1.0 must be >= 0"),
+        (dict(drop_path_rate=1.5), "drop_path_rate=1.5 must be a finite number in [0, 1]"),
+        (dict(crop_pct=0.0), "crop_pct=0.0 must be a finite number in (0, 1]"),
+        (dict(color_jitter=-0.1), "color_jitter=-0.1 must be a finite number in [0, inf)"),
+        (dict(mixup=-1.0), "mixup=-1.0 must be a finite number in [0, inf)"),
         (dict(interpolation="random"), "interpolation='random' is not one of bicubic, bilinear"),
+        (dict(in_chans=2), "in_chans=2 is not one of 1, 3; e.g. --in_chans 3"),
+        (dict(train_iters=0), "train_iters=0 must be >= 1 (or none: all epochs)"),
+        (dict(seed=2**32), "seed=4294967296 must be at most 2**32 - 1"),
+        (dict(resume="/nonexistent/ckpt"), "resume='/nonexistent/ckpt': not 'none', 'auto' or an existing"),
         (dict(auto_augment="rand-x9"), "auto_augment='rand-x9' is not a timm augmentation spec"),
         (dict(micro_batch_size=96), "global_batch_size=4096 is not a multiple of micro_batch_size=96"),
         (dict(seed=-1), "seed=-1 must be >= 0"),
@@ -237,26 +274,31 @@ def test_vision_output_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
     [
         (["--config", "{tmp}/bad.yaml"], "vision.train: error: {tmp}/bad.yaml:2:1: not valid YAML"),
         (["--config", "{tmp}/typo.yaml"],
-         "vision.train: error: config {tmp}/typo.yaml: unknown field(s) ['learnin_rate']"),
-        (["--lr", "abc"], "vision.train: error: argument --lr: invalid float value: 'abc'"),
+         "vision.train: error: {tmp}/typo.yaml: unknown config key 'warmup_epoch' (did you mean warmup_epochs"),
+        (["--lr", "abc"], "vision.train: error: --lr 'abc': expected float, e.g. --lr 0.002"),
         (["--config", "no_such_preset"],
-         "vision.train: error: config: 'no_such_preset' is neither a file nor a preset"),
+         "vision.train: error: config='no_such_preset': no such file, nor a preset in vision/configs/"),
+        (["--config"], "vision.train: error: --config needs a value: a preset name (fashion_mnist_tiny"),
     ],
 )
 def test_vision_cli_errors_are_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str], message: str
 ) -> None:
     (tmp_path / "bad.yaml").write_text("epochs: 3\n\tlr: 1\n")
-    (tmp_path / "typo.yaml").write_text("epochs: 3\nlearnin_rate: 1\n")
+    (tmp_path / "typo.yaml").write_text("epochs: 3\nwarmup_epoch: 1\n")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     monkeypatch.setenv("LOCAL_RANK", "0")
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(message.replace("{tmp}", str(tmp_path))), err
     assert "Traceback" not in err and "usage:" not in err
     monkeypatch.setenv("LOCAL_RANK", "1")  # the other ranks of a node say nothing: one line per node
-    with pytest.raises(SystemExit):
-        main(argv)
+    assert main(argv) == 2
     assert capsys.readouterr().err == ""
+
+
+def test_vision_help_lists_every_field_with_its_comment(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--micro_batch_size INT  (default: 128)\n        per rank and forward pass" in out
+    assert "--layer_decay FLOAT|none  (default: none)" in out and "--scale NUMBER [NUMBER ...]" in out

@@ -79,15 +79,15 @@ def _train_args(data_dir: Path, out_dir: Path) -> list[str]:
     # Every random source is on (RandAugment, random erasing, Mixup/CutMix, dropout, drop-path; EMA too), at low
     # strength so that 64 steps still learn: exact resume must hold through every random choice.
     return [
-        "--config", "fashion_mnist_tiny", "--dataset", "folder", "--data-dir", str(data_dir),
-        "--train-subset", "0", "--micro-batch-size", "8", "--global-batch-size", "16", "--epochs", str(EPOCHS),
-        "--lr", "3e-3", "--min-lr-ratio", "0.1", "--warmup-epochs", "0.25", "--auto-augment", "rand-m3-n1-inc1",
-        "--re-prob", "0.1",
-        "--mixup", "0.1", "--cutmix", "0.1", "--mixup-prob", "0.5", "--drop-path-rate", "0.05", "--ema",
-        "--ema-decay", "0.9",
-        "--zero-stage", "2", "--ds-config", "zero2", "--num-workers", "0", "--log-every", "1", "--eval-every", "1",
-        "--save-every", "3",
-        "--no-progress", "--no-tensorboard", "--output-dir", str(out_dir),
+        "--config", "fashion_mnist_tiny", "--dataset", "folder", "--data_dir", str(data_dir),
+        "--train_subset", "0", "--micro_batch_size", "8", "--global_batch_size", "16", "--epochs", str(EPOCHS),
+        "--lr", "3e-3", "--min_lr", "3e-4", "--warmup_epochs", "0.25", "--auto_augment", "rand-m3-n1-inc1",
+        "--re_prob", "0.1",
+        "--mixup", "0.1", "--cutmix", "0.1", "--mixup_prob", "0.5", "--drop_path_rate", "0.05", "--ema", "true",
+        "--ema_decay", "0.9",
+        "--zero_stage", "2", "--ds_config", "zero2", "--num_workers", "0", "--log_interval", "1",
+        "--eval_interval_epochs", "1", "--save_interval", "3",
+        "--progress_bar", "false", "--tensorboard", "false", "--output_dir", str(out_dir),
     ]  # fmt: skip
 
 
@@ -133,7 +133,7 @@ def test_two_rank_training_loss_falls_and_resumes_exactly_after_sigkill(image_tr
     # second stops at step 20 (max_steps does not change the schedule, which spans the configured epochs).
     stop = 20
     straight = Launch(_train_args(image_tree, straight_dir), tmp_path / "straight.log")
-    killed = Launch([*_train_args(image_tree, killed_dir), "--max-steps", str(stop)], tmp_path / "killed.log")
+    killed = Launch([*_train_args(image_tree, killed_dir), "--train_iters", str(stop)], tmp_path / "killed.log")
     # SIGKILL the launcher and both ranks once a mid-run checkpoint is published ...
     pointer = killed_dir / "checkpoints" / LATEST
     deadline = time.time() + 300
@@ -145,7 +145,7 @@ def test_two_rank_training_loss_falls_and_resumes_exactly_after_sigkill(image_tr
     killed.kill()
     assert max(_train_losses(killed_dir)) < stop
     # ... and run the same command again: it resumes from the last published checkpoint.
-    resumed = Launch([*_train_args(image_tree, killed_dir), "--max-steps", str(stop)], tmp_path / "resumed.log")
+    resumed = Launch([*_train_args(image_tree, killed_dir), "--train_iters", str(stop)], tmp_path / "resumed.log")
 
     code, log = straight.wait()
     assert code == 0, log[-3000:]
@@ -207,18 +207,18 @@ def test_two_stage_pretrain_then_fine_tune_with_layer_decay(image_tree: Path, tm
             shutil.copytree(image_tree / split / name, stage1 / split / name)
         for name in names[2:]:
             shutil.copytree(image_tree / split / name, stage2 / split / name)
-    common = ["--config", "fashion_mnist_tiny", "--dataset", "folder", "--train-subset", "0", "--micro-batch-size",
-              "8", "--global-batch-size", "8", "--num-workers", "0", "--no-progress", "--no-tensorboard",
-              "--max-steps", "4"]  # fmt: skip
+    common = ["--config", "fashion_mnist_tiny", "--dataset", "folder", "--train_subset", "0", "--micro_batch_size",
+              "8", "--global_batch_size", "8", "--num_workers", "0", "--progress_bar", "false", "--tensorboard",
+              "false", "--train_iters", "4"]  # fmt: skip
     run1 = subprocess.run(
-        [".venv/bin/python", "-m", "vision.train", *common, "--data-dir", str(stage1), "--output-dir",
+        [".venv/bin/python", "-m", "vision.train", *common, "--data_dir", str(stage1), "--output_dir",
          str(tmp_path / "r1")],
         cwd=REPO, env=_env(), capture_output=True, text=True,
     )  # fmt: skip
     assert run1.returncode == 0, run1.stderr[-3000:]
     run2 = subprocess.run(
-        [".venv/bin/python", "-m", "vision.train", *common, "--data-dir", str(stage2), "--output-dir",
-         str(tmp_path / "r2"), "--init-from", str(tmp_path / "r1"), "--layer-decay", "0.5", "--re-prob", "0"],
+        [".venv/bin/python", "-m", "vision.train", *common, "--data_dir", str(stage2), "--output_dir",
+         str(tmp_path / "r2"), "--init_from", str(tmp_path / "r1"), "--layer_decay", "0.5", "--re_prob", "0"],
         cwd=REPO, env=_env(), capture_output=True, text=True,
     )  # fmt: skip
     assert run2.returncode == 0, run2.stderr[-3000:]
@@ -232,9 +232,9 @@ def test_bf16_zero1_trains_a_few_steps(image_tree: Path, tmp_path: Path) -> None
     """bf16 on the DeepSpeed engine (tiny shapes: bf16 is ~30x slower than fp32 on CPUs without native bf16)."""
     result = subprocess.run(
         [".venv/bin/python", "-m", "vision.train", "--config", "fashion_mnist_tiny", "--dataset", "folder",
-         "--data-dir", str(image_tree), "--train-subset", "0", "--micro-batch-size", "4", "--global-batch-size", "4",
-         "--precision", "bf16", "--ema", "--max-steps", "2", "--val-subset", "8", "--num-workers", "0",
-         "--no-progress", "--no-tensorboard", "--output-dir", str(tmp_path / "bf16")],
+         "--data_dir", str(image_tree), "--train_subset", "0", "--micro_batch_size", "4", "--global_batch_size", "4",
+         "--precision", "bf16", "--ema", "true", "--train_iters", "2", "--val_subset", "8", "--num_workers", "0",
+         "--progress_bar", "false", "--tensorboard", "false", "--output_dir", str(tmp_path / "bf16")],
         cwd=REPO, env=_env(), capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -247,7 +247,8 @@ def test_launcher_demo_prints_both_accuracies_side_by_side(tmp_path: Path) -> No
     """`bash launch/train_vision.sh` with no arguments, shortened through DEMO_ARGS (real Fashion-MNIST needed)."""
     if not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Debian's dataset-fashion-mnist is not installed (bash scripts/install_system_data.sh)")
-    env = dict(_env(), DEMO_DIR=str(tmp_path), DEMO_ARGS="--train-subset 640 --val-subset 256 --epochs 1 --no-progress")
+    env = dict(_env(), DEMO_DIR=str(tmp_path),
+               DEMO_ARGS="--train_subset 640 --val_subset 256 --epochs 1 --progress_bar false")
     result = subprocess.run(["bash", str(LAUNCH)], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout[result.stdout.index("model  "):]

@@ -36,7 +36,7 @@ import yaml
 
 import vision  # noqa: F401  (registers the ParameterNet models in timm)
 from runtime import collectives
-from llm.train.config import print_error
+from runtime.config import print_error
 from runtime.shm import release_own_segment
 from runtime.slurm import rank_env as slurm_rank_env
 from vision.checkpoint import (
@@ -50,7 +50,7 @@ from vision.checkpoint import (
     write_json_atomic,
     write_text_atomic,
 )
-from vision.config import TrainConfig, parse_config, to_dict, validate
+from vision.config import ENGINE, TrainConfig, ds_config_name, load_config, to_dict, validate
 from vision.summary import count_macs
 from vision.data import (
     EvalBatchSampler,
@@ -211,19 +211,19 @@ def ds_config(cfg: TrainConfig, world_size: int, steps_per_epoch: int) -> dict[s
     total_steps = max(1, cfg.epochs * steps_per_epoch)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     config = complete_ds_config(
-        cfg.ds_config,
+        ds_config_name(cfg),
         micro_batch_size=cfg.micro_batch_size,
         global_batch_size=cfg.global_batch_size,
         data_parallel_size=world_size,
         precision=cfg.precision,
-        gradient_clipping=cfg.clip_grad,
+        gradient_clipping=cfg.grad_clip,
         zero_stage=cfg.zero_stage,
         optimizer={
             "type": "AdamW",
             "params": {
                 "lr": cfg.lr,
-                "betas": list(cfg.betas),
-                "eps": cfg.eps,
+                "betas": [cfg.adam_beta1, cfg.adam_beta2],
+                "eps": cfg.adam_eps,
                 "weight_decay": cfg.weight_decay,
                 # torch's AdamW (no fused_adam JIT build on CPU machines), with its fused kernel on CPU and CUDA.
                 "torch_adam": True,
@@ -237,7 +237,7 @@ def ds_config(cfg: TrainConfig, world_size: int, steps_per_epoch: int) -> dict[s
                 "warmup_num_steps": max(1, warmup),
                 "warmup_min_ratio": 0.0,
                 "warmup_type": "linear",
-                "cos_min_ratio": cfg.min_lr_ratio,
+                "cos_min_ratio": cfg.min_lr / cfg.lr,  # per group: layer decay scales the floor too
             },
         },
     )
@@ -291,7 +291,7 @@ def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, where: Path) ->
         if name in saved and saved[name] != getattr(cfg, name):
             raise ValueError(
                 f"cannot resume from {where}: {name}={getattr(cfg, name)!r} but the checkpoint was trained with "
-                f"{name}={saved[name]!r}; use the same value, a new --output-dir, or --no-resume to start over"
+                f"{name}={saved[name]!r}; use the same value, a new --output_dir, or --resume none to start over"
             )
 
 
@@ -307,7 +307,7 @@ class Prepared:
     model: torch.nn.Module
     macs: int
     reinit: list[str]
-    resume_tag: str | None
+    resume_from: Path | None  # the checkpoint directory to continue
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
@@ -332,17 +332,22 @@ def prepare(cfg: TrainConfig) -> Prepared:
             f"images, train_subset={cfg.train_subset}); lower the batch or use more data"
         )
     ckpt_dir = Path(cfg.output_dir) / "checkpoints"
-    resume_tag = latest_tag(ckpt_dir) if cfg.resume else None
-    if resume_tag is not None:
-        saved = yaml.safe_load((ckpt_dir / resume_tag / "config.yaml").read_text())
-        check_resume_config(saved, cfg, ckpt_dir / resume_tag)
+    resume_from = None
+    if cfg.resume == "auto":
+        tag = latest_tag(ckpt_dir)
+        resume_from = ckpt_dir / tag if tag is not None else None
+    elif cfg.resume != "none":
+        resume_from = Path(cfg.resume)
+    if resume_from is not None:
+        saved = yaml.safe_load((resume_from / "config.yaml").read_text())
+        check_resume_config(saved, cfg, resume_from)
     init_path = resolve_init_weights(cfg.init_from, cfg.init_from_ema) if cfg.init_from else None
     seed_all(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg, num_classes)
     macs = count_macs(model, cfg.img_size, cfg.in_chans)
     reinit = load_init_weights(model, init_path, cfg.keep_classifier) if init_path is not None else []
     return Prepared(
-        splits, num_classes, train_indices, val_indices, steps_per_epoch, model, macs, reinit, resume_tag
+        splits, num_classes, train_indices, val_indices, steps_per_epoch, model, macs, reinit, resume_from
     )
 
 
@@ -392,8 +397,8 @@ class Trainer:
 
         self.pos = Position()
         self.saved_step = -1
-        if prep.resume_tag is not None:
-            self._resume(prep.resume_tag)
+        if prep.resume_from is not None:
+            self._resume(prep.resume_from)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -423,17 +428,16 @@ class Trainer:
         self.last_loss = float("nan")
         self.last_eval: dict[str, Any] | None = None
 
-    def _resume(self, tag: str) -> None:
-        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+    def _resume(self, where: Path) -> None:
+        _, client = self.engine.load_checkpoint(str(where.parent), tag=where.name)
         if client is None:
-            raise FileNotFoundError(f"{self.ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
+            raise FileNotFoundError(f"{where}: DeepSpeed could not load this checkpoint")
         self.pos = Position(**client["position"])
         self.saved_step = self.pos.global_step
         if self.ema is not None:
             self.ema.module.load_state_dict(client["ema"])
         restore_rng_states(client["rng"])
         if self.is_main:
-            where = self.ckpt_dir / tag
             print(f"vision.train: resumed from {where} (epoch {self.pos.epoch}, step {self.saved_step})", flush=True)
 
     def _describe(self) -> str:
@@ -471,7 +475,7 @@ class Trainer:
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
         }
         extra = {"config.yaml": yaml.safe_dump(to_dict(self.cfg), sort_keys=False)}
-        keep = self.cfg.keep_checkpoints
+        keep = self.cfg.keep_last
         save_checkpoint(self.engine, self.ckpt_dir, self.pos.global_step, client_state, keep, extra)
 
     def evaluate(self) -> dict[str, Any]:
@@ -544,7 +548,7 @@ class Trainer:
             total=steps,
             initial=pos.step_in_epoch,
             desc=f"epoch {pos.epoch}",
-            disable=not (self.is_main and cfg.progress),
+            disable=not (self.is_main and cfg.progress_bar),
             dynamic_ncols=True,
             mininterval=1.0,
         )
@@ -554,7 +558,7 @@ class Trainer:
             window_samples += cfg.global_batch_size
             bar.update(1)
             bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
-            if pos.global_step % cfg.log_every == 0:
+            if pos.global_step % cfg.log_interval == 0:
                 lr = max(self.scheduler.get_last_lr()) if self.scheduler is not None else cfg.lr
                 rate = window_samples / max(time.time() - window_start, 1e-9)
                 self.metrics.write(
@@ -564,11 +568,11 @@ class Trainer:
                 window_start, window_samples = time.time(), 0
             if pos.step_in_epoch == steps:
                 pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
-                if pos.epoch % cfg.eval_every == 0 or pos.epoch == cfg.epochs:
+                if pos.epoch % cfg.eval_interval_epochs == 0 or pos.epoch == cfg.epochs:
                     self.evaluate()
                 self.checkpoint()
                 break  # the next epoch has another sample order: a new sampler
-            if cfg.save_every and pos.global_step % cfg.save_every == 0:
+            if cfg.save_interval and pos.global_step % cfg.save_interval == 0:
                 self.checkpoint()
         bar.close()
 
@@ -577,7 +581,7 @@ class Trainer:
         if self.is_main:
             print(self._describe(), flush=True)
         start_time = time.time()
-        max_steps = cfg.max_steps or cfg.epochs * self.prep.steps_per_epoch
+        max_steps = cfg.train_iters or cfg.epochs * self.prep.steps_per_epoch
         self.engine.train()
         while pos.epoch < cfg.epochs and pos.global_step < max_steps:
             self.train_epoch(max_steps)
@@ -620,7 +624,11 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, code = ENGINE.parse_command_line(argv, lambda path, pairs: load_config(path, cli_overrides=pairs),
+                                          __doc__ or "")
+    if cfg is None:
+        return code
     try:
         prep = prepare(cfg)
     except (ValueError, FileNotFoundError) as err:

@@ -1,25 +1,32 @@
-"""The training configuration: one dataclass, YAML presets that mirror it field for field, `--key value` overrides.
+"""The LLM training configuration: one dataclass, YAML presets in llm/configs/ that mirror it field for field,
+`--key value` overrides (runtime.config reads all three), and the checks that know about language models: the token
+budget, the data, the model, the paths.
 
 Every number the run depends on lives here (batch sizes, LR schedule, precision, ZeRO stage...); the DeepSpeed JSON is
-completed from it. Unknown keys and values of the wrong type are refused with the field, the value and the fix.
+completed from it. RESUME_POLICY says, for every field, what a resume does when its value changed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
-import json
 import math
-import os
-import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from runtime.config import (
+    ALLOW,
+    IGNORE,
+    MAX_SEED,
+    REFUSE,
+    ConfigEngine,
+    FloatRange,
+    canonical,
+    check_directory_path,
+    check_min_lr,
+    check_resume,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -30,46 +37,47 @@ class TrainConfig:
     model: str = "llama-tiny"  # preset name in llm/configs/, a config.json, or an HF model directory
     model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"moe_projections": ["up_proj"]}
     attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 | eager
-    activation_checkpointing: bool = False
-    compile: bool = False
+    activation_checkpointing: bool = False  # recompute activations in the backward pass: memory for compute
+    compile: bool = False  # torch.compile the model
     # data
     data_path: list[str] = field(default_factory=list)  # Megatron style: [PREFIX] or [W1, PREFIX1, W2, PREFIX2]; [] = embedded corpus
     tokenizer: str | None = None  # HF tokenizer directory; None with the embedded corpus = its tokenizer
     split: str | None = None  # train,valid,test by documents, e.g. "969,30,1"; None = the corpus default
     data_cache_dir: str | None = None  # where index arrays are cached (default: next to the shards)
-    seq_len: int = 256
-    micro_batch_size: int = 8
-    global_batch_size: int = 16
-    train_iters: int | None = None
+    seq_len: int = 256  # tokens per sample
+    micro_batch_size: int = 8  # samples per rank and forward pass
+    global_batch_size: int = 16  # samples per optimizer step = micro_batch_size x ranks x gradient accumulation
+    train_iters: int | None = None  # optimizer steps; or train_tokens
     train_tokens: int | None = None  # a token budget instead of train_iters
     # optimizer and schedule
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 10
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr: float = 1e-4  # the floor of the decay, in [0, lr]
+    warmup_iters: int = 10  # linear warmup steps
     lr_decay_style: str = "cosine"  # cosine | linear | constant
     lr_decay_iters: int | None = None  # default: train_iters
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # not applied to norms and biases
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
     # engine
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    zero_stage: int = 1
+    zero_stage: int = 1  # 0, 1, 2 or 3
     ds_config: str | None = None  # runtime/ds_configs/<name>.json or a path; None = runtime/ds_configs/zero<zero_stage>.json
-    expert_parallel_size: int = 1
+    expert_parallel_size: int = 1  # ranks that share one copy of the experts (1 = no expert parallelism)
     # evaluation, checkpoints, logging
-    eval_interval: int = 50
-    eval_iters: int = 4
-    save_interval: int = 100
-    keep_last: int = 2
-    log_interval: int = 10
+    eval_interval: int = 50  # steps between validations
+    eval_iters: int = 4  # validation batches per evaluation (0 = none)
+    save_interval: int = 100  # steps between checkpoints
+    keep_last: int = 2  # checkpoints kept
+    log_interval: int = 10  # steps between metrics records
     seed: int = 1234
     output_dir: str = "runs/default"
     resume: str = "none"  # none | auto | <checkpoint directory>
-    max_nonfinite_steps: int = 5
+    max_nonfinite_steps: int = 5  # consecutive skipped non-finite steps before the run stops
     export: bool = True  # export a Hugging Face directory (with tokenizer) to <output_dir>/hf at the end
-    progress_bar: bool = True
+    progress_bar: bool = True  # tqdm bar on rank 0
+    tensorboard: bool = True  # the metrics also as TensorBoard scalars in <output_dir>/tensorboard
 
     def resolved_train_iters(self) -> int:
         if self.train_iters is not None:
@@ -81,13 +89,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-CHOICES = {
-    "attn_implementation": ("sdpa", "flash_attention_2", "eager"),
-    "lr_decay_style": ("cosine", "linear", "constant"),
-    "precision": ("fp32", "bf16", "fp16"),
-    "zero_stage": (0, 1, 2, 3),
-}
 # The smallest valid value of each integer field (None, where allowed, means "not set"), and what the edge means.
 INT_MINIMUMS = {
     "seq_len": (1, ""),
@@ -106,145 +107,103 @@ INT_MINIMUMS = {
     "seed": (0, ""),
     "max_nonfinite_steps": (1, ""),
 }
-MAX_SEED = 2**32 - 1  # numpy's and most tools' seed range
-# Each float field's valid range as (low, low inclusive, high, high inclusive) and the fix that goes with it.
+INT_MAXIMUMS = {"seed": (MAX_SEED, f"2**32 - 1 = {MAX_SEED}")}
+CHOICES = {
+    "attn_implementation": ("sdpa", "flash_attention_2", "eager"),
+    "lr_decay_style": ("cosine", "linear", "constant"),
+    "precision": ("fp32", "bf16", "fp16"),
+    "zero_stage": (0, 1, 2, 3),
+}
+# Each float field's valid range and the fix that goes with it (min_lr: within [0, lr], checked after lr).
 FLOAT_RANGES = {
-    "lr": (0.0, False, math.inf, False, "the peak learning rate, e.g. 3e-4"),
-    "weight_decay": (0.0, True, math.inf, False, "0 turns it off; 0.1 is usual"),
-    "adam_beta1": (0.0, True, 1.0, False, "e.g. 0.9"),
-    "adam_beta2": (0.0, True, 1.0, False, "e.g. 0.95"),
-    "adam_eps": (0.0, False, math.inf, False, "e.g. 1e-8"),
-    "grad_clip": (0.0, True, math.inf, False, "the max global gradient norm; 0 turns clipping off"),
+    "lr": FloatRange(0.0, False, math.inf, False, "the peak learning rate, e.g. 3e-4"),
+    "weight_decay": FloatRange(0.0, True, math.inf, False, "0 turns it off; 0.1 is usual"),
+    "adam_beta1": FloatRange(0.0, True, 1.0, False, "e.g. 0.9"),
+    "adam_beta2": FloatRange(0.0, True, 1.0, False, "e.g. 0.95"),
+    "adam_eps": FloatRange(0.0, False, math.inf, False, "e.g. 1e-8"),
+    "grad_clip": FloatRange(0.0, True, math.inf, False, "the max global gradient norm; 0 turns clipping off"),
+}
+EXAMPLES = {"train_iters": "1000", "train_tokens": "2000000000", "lr_decay_iters": "1000",
+            "model_overrides": "'{\"num_experts\": 4}'", "data_path": "shards/corpus_text_document",
+            "tokenizer": "tokenizers/mine", "split": "969,30,1", "data_cache_dir": "cache", "ds_config": "zero1"}
+ENGINE: ConfigEngine[TrainConfig] = ConfigEngine(
+    TrainConfig, preset_dir=CONFIG_DIR, choices=CHOICES, int_minimums=INT_MINIMUMS, int_maximums=INT_MAXIMUMS,
+    float_ranges=FLOAT_RANGES, examples=EXAMPLES)
+FIELDS = ENGINE.fields
+
+# How a resume treats each field whose value differs from the config saved with the checkpoint (runtime.checkpoint).
+#   REFUSE: the checkpoint means something else under the new value: its weights, optimizer state or position in the
+#           data would be read wrongly (this is what Megatron's check_checkpoint_args and its LR-scheduler checks
+#           guard, widened to the data: here the sample order is a pure function of the settings).
+#   ALLOW:  a change made on purpose: how long, how often, how fast, the tail of the LR schedule; logged as
+#           "resume: log_interval 10 -> 5".
+#   IGNORE: where the run is and how it was started, not what it is.
+# tests/test_resume_safety.py fails when a TrainConfig field is missing here, so every new field gets a decision.
+_ARCH = "the architecture of the saved weights"
+_DATA = "the position in the data that the checkpoint holds"
+_OPT = "the saved optimizer state was accumulated under it"
+_HEAD = "the LR schedule already followed (the LR would jump; Megatron refuses this too)"
+RESUME_POLICY: dict[str, tuple[str, str]] = {
+    "model": (REFUSE, _ARCH),
+    "model_overrides": (REFUSE, _ARCH),
+    "attn_implementation": (ALLOW, "the same attention, another kernel"),
+    "activation_checkpointing": (ALLOW, "memory for compute; the same math"),
+    "compile": (ALLOW, "speed only"),
+    "data_path": (REFUSE, _DATA),
+    "tokenizer": (REFUSE, "the token ids the weights were trained on"),
+    "split": (REFUSE, _DATA),
+    "data_cache_dir": (ALLOW, "where index arrays are cached"),
+    "seq_len": (REFUSE, _DATA),
+    "micro_batch_size": (ALLOW, "gradient accumulation changes, the global batches stay the same"),
+    "global_batch_size": (REFUSE, _DATA),
+    "train_iters": (ALLOW, "extending or shortening the run"),
+    "train_tokens": (ALLOW, "extending or shortening the run"),
+    "lr": (REFUSE, _HEAD),
+    "min_lr": (ALLOW, "the tail of the LR schedule"),
+    "warmup_iters": (REFUSE, _HEAD),
+    "lr_decay_style": (REFUSE, _HEAD),
+    "lr_decay_iters": (ALLOW, "the tail of the LR schedule"),
+    "weight_decay": (REFUSE, _OPT),
+    "adam_beta1": (REFUSE, _OPT),
+    "adam_beta2": (REFUSE, _OPT),
+    "adam_eps": (REFUSE, _OPT),
+    "grad_clip": (ALLOW, "a stabiliser applied to each new step"),
+    "precision": (REFUSE, "the layout of the optimizer state (fp32 master weights under bf16/fp16)"),
+    "zero_stage": (REFUSE, "the layout of the optimizer state (sharded by ZeRO stage)"),
+    "ds_config": (ALLOW, "engine settings; the ZeRO stage and precision it must agree with are checked"),
+    "expert_parallel_size": (REFUSE, "how the experts and their optimizer state are sharded over the ranks"),
+    "eval_interval": (ALLOW, "how often"),
+    "eval_iters": (ALLOW, "how much validation"),
+    "save_interval": (ALLOW, "how often"),
+    "keep_last": (ALLOW, "how many checkpoints stay"),
+    "log_interval": (ALLOW, "how often"),
+    "seed": (REFUSE, _DATA),
+    "output_dir": (IGNORE, "where the run is (a run may be moved)"),
+    "resume": (IGNORE, "how this run was started"),
+    "max_nonfinite_steps": (ALLOW, "a safety limit"),
+    "export": (ALLOW, "what happens at the end"),
+    "progress_bar": (ALLOW, "display only"),
+    "tensorboard": (ALLOW, "display only"),
 }
 
 
-def _type_of(name: str) -> Any:
-    return typing.get_type_hints(TrainConfig)[name]
-
-
-def _example(name: str) -> str:
-    default = getattr(TrainConfig(), name)
-    examples = {"train_iters": "1000", "train_tokens": "2000000000", "lr_decay_iters": "1000",
-                "model_overrides": "'{\"num_experts\": 4}'", "data_path": "shards/corpus_text_document"}
-    if name in examples:
-        return f"--{name} {examples[name]}"
-    return f"--{name} {str(default).lower() if isinstance(default, bool) else default}"
-
-
-def _coerce(name: str, value: Any, from_cli: bool) -> Any:
-    """Check (and, for CLI strings, parse) `value` against the field's type."""
-    hint = _type_of(name)
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
-    origin = typing.get_origin(base) or base
-    expected = {bool: "true or false", list: "a list", dict: "a JSON object"}.get(origin, origin.__name__)
-
-    if from_cli and isinstance(value, str):
-        if optional and value.lower() in ("none", "null"):
-            return None
-        if origin is bool:
-            lowered = value.lower()
-            if lowered in ("true", "1", "yes", "on"):
-                return True
-            if lowered in ("false", "0", "no", "off"):
-                return False
-        elif origin is int:
-            try:
-                return int(float(value)) if "e" in value.lower() and float(value).is_integer() else int(value)
-            except (ValueError, OverflowError):
-                pass
-        elif origin is float:
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        elif origin is list:
-            text = value.strip()
-            if not text.startswith("["):
-                return text.split()
-            try:
-                parsed = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"--{name} {value!r}: not valid JSON ({err.msg} at column {err.colno}); write "
-                                 f"the words separated by spaces, e.g. {_example(name)}") from None
-            if isinstance(parsed, list):
-                return [str(v) for v in parsed]
-        elif origin is dict:
-            try:
-                parsed = json.loads(value)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"--{name} {value!r}: not valid JSON ({err.msg} at column {err.colno}); write a "
-                                 f"JSON object with double-quoted keys, e.g. {_example(name)}") from None
-            if isinstance(parsed, dict):
-                return parsed
-            raise ValueError(f"--{name} {value!r}: expected a JSON object, got a JSON {type(parsed).__name__}; "
-                             f"e.g. {_example(name)}")
-        elif origin is str:
-            return value
-        raise ValueError(f"--{name} {value!r}: expected {expected}{' or none' if optional else ''}, "
-                         f"e.g. {_example(name)}")
-
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{name}=None: this field needs {expected} value, e.g. {_example(name)}")
-    if origin is list and isinstance(value, str):  # YAML `data_path: "0.7 a 0.3 b"`, as on the command line
-        return value.split()
-    if origin is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin is bool and not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r}: expected true or false")
-    if origin is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"{name}={value!r}: expected an integer, e.g. {_example(name)}")
-    if not isinstance(value, origin):
-        raise ValueError(f"{name}={value!r}: expected {expected}, got {type(value).__name__}, e.g. {_example(name)}")
-    if origin is list:
-        return [str(v) for v in value]
-    return value
+def type_of(name: str) -> Any:
+    return ENGINE.hints[name]
 
 
 def _apply(config: TrainConfig, updates: dict[str, Any], source: str, from_cli: bool) -> None:
     # The budget is train_iters OR train_tokens: a layer that gives one replaces the other given by a layer below
     # (`--train_tokens 2e9` over a preset with train_iters); one layer giving both is still refused by validate().
-    names = {str(key).replace("-", "_") for key in updates}
+    names = {canonical(key) for key in updates}
     for given, other in (("train_iters", "train_tokens"), ("train_tokens", "train_iters")):
         if given in names and other not in names:
             setattr(config, other, None)
-    for key, value in updates.items():
-        name = str(key).replace("-", "_")
-        if name not in FIELDS:
-            close = difflib.get_close_matches(name, FIELDS, n=3)
-            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise ValueError(f"{source}: unknown config key {key!r}{hint}; known keys: {', '.join(FIELDS)}")
-        try:
-            setattr(config, name, _coerce(name, value, from_cli))
-        except ValueError as err:
-            raise ValueError(str(err) if from_cli else f"{source}: {err}") from None
+    ENGINE.apply(config, updates, source, from_cli)
 
 
 def _check_numbers(config: TrainConfig) -> None:
-    for name, allowed in CHOICES.items():
-        value = getattr(config, name)
-        if value not in allowed:
-            raise ValueError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}; "
-                             f"e.g. --{name} {getattr(TrainConfig(), name)}")
-    for name, (minimum, meaning) in INT_MINIMUMS.items():
-        value = getattr(config, name)
-        if value is not None and value < minimum:
-            raise ValueError(f"{name}={value} must be >= {minimum}{meaning}")
-    if config.seed > MAX_SEED:
-        raise ValueError(f"seed={config.seed} must be at most 2**32 - 1 = {MAX_SEED}")
-    # lr first: a bad lr must be named as such, not as a min_lr outside [0, lr].
-    for name, (low, low_ok, high, high_ok, fix) in FLOAT_RANGES.items():
-        value = getattr(config, name)
-        inside = (value >= low if low_ok else value > low) and (value <= high if high_ok else value < high)
-        if not inside:
-            bounds = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
-            raise ValueError(f"{name}={value} must be a finite number in {bounds}; {fix}")
-    if not (math.isfinite(config.min_lr) and 0 <= config.min_lr <= config.lr):
-        raise ValueError(f"min_lr={config.min_lr} must lie in [0, lr={config.lr}]; the floor of the decay, "
-                         f"e.g. lr / 10 = {config.lr / 10:g}")
+    ENGINE.check_ranges(config)
+    check_min_lr(config.lr, config.min_lr)
 
 
 def _check_budget(config: TrainConfig) -> None:
@@ -273,32 +232,11 @@ def _check_budget(config: TrainConfig) -> None:
         )
 
 
-def check_directory_path(name: str, value: str) -> None:
-    """A directory the run creates or writes in: refuse what would fail later with a traceback (or write elsewhere)."""
-    if not value.strip():
-        raise ValueError(f"{name}={value!r} is empty; give a directory path, e.g. --{name} runs/my_run")
-    path = Path(value)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{name}={value!r} is an existing file, not a directory; choose a directory path (a new "
-                         f"one, or the run's own directory)")
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{name}={value!r}: {str(parent)!r} on its path is a file, not a directory; choose another "
-                         f"path")
-    if not os.access(parent if not path.exists() else path, os.W_OK | os.X_OK):
-        raise ValueError(f"{name}={value!r}: no permission to write in {str(parent if not path.exists() else path)!r}"
-                         f"; choose a writable location")
-
-
 def _check_paths(config: TrainConfig) -> None:
     check_directory_path("output_dir", config.output_dir)
     if config.data_cache_dir is not None:
         check_directory_path("data_cache_dir", config.data_cache_dir)
-    if config.resume not in ("none", "auto") and not Path(config.resume).is_dir():
-        raise ValueError(f"resume={config.resume!r}: not 'none', 'auto' or an existing checkpoint directory; "
-                         f"use --resume auto to continue the newest checkpoint in output_dir")
+    check_resume(config.resume)
     if config.tokenizer is not None and not (Path(config.tokenizer) / "tokenizer.json").is_file():
         raise ValueError(
             f"tokenizer={config.tokenizer!r}: no tokenizer.json there; pass an HF tokenizer directory (train one with "
@@ -311,7 +249,7 @@ def _check_paths(config: TrainConfig) -> None:
 
 
 def _check_data(config: TrainConfig) -> None:
-    from llm.data.gpt_dataset import normalize_weights, parse_data_path, parse_split
+    from llm.data.data_path import normalize_weights, parse_data_path, parse_split
 
     if config.data_path:
         try:
@@ -371,109 +309,13 @@ def warnings_for(config: TrainConfig) -> list[str]:
     return notes
 
 
-def read_yaml_mapping(file: Path) -> dict[str, Any]:
-    """A YAML file of `key: value` lines; what is wrong with it, as one line naming the file (and line)."""
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
-        problem = " ".join(str(err.problem or "parse error").split())
-        if err.context and err.context_mark:  # where the broken construct began, e.g. an unclosed [ lines above
-            problem = f"{' '.join(err.context.split())} at line {err.context_mark.line + 1}: {problem}"
-        raise ValueError(f"{where}: not valid YAML ({problem}); write one `key: value` per line") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"{file}: not valid YAML ({' '.join(str(err).split())})") from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{file}: not UTF-8 text (byte {err.start}); a config is a YAML text file") from None
-    except OSError as err:
-        raise ValueError(f"{file}: cannot read the config ({err.strerror})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a mapping of config keys (`key: value` lines), got {type(data).__name__}")
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                 cli_overrides: list[str] | None = None) -> TrainConfig:
     """Defaults <- YAML file (a preset name in llm/configs/ or a path) <- `overrides` <- `--key value` pairs."""
-    config = TrainConfig()
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            file = CONFIG_DIR / f"{path}.yaml"
-        if not file.is_file():
-            presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-            raise ValueError(f"config={str(path)!r}: no such file, nor a preset ({', '.join(presets)})")
-        data = read_yaml_mapping(file)
-        _apply(config, data, str(file), from_cli=False)
-    _apply(config, overrides or {}, "overrides", from_cli=False)
-    _apply(config, parse_cli_pairs(cli_overrides or []), "command line", from_cli=True)
+    config = ENGINE.load(path, overrides, cli_overrides, apply=_apply)
     validate(config)
     return config
 
 
-def _is_list_field(key: str) -> bool:
-    name = key.replace("-", "_")
-    return name in FIELDS and typing.get_origin(_type_of(name)) is list
-
-
-def parse_cli_pairs(argv: list[str]) -> dict[str, str]:
-    """['--lr', '3e-4', '--export=false'] -> {'lr': '3e-4', 'export': 'false'}.
-
-    A list field takes every word up to the next --flag, as Megatron's `--data-path W1 P1 W2 P2` does:
-    ['--data_path', '0.7', 'a', '0.3', 'b'] -> {'data_path': '0.7 a 0.3 b'} (the quoted one-word form works too)."""
-    pairs: dict[str, str] = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}; overrides are --key value pairs")
-        key = arg[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise ValueError(f"--{key} needs a value")
-            end = i + 2
-            if _is_list_field(key):
-                while end < len(argv) and not argv[end].startswith("--"):
-                    end += 1
-            value = " ".join(argv[i + 1:end])
-            i = end
-        pairs[key] = value
-    return pairs
-
-
 def dump_yaml(config: TrainConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
-
-
-# --- printing config errors (both training CLIs) --------------------------------------------------------------------
-
-
-def print_error(message: str, kind: str = "error", prog: str | None = None) -> None:
-    """`[prog: ]error: MESSAGE` as one line in one write, flushed: ranks share a terminal or a log file, and a line
-    written in pieces (print writes the text and the newline separately) interleaves with another rank's."""
-    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-    line = f"{prog + ': ' if prog else ''}{kind}: {text}\n"
-    sys.stdout.flush()
-    sys.stderr.write(line)
-    sys.stderr.flush()
-
-
-def first_rank_on_node(argv: list[str] | None = None) -> bool:
-    """Is this the node's local rank 0? Every rank reads the same command line and config, so a config error is
-    printed once per node (by this rank) rather than once per rank."""
-    from runtime.slurm import rank_env
-
-    env = {**os.environ, **rank_env(os.environ)}
-    for key in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"):
-        if env.get(key, "").strip().isdigit():
-            return int(env[key]) == 0
-    for arg in argv or []:  # the deepspeed launcher's --local_rank=N (it sets LOCAL_RANK too)
-        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
-            return arg.split("=", 1)[1].strip() in ("", "0")
-    return True
+    return ENGINE.dump_yaml(config)

@@ -21,11 +21,11 @@ def test_vision_bf16_steps_through_deepspeed_on_the_device(tmp_path: Path) -> No
     data = tiny_image_folder(tmp_path / "images")  # 2 classes x 4 images per split
     out = tmp_path / "run"
     cmd = ["bash", str(REPO / "launch" / "train_vision.sh"), "--num-gpus", "1", "--master-port", str(free_port()),
-           "--config", "fashion_mnist_tiny", "--model", "parameternet_tiny", "--dataset", "folder", "--data-dir",
-           str(data), "--train-subset", "0", "--val-subset", "0", "--micro-batch-size", "4", "--global-batch-size",
-           "4", "--precision", "bf16", "--zero-stage", "1", "--ds-config", "zero1", "--ema", "--max-steps",
-           str(STEPS), "--num-workers", "0", "--log-every", "1", "--no-progress", "--no-tensorboard",
-           "--output-dir", str(out)]
+           "--config", "fashion_mnist_tiny", "--model", "parameternet_tiny", "--dataset", "folder", "--data_dir",
+           str(data), "--train_subset", "0", "--val_subset", "0", "--micro_batch_size", "4", "--global_batch_size",
+           "4", "--precision", "bf16", "--zero_stage", "1", "--ds_config", "zero1", "--ema", "true", "--train_iters",
+           str(STEPS), "--num_workers", "0", "--log_interval", "1", "--progress_bar", "false", "--tensorboard",
+           "false", "--output_dir", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     # vision.train describes its engine: the device it placed the model on and the precision.
