@@ -9,7 +9,7 @@ New tensors made for a collective (flags, scalars) are created on `group_device(
 
 tests/test_collectives.py checks the rule on a group whose device map has no cpu (`cuda:gloo`, which is what an
 NCCL group looks like to this code) and fails if a module of llm/, vision/ or evals/ calls a torch.distributed
-collective anywhere but here (llm/model/dispatch.py's all-to-alls are allow-listed there, with the reason).
+collective anywhere but here (llm/parallel/experts.py's all-to-alls are allow-listed there, with the reason).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from evals.plot_routing import load_routing, main, plot_routing
-from llm.train.routing_stats import expert_load
+from llm.train.records import expert_load
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["layers.0.down_proj", "layers.1.down_proj", "layers.2.down_proj"]

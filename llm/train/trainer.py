@@ -27,36 +27,15 @@ from runtime.dist import PreemptionFlag, init_distributed
 from runtime.ds_config import adamw_block, complete_ds_config, gradient_accumulation_steps, resolve_ds_config_path
 from runtime.errors import TrainingError
 from runtime.metrics import MetricsLogger, memory_gib, peak_flops
+from runtime.nonfinite import NonFiniteGradGuard
 from runtime.rundir import CHECKPOINTS, write_config, write_summary
 
 from .checkpoint import RESUME_POLICY
 from .config import TrainConfig
 from .inputs import build_inputs, loader
 from .optim import lr_at, parameter_groups
-from .routing_stats import expert_load
+from .records import console_line, expert_load
 from .weights import full_state_dict, restore_expert_shards, save_full_weights, weights_finite
-
-
-class NonFiniteGradGuard:
-    """Drops this rank's gradients of a micro-batch whose loss is non-finite, decided on the device.
-
-    A hook on every trainable parameter returns `grad.masked_fill(drop, 0)`, where `drop` is a 0-dim bool tensor on
-    the device that the loop sets before each backward. The decision never goes through the host, so the loop does
-    not wait for the forward to finish before queueing the backward. Selecting (not multiplying by 0) is what makes
-    it work: the gradients of a NaN loss are NaN all the way down, and 0 * NaN is NaN. Parameter hooks run before
-    autograd accumulates into .grad and before DeepSpeed's own post-accumulation hooks (ZeRO reductions), so what
-    the engine accumulates, reduces and clips is exactly what it would be had the micro-batch contributed zeros.
-    With `drop` false the hook returns the gradient bitwise unchanged."""
-
-    def __init__(self, params, device: torch.device) -> None:
-        self.drop = torch.zeros((), dtype=torch.bool, device=device)
-        for p in params:
-            if p.requires_grad:
-                p.register_hook(self._hook)
-
-    def _hook(self, grad: torch.Tensor) -> torch.Tensor:
-        drop = self.drop if self.drop.device == grad.device else self.drop.to(grad.device)
-        return grad.masked_fill(drop, 0)
 
 
 class Trainer:
@@ -356,7 +335,7 @@ class Trainer:
                 if self.rank == 0 and record["lm_loss"] is not None:
                     bar.set_postfix(loss=f"{record['lm_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if self.rank == 0:
-                    bar.write(self._console_line(record))
+                    bar.write(console_line(record, self.train_iters, self.moe_names))
             if self.iteration % cfg.eval_interval == 0 and self.iteration != self.train_iters:
                 last_eval = self._eval_and_log()
                 last_log_time = time.perf_counter()
@@ -395,21 +374,6 @@ class Trainer:
                 print(f"[valid] iteration {self.iteration}: loss {result['val_loss']:.4f} "
                       f"ppl {result['val_ppl']:.2f}", file=sys.stderr)
         return result
-
-    def _console_line(self, r: dict[str, Any]) -> str:
-        loss = "skipped (non-finite)" if r["lm_loss"] is None else f"{r['lm_loss']:.4f}"
-        parts = [f"iter {r['iteration']}/{self.train_iters}", f"tokens {r['tokens']}", f"loss {loss}",
-                 f"lr {r['lr']:.2e}", f"grad_norm {r['grad_norm'] or float('nan'):.3f}",
-                 f"tok/s {r['tokens_per_s']:.0f}"]
-        if "aux_loss" in r:
-            shares = [(r[f"moe/{n}/min_share"], r[f"moe/{n}/max_share"]) for n in self.moe_names]
-            parts.append(f"aux {r['aux_loss']:.4f}")
-            parts.append(f"expert share min {min(s[0] for s in shares):.3f} max {max(s[1] for s in shares):.3f}")
-        if "mfu" in r:
-            parts.append(f"TFLOP/s {r['tflops_per_device']:.1f} MFU {100 * r['mfu']:.1f}%")
-        mem = r.get("mem_alloc_gib", r.get("max_rss_gib"))
-        parts.append(f"mem {mem:.2f} GiB")
-        return " | ".join(parts)
 
     def export(self) -> None:
         from llm.export import write_hf_directory

@@ -1,0 +1,37 @@
+"""What the LLM trainer reports per logged step besides the loss: expert-load statistics of the ParameterNet MoE layers
+(moe/<layer>/...) and the console line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def expert_load(tokens_per_expert: torch.Tensor, layer_names: list[str]) -> dict[str, float]:
+    """Per MoE layer: min and max share of the assignments, coefficient of variation of the counts."""
+    out: dict[str, float] = {}
+    counts = tokens_per_expert.double()
+    shares = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    cv = counts.std(-1, unbiased=False) / counts.mean(-1).clamp(min=1e-9)
+    for i, name in enumerate(layer_names):
+        out[f"moe/{name}/min_share"] = float(shares[i].min())
+        out[f"moe/{name}/max_share"] = float(shares[i].max())
+        out[f"moe/{name}/cv"] = float(cv[i])
+    return out
+
+
+def console_line(r: dict[str, Any], train_iters: int, moe_names: list[str]) -> str:
+    loss = "skipped (non-finite)" if r["lm_loss"] is None else f"{r['lm_loss']:.4f}"
+    parts = [f"iter {r['iteration']}/{train_iters}", f"tokens {r['tokens']}", f"loss {loss}",
+             f"lr {r['lr']:.2e}", f"grad_norm {r['grad_norm'] or float('nan'):.3f}",
+             f"tok/s {r['tokens_per_s']:.0f}"]
+    if "aux_loss" in r:
+        shares = [(r[f"moe/{n}/min_share"], r[f"moe/{n}/max_share"]) for n in moe_names]
+        parts.append(f"aux {r['aux_loss']:.4f}")
+        parts.append(f"expert share min {min(s[0] for s in shares):.3f} max {max(s[1] for s in shares):.3f}")
+    if "mfu" in r:
+        parts.append(f"TFLOP/s {r['tflops_per_device']:.1f} MFU {100 * r['mfu']:.1f}%")
+    mem = r.get("mem_alloc_gib", r.get("max_rss_gib"))
+    parts.append(f"mem {mem:.2f} GiB")
+    return " | ".join(parts)
