@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from runtime.collectives import all_ranks
+from runtime.config import IGNORE, REFUSE
 from runtime.dist import barrier, rank, world_size
 from runtime.errors import TrainingError
 from runtime.fsutil import make_public, write_text_atomic
@@ -134,15 +135,7 @@ def verify_files(directory: Path, manifest: dict[str, Any], rank: int = 0, world
                       f"{len(sizes_only)} files are checked", stacklevel=2)
 
 
-# How a resume treats a config field whose value differs from the one saved with the checkpoint. Each trainer has a
-# RESUME_POLICY table, field -> (decision, why), next to its config fields; its tests fail when a field has none.
-#   REFUSE: the checkpoint means something else under the new value: its weights, optimizer state or position in the
-#           data would be read wrongly (Megatron's check_checkpoint_args and its LR-scheduler checks, widened to the
-#           data: the sample order is a pure function of the settings).
-#   ALLOW:  a change made on purpose (how long, how often, how fast, the tail of the LR schedule); logged as
-#           "resume: log_interval 10 -> 5".
-#   IGNORE: where the run is and how it was started, not what it is.
-REFUSE, ALLOW, IGNORE = "refuse", "allow", "ignore"
+# Field -> (REFUSE | ALLOW | IGNORE, why): each trainer's RESUME_POLICY table (the decisions: runtime.config).
 ResumePolicy = dict[str, tuple[str, str]]
 # The world size is not a config field: it is refused only where the checkpoint's layout depends on it.
 WORLD_SIZE_WHY = "the optimizer state is sharded over the data-parallel ranks"

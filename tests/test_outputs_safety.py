@@ -52,7 +52,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def add_checkpoint(run: Path, iteration: int, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """A checkpoint as llm.train.checkpoint publishes it (the files export reads), and `latest` pointing at it."""
+    """A checkpoint as runtime.checkpoint publishes it (the files export reads), and `latest` pointing at it."""
     torch.manual_seed(seed)
     model = build_model(load_model_config("llama-tiny", **TINY_MODEL))
     ckpt = run / "checkpoints" / f"iter_{iteration:07d}"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.train.checkpoint import RESUME_POLICY
+from llm.train.config import RESUME_POLICY
 from runtime.checkpoint import (
     CHECKSUM,
     MANIFEST,

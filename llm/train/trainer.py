@@ -30,8 +30,7 @@ from runtime.metrics import MetricsLogger, memory_gib, peak_flops
 from runtime.nonfinite import NonFiniteGradGuard
 from runtime.rundir import CHECKPOINTS, write_config, write_summary
 
-from .checkpoint import RESUME_POLICY
-from .config import TrainConfig
+from .config import RESUME_POLICY, TrainConfig
 from .inputs import build_inputs, loader
 from .optim import lr_at, parameter_groups
 from .records import console_line, expert_load
