@@ -27,6 +27,11 @@ from transformers.models.llama.modeling_llama import (
 from .configuration_parameternet_llama import ParameterNetLlamaConfig, validate_parameternet_fields
 from .moe import MoELinear
 
+# The KV cache's name in forward arguments and model outputs: transformers 5.2x renamed `past_key_values` to `cache`
+# (the old name warns until 5.40). Checkpoints carry this file to machines with other transformers 5.x versions, so
+# it asks the installed one rather than picking a name.
+CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class ParameterNetLlamaMLP(nn.Module):
     """SwiGLU: down(act(gate(x)) * up(x)), where each projection named in `moe_projections` is a MoELinear."""
@@ -70,17 +75,17 @@ class ParameterNetLlamaDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        # The KV cache travels in kwargs under whatever name this transformers' LlamaModel passes it (see CACHE):
+        # naming it here would hand LlamaAttention both the old and the new name.
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -183,20 +188,22 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, GenerationM
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> ParameterNetCausalLMOutput:
+        # The KV cache arrives in kwargs under this transformers' name (CACHE; generate passes it so) and goes on to
+        # the model, but not to the loss function.
+        cache = kwargs.pop(CACHE, None)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{CACHE: cache},
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -219,7 +226,7 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, GenerationM
         return ParameterNetCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE: getattr(outputs, CACHE)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             lm_loss=lm_loss,
