@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from runtime.dist import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,14 +29,6 @@ def _run(script: str, *args: str, timeout: float = 300) -> dict:
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _free_port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 # ------------------------------------------------------------------------------------------------ (a) the rule
@@ -67,7 +61,7 @@ print(json.dumps(out))
 def test_group_without_cpu_in_its_device_map_gets_cuda_and_refuses_raw_cpu_collectives():
     """`cuda:gloo` is what an NCCL group looks like: the rule must pick cuda, and a raw CPU all_reduce must fail
     there (so this test stands for the GPU situation, not a made-up one)."""
-    out = _run(RULE_SCRIPT, "cuda:gloo", _free_port())
+    out = _run(RULE_SCRIPT, "cuda:gloo", str(free_port()))
     assert out["device_types"] == ["cuda"]
     assert out["group_device"].startswith("cuda")
     assert out["subgroup_device"].startswith("cuda")
@@ -78,7 +72,7 @@ def test_group_without_cpu_in_its_device_map_gets_cuda_and_refuses_raw_cpu_colle
 @pytest.mark.parametrize("backend", ["gloo", "cpu:gloo,cuda:gloo"])
 def test_group_that_takes_cpu_tensors_gets_cpu(backend):
     """Plain gloo (every CPU run) and mixed device maps: CPU tensors stay where they are, no copies."""
-    out = _run(RULE_SCRIPT, backend, _free_port())
+    out = _run(RULE_SCRIPT, backend, str(free_port()))
     assert "cpu" in out["device_types"]
     assert out["group_device"] == "cpu" and out["subgroup_device"] == "cpu"
     assert out["serves_cpu_tensor"] is True and out["raw_cpu_all_reduce"] == "ok"
@@ -114,7 +108,7 @@ print(json.dumps(out))
 
 
 def test_wrappers_reduce_over_two_gloo_ranks():
-    port = _free_port()
+    port = str(free_port())
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", TWO_RANK_SCRIPT, str(r), port], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
@@ -131,7 +125,7 @@ def test_wrappers_reduce_over_two_gloo_ranks():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: moves CPU tensors to cuda for the collective")
 def test_cpu_tensors_travel_to_cuda_and_back_on_a_cuda_only_group():
     script = RULE_SCRIPT.replace('if out["serves_cpu_tensor"]:', "if True:")
-    out = _run(script, "cuda:gloo", _free_port())
+    out = _run(script, "cuda:gloo", str(free_port()))
     assert out["wrapped"] == [[2.0, 3.0], [1.5, 2.0], True, False, True, [[2.0, 3.0]]]
 
 

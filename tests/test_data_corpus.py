@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from llm.data.data_path import split_ranges
 from llm.data.gpt_dataset import build_datasets
 from llm.data.indexed_dataset import IndexedDataset
 from llm.data.tokenizer import load_tokenizer
+from runtime.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN, MICRO, CONSUMED, STEPS, SEED = 64, 4, 8, 3, 1234
@@ -51,12 +51,6 @@ dist.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """Two gloo ranks on a fresh data dir: they race to build the corpus, then read their slices."""
@@ -67,7 +61,7 @@ def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     result_file = work / "result.json"
     env = dict(os.environ, PNET_DATA_DIR=str(data_dir), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), str(script), str(result_file)] + [str(v) for v in (SEQ_LEN, MICRO, CONSUMED,
+               str(free_port()), str(script), str(result_file)] + [str(v) for v in (SEQ_LEN, MICRO, CONSUMED,
                                                                                      STEPS, SEED)]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 from evals.zero_shot import run_zero_shot
+from runtime.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -47,16 +47,10 @@ def test_eval_zero_shot_sh_reports_missing_model(tmp_path: Path) -> None:
     assert f"--model {tmp_path / 'missing'}: no such directory" in proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_compare_sh_end_to_end_and_checkpoint_export(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
-    env = {**ENV, "MASTER_PORT": str(_free_port()), "NPROC": "1"}
+    env = {**ENV, "MASTER_PORT": str(free_port()), "NPROC": "1"}
     proc = _run(
         "bash", "launch/compare.sh", "--out", str(out), "--seeds", "2", "--offline", "--tasks", "arc_easy,piqa",
         "--limit", "3", "--", "--train_iters", "2", "--seq_len", "64", "--micro_batch_size", "2",

@@ -14,6 +14,12 @@ def hand_count_llama(h=2048, layers=12, inter=8192, vocab=32000):
     return 2 * vocab * h + layers * per_layer + h  # embeddings + untied lm_head + final norm
 
 
+def hand_count_parameternet_down_proj_x8(layers=12, inter=8192, h=2048, experts=8):
+    extra_experts = layers * (experts - 1) * inter * h  # 7 more copies of down_proj per layer
+    routers = layers * inter * experts  # Linear(inter -> experts), no bias
+    return hand_count_llama() + extra_experts + routers
+
+
 def test_llama_1b_matches_hand_count():
     row = summarize("llama-1b")
     assert row["total_params"] == hand_count_llama() == row["counted_params_meta"]
@@ -23,9 +29,8 @@ def test_llama_1b_matches_hand_count():
 
 def test_parameternet_1b_down_proj_x8():
     row = summarize("parameternet-llama-1b")
-    extra_experts = 12 * 7 * 8192 * 2048  # 7 more copies of down_proj per layer
     routers = 12 * 8192 * 8
-    assert row["total_params"] == hand_count_llama() + extra_experts + routers == row["counted_params_meta"]
+    assert row["total_params"] == hand_count_parameternet_down_proj_x8() == row["counted_params_meta"]
     assert row["total_params"] == pytest.approx(2.35e9, rel=0.005)
     assert row["active_params"] == hand_count_llama() + routers
     assert row["active_params"] == pytest.approx(937e6, rel=0.002)
@@ -37,7 +42,7 @@ def test_parameternet_1b_down_proj_x8():
 
 def test_forward_flops_formula_includes_attention():
     acc = account(load_model_config("llama-1b"), 2048)
-    matmul_params = 936_429_568 - 32000 * 2048 - 12 * 2 * 2048 - 2048  # minus embedding table and norms
+    matmul_params = hand_count_llama() - 32000 * 2048 - 12 * 2 * 2048 - 2048  # minus embedding table and norms
     attention = 12 * 4 * 2048 * 2048
     assert acc.forward_flops_per_token == 2 * matmul_params + attention
     assert acc.train_flops_per_token == 3 * acc.forward_flops_per_token
@@ -268,7 +273,7 @@ def test_memory_cli_fits_and_does_not_fit(capsys):
     for block in (vanilla, parameternet):
         assert "* analytic estimate" in block and "model states" in block and "GPU 80 GiB" in block
     weights = re.search(r"weights\s+bf16\s+([\d.]+)", parameternet).group(1)
-    assert float(weights) == round(2 * 2_346_450_944 / GIB, 2)
+    assert float(weights) == round(2 * hand_count_parameternet_down_proj_x8() / GIB, 2)
 
     assert main(["parameternet-llama-1b", "--memory", "--micro-batch", "12", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)

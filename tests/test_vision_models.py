@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 
 import pytest
 import timm
@@ -57,6 +58,23 @@ def test_dynamic_conv_refuses_bad_arguments() -> None:
         DynamicConv(4, 4, groups=3)
 
 
+def hand_count_over_twin(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters, multiply-adds at batch 1) a ParameterNet has beyond its static twin, counted by hand: each
+    DynamicConv holds E kernels (and biases) where the twin's conv holds one, plus its router Linear(in, E); it runs
+    the router and the [E] x [E, kernel] mixing once per image, then one convolution as the twin does (GAP and the
+    sigmoid are no multiply-adds)."""
+    params = macs = 0
+    for m in model.modules():
+        if isinstance(m, DynamicConv):
+            conv, experts = m.cond_conv, m.num_experts
+            kernel = conv.out_channels * (conv.in_channels // conv.groups) * math.prod(conv.kernel_size)
+            bias = conv.out_channels if conv.bias is not None else 0
+            router = m.in_channels * experts + experts
+            params += (experts - 1) * (kernel + bias) + router
+            macs += m.in_channels * experts + experts * (kernel + bias)
+    return params, macs
+
+
 @functools.cache
 def _model(name: str) -> torch.nn.Module:
     """One default instance per registered model, shared by the tests below (building the 600M ones takes seconds)."""
@@ -87,6 +105,9 @@ def test_parameternet_600m_matches_the_released_size() -> None:
     # The paper's point: the static twin has the same FLOPs (within the routing overhead) and far fewer parameters.
     twin = _model("ghostnet_600m")
     twin_macs = count_macs(twin, 224)
+    extra_params, extra_macs = hand_count_over_twin(model)
+    assert params - count_params(twin) == extra_params
+    assert macs - twin_macs == extra_macs
     assert 1.0 < macs / twin_macs < 1.06
     assert count_params(twin) < 0.6 * params
     # Dynamic wherever the release is: stem, ghost primary+cheap convs, shortcut convs, final 1x1 conv.
@@ -124,14 +145,22 @@ def test_registry_create_model_arguments_and_reset_classifier() -> None:
 
 
 def test_summary_lists_every_registered_model_by_default() -> None:
-    assert summary.build_parser().parse_args([]).models == list(MODEL_NAMES)
+    """The default is every model our package registers in timm (timm's registry is the oracle, not MODEL_NAMES),
+    each ParameterNet beside its static twin."""
+    ours = [name for name in timm.list_models() if timm.models.model_entrypoint(name).__module__.startswith("vision.")]
+    default = summary.build_parser().parse_args([]).models
+    assert sorted(default) == sorted(ours) and len(default) == len(set(default)) == 6
+    assert [(default[i], default[i + 1]) for i in range(0, len(default), 2)] == list(STATIC_TWINS.items())
+    assert all(dynamic.replace("parameternet_", "ghostnet_") == static for dynamic, static in STATIC_TWINS.items())
 
 
 def test_summary_cli_prints_params_and_macs(capsys: pytest.CaptureFixture[str]) -> None:
     assert summary.main(["--img-size", "32", "--json", "--models", "parameternet_tiny", "ghostnet_tiny"]) == 0
     rows = {r["model"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
-    assert rows["parameternet_tiny"]["params"] > rows["ghostnet_tiny"]["params"]
-    assert rows["parameternet_tiny"]["macs"] >= rows["ghostnet_tiny"]["macs"]
+    extra_params, extra_macs = hand_count_over_twin(_model("parameternet_tiny"))
+    assert rows["parameternet_tiny"]["params"] - rows["ghostnet_tiny"]["params"] == extra_params
+    assert rows["parameternet_tiny"]["macs"] - rows["ghostnet_tiny"]["macs"] == extra_macs
+    assert rows["ghostnet_tiny"]["params"] == count_params(_model("ghostnet_tiny"))
     assert rows["parameternet_tiny"]["macs"] == count_macs(timm.create_model("parameternet_tiny"), 32)
     assert summary.main(["--img-size", "16"]) == 2
     assert "img_size=16 is below the minimum 32" in capsys.readouterr().err

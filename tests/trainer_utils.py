@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from runtime.dist import free_port  # also imported from here by the launch tests
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,12 +41,6 @@ def kill_leftovers() -> None:
                 pass
             proc.wait()
     LAUNCHED.clear()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(cmd: list[str], output_dir: Path, env: dict[str, str], log_name: str | None = None) -> subprocess.Popen:
