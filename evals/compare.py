@@ -1,13 +1,18 @@
-"""Side-by-side report of two or more pretraining runs: zero-shot accuracy, parameters, FLOPs, validation loss.
+"""Side-by-side report of two or more training runs: LLM runs (zero-shot accuracy, parameters, FLOPs, validation
+loss) or vision runs (top-1 / top-5, parameters, MACs, validation loss, speed; evals.vision_report).
 
     python -m evals.compare OUT/llama OUT/parameternet [OUT/more ...] [--out OUT/compare] [--evaluate --limit 50]
+    python -m evals.compare runs/vision/demo/parameternet_tiny runs/vision/demo/ghostnet_tiny --out DIR
 
 Each RUN is a run directory, or a directory of run directories that differ only in the seed (one column, reported
 as mean +- standard deviation over seeds). The first RUN is the baseline: every other column gets a delta against it.
-Writes report.md, results.json, accuracy.png and loss.png to --out, and prints the accuracy table.
-Each run contributes the evaluation (of those kept in RUN/eval/results/, see evals.results) whose task set and limit
-every run shares, the largest such, at the run's latest evaluated step. --out is replaced only when it holds an
-earlier report (parameternet_compare.json lists its files), never another directory.
+All runs are of one task (summary.json "task"): LLM and vision runs are never mixed.
+Writes report.md, results.json, accuracy.png and loss.png to --out, and prints the accuracy table (vision: and the
+model table).
+LLM: each run contributes the evaluation (of those kept in RUN/eval/results/, see evals.results) whose task set and
+limit every run shares, the largest such, at the run's latest evaluated step. Vision: the final top-1 / top-5 of
+summary.json (vision.train evaluates; --evaluate is refused). --out is replaced only when it holds an earlier report
+(parameternet_compare.json lists its files), never another directory.
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ import math
 import shutil
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from evals.results import Evaluation, TaskScore, best, load_evaluations, task_scores
-from evals.runs import Run, RunGroup, load_group
-from evals.scores import AVERAGE, GroupScores, Stat
+from evals.runs import VISION, Run, RunGroup, check_one_task, load_group
+from evals.scores import AVERAGE, GroupScores, Stat, delta, delta_text, human, stat_text
+from evals.vision_report import build_vision_report, check_vision_runs
 from evals.zero_shot import parse_batch_size
 from runtime.fsutil import claim_output, publish_dir, temp_dir_for, write_owner, write_text_atomic
 
@@ -124,50 +131,19 @@ def group_scores(group: RunGroup, tasks: list[str], chosen: Chosen) -> GroupScor
     return GroupScores(group.label, per_task, metrics, per_seed)
 
 
-def delta(a: Stat, b: Stat) -> tuple[float, float | None]:
-    """b - a, with the standard error of the difference of two independent means."""
-    se = math.sqrt(a.sem**2 + b.sem**2) if a.sem is not None and b.sem is not None else None
-    return b.mean - a.mean, se
-
-
-def _pct(stat: Stat) -> str:
-    if stat.std is not None:
-        return f"{100 * stat.mean:.2f} ± {100 * stat.std:.2f}"
-    return f"{100 * stat.mean:.2f}"
-
-
-def _delta_text(a: Stat, b: Stat) -> str:
-    d, se = delta(a, b)
-    text = f"{100 * d:+.2f}"
-    if se is not None:
-        text += f" ± {100 * se:.2f}"
-        if se > 0 and abs(d) > 2 * se:
-            text += " *"
-    return text
-
-
 def accuracy_table(scores: list[GroupScores], tasks: list[str]) -> str:
     base = scores[0]
     header = ["Task", "Metric", *[s.label for s in scores], *[f"Δ {s.label} − {base.label}" for s in scores[1:]]]
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
     for name in [*tasks, AVERAGE]:
         metric = base.metrics.get(name, "")
-        cells = [_pct(s.per_task[name]) for s in scores]
-        deltas = [_delta_text(base.per_task[name], s.per_task[name]) for s in scores[1:]]
+        cells = [stat_text(s.per_task[name]) for s in scores]
+        deltas = [delta_text(base.per_task[name], s.per_task[name]) for s in scores[1:]]
         row = [name, metric, *cells, *deltas]
         if name == AVERAGE:
             row = [f"**{c}**" if c else c for c in row]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _human(n: float | None, unit: str = "") -> str:
-    if n is None:
-        return "n/a"
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {suffix}{unit}"
-    return f"{n:.0f} {unit}".strip()
 
 
 def _summary_value(group: RunGroup, key: str) -> float | None:
@@ -214,10 +190,10 @@ def model_table(rows: list[dict[str, Any]]) -> str:
     fields = [
         ("Model", lambda r: str(r["model"])),
         ("Seeds", lambda r: ", ".join("?" if s is None else str(s) for s in r["seeds"])),
-        ("Total parameters", lambda r: _human(r["total_params"])),
-        ("Active parameters", lambda r: _human(r["active_params"])),
-        ("FLOPs per token (forward)", lambda r: _human(r["flops_per_token"], "FLOP")),
-        ("Training tokens", lambda r: _human(r["tokens"])),
+        ("Total parameters", lambda r: human(r["total_params"])),
+        ("Active parameters", lambda r: human(r["active_params"])),
+        ("FLOPs per token (forward)", lambda r: human(r["flops_per_token"], "FLOP")),
+        ("Training tokens", lambda r: human(r["tokens"])),
         ("Final validation loss", loss),
     ]
     lines = ["| | " + " | ".join(r["label"] for r in rows) + " |", "|---|" + "---:|" * len(rows)]
@@ -314,9 +290,16 @@ def compare(
     for group in groups:
         if seen[group.label] > 1 and labels is None:
             group.label = f"{group.path.parent.name}/{group.path.name}"
+    task = check_one_task(groups)
+    if task == VISION and evaluate:
+        raise ValueError("--evaluate runs lm-eval on language models; vision runs were evaluated by vision.train "
+                         "itself (top-1 / top-5 in summary.json): drop --evaluate")
     out = Path(out_dir) if out_dir is not None else groups[0].path.parent / "compare"
     # The report is a view of runs that stay on disk: an earlier report of ours is replaced, anything else refused.
     claim_output(out, overwrite=True, flag="--out", tool=TOOL, proof=REPORT_META)
+    if task == VISION:
+        check_vision_runs(groups)  # refuses unfinished or incomparable runs before anything is created
+        return _publish(out, lambda tmp: build_vision_report(groups, tmp))
     for group in groups:
         for run in group.runs:
             if load_evaluations(run.eval_dir):
@@ -330,9 +313,14 @@ def compare(
 
             run_zero_shot(run.path, output_dir=run.eval_dir, **(eval_kwargs or {}))
     choose_evaluations(groups)  # refuses incomparable runs before anything is created
+    return _publish(out, lambda tmp: build_report(groups, tmp))
+
+
+def _publish(out: Path, build: Callable[[Path], tuple[str, str, dict[str, Any]]]) -> tuple[Path, str]:
+    """Builds the report in a temporary directory beside `out`, then replaces `out` with it in one step."""
     tmp = temp_dir_for(out)
     try:
-        report, table, data = build_report(groups, tmp)
+        report, table, data = build(tmp)
         write_text_atomic(tmp / "report.md", report)
         write_text_atomic(tmp / "results.json", json.dumps(data, indent=2) + "\n")
         write_owner(tmp, TOOL, REPORT_META)

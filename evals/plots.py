@@ -1,22 +1,21 @@
-"""The comparison plots: per-task accuracy bars (error bars over seeds) and loss curves (bands over seeds)."""
+"""The comparison plots: per-task accuracy bars (LLM, error bars over seeds), validation accuracy curves (vision) and
+loss curves (both; bands over seeds)."""
 
 from __future__ import annotations
 
 import os
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from evals.runs import LLM, VISION, RunGroup  # noqa: E402
 from evals.scores import AVERAGE, GroupScores  # noqa: E402
 from runtime.fsutil import temp_path_for  # noqa: E402
-
-if TYPE_CHECKING:
-    from evals.runs import RunGroup
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -64,17 +63,25 @@ def _curve(runs_points: list[list[tuple[float, float]]]) -> tuple[list[float], l
     return xs, means, stds
 
 
+# Where each task's curves run along: LLM runs by training tokens, vision runs by optimizer step.
+X_AXIS = {LLM: ("tokens", "training tokens"), VISION: ("iteration", "training iterations")}
+
+
+def _points(records: list[dict[str, Any]], x_key: str, y_key: str) -> list[tuple[float, float]]:
+    return [(float(r.get(x_key, r.get("iteration", 0))), float(r[y_key])) for r in records if r.get(y_key) is not None]
+
+
 def plot_losses(groups: list[RunGroup], path: Path) -> None:
-    """Training loss (thin) and validation loss (markers) against training tokens; bands: std over seeds."""
+    """Training loss (thin) and validation loss (markers) against training tokens (LLM) or iterations (vision);
+    bands: std over seeds."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    x_key, x_label = X_AXIS[groups[0].task] if groups else X_AXIS[LLM]
     drew = False
     for i, group in enumerate(groups):
         color = colors[i % len(colors)]
-        train = [[(float(r.get("tokens", r.get("iteration", 0))), float(r["lm_loss"])) for r in run.train]
-                 for run in group.runs if run.train]
-        valid = [[(float(r.get("tokens", r.get("iteration", 0))), float(r["val_loss"])) for r in run.valid]
-                 for run in group.runs if run.valid]
+        train = [_points(run.train, x_key, run.train_loss_key) for run in group.runs if run.train]
+        valid = [_points(run.valid, x_key, "val_loss") for run in group.runs if run.valid]
         if train:
             xs, ys, sd = _curve(train)
             ax.plot(xs, ys, color=color, alpha=0.5, linewidth=1, label=f"{group.label} train")
@@ -89,9 +96,38 @@ def plot_losses(groups: list[RunGroup], path: Path) -> None:
             drew = True
     if not drew:
         ax.text(0.5, 0.5, "no metrics.jsonl in these runs", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("training tokens")
+    ax.set_xlabel(x_label)
     ax.set_ylabel("cross-entropy loss")
     ax.set_title("Loss curves")
+    if drew:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_val_accuracy(groups: list[RunGroup], path: Path) -> None:
+    """Vision runs: validation top-1 (solid) and top-5 (dashed) accuracy against iterations; bands: std over seeds."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drew = False
+    for i, group in enumerate(groups):
+        color = colors[i % len(colors)]
+        for key, style in (("top1", "-"), ("top5", "--")):
+            curves = [_points(run.valid, "iteration", key) for run in group.runs]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            xs, ys, sd = _curve(curves)
+            ax.plot(xs, ys, style, color=color, marker="o", linewidth=2, label=f"{group.label} {key}")
+            if len(curves) > 1:
+                ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
+                                color=color, alpha=0.15)
+            drew = True
+    if not drew:
+        ax.text(0.5, 0.5, "no validation records in these runs", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("training iterations")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("Validation accuracy")
     if drew:
         ax.legend()
     ax.grid(alpha=0.3)

@@ -1,9 +1,12 @@
-"""Training run directories as the trainer writes them, and groups of runs that differ only in the seed.
+"""Training run directories as the trainers write them (runtime.rundir), and groups of runs that differ only in the
+seed.
 
-A run directory RUN/ holds `config.yaml` (resolved training config), `metrics.jsonl` (train and valid lines),
-`summary.json` (parameters, FLOPs per token, final validation loss), `hf/` (the exported model) and, once evaluated,
-`eval/results/*.json` (every lm-eval evaluation, written by `python -m evals.zero_shot --model RUN`) with
-`eval/results.json`, the headline one (see evals.results).
+A run directory RUN/ holds `config.yaml` (resolved training config), `metrics.jsonl` (train and valid records keyed by
+"iteration") and `summary.json` (written when the run finishes: runtime.rundir.SUMMARY_KEYS plus the task's own keys).
+Its task is summary.json's "task": "llm" (llm.train) or "vision" (vision.train).
+An LLM run also holds `hf/` (the exported model) and, once evaluated, `eval/results/*.json` (every lm-eval
+evaluation, written by `python -m evals.zero_shot --model RUN`) with `eval/results.json`, the headline one (see
+evals.results).
 A directory whose subdirectories are run directories (e.g. OUT/parameternet/seed1, seed2, ...) is one group: the same
 configuration repeated with several seeds, reported as mean and standard deviation.
 """
@@ -19,15 +22,20 @@ import yaml
 
 RUN_MARKERS = ("metrics.jsonl", "summary.json", "hf", "checkpoints", "eval")
 RESULTS_PATH = Path("eval") / "results.json"
+LLM, VISION = "llm", "vision"
+TASKS = (LLM, VISION)
+# The training loss each task logs in its train records (the LLM's "loss" would include the router's aux loss).
+TRAIN_LOSS_KEY = {LLM: "lm_loss", VISION: "loss"}
 
 
 @dataclass
 class Run:
     path: Path
+    task: str  # LLM or VISION
     config: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
-    train: list[dict[str, Any]] = field(default_factory=list)  # {"kind": "train", "tokens", "lm_loss", ...}
-    valid: list[dict[str, Any]] = field(default_factory=list)  # {"kind": "valid", "tokens", "val_loss", ...}
+    train: list[dict[str, Any]] = field(default_factory=list)  # {"kind": "train", "iteration", <TRAIN_LOSS_KEY>, ...}
+    valid: list[dict[str, Any]] = field(default_factory=list)  # {"kind": "valid", "iteration", "val_loss", ...}
 
     @property
     def results_path(self) -> Path:
@@ -39,9 +47,13 @@ class Run:
         return self.results_path.parent
 
     @property
+    def train_loss_key(self) -> str:
+        return TRAIN_LOSS_KEY[self.task]
+
+    @property
     def seed(self) -> int | None:
-        seed = self.config.get("seed")
-        return int(seed) if isinstance(seed, int) else None
+        seed = self.summary.get("seed", self.config.get("seed"))
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
     @property
     def final_val_loss(self) -> float | None:
@@ -57,33 +69,46 @@ class RunGroup:
     path: Path
     runs: list[Run]
 
+    @property
+    def task(self) -> str:
+        return self.runs[0].task
+
 
 def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / marker).exists() for marker in RUN_MARKERS)
 
 
-def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    train: list[dict[str, Any]] = []
-    valid: list[dict[str, Any]] = []
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
     if not path.is_file():
-        return train, valid
+        return records
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                records.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 # A run killed mid-write may leave a torn last line; anything earlier is damage worth reporting.
                 if not f.readline():
                     break
                 raise ValueError(f"{path}:{number}: not a JSON line ({exc})") from exc
-            # A skipped (non-finite) step logs lm_loss null: it has no loss to report or plot.
-            if record.get("kind") == "train" and record.get("lm_loss") is not None:
-                train.append(record)
-            elif record.get("kind") == "valid" and "val_loss" in record:
-                valid.append(record)
-    return train, valid
+    return records
+
+
+def _task_of(path: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """summary.json's "task"; a run without one (unfinished, or written before the field existed) is an LLM run
+    unless its train records carry the vision trainer's "loss" and no "lm_loss"."""
+    task = summary.get("task")
+    if task is not None:
+        if task not in TASKS:
+            raise ValueError(f"{path / 'summary.json'}: task={task!r} is not one evals.compare reports; "
+                             f"it knows {', '.join(TASKS)}")
+        return str(task)
+    train = [r for r in records if r.get("kind") == "train"]
+    if train and all("loss" in r and "lm_loss" not in r for r in train):
+        return VISION
+    return LLM
 
 
 def load_run(path: Path) -> Run:
@@ -98,8 +123,26 @@ def load_run(path: Path) -> Run:
     summary: dict[str, Any] = {}
     if (path / "summary.json").is_file():
         summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
-    train, valid = _read_metrics(path / "metrics.jsonl")
-    return Run(path, config, summary, train, valid)
+    records = _read_records(path / "metrics.jsonl")
+    task = _task_of(path, summary, records)
+    loss_key = TRAIN_LOSS_KEY[task]
+    # A skipped (non-finite) step logs its loss as null: it has no loss to report or plot.
+    train = [r for r in records if r.get("kind") == "train" and r.get(loss_key) is not None]
+    valid = [r for r in records if r.get("kind") == "valid" and "val_loss" in r]
+    return Run(path, task, config, summary, train, valid)
+
+
+def check_one_task(groups: list[RunGroup]) -> str:
+    """The task every run shares; LLM and vision runs have nothing in common to report side by side."""
+    by_task: dict[str, list[Path]] = {}
+    for group in groups:
+        for run in group.runs:
+            by_task.setdefault(run.task, []).append(run.path)
+    if len(by_task) > 1:
+        llm, vision = by_task.get(LLM, []), by_task.get(VISION, [])
+        raise ValueError(f"cannot compare LLM runs ({', '.join(map(str, llm))}) with vision runs "
+                         f"({', '.join(map(str, vision))}): compare each kind on its own")
+    return next(iter(by_task))
 
 
 def load_group(path: Path, label: str | None = None) -> RunGroup:
@@ -117,4 +160,11 @@ def load_group(path: Path, label: str | None = None) -> RunGroup:
                 "directories (one per seed)"
             )
         runs = [load_run(p) for p in children]
-    return RunGroup(label or path.name, path, runs)
+    group = RunGroup(label or path.name, path, runs)
+    check_one_task([group])
+    # One group is one configuration over seeds: runs of different models in one directory are separate columns.
+    models = {str(run.summary["model"]) for run in runs if "model" in run.summary}
+    if len(models) > 1:
+        raise ValueError(f"{path} holds runs of different models ({', '.join(sorted(models))}), but a directory of "
+                         "runs is one configuration repeated over seeds; pass each run directory on its own")
+    return group

@@ -1,6 +1,7 @@
-"""Accuracy over the seeds of one compared group: what evals.compare computes and evals.plots draws.
+"""Values over the seeds of one compared group, and how the reports write them: what evals.compare and
+evals.vision_report compute and evals.plots draws.
 
-Its own module so that the report (compare) and its plots (plots) both import it and neither imports the other.
+Its own module so that the reports (compare, vision_report) and the plots all import it and none imports another.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ class Stat:
 
     mean: float
     std: float | None
-    sem: float | None  # seeds: std / sqrt(n); one seed: lm-eval's stderr over documents
+    sem: float | None  # seeds: std / sqrt(n); one seed: the evaluation's own stderr (documents, images)
     n: int
 
     @staticmethod
@@ -35,3 +36,37 @@ class GroupScores:
     per_task: dict[str, Stat]  # benchmark name (and AVERAGE) -> accuracy
     metrics: dict[str, str]  # benchmark name -> metric reported
     per_seed: list[dict[str, float]]  # raw accuracies per seed, per task
+
+
+def delta(a: Stat, b: Stat) -> tuple[float, float | None]:
+    """b - a, with the standard error of the difference of two independent means."""
+    se = math.sqrt(a.sem**2 + b.sem**2) if a.sem is not None and b.sem is not None else None
+    return b.mean - a.mean, se
+
+
+def stat_text(stat: Stat, scale: float = 100.0) -> str:
+    """'mean ± std' (std only over several seeds), the values times `scale` (fractions -> percent by default)."""
+    if stat.std is not None:
+        return f"{scale * stat.mean:.2f} ± {scale * stat.std:.2f}"
+    return f"{scale * stat.mean:.2f}"
+
+
+def delta_text(a: Stat, b: Stat, scale: float = 100.0) -> str:
+    """'+d ± se', and ' *' when |d| > 2 standard errors."""
+    d, se = delta(a, b)
+    text = f"{scale * d:+.2f}"
+    if se is not None:
+        text += f" ± {scale * se:.2f}"
+        if se > 0 and abs(d) > 2 * se:
+            text += " *"
+    return text
+
+
+def human(n: float | None, unit: str = "") -> str:
+    """1234567 -> '1.23 M' (k, M, G, T), 'n/a' for a value no run recorded."""
+    if n is None:
+        return "n/a"
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".strip()
