@@ -110,7 +110,7 @@ def test_literal_deepspeed_form_of_the_vision_launcher(tmp_path):
                 "--train_iters", "2", "--num_workers", "0", "--progress_bar", "false", "--tensorboard", "false",
                 "--output_dir", str(out)], out)
     assert log.count("WORLD INFO DICT") == 1 and "dist_world_size=2" in log
-    assert json.loads((out / "final_metrics.json").read_text())["global_step"] == 2
+    assert json.loads((out / "summary.json").read_text())["iterations"] == 2
 
 
 def _processes_of(out: Path) -> list[str]:

@@ -383,14 +383,16 @@ def test_export_and_evaluation_files_get_the_umask_mode(run: Path, tmp_path: Pat
 
 
 def test_atomic_writers_get_the_umask_mode(tmp_path: Path) -> None:
-    from vision.checkpoint import save_weights, write_json_atomic
+    from runtime.rundir import write_summary
+    from vision.weights import save_weights
 
     before = os.umask(0o027)
     try:
         save_weights({"w": torch.zeros(2)}, tmp_path / "c.safetensors")
-        write_json_atomic(tmp_path / "d.json", {"a": 1})
+        write_summary(tmp_path, {key: 1 for key in ("task", "model", "total_params", "iterations", "seed",
+                                                    "world_size", "final_val_loss")})
         assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {
-            "c.safetensors": "0o640", "d.json": "0o640"}
+            "c.safetensors": "0o640", "summary.json": "0o640"}
         from runtime import fsutil
 
         fsutil.write_text_atomic(tmp_path / "a.txt", "x")
@@ -398,7 +400,7 @@ def test_atomic_writers_get_the_umask_mode(tmp_path: Path) -> None:
     finally:
         os.umask(before)
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {
-        name: "0o640" for name in ("a.txt", "b.safetensors", "c.safetensors", "d.json")}
+        name: "0o640" for name in ("a.txt", "b.safetensors", "c.safetensors", "summary.json")}
 
 
 def test_plots_and_unpacked_datasets_get_the_umask_mode(tmp_path: Path) -> None:

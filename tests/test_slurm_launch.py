@@ -72,4 +72,4 @@ def test_srun_one_task_per_rank_trains_vision_too(slurm_cluster: SlurmCluster, t
                              timeout=300, cwd=REPO)
     log = proc.stdout + proc.stderr
     assert "WORLD INFO DICT" not in log and " 2 rank(s)" in log and " 1 rank(s)" not in log, log[-3000:]
-    assert json.loads((out / "final_metrics.json").read_text())["global_step"] == 2
+    assert json.loads((out / "summary.json").read_text())["iterations"] == 2

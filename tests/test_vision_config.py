@@ -28,7 +28,8 @@ from vision.config import (
     validate,
 )
 from vision.data import SeededTransformDataset, TrainBatchSampler, build_datasets, build_transforms
-from vision.train import main, param_groups, train
+from vision.build import param_groups
+from vision.train import main, train
 
 _RANK_BEFORE = os.environ.get("RANK")
 PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))

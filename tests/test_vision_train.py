@@ -1,11 +1,14 @@
-"""DeepSpeed training of ParameterNet on real images: 2 CPU ranks, loss falls, exact resume after SIGKILL, stage 2."""
+"""DeepSpeed training of ParameterNet on real images: 2 CPU ranks, loss falls, exact resume after SIGKILL, a stop
+signal to one rank checkpoints and exits 0, stage 2."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,14 +18,15 @@ import timm
 import torch
 from PIL import Image
 
-from tests.trainer_utils import free_port, track
-from vision.checkpoint import LATEST, WEIGHTS, load_init_weights, save_weights
+from runtime.checkpoint import complete_checkpoints
+from tests.trainer_utils import free_port, track, train_records
 from vision.data import (
     DEBIAN_FASHION_MNIST,
     FASHION_MNIST_CLASSES,
     read_idx,
     write_image_folder,
 )
+from vision.weights import EMA_WEIGHTS, WEIGHTS, load_init_weights, save_weights
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "train_vision.sh"
@@ -116,29 +120,36 @@ class Launch:
 
 
 def _train_losses(out_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    return {r["iteration"]: r["loss"] for r in train_records(out_dir)}
 
 
-def _eval_record(out_dir: Path, step: int) -> dict[str, float]:
+def _valid_record(out_dir: Path, iteration: int) -> dict[str, float]:
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    (record,) = [r for r in records if r["kind"] == "eval" and r["step"] == step]
+    (record,) = [r for r in records if r["kind"] == "valid" and r["iteration"] == iteration]
     return record
+
+
+def _newest_checkpoint(out_dir: Path) -> int:
+    found = complete_checkpoints(out_dir / "checkpoints")
+    return found[-1][0] if found else 0
+
+
+def _resumed_from(log: str) -> int:
+    return int(re.search(r"resumed from \S+ \(epoch \d+, iteration (\d+)\)", log).group(1))
 
 
 @pytest.mark.distributed
 def test_two_rank_training_loss_falls_and_resumes_exactly_after_sigkill(image_tree: Path, tmp_path: Path) -> None:
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     # The uninterrupted run and the one to be killed run side by side (their start-ups overlap on 2 cores). The
-    # second stops at step 20 (max_steps does not change the schedule, which spans the configured epochs).
+    # second stops at step 20 (train_iters does not change the schedule, which spans the configured epochs).
     stop = 20
     straight = Launch(_train_args(image_tree, straight_dir), tmp_path / "straight.log")
     killed = Launch([*_train_args(image_tree, killed_dir), "--train_iters", str(stop)], tmp_path / "killed.log")
     # SIGKILL the launcher and both ranks once a mid-run checkpoint is published ...
-    pointer = killed_dir / "checkpoints" / LATEST
     deadline = time.time() + 300
     while time.time() < deadline and killed.proc.poll() is None:
-        if pointer.is_file() and int(pointer.read_text().strip().removeprefix("step")) >= 6:
+        if _newest_checkpoint(killed_dir) >= 6:
             break
         time.sleep(0.05)
     assert killed.proc.poll() is None, "the run finished before it could be killed"
@@ -155,19 +166,69 @@ def test_two_rank_training_loss_falls_and_resumes_exactly_after_sigkill(image_tr
     assert sorted(losses) == list(range(1, steps + 1))
     first, last = np.mean([losses[s] for s in range(1, 5)]), np.mean([losses[s] for s in range(steps - 7, steps + 1)])
     assert last < first - 0.1, losses
-    final = json.loads((straight_dir / "final_metrics.json").read_text())
-    assert final["world_size"] == 2 and final["global_step"] == steps and final["val_images"] == 4 * VAL_PER_CLASS
-    assert final["top1"] > 40, final  # chance is 25% (measured: 72% at the end of this run)
-    assert (straight_dir / WEIGHTS).is_file() and (straight_dir / "model_ema.safetensors").is_file()
+    summary = json.loads((straight_dir / "summary.json").read_text())
+    assert summary["task"] == "vision" and summary["world_size"] == 2 and summary["iterations"] == steps
+    assert summary["top1"] > 40, summary  # chance is 25% (measured: 72% at the end of this run)
+    assert _valid_record(straight_dir, steps)["images"] == 4 * VAL_PER_CLASS
+    assert (straight_dir / WEIGHTS).is_file() and (straight_dir / EMA_WEIGHTS).is_file()
 
     code, log = resumed.wait()
     assert code == 0, log[-3000:]
-    resumed_from = int(log.split("resumed from ")[1].split("step ")[1].split(")")[0])
-    assert 6 <= resumed_from < 16
+    assert 6 <= _resumed_from(log) < 16
     # Every step's loss equals the uninterrupted run's, bit for bit, and so does the evaluation at the end of
     # epoch 1 (step 16, after the resume): weights, BatchNorm statistics and EMA all came back exactly.
     assert _train_losses(killed_dir) == {s: losses[s] for s in range(1, stop + 1)}
-    assert _eval_record(killed_dir, 16) == _eval_record(straight_dir, 16)
+    assert _valid_record(killed_dir, 16) == _valid_record(straight_dir, 16)
+
+
+def _rank_pid(session: int, rank: int) -> int | None:
+    """The pid of the vision.train rank `rank` started in the process group of `session`, if it runs yet."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) != session:
+                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ProcessLookupError):  # gone meanwhile
+            continue
+        if b"vision.train" in argv and f"RANK={rank}".encode() in environ and b"-m" in argv:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.distributed
+def test_a_stop_signal_to_one_rank_checkpoints_exits_0_and_the_run_resumes_from_it(image_tree: Path,
+                                                                                    tmp_path: Path) -> None:
+    """SIGTERM to rank 1 alone (as a scheduler's preemption may reach one process first): its flag travels in the
+    step's all-reduce, so both ranks finish the same step, save one checkpoint together and exit 0; the same command
+    then continues from that checkpoint to the end."""
+    out, iters = tmp_path / "run", 10
+    args = [*_train_args(image_tree, out), "--save_interval", "0", "--train_iters", str(iters)]  # no save before
+    run = Launch(args, tmp_path / "first.log")
+    deadline, signalled = time.time() + 300, False
+    while time.time() < deadline and run.proc.poll() is None and not signalled:
+        if any(r["iteration"] >= 3 for r in train_records(out)):
+            pid = _rank_pid(run.proc.pid, 1)
+            assert pid is not None, "rank 1 not found"
+            os.kill(pid, signal.SIGTERM)
+            signalled = True
+        time.sleep(0.05)
+    assert signalled, "the run finished (or never logged) before it could be signalled"
+    code, log = run.wait()
+    assert code == 0, log[-3000:]
+    [(stopped_at, _)] = complete_checkpoints(out / "checkpoints")
+    assert 3 <= stopped_at < iters and f"checkpoint of iteration {stopped_at} saved" in log
+    assert not (out / "summary.json").exists() and not (out / WEIGHTS).exists()  # stopped, not finished
+    assert sorted(_train_losses(out)) == list(range(1, stopped_at + 1))
+
+    again = Launch(args, tmp_path / "again.log")
+    code, log = again.wait()
+    assert code == 0, log[-3000:]
+    assert _resumed_from(log) == stopped_at
+    assert [r["iteration"] for r in train_records(out)] == list(range(1, iters + 1))  # each step logged once
+    assert json.loads((out / "summary.json").read_text())["iterations"] == iters
 
 
 def test_stage_two_loads_the_backbone_and_reinitialises_the_classifier(tmp_path: Path) -> None:
@@ -211,35 +272,35 @@ def test_two_stage_pretrain_then_fine_tune_with_layer_decay(image_tree: Path, tm
               "8", "--global_batch_size", "8", "--num_workers", "0", "--progress_bar", "false", "--tensorboard",
               "false", "--train_iters", "4"]  # fmt: skip
     run1 = subprocess.run(
-        [".venv/bin/python", "-m", "vision.train", *common, "--data_dir", str(stage1), "--output_dir",
+        [sys.executable, "-m", "vision.train", *common, "--data_dir", str(stage1), "--output_dir",
          str(tmp_path / "r1")],
         cwd=REPO, env=_env(), capture_output=True, text=True,
     )  # fmt: skip
     assert run1.returncode == 0, run1.stderr[-3000:]
     run2 = subprocess.run(
-        [".venv/bin/python", "-m", "vision.train", *common, "--data_dir", str(stage2), "--output_dir",
+        [sys.executable, "-m", "vision.train", *common, "--data_dir", str(stage2), "--output_dir",
          str(tmp_path / "r2"), "--init_from", str(tmp_path / "r1"), "--layer_decay", "0.5", "--re_prob", "0"],
         cwd=REPO, env=_env(), capture_output=True, text=True,
     )  # fmt: skip
     assert run2.returncode == 0, run2.stderr[-3000:]
     assert "re-initialised classifier.weight, classifier.bias" in run2.stdout
-    final = json.loads((tmp_path / "r2" / "final_metrics.json").read_text())
-    assert final["num_classes"] == 2 and final["global_step"] == 4
+    summary = json.loads((tmp_path / "r2" / "summary.json").read_text())
+    assert summary["num_classes"] == 2 and summary["iterations"] == 4
 
 
 @pytest.mark.slow
 def test_bf16_zero1_trains_a_few_steps(image_tree: Path, tmp_path: Path) -> None:
     """bf16 on the DeepSpeed engine (tiny shapes: bf16 is ~30x slower than fp32 on CPUs without native bf16)."""
     result = subprocess.run(
-        [".venv/bin/python", "-m", "vision.train", "--config", "fashion_mnist_tiny", "--dataset", "folder",
+        [sys.executable, "-m", "vision.train", "--config", "fashion_mnist_tiny", "--dataset", "folder",
          "--data_dir", str(image_tree), "--train_subset", "0", "--micro_batch_size", "4", "--global_batch_size", "4",
          "--precision", "bf16", "--ema", "true", "--train_iters", "2", "--val_subset", "8", "--num_workers", "0",
          "--progress_bar", "false", "--tensorboard", "false", "--output_dir", str(tmp_path / "bf16")],
         cwd=REPO, env=_env(), capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    final = json.loads((tmp_path / "bf16" / "final_metrics.json").read_text())
-    assert final["global_step"] == 2 and np.isfinite(final["train_loss"]) and np.isfinite(final["val_loss"])
+    summary = json.loads((tmp_path / "bf16" / "summary.json").read_text())
+    assert summary["iterations"] == 2 and np.isfinite(summary["train_loss"]) and np.isfinite(summary["final_val_loss"])
 
 
 @pytest.mark.slow
@@ -254,5 +315,5 @@ def test_launcher_demo_prints_both_accuracies_side_by_side(tmp_path: Path) -> No
     table = result.stdout[result.stdout.index("model  "):]
     assert "parameternet_tiny" in table and "ghostnet_tiny" in table and "top-1" in table
     for name in ("parameternet_tiny", "ghostnet_tiny"):
-        final = json.loads((tmp_path / name / "final_metrics.json").read_text())
-        assert final["val_images"] == 256 and final["num_classes"] == 10
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["num_classes"] == 10 and _valid_record(tmp_path / name, summary["iterations"])["images"] == 256

@@ -30,9 +30,9 @@ def test_vision_bf16_steps_through_deepspeed_on_the_device(tmp_path: Path) -> No
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     # vision.train describes its engine: the device it placed the model on and the precision.
     assert re.search(rf"on 1 rank\(s\), {TARGET.device}(:\d+)?, bf16, ZeRO-1", proc.stdout), proc.stdout[-2000:]
-    final = json.loads((out / "final_metrics.json").read_text())
-    assert final["global_step"] == STEPS and final["world_size"] == 1 and final["model"] == "parameternet_tiny"
-    assert math.isfinite(final["train_loss"]) and math.isfinite(final["val_loss"])
-    assert math.isfinite(final["ema_top1"])
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in steps if r["kind"] == "train"] == list(range(1, STEPS + 1))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == STEPS and summary["world_size"] == 1 and summary["model"] == "parameternet_tiny"
+    assert math.isfinite(summary["train_loss"]) and math.isfinite(summary["final_val_loss"])
+    assert math.isfinite(summary["ema_top1"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == list(range(1, STEPS + 1))
