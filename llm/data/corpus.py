@@ -42,12 +42,16 @@ class DefaultCorpus:
 
 
 def default_data_dir() -> Path:
-    """$PNET_DATA_DIR, else `<repo>/data` (git-ignored)."""
+    """$PNET_DATA_DIR; else `<repo>/data` (git-ignored) when running from a checkout; else, for an installed package,
+    whose directory (site-packages) is no place for data, `$XDG_CACHE_HOME/parameternet/data` (~/.cache/...)."""
     if os.environ.get(DATA_DIR_ENV):
         return Path(os.environ[DATA_DIR_ENV])
     import llm
 
-    return Path(llm.__file__).resolve().parents[1] / "data"
+    root = Path(llm.__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file():  # a checkout (editable install or PYTHONPATH)
+        return root / "data"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "parameternet" / "data"
 
 
 def shakespeare_files() -> list[Path]:
@@ -139,7 +143,7 @@ def _build(corpus_dir: Path, files: list[Path], vocab_size: int, expected: dict)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llm.data.corpus", description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", default=None, help=f"default: ${DATA_DIR_ENV} or <repo>/data")
+    parser.add_argument("--data-dir", default=None, help=f"default: ${DATA_DIR_ENV}, else <repo>/data in a checkout, else ~/.cache/parameternet/data")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     args = parser.parse_args(argv)
     try:
