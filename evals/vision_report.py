@@ -149,7 +149,7 @@ def model_table(labels: list[str], rows: list[dict[str, Any]]) -> str:
     fields = [
         ("Model", [str(r["model"]) for r in rows]),
         ("Seeds", [", ".join("?" if s is None else str(s) for s in r["seeds"]) for r in rows]),
-        ("Experts", ["-" if r["num_experts"] is None else str(r["num_experts"]) for r in rows]),
+        ("Experts", [str(r["num_experts"]) if r["num_experts"] else "-" for r in rows]),  # static: 0/none
         ("Total parameters", [_with_ratio(r["total_params"], r["params_vs_baseline"], "parameters", i == 0)
                               for i, r in enumerate(rows)]),
         ("MACs per image", [_with_ratio(r["macs"], r["macs_vs_baseline"], "multiply-adds", i == 0)

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ import pytest
 from evals.compare import compare, main
 from runtime.metrics import MetricsLogger
 from runtime.rundir import write_config, write_summary
+from tests.trainer_utils import REPO, tiny_image_folder
 
 IMAGES = 400  # validation images
 STEPS_PER_EPOCH = 10
@@ -214,3 +218,59 @@ def test_a_skipped_step_is_left_out_of_the_curves(tmp_path: Path) -> None:
     assert group.task == "vision" and group.runs[0].train_loss_key == "loss"
     assert [r["iteration"] for r in group.runs[0].train] == [5, 10, 15, 20]
     assert [r["iteration"] for r in group.runs[0].valid] == [10, 20]
+
+
+def test_report_of_two_real_vision_runs_equals_their_summaries(tmp_path: Path) -> None:
+    """vision.train, two iterations of each model on a tiny ImageFolder (the smallest settings the vision tests
+    use), then `python -m evals.compare` on the two run directories: every reported number is the run's own."""
+    images = tiny_image_folder(tmp_path / "images")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    runs = {}
+    for model in ("ghostnet_tiny", "parameternet_tiny"):
+        runs[model] = tmp_path / "runs" / model
+        proc = subprocess.run(
+            [sys.executable, "-m", "vision.train", "--config", "fashion_mnist_tiny", "--model", model,
+             "--dataset", "folder", "--data_dir", str(images), "--train_subset", "0", "--micro_batch_size", "4",
+             "--global_batch_size", "4", "--train_iters", "2", "--val_subset", "8", "--num_workers", "0",
+             "--log_interval", "1", "--progress_bar", "false", "--tensorboard", "false",
+             "--output_dir", str(runs[model])],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = tmp_path / "compare"
+    proc = subprocess.run([sys.executable, "-m", "evals.compare", str(runs["ghostnet_tiny"]),
+                           str(runs["parameternet_tiny"]), "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    base, other = data["groups"]
+    assert [g["label"] for g in data["groups"]] == ["ghostnet_tiny", "parameternet_tiny"]
+    for group, run in ((base, runs["ghostnet_tiny"]), (other, runs["parameternet_tiny"])):
+        summary = _summary(run)
+        assert summary["task"] == "vision" and group["model"] == summary["model"]
+        assert group["accuracy"]["top1"]["mean"] == summary["top1"]
+        assert group["accuracy"]["top5"]["mean"] == summary["top5"]
+        for key in ("total_params", "macs", "img_size", "num_classes", "num_experts"):
+            assert group[key] == summary[key], key
+        for key in ("final_val_loss", "train_loss", "seconds"):
+            assert group[key]["mean"] == summary[key], key
+        assert group["iterations"] == [summary["iterations"]] == [2]
+        assert group["epochs"] == [summary["epochs"]] and group["seeds"] == [summary["seed"]]
+        assert group["val_images"] == 8
+    b, o = _summary(runs["ghostnet_tiny"]), _summary(runs["parameternet_tiny"])
+    assert other["delta_vs_baseline"]["top1"]["delta"] == pytest.approx(o["top1"] - b["top1"])
+    assert other["macs_vs_baseline"] == pytest.approx(o["macs"] / b["macs"])
+    assert other["params_vs_baseline"] == pytest.approx(o["total_params"] / b["total_params"])
+    # ParameterNet has more parameters than its static twin (at 32x32, 1 channel, 2 classes its routing's share of
+    # the multiply-adds is large: no claim about MACs here).
+    assert other["num_experts"] == 4 and not base["num_experts"]  # the static twin: 0 or none
+    assert other["params_vs_baseline"] > 1.2
+    table = proc.stdout
+    assert f"| Top-1 | {b['top1']:.2f} | {o['top1']:.2f} | {o['top1'] - b['top1']:+.2f} ± " in table
+    assert f"({o['macs'] / b['macs']:.2f}x the multiply-adds)" in table and "| Experts | - | 4 |" in table
+    assert table.split("report: ")[0].strip() in (out / "report.md").read_text().replace(
+        "\n![accuracy](accuracy.png)\n\n## Models\n\nMACs: multiply-adds of one forward pass of one image at the "
+        "run's image size.\n", "")
+    for png in ("accuracy.png", "loss.png"):
+        width, height = _png_size(out / png)
+        assert width > 300 and height > 200
