@@ -54,7 +54,7 @@ NOT_RUN = {
 # evals.zero_shot + evals.compare, all run below; the vision demo and the two ImageNet stages (34.5M-parameter
 # models) are launch/train_vision.sh (its literal and 2-rank launches are fast tests in tests/test_launch_forms.py
 # and tests/test_vision_train.py) over vision.train stages that tests/test_vision_train.py also runs, slow there too.
-SLOW = ("bash launch/compare.sh", "bash launch/train_vision.sh",
+SLOW = ("bash launch/compare.sh", "bash launch/train_vision.sh", "NPROC=8 bash launch/train_vision.sh",
         # Forms another fast command here runs too, to keep `make test` short: the 1B ParameterNet line is the 1B LLaMA
         # line with the other model (both models train in the default and literal forms above); the 4-node sbatch line
         # is the 2-node CPU one with the 1B preset (tests/test_slurm_launch.py runs the sbatch script on the cluster

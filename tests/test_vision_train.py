@@ -96,15 +96,15 @@ def _train_args(data_dir: Path, out_dir: Path) -> list[str]:
 
 
 class Launch:
-    """`launch/train_vision.sh --num-gpus 2 ...` in its own process group, output to a file (never a full pipe)."""
+    """`NPROC=2 launch/train_vision.sh ...` in its own process group, output to a file (never a full pipe)."""
 
     def __init__(self, args: list[str], log_path: Path) -> None:
         self.log_path = log_path
         with log_path.open("w") as log:
             self.proc = track(subprocess.Popen(
-                ["bash", str(LAUNCH), "--num-gpus", "2", "--master-port", str(free_port()), *args],
+                ["bash", str(LAUNCH), *args],
                 cwd=REPO,
-                env=_env(),
+                env={**_env(), "NPROC": "2", "MASTER_PORT": str(free_port())},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # SIGKILL to the group reaches the launcher and both ranks
@@ -312,8 +312,13 @@ def test_launcher_demo_prints_both_accuracies_side_by_side(tmp_path: Path) -> No
                DEMO_ARGS="--train_subset 640 --val_subset 256 --epochs 1 --progress_bar false")
     result = subprocess.run(["bash", str(LAUNCH)], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    table = result.stdout[result.stdout.index("model  "):]
-    assert "parameternet_tiny" in table and "ghostnet_tiny" in table and "top-1" in table
+    # evals.compare's table, the static twin as the baseline: the delta column is ParameterNet's gain.
+    table = result.stdout[result.stdout.index("| Metric | ghostnet_tiny | parameternet_tiny |"):]
+    assert "Top-1" in table and "Δ parameternet_tiny − ghostnet_tiny" in table
+    report = json.loads((tmp_path / "compare" / "results.json").read_text())
+    assert (tmp_path / "compare" / "report.md").is_file() and report["baseline"] == "ghostnet_tiny"
+    groups = {group["label"]: group for group in report["groups"]}
     for name in ("parameternet_tiny", "ghostnet_tiny"):
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["num_classes"] == 10 and _valid_record(tmp_path / name, summary["iterations"])["images"] == 256
+        assert groups[name]["accuracy"]["top1"]["mean"] == summary["top1"]
