@@ -23,7 +23,7 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from llm.train.config import ENGINE, load_config, warnings_for
-    from runtime.config import first_rank_on_node, print_error
+    from runtime.errors import first_rank_on_node, print_error
 
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, code = ENGINE.parse_command_line(argv, lambda path, pairs: load_config(path, cli_overrides=pairs),

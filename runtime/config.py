@@ -20,106 +20,24 @@ import difflib
 import inspect
 import json
 import math
-import os
 import re
 import sys
-import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, TypeVar
 
 import yaml
+
+from runtime.checks import FloatRange
+from runtime.errors import first_rank_on_node, print_error
+from runtime.fields import FALSE_WORDS, NO_VALUE, TRUE_WORDS, canonical, field_shape, flag_text
 
 # A resume compares each field with the value saved in the checkpoint (runtime.checkpoint.resume_differences):
 #   REFUSE: the checkpoint means something else under the new value (its weights, optimizer state or data position);
 #   ALLOW:  a change made on purpose (how long, how often, how fast), logged as "resume: FIELD OLD -> NEW";
 #   IGNORE: where the run is and how it was started, not what it is.
 REFUSE, ALLOW, IGNORE = "refuse", "allow", "ignore"
-NO_VALUE = ("none", "null")
-TRUE_WORDS = ("true", "1", "yes", "on")
-FALSE_WORDS = ("false", "0", "no", "off")
-MAX_SEED = 2**32 - 1  # numpy's and most tools' seed range
-
-
-class FloatRange(NamedTuple):
-    """A float field's valid interval and the fix shown with a value outside it."""
-
-    low: float
-    low_inclusive: bool
-    high: float
-    high_inclusive: bool
-    fix: str
-
-    def contains(self, value: float) -> bool:
-        above = value >= self.low if self.low_inclusive else value > self.low
-        below = value <= self.high if self.high_inclusive else value < self.high
-        return above and below  # False for nan: every comparison with nan is false
-
-    def shown(self) -> str:
-        return f"{'[' if self.low_inclusive else '('}{self.low:g}, {self.high:g}{']' if self.high_inclusive else ')'}"
-
-
-@dataclass(frozen=True)
-class FieldShape:
-    """What a field's type hint allows: the base type (bool, int, float, str, list, dict), a list's element type and
-    whether None is allowed."""
-
-    origin: type
-    element: type | None
-    optional: bool
-
-    def expected(self) -> str:
-        if self.origin is list:
-            return "a list of numbers" if self.element in (int, float) else "a list"
-        return {bool: "true or false", dict: "a JSON object"}.get(self.origin, self.origin.__name__)
-
-    def metavar(self) -> str:
-        if self.origin is list:
-            word = "NUMBER" if self.element in (int, float) else "WORD"
-            text = f"{word} [{word} ...]"
-        else:
-            text = {bool: "true|false", dict: "JSON"}.get(self.origin, self.origin.__name__.upper())
-        return f"{text}|none" if self.optional else text
-
-
-def field_shape(hint: Any) -> FieldShape:
-    args = typing.get_args(hint)
-    optional = False
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        optional = type(None) in args
-        hint = next(a for a in args if a is not type(None))
-    origin = typing.get_origin(hint) or hint
-    element = None
-    if origin is list:
-        element_args = typing.get_args(hint)
-        element = element_args[0] if element_args else str
-    if origin not in (bool, int, float, str, list, dict):
-        raise TypeError(f"config field type {hint!r} is not one the engine reads (bool, int, float, str, list, dict)")
-    return FieldShape(origin, element, optional)
-
-
-def canonical(key: str) -> str:
-    """`--micro-batch-size` and `--micro_batch_size` name the same field."""
-    return str(key).replace("-", "_")
-
-
-def flag_text(value: Any) -> str:
-    """A value as it is typed after its flag: true/false, none, space-separated words, JSON for a mapping."""
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, dict):
-        return "'" + json.dumps(value) + "'"
-    if isinstance(value, list):
-        return " ".join(map(str, value)) if value else "[]"
-    if value == "":
-        return "''"
-    return str(value)
-
-
 ConfigT = TypeVar("ConfigT")
 
 
@@ -454,41 +372,6 @@ class ConfigEngine(Generic[ConfigT]):
         return yaml.safe_dump(self.to_dict(config), sort_keys=False)
 
 
-# --- checks every trainer needs ----------------------------------------------------------------------------------
-
-
-def check_min_lr(lr: float, min_lr: float) -> None:
-    """The floor of the LR decay lies between 0 and the peak."""
-    if not (math.isfinite(min_lr) and 0 <= min_lr <= lr):
-        raise ValueError(f"min_lr={min_lr} must lie in [0, lr={lr}]; the floor of the decay, "
-                         f"e.g. lr / 10 = {lr / 10:g}")
-
-
-def check_resume(value: str) -> None:
-    if value not in ("none", "auto") and not Path(value).is_dir():
-        raise ValueError(f"resume={value!r}: not 'none', 'auto' or an existing checkpoint directory; "
-                         f"use --resume auto to continue the newest checkpoint in output_dir")
-
-
-def check_directory_path(name: str, value: str) -> None:
-    """A directory the run creates or writes in: refuse what would fail later with a traceback (or write elsewhere)."""
-    if not value.strip():
-        raise ValueError(f"{name}={value!r} is empty; give a directory path, e.g. --{name} runs/my_run")
-    path = Path(value)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{name}={value!r} is an existing file, not a directory; choose a directory path (a new "
-                         f"one, or the run's own directory)")
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{name}={value!r}: {str(parent)!r} on its path is a file, not a directory; choose another "
-                         f"path")
-    if not os.access(parent if not path.exists() else path, os.W_OK | os.X_OK):
-        raise ValueError(f"{name}={value!r}: no permission to write in {str(parent if not path.exists() else path)!r}"
-                         f"; choose a writable location")
-
-
 def read_yaml_mapping(file: Path) -> dict[str, Any]:
     """A YAML file of `key: value` lines; what is wrong with it, as one line naming the file (and line)."""
     try:
@@ -511,31 +394,3 @@ def read_yaml_mapping(file: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{file}: expected a mapping of config keys (`key: value` lines), got {type(data).__name__}")
     return data
-
-
-# --- printing errors (every CLI of the project) --------------------------------------------------------------------
-
-
-def print_error(message: str, kind: str = "error", prog: str | None = None) -> None:
-    """`[prog: ]error: MESSAGE` as one line in one write, flushed: ranks share a terminal or a log file, and a line
-    written in pieces (print writes the text and the newline separately) interleaves with another rank's."""
-    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-    line = f"{prog + ': ' if prog else ''}{kind}: {text}\n"
-    sys.stdout.flush()
-    sys.stderr.write(line)
-    sys.stderr.flush()
-
-
-def first_rank_on_node(argv: list[str] | None = None) -> bool:
-    """Is this the node's local rank 0? Every rank reads the same command line and config, so a config error is
-    printed once per node (by this rank) rather than once per rank."""
-    from runtime.slurm import rank_env
-
-    env = {**os.environ, **rank_env(os.environ)}
-    for key in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"):
-        if env.get(key, "").strip().isdigit():
-            return int(env[key]) == 0
-    for arg in argv or []:  # the deepspeed launcher's --local_rank=N (it sets LOCAL_RANK too)
-        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
-            return arg.split("=", 1)[1].strip() in ("", "0")
-    return True

@@ -25,7 +25,7 @@ from llm.train.config import (
     type_of,
     warnings_for,
 )
-from runtime.config import first_rank_on_node, print_error
+from runtime.errors import first_rank_on_node, print_error
 from runtime.ds_config import complete_ds_config
 from llm.train.optim import lr_at
 from runtime.slurm import expand_nodelist, node_env, rank_env

@@ -13,17 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.config import (
-    ALLOW,
-    IGNORE,
-    MAX_SEED,
-    REFUSE,
-    ConfigEngine,
-    FloatRange,
-    check_directory_path,
-    check_min_lr,
-    check_resume,
-)
+from runtime.checks import MAX_SEED, FloatRange, check_directory_path, check_min_lr, check_resume
+from runtime.config import ALLOW, IGNORE, REFUSE, ConfigEngine
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from runtime import collectives
 from runtime.checkpoint import resume_from, save_checkpoint, tag_for
-from runtime.config import print_error
+from runtime.errors import print_error
 from runtime.dist import PreemptionFlag, init_distributed, set_cpu_threads
 from runtime.ds_config import gradient_accumulation_steps
 from runtime.errors import TrainingError

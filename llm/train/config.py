@@ -15,18 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.config import (
-    ALLOW,
-    IGNORE,
-    MAX_SEED,
-    REFUSE,
-    ConfigEngine,
-    FloatRange,
-    canonical,
-    check_directory_path,
-    check_min_lr,
-    check_resume,
-)
+from runtime.checks import MAX_SEED, FloatRange, check_directory_path, check_min_lr, check_resume
+from runtime.config import ALLOW, IGNORE, REFUSE, ConfigEngine
+from runtime.fields import canonical
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
