@@ -174,6 +174,27 @@ def test_runtime_imports_none_of_the_packages_built_on_it() -> None:
     assert not bad, "runtime/ must import neither llm, vision nor evals:\n" + "\n".join(bad)
 
 
+def cross_imports(graph: Graph, a: str, b: str) -> list[str]:
+    """Imports between the two trainers' packages, either way: what they share belongs in runtime/."""
+    return [
+        f"{module} (line {lines[0]}) imports {target}"
+        for module, targets in sorted(graph.items())
+        for target, lines in sorted(targets.items())
+        if {module.split(".")[0], target.split(".")[0]} == {a, b}
+    ]
+
+
+def test_the_trainers_do_not_import_each_other() -> None:
+    bad = cross_imports(build_graph(REPO), "llm", "vision")
+    assert not bad, "llm and vision must not import each other (shared code lives in runtime/):\n" + "\n".join(bad)
+
+
+def test_the_checker_sees_a_trainer_importing_the_other(tmp_path: Path) -> None:
+    _write(tmp_path, {"llm/__init__.py": "", "llm/a.py": "def f():\n    from vision.b import B\n",
+                      "vision/__init__.py": "", "vision/b.py": "B = 1\n"})
+    assert cross_imports(build_graph(tmp_path, ("llm", "vision")), "llm", "vision") == ["llm.a (line 2) imports vision.b"]
+
+
 def _write(root: Path, files: dict[str, str]) -> None:
     for rel, text in files.items():
         path = root / rel
