@@ -38,7 +38,7 @@ import runtime, llm, vision, evals
 from runtime.ds_config import DS_CONFIG_DIR
 from llm.model.presets import list_presets, load_model_config
 from llm.train.config import CONFIG_DIR, load_config
-from llm.data.corpus import default_data_dir
+from runtime.paths import default_data_dir
 from vision.config import PRESET_DIR
 from evals.suite import TASKS_DIR
 modules = ["llm.pretrain", "llm.train.trainer", "llm.model.modeling_parameternet_llama", "llm.data.corpus",

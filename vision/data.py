@@ -30,9 +30,10 @@ from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from runtime.fsutil import temp_path_for
+from runtime.paths import default_data_dir
 from vision.config import TrainConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -63,7 +64,7 @@ _SPLIT_SYNONYMS = {
 
 
 def data_root() -> Path:
-    return Path(os.environ.get("PNET_DATA_DIR", REPO_ROOT / "data"))
+    return default_data_dir()
 
 
 def prepare_fashion_mnist(root: Path | None = None, source: Path = DEBIAN_FASHION_MNIST) -> Path | None:

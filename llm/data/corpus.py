@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from runtime.fsutil import file_lock, write_text_atomic
+from runtime.paths import DATA_DIR_ENV, default_data_dir
 
-DATA_DIR_ENV = "PNET_DATA_DIR"
 CORPUS_NAME = "shakespeare"
 CORPUS_VERSION = 1
 DEFAULT_SPLIT = "90,5,5"
@@ -39,19 +38,6 @@ class DefaultCorpus:
     split: str = DEFAULT_SPLIT
     num_documents: int = 0
     num_tokens: int = 0
-
-
-def default_data_dir() -> Path:
-    """$PNET_DATA_DIR; else `<repo>/data` (git-ignored) when running from a checkout; else, for an installed package,
-    whose directory (site-packages) is no place for data, `$XDG_CACHE_HOME/parameternet/data` (~/.cache/...)."""
-    if os.environ.get(DATA_DIR_ENV):
-        return Path(os.environ[DATA_DIR_ENV])
-    import llm
-
-    root = Path(llm.__file__).resolve().parents[1]
-    if (root / "pyproject.toml").is_file():  # a checkout (editable install or PYTHONPATH)
-        return root / "data"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "parameternet" / "data"
 
 
 def shakespeare_files() -> list[Path]:
