@@ -45,10 +45,15 @@ def bench_prepare(tokenizer_dir: Path, work: Path, repeat: int, num_proc: int) -
         for copy in range(repeat):
             for path in shakespeare_files():
                 shutil.copy(path, inputs / f"{copy}_{path.name}")
-    stats = prepare_corpus_with_stats(sorted(inputs.iterdir()), tokenizer_dir, work / f"out{num_proc}" / "c",
-                                      num_proc=num_proc, show_progress=False)
-    return {"num_proc": num_proc, "tokens": stats.tokens, "seconds": stats.seconds,
-            "tokens_per_s": stats.tokens_per_second}
+    stats = prepare_corpus_with_stats(
+        sorted(inputs.iterdir()), tokenizer_dir, work / f"out{num_proc}" / "c", num_proc=num_proc, show_progress=False
+    )
+    return {
+        "num_proc": num_proc,
+        "tokens": stats.tokens,
+        "seconds": stats.seconds,
+        "tokens_per_s": stats.tokens_per_second,
+    }
 
 
 def bench_loader(train, samples: int) -> dict:
@@ -75,8 +80,10 @@ def make_trainer():
 
 
 def bench_trainer(model, optimizer, train, steps: int, offset: int) -> dict:
-    batches = [torch.stack([torch.from_numpy(train[offset + b * MICRO_BATCH + i]) for i in range(MICRO_BATCH)])
-               for b in range(steps)]
+    batches = [
+        torch.stack([torch.from_numpy(train[offset + b * MICRO_BATCH + i]) for i in range(MICRO_BATCH)])
+        for b in range(steps)
+    ]
     start = time.perf_counter()
     for batch in batches:
         logits = model(input_ids=batch[:, :-1]).logits
@@ -101,11 +108,19 @@ def main() -> None:
         "benchmark": "data_pipeline",
         "date": datetime.date.today().isoformat(),
         "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python":
-                    platform.python_version(), "torch": torch.__version__, "processor": platform.processor()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "processor": platform.processor(),
+        },
         "shape": {"micro_batch": MICRO_BATCH, "seq_len": SEQ_LEN, "model": "llm/configs/llama-tiny.json"},
-        "corpus": {"prefix_name": Path(corpus.prefix).name, "documents": corpus.num_documents,
-                   "tokens": corpus.num_tokens},
+        "corpus": {
+            "prefix_name": Path(corpus.prefix).name,
+            "documents": corpus.num_documents,
+            "tokens": corpus.num_tokens,
+        },
     }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -113,26 +128,51 @@ def main() -> None:
 
         num_samples = (args.loader_samples + args.rounds * args.trainer_steps * MICRO_BATCH, 0, 0)
         start = time.perf_counter()
-        train, _, _ = build_datasets([corpus.prefix], None, corpus.split, SEQ_LEN, 1234, num_samples,
-                                     vocab_size=corpus.vocab_size, cache_dir=work / "cache")
+        train, _, _ = build_datasets(
+            [corpus.prefix],
+            None,
+            corpus.split,
+            SEQ_LEN,
+            1234,
+            num_samples,
+            vocab_size=corpus.vocab_size,
+            cache_dir=work / "cache",
+        )
         cold = time.perf_counter() - start
         start = time.perf_counter()
-        train, _, _ = build_datasets([corpus.prefix], None, corpus.split, SEQ_LEN, 1234, num_samples,
-                                     vocab_size=corpus.vocab_size, cache_dir=work / "cache")
-        result["index_build_s"] = {"cold": round(cold, 4), "warm": round(time.perf_counter() - start, 4),
-                                   "samples": len(train), "samples_per_epoch": train.samples_per_epoch}
+        train, _, _ = build_datasets(
+            [corpus.prefix],
+            None,
+            corpus.split,
+            SEQ_LEN,
+            1234,
+            num_samples,
+            vocab_size=corpus.vocab_size,
+            cache_dir=work / "cache",
+        )
+        result["index_build_s"] = {
+            "cold": round(cold, 4),
+            "warm": round(time.perf_counter() - start, 4),
+            "samples": len(train),
+            "samples_per_epoch": train.samples_per_epoch,
+        }
 
     model, optimizer, _ = make_trainer()
     bench_trainer(model, optimizer, train, 1, 0)  # warm-up (allocator, autograd graph)
     rounds = []
     for r in range(args.rounds):
         loader = bench_loader(train, args.loader_samples)
-        trainer = bench_trainer(model, optimizer, train, args.trainer_steps,
-                                args.loader_samples + r * args.trainer_steps * MICRO_BATCH)
-        rounds.append({"loader_tokens_per_s": round(loader["tokens_per_s"]),
-                       "loader_samples_per_s": round(loader["samples_per_s"], 1),
-                       "trainer_tokens_per_s": round(trainer["tokens_per_s"], 1),
-                       "ratio": round(loader["tokens_per_s"] / trainer["tokens_per_s"], 1)})
+        trainer = bench_trainer(
+            model, optimizer, train, args.trainer_steps, args.loader_samples + r * args.trainer_steps * MICRO_BATCH
+        )
+        rounds.append(
+            {
+                "loader_tokens_per_s": round(loader["tokens_per_s"]),
+                "loader_samples_per_s": round(loader["samples_per_s"], 1),
+                "trainer_tokens_per_s": round(trainer["tokens_per_s"], 1),
+                "ratio": round(loader["tokens_per_s"] / trainer["tokens_per_s"], 1),
+            }
+        )
     result["rounds"] = rounds
     prep = {n: [p["tokens_per_s"] for p in result["prepare"] if p["num_proc"] == n] for n in (1, 2)}
     result["summary"] = {

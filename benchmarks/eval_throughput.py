@@ -6,8 +6,8 @@ Both models (the `llama-SIZE` and `parameternet-llama-SIZE` presets, freshly ini
 the weights) answer the same loglikelihood requests - the offline HellaSwag, ARC-Easy and PIQA documents, `--limit`
 of each - through lm-eval's own `HFLM.loglikelihood`, in rounds A B, B A, ... (interleaved: the shared machine is
 noisy, so the ratios measured within one run are the figures to read: the median of the per-round ratios, and the
-ratio of each model's fastest round, which interference from other processes affects least). The paper's claim is that inference speed is
-preserved; target: ParameterNet >= 0.9x vanilla requests/s.
+ratio of each model's fastest round, which interference from other processes affects least). The paper's claim is
+that inference speed is preserved; target: ParameterNet >= 0.9x vanilla requests/s.
 """
 
 from __future__ import annotations
@@ -80,8 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(config).eval()
         lms[key] = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device=args.device)
         acc = account(config)
-        info[key] = {"preset": preset, "total_params": acc.total_params, "active_params": acc.active_params,
-                     "forward_flops_per_token": acc.forward_flops_per_token}
+        info[key] = {
+            "preset": preset,
+            "total_params": acc.total_params,
+            "active_params": acc.active_params,
+            "forward_flops_per_token": acc.forward_flops_per_token,
+        }
 
     reference: dict[str, list[float]] = {}
     for key, lm in lms.items():  # warm-up (allocator, kernels), and the answers every round must reproduce

@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from llm.parallel import AllToAllExperts, shard_experts
 from llm.model.moe import MoELinear
+from llm.parallel import AllToAllExperts, shard_experts
 
 SHAPES = {
     # name: (in_features, out_features, num_experts, tokens per rank)
@@ -85,11 +85,19 @@ def main() -> None:
     group = dist.new_group(list(range(world)))
 
     result: dict = {
-        "benchmark": "moe_ep", "date": datetime.date.today().isoformat(), "ranks": world,
-        "backend": dist.get_backend(), "device": str(device.type),
+        "benchmark": "moe_ep",
+        "date": datetime.date.today().isoformat(),
+        "ranks": world,
+        "backend": dist.get_backend(),
+        "device": str(device.type),
         "device_name": torch.cuda.get_device_name(device) if use_cuda else _cpu_name(),
-        "cpu_count": os.cpu_count(), "threads_per_rank": torch.get_num_threads(), "dtype": "float32",
-        "torch": torch.__version__, "top_k": 1, "repeats": args.repeats, "shapes": {},
+        "cpu_count": os.cpu_count(),
+        "threads_per_rank": torch.get_num_threads(),
+        "dtype": "float32",
+        "torch": torch.__version__,
+        "top_k": 1,
+        "repeats": args.repeats,
+        "shapes": {},
     }
     for name in args.shapes:
         fan_in, fan_out, num_experts, tokens = SHAPES[name]
@@ -121,8 +129,11 @@ def main() -> None:
             dispatcher.combine(_same_width(received, fan_out), state).backward(upstream)
 
         steps: dict[str, Callable[[], None]] = {
-            "ep_layer": lambda: layer_step(sharded), "local_layer": lambda: layer_step(local),
-            "ep_dispatcher": dispatcher_step, "expert_compute": compute_step, "exchange_only": exchange_step,
+            "ep_layer": lambda: layer_step(sharded),
+            "local_layer": lambda: layer_step(local),
+            "ep_dispatcher": dispatcher_step,
+            "expert_compute": compute_step,
+            "exchange_only": exchange_step,
         }
         times: dict[str, list[float]] = {k: [] for k in steps}
         for rep in range(args.repeats + 1):  # round 0 warms up
@@ -144,19 +155,23 @@ def main() -> None:
         # gradients of both in reverse (backward); the slowest (largest) rank is reported.
         own = int(counts.view(world, -1)[rank].sum())
         sent, received = int(counts.sum()) - own, rows.shape[0] - own
-        moved = torch.tensor([sent, received, (sent + received) * (fan_in + fan_out) * 4 / 2**20],
-                             dtype=torch.float64, device=device)
+        moved = torch.tensor(
+            [sent, received, (sent + received) * (fan_in + fan_out) * 4 / 2**20], dtype=torch.float64, device=device
+        )
         dist.all_reduce(moved, op=dist.ReduceOp.MAX, group=group)
         result["shapes"][name] = {
-            "in": fan_in, "out": fan_out, "experts": num_experts, "tokens_per_rank": tokens,
-            "rows_to_peer_max": int(moved[0]), "rows_from_peer_max": int(moved[1]),
+            "in": fan_in,
+            "out": fan_out,
+            "experts": num_experts,
+            "tokens_per_rank": tokens,
+            "rows_to_peer_max": int(moved[0]),
+            "rows_from_peer_max": int(moved[1]),
             "all_to_all_mib_out_per_rank_fwd_bwd": round(float(moved[2]), 2),
             "median_s": {k: round(v, 5) for k, v in med.items()},
             "exchange_over_expert_compute": round(med["exchange_only"] / med["expert_compute"], 3),
             "dispatcher_overhead_share": round(1 - med["expert_compute"] / med["ep_dispatcher"], 3),
             "ep_layer_over_local_layer": round(med["ep_layer"] / med["local_layer"], 3),
         }
-        del local, sharded
     if rank == 0:
         print(json.dumps(result, indent=2), flush=True)
     dist.destroy_process_group()

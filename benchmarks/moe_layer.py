@@ -92,9 +92,16 @@ def main() -> None:
         parser.error(f"--repeats {args.repeats}: must be >= 1")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
-    result = {"benchmark": "moe_layer", "date": datetime.date.today().isoformat(), "device": str(device),
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-              "threads": torch.get_num_threads(), "dtype": args.dtype, "torch": torch.__version__, "shapes": {}}
+    result = {
+        "benchmark": "moe_layer",
+        "date": datetime.date.today().isoformat(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "shapes": {},
+    }
     for name in args.shapes:
         fan_in, fan_out, experts, tokens = SHAPES[name]
         layers = {
@@ -106,7 +113,10 @@ def main() -> None:
         x = torch.randn(tokens, fan_in, device=device, dtype=dtype)
         med = time_layers(layers, x, args.repeats)
         result["shapes"][name] = {
-            "in": fan_in, "out": fan_out, "experts": experts, "tokens": tokens,
+            "in": fan_in,
+            "out": fan_out,
+            "experts": experts,
+            "tokens": tokens,
             "median_s": {k: round(v, 5) for k, v in med.items()},
             "moe_throughput_vs_dense": round(med["dense"] / med["moe_grouped"], 3),
             "paper_throughput_vs_dense": round(med["dense"] / med["paper_dispatch"], 3),

@@ -30,10 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from llm.train.config import load_config
-from runtime.metrics import peak_flops
 from llm.train.optim import lr_at, parameter_groups
 from llm.train.trainer import Trainer
-
+from runtime.metrics import peak_flops
 
 KINDS = ("llama", "parameternet")
 
@@ -51,8 +50,13 @@ class BareLoop:
         if cfg.precision == "bf16":
             self.model = self.model.to(torch.bfloat16)
         self.model.train()
-        self.opt = torch.optim.AdamW(parameter_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=True)
+        self.opt = torch.optim.AdamW(
+            parameter_groups(self.model, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+            fused=True,
+        )
         self.cfg, self.accum, self.step_no = cfg, trainer.grad_accum, 0
 
     def train_step(self, batches) -> None:
@@ -82,13 +86,22 @@ def main() -> None:
     p.add_argument("--global_batch_size", type=int, default=8)
     p.add_argument("--zero_stage", type=int, default=1)
     p.add_argument("--no_bare", action="store_true", help="skip the bare loops (e.g. 1B ParameterNet on one GPU)")
-    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS,
-                   help="which models to time (one per process gives each the whole GPU)")
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        default=list(KINDS),
+        choices=KINDS,
+        help="which models to time (one per process gives each the whole GPU)",
+    )
     p.add_argument("--activation_checkpointing", action="store_true")
     p.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
-    p.add_argument("--peak_tflops", type=float, default=None,
-                   help="peak FLOP/s per device for MFU, in TFLOP/s (default: the GPU's dense bf16 peak from "
-                        "runtime/metrics.py, e.g. 989 for H100/H200 SXM)")
+    p.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="peak FLOP/s per device for MFU, in TFLOP/s (default: the GPU's dense bf16 peak from "
+        "runtime/metrics.py, e.g. 989 for H100/H200 SXM)",
+    )
     args = p.parse_args()
     for name in ("rounds", "steps", "seq_len", "micro_batch_size", "global_batch_size"):
         if getattr(args, name) < 1:
@@ -102,13 +115,25 @@ def main() -> None:
     trainers = {}
     for kind in args.kinds:
         preset = f"llama-{args.size}" if kind == "llama" else f"parameternet-llama-{args.size}"
-        cfg = load_config(None, overrides=dict(
-            model=preset, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
-            global_batch_size=args.global_batch_size, train_iters=total_iters, precision=args.precision,
-            zero_stage=args.zero_stage, activation_checkpointing=args.activation_checkpointing,
-            attn_implementation=args.attn_implementation,
-            output_dir=os.path.join(tmp, kind), progress_bar=False, export=False, warmup_iters=0,
-            eval_iters=0))  # timing only: no validation split needed at any seq_len
+        cfg = load_config(
+            None,
+            overrides=dict(
+                model=preset,
+                seq_len=args.seq_len,
+                micro_batch_size=args.micro_batch_size,
+                global_batch_size=args.global_batch_size,
+                train_iters=total_iters,
+                precision=args.precision,
+                zero_stage=args.zero_stage,
+                activation_checkpointing=args.activation_checkpointing,
+                attn_implementation=args.attn_implementation,
+                output_dir=os.path.join(tmp, kind),
+                progress_bar=False,
+                export=False,
+                warmup_iters=0,
+                eval_iters=0,
+            ),
+        )  # timing only: no validation split needed at any seq_len
         trainer = Trainer(cfg)
         trainers[kind] = trainer
         contenders[f"trainer_{kind}"] = (trainer, trainer._batches())
@@ -135,13 +160,22 @@ def main() -> None:
                 rates[name].append(rate)
     med = {name: statistics.median(v) for name, v in rates.items()}
     result = {
-        "benchmark": "train_throughput", "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()}, "
-        f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "precision": args.precision,
-        "size": args.size, "seq_len": args.seq_len, "micro_batch_size": args.micro_batch_size,
-        "global_batch_size": args.global_batch_size, "zero_stage": args.zero_stage,
-        "activation_checkpointing": args.activation_checkpointing, "attn_implementation": args.attn_implementation,
-        "rounds": args.rounds, "steps_per_block": args.steps,
+        "benchmark": "train_throughput",
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "precision": args.precision,
+        "size": args.size,
+        "seq_len": args.seq_len,
+        "micro_batch_size": args.micro_batch_size,
+        "global_batch_size": args.global_batch_size,
+        "zero_stage": args.zero_stage,
+        "activation_checkpointing": args.activation_checkpointing,
+        "attn_implementation": args.attn_implementation,
+        "rounds": args.rounds,
+        "steps_per_block": args.steps,
         "median_tokens_per_s": {k: round(v, 1) for k, v in med.items()},
     }
     if len(trainers) == 2:

@@ -63,7 +63,11 @@ def time_inference(model: torch.nn.Module, x: torch.Tensor, iters: int, dtype: t
 
 
 def time_training(
-    model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, iters: int,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    iters: int,
     dtype: torch.dtype | None = None,
 ) -> float:
     model.train()
@@ -89,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=2, help="timed batches per model per round and mode")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="bfloat16 = autocast over fp32 weights")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16 = autocast over fp32 weights"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -61,8 +61,10 @@ def choose_evaluations(groups: list[RunGroup]) -> Chosen:
     found = {run.path: load_evaluations(run.eval_dir) for run in runs}
     for run in runs:
         if not found[run.path]:
-            raise FileNotFoundError(f"{run.path} has not been evaluated (no {run.results_path}); run "
-                                    f"`python -m evals.zero_shot --model {run.path}` first, or pass --evaluate")
+            raise FileNotFoundError(
+                f"{run.path} has not been evaluated (no {run.results_path}); run "
+                f"`python -m evals.zero_shot --model {run.path}` first, or pass --evaluate"
+            )
     ref = runs[0]
     common = {(e.tasks, e.limit) for e in found[ref.path]}
     for run in runs[1:]:
@@ -227,8 +229,11 @@ def build_report(groups: list[RunGroup], out_dir: Path) -> tuple[str, str, dict[
         [
             "# ParameterNet comparison",
             "",
-            "Runs: " + "; ".join(f"**{g.label}** = `{g.path}` ({len(g.runs)} seed{'s' if len(g.runs) > 1 else ''})"
-                                 for g in groups) + ".",
+            "Runs: "
+            + "; ".join(
+                f"**{g.label}** = `{g.path}` ({len(g.runs)} seed{'s' if len(g.runs) > 1 else ''})" for g in groups
+            )
+            + ".",
             "",
             "## Zero-shot accuracy (%)",
             "",
@@ -292,8 +297,10 @@ def compare(
             group.label = f"{group.path.parent.name}/{group.path.name}"
     task = check_one_task(groups)
     if task == VISION and evaluate:
-        raise ValueError("--evaluate runs lm-eval on language models; vision runs were evaluated by vision.train "
-                         "itself (top-1 / top-5 in summary.json): drop --evaluate")
+        raise ValueError(
+            "--evaluate runs lm-eval on language models; vision runs were evaluated by vision.train "
+            "itself (top-1 / top-5 in summary.json): drop --evaluate"
+        )
     out = Path(out_dir) if out_dir is not None else groups[0].path.parent / "compare"
     # The report is a view of runs that stay on disk: an earlier report of ours is replaced, anything else refused.
     claim_output(out, overwrite=True, flag="--out", tool=TOOL, proof=REPORT_META)
@@ -333,16 +340,29 @@ def _publish(out: Path, build: Callable[[Path], tuple[str, str, dict[str, Any]]]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evals.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", type=Path,
-                   help="run directories (or directories of per-seed run directories); the first is the baseline")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        type=Path,
+        help="run directories (or directories of per-seed run directories); the first is the baseline",
+    )
     p.add_argument("--out", type=Path, default=None, help="output directory (default: FIRST_RUN/../compare)")
     p.add_argument("--labels", default=None, help="comma-separated column names (default: directory names)")
-    p.add_argument("--evaluate", action="store_true",
-                   help="evaluate runs that have no eval/results.json yet (with the options below)")
+    p.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="evaluate runs that have no eval/results.json yet (with the options below)",
+    )
     p.add_argument("--tasks", default="llama", help="with --evaluate: tasks (default: the LLaMA zero-shot suite)")
     p.add_argument("--limit", type=float, default=None, help="with --evaluate: documents per task")
-    p.add_argument("--offline", dest="offline", action="store_const", const=True, default=None,
-                   help="with --evaluate: use the offline tasks")
+    p.add_argument(
+        "--offline",
+        dest="offline",
+        action="store_const",
+        const=True,
+        default=None,
+        help="with --evaluate: use the offline tasks",
+    )
     p.add_argument("--batch_size", default="8", help="with --evaluate: batch size")
     p.add_argument("--device", default=None, help="with --evaluate: device")
     return p
@@ -352,8 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     try:
-        eval_kwargs = {"tasks": args.tasks, "limit": args.limit, "offline": args.offline,
-                       "batch_size": parse_batch_size(args.batch_size), "device": args.device}
+        eval_kwargs = {
+            "tasks": args.tasks,
+            "limit": args.limit,
+            "offline": args.offline,
+            "batch_size": parse_batch_size(args.batch_size),
+            "device": args.device,
+        }
         out, table = compare(args.runs, args.out, labels, args.evaluate, eval_kwargs)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -52,7 +52,7 @@ def _layer_names(record: dict, num_layers: int) -> list[str]:
     names: list[str] = []
     for key in record:
         if key.startswith("moe/") and key.count("/") >= 2:
-            name = key[len("moe/"):key.rindex("/")]
+            name = key[len("moe/") : key.rindex("/")]
             if name not in names:
                 names.append(name)
     return names if len(names) == num_layers else [f"MoE layer {i}" for i in range(num_layers)]
@@ -152,8 +152,10 @@ def plot_routing(run_dir: Path, out: Path | None = None) -> Path:
     if num_layers <= 12:
         ax.legend(fontsize=7, ncol=min(num_layers, 4))
     dropped = int(history.dropped_tokens.sum())
-    ax.set_title(f"load imbalance over training (0 = balanced); dropped assignments (sum over the records): {dropped}",
-                 fontsize=9)
+    ax.set_title(
+        f"load imbalance over training (0 = balanced); dropped assignments (sum over the records): {dropped}",
+        fontsize=9,
+    )
     fig.suptitle(f"Expert load: {run_dir.name} ({num_layers} MoE layers x {num_experts} experts)")
 
     out.parent.mkdir(parents=True, exist_ok=True)

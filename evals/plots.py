@@ -39,8 +39,9 @@ def plot_accuracy(scores: list[GroupScores], tasks: list[str], path: Path) -> No
     for i, s in enumerate(scores):
         xs = [j + (i - (len(scores) - 1) / 2) * width for j in range(len(names))]
         means = [100 * s.per_task[n].mean for n in names]
-        errs = [100 * (s.per_task[n].std if s.per_task[n].std is not None else (s.per_task[n].sem or 0.0))
-                for n in names]
+        errs = [
+            100 * (s.per_task[n].std if s.per_task[n].std is not None else (s.per_task[n].sem or 0.0)) for n in names
+        ]
         n_seeds = s.per_task[AVERAGE].n
         label = s.label + (f" ({n_seeds} seeds)" if n_seeds > 1 else "")
         ax.bar(xs, means, width, yerr=errs, capsize=3, label=label)
@@ -86,13 +87,22 @@ def plot_losses(groups: list[RunGroup], path: Path) -> None:
             xs, ys, sd = _curve(train)
             ax.plot(xs, ys, color=color, alpha=0.5, linewidth=1, label=f"{group.label} train")
             if len(train) > 1:
-                ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
-                                color=color, alpha=0.15)
+                ax.fill_between(
+                    xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=color, alpha=0.15
+                )
             drew = True
         if valid:
             xs, ys, sd = _curve(valid)
-            ax.errorbar(xs, ys, yerr=sd if len(valid) > 1 else None, color=color, marker="o", linewidth=2,
-                        capsize=3, label=f"{group.label} validation")
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=sd if len(valid) > 1 else None,
+                color=color,
+                marker="o",
+                linewidth=2,
+                capsize=3,
+                label=f"{group.label} validation",
+            )
             drew = True
     if not drew:
         ax.text(0.5, 0.5, "no metrics.jsonl in these runs", ha="center", va="center", transform=ax.transAxes)
@@ -120,8 +130,9 @@ def plot_val_accuracy(groups: list[RunGroup], path: Path) -> None:
             xs, ys, sd = _curve(curves)
             ax.plot(xs, ys, style, color=color, marker="o", linewidth=2, label=f"{group.label} {key}")
             if len(curves) > 1:
-                ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
-                                color=color, alpha=0.15)
+                ax.fill_between(
+                    xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=color, alpha=0.15
+                )
             drew = True
     if not drew:
         ax.text(0.5, 0.5, "no validation records in these runs", ha="center", va="center", transform=ax.transAxes)

@@ -76,7 +76,9 @@ def summary_markdown(scores: list[TaskScore]) -> str:
 
 def load_results(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"no lm-eval results at {path}; evaluate the run first: python -m evals.zero_shot --model ...")
+        raise FileNotFoundError(
+            f"no lm-eval results at {path}; evaluate the run first: python -m evals.zero_shot --model ..."
+        )
     with path.open(encoding="utf-8") as f:
         return json.load(f)
 
@@ -131,8 +133,13 @@ def as_evaluation(results: dict[str, Any], path: Path) -> Evaluation:
     if not isinstance(when, (int, float)):
         when = path.stat().st_mtime if path.exists() else 0.0
     return Evaluation(
-        path, results, tuple(s.name for s in scores), float(limit) if isinstance(limit, (int, float)) else None,
-        sum(s.samples for s in scores), int(step) if isinstance(step, int) else None, float(when),
+        path,
+        results,
+        tuple(s.name for s in scores),
+        float(limit) if isinstance(limit, (int, float)) else None,
+        sum(s.samples for s in scores),
+        int(step) if isinstance(step, int) else None,
+        float(when),
     )
 
 
@@ -166,21 +173,27 @@ def check_eval_dir(eval_dir: Path) -> None:
     """Refuse, before any evaluation runs, an output directory the store cannot live in without loss."""
     sign = run_inside(eval_dir)
     if sign is not None:
-        raise OutputRefused(f"--output_dir {eval_dir}: {sign} belongs to a training run's checkpoints, which are "
-                            f"never written into; choose a directory outside them (default: RUN/eval)")
+        raise OutputRefused(
+            f"--output_dir {eval_dir}: {sign} belongs to a training run's checkpoints, which are "
+            f"never written into; choose a directory outside them (default: RUN/eval)"
+        )
     if eval_dir.exists() and not eval_dir.is_dir():
         raise OutputRefused(f"--output_dir {eval_dir} is a file; give a directory (default: RUN/eval)")
     headline, store = eval_dir / HEADLINE, eval_dir / STORE
     for path in (headline, store):
         if path.is_dir() != (path == store) and path.exists():
-            raise OutputRefused(f"--output_dir {eval_dir}: {path} is in the way of the evaluation store; move it "
-                                f"away or choose another --output_dir")
+            raise OutputRefused(
+                f"--output_dir {eval_dir}: {path} is in the way of the evaluation store; move it "
+                f"away or choose another --output_dir"
+            )
     if headline.is_file():
         try:
             load_evaluation(headline)
         except ValueError as exc:
-            raise OutputRefused(f"--output_dir {eval_dir}: {headline} was not written by lm-eval or evals.zero_shot "
-                                f"({exc}); it is never replaced: move it away or choose another --output_dir") from exc
+            raise OutputRefused(
+                f"--output_dir {eval_dir}: {headline} was not written by lm-eval or evals.zero_shot "
+                f"({exc}); it is never replaced: move it away or choose another --output_dir"
+            ) from exc
 
 
 def store_evaluation(eval_dir: Path, results: dict[str, Any], markdown: str) -> tuple[Evaluation, Evaluation]:

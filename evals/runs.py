@@ -102,8 +102,9 @@ def _task_of(path: Path, summary: dict[str, Any], records: list[dict[str, Any]])
     task = summary.get("task")
     if task is not None:
         if task not in TASKS:
-            raise ValueError(f"{path / 'summary.json'}: task={task!r} is not one evals.compare reports; "
-                             f"it knows {', '.join(TASKS)}")
+            raise ValueError(
+                f"{path / 'summary.json'}: task={task!r} is not one evals.compare reports; it knows {', '.join(TASKS)}"
+            )
         return str(task)
     train = [r for r in records if r.get("kind") == "train"]
     if train and all("loss" in r and "lm_loss" not in r for r in train):
@@ -140,8 +141,10 @@ def check_one_task(groups: list[RunGroup]) -> str:
             by_task.setdefault(run.task, []).append(run.path)
     if len(by_task) > 1:
         llm, vision = by_task.get(LLM, []), by_task.get(VISION, [])
-        raise ValueError(f"cannot compare LLM runs ({', '.join(map(str, llm))}) with vision runs "
-                         f"({', '.join(map(str, vision))}): compare each kind on its own")
+        raise ValueError(
+            f"cannot compare LLM runs ({', '.join(map(str, llm))}) with vision runs "
+            f"({', '.join(map(str, vision))}): compare each kind on its own"
+        )
     return next(iter(by_task))
 
 
@@ -165,6 +168,8 @@ def load_group(path: Path, label: str | None = None) -> RunGroup:
     # One group is one configuration over seeds: runs of different models in one directory are separate columns.
     models = {str(run.summary["model"]) for run in runs if "model" in run.summary}
     if len(models) > 1:
-        raise ValueError(f"{path} holds runs of different models ({', '.join(sorted(models))}), but a directory of "
-                         "runs is one configuration repeated over seeds; pass each run directory on its own")
+        raise ValueError(
+            f"{path} holds runs of different models ({', '.join(sorted(models))}), but a directory of "
+            "runs is one configuration repeated over seeds; pass each run directory on its own"
+        )
     return group

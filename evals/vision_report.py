@@ -28,26 +28,34 @@ def check_vision_runs(groups: list[RunGroup]) -> None:
     for group in groups:
         for run in group.runs:
             if not run.summary:
-                raise ValueError(f"{run.path / 'summary.json'} does not exist: vision.train writes it when a run "
-                                 "finishes; finish (resume) the run, or leave it out")
+                raise ValueError(
+                    f"{run.path / 'summary.json'} does not exist: vision.train writes it when a run "
+                    "finishes; finish (resume) the run, or leave it out"
+                )
             missing = [key for key in REQUIRED if run.summary.get(key) is None]
             if missing:
-                raise ValueError(f"{run.path / 'summary.json'} lacks {missing} (runtime.rundir contract); "
-                                 "retrain the run with the current vision.train")
+                raise ValueError(
+                    f"{run.path / 'summary.json'} lacks {missing} (runtime.rundir contract); "
+                    "retrain the run with the current vision.train"
+                )
             unkeyed = [r for r in (*run.train, *run.valid) if not isinstance(r.get("iteration"), int)]
             if unkeyed:
-                raise ValueError(f"{run.path / 'metrics.jsonl'}: a {unkeyed[0].get('kind')} record has no integer "
-                                 "\"iteration\" (runtime.rundir contract); retrain the run with the current "
-                                 "vision.train")
+                raise ValueError(
+                    f"{run.path / 'metrics.jsonl'}: a {unkeyed[0].get('kind')} record has no integer "
+                    '"iteration" (runtime.rundir contract); retrain the run with the current '
+                    "vision.train"
+                )
     runs = [run for group in groups for run in group.runs]
     ref = runs[0]
     for run in runs[1:]:
         for key, what in (("num_classes", "classes"), ("val_images", "validation images")):
             mine, theirs = _fact(run, key), _fact(ref, key)
             if mine is not None and theirs is not None and mine != theirs:
-                raise ValueError(f"{run.path} was validated with {key}={mine} but {ref.path} with {key}={theirs}: "
-                                 f"accuracies over different {what} do not compare; validate all runs on the same "
-                                 "dataset")
+                raise ValueError(
+                    f"{run.path} was validated with {key}={mine} but {ref.path} with {key}={theirs}: "
+                    f"accuracies over different {what} do not compare; validate all runs on the same "
+                    "dataset"
+                )
 
 
 def _fact(run: Run, key: str) -> Any:
@@ -73,8 +81,7 @@ def _binomial_se(percent: float, images: Any) -> float | None:
 def accuracy_stats(group: RunGroup, names: list[str]) -> tuple[dict[str, Stat], list[dict[str, float]]]:
     per_seed = [{name: float(run.summary[name]) for name in names} for run in group.runs]
     images = _fact(group.runs[0], "val_images")
-    stats = {name: Stat.of([row[name] for row in per_seed], _binomial_se(per_seed[0][name], images))
-             for name in names}
+    stats = {name: Stat.of([row[name] for row in per_seed], _binomial_se(per_seed[0][name], images)) for name in names}
     return stats, per_seed
 
 
@@ -150,10 +157,14 @@ def model_table(labels: list[str], rows: list[dict[str, Any]]) -> str:
         ("Model", [str(r["model"]) for r in rows]),
         ("Seeds", [", ".join("?" if s is None else str(s) for s in r["seeds"]) for r in rows]),
         ("Experts", [str(r["num_experts"]) if r["num_experts"] else "-" for r in rows]),  # static: 0/none
-        ("Total parameters", [_with_ratio(r["total_params"], r["params_vs_baseline"], "parameters", i == 0)
-                              for i, r in enumerate(rows)]),
-        ("MACs per image", [_with_ratio(r["macs"], r["macs_vs_baseline"], "multiply-adds", i == 0)
-                            for i, r in enumerate(rows)]),
+        (
+            "Total parameters",
+            [_with_ratio(r["total_params"], r["params_vs_baseline"], "parameters", i == 0) for i, r in enumerate(rows)],
+        ),
+        (
+            "MACs per image",
+            [_with_ratio(r["macs"], r["macs_vs_baseline"], "multiply-adds", i == 0) for i, r in enumerate(rows)],
+        ),
         ("Image size", ["n/a" if s is None else f"{s}x{s}" for s in img]),
         ("Final validation loss", [_stat_cell(r["final_val_loss"], 4) for r in rows]),
         ("Final training loss", [_stat_cell(r["train_loss"], 4) for r in rows]),
@@ -196,8 +207,11 @@ def build_vision_report(groups: list[RunGroup], out_dir: Path) -> tuple[str, str
         [
             "# ParameterNet comparison",
             "",
-            "Runs: " + "; ".join(f"**{g.label}** = `{g.path}` ({len(g.runs)} seed{'s' if len(g.runs) > 1 else ''})"
-                                 for g in groups) + ".",
+            "Runs: "
+            + "; ".join(
+                f"**{g.label}** = `{g.path}` ({len(g.runs)} seed{'s' if len(g.runs) > 1 else ''})" for g in groups
+            )
+            + ".",
             "",
             "## Validation accuracy (%)",
             "",

@@ -82,8 +82,11 @@ def model_step(model: Path, model_dir: Path) -> int | None:
     or the run's summary.json; None for a model we did not train."""
     from llm.export import EXPORT_META
 
-    for path, key in ((model_dir / EXPORT_META, "iteration"), (model / "complete.json", "iteration"),
-                      ((model.parent if model.name == "hf" else model) / "summary.json", "iterations")):
+    for path, key in (
+        (model_dir / EXPORT_META, "iteration"),
+        (model / "complete.json", "iteration"),
+        ((model.parent if model.name == "hf" else model) / "summary.json", "iterations"),
+    ):
         try:
             value = json.loads(path.read_text(encoding="utf-8")).get(key)
         except (OSError, ValueError, AttributeError):
@@ -135,8 +138,11 @@ def run_zero_shot(
         raise ValueError(f"--limit {limit} must be positive (documents per task, or a fraction < 1)")
     if offline is None:
         offline = not hub_reachable()
-        log.info("huggingface.co %s: using the %s tasks", "unreachable" if offline else "reachable",
-                 "offline" if offline else "official")
+        log.info(
+            "huggingface.co %s: using the %s tasks",
+            "unreachable" if offline else "reachable",
+            "offline" if offline else "official",
+        )
     task_names = resolve_tasks(tasks, offline)
     if offline:
         enter_offline_mode()
@@ -207,8 +213,13 @@ def run_zero_shot(
     )
     stored, headline = store_evaluation(out_dir, results, table)
     if headline.key != stored.key:
-        log.info("kept %s; the headline %s stays %s (%s)", stored.path, out_dir / "results.json", headline.path.name,
-                 headline.describe())
+        log.info(
+            "kept %s; the headline %s stays %s (%s)",
+            stored.path,
+            out_dir / "results.json",
+            headline.path.name,
+            headline.describe(),
+        )
     return ZeroShotOutput(results, stored.path, stored.path.with_suffix(".md"), model_dir, out_dir / "results.json")
 
 
@@ -231,23 +242,49 @@ def parse_limit(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evals.zero_shot", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, type=Path,
-                   help="exported HF directory (config.json), a run directory RUN/, or a training checkpoint")
-    p.add_argument("--tasks", default="llama",
-                   help="comma-separated lm-eval task names, or 'llama' for the LLaMA zero-shot suite (default)")
+    p.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="exported HF directory (config.json), a run directory RUN/, or a training checkpoint",
+    )
+    p.add_argument(
+        "--tasks",
+        default="llama",
+        help="comma-separated lm-eval task names, or 'llama' for the LLaMA zero-shot suite (default)",
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--offline", dest="offline", action="store_const", const=True, default=None,
-                      help="use the offline tasks in evals/tasks (default when huggingface.co is unreachable)")
-    mode.add_argument("--online", dest="offline", action="store_const", const=False,
-                      help="use lm-eval's official tasks (downloads the datasets)")
-    p.add_argument("--limit", type=parse_limit, default=None,
-                   help="documents per task (an integer), or a fraction < 1; default: all")
+    mode.add_argument(
+        "--offline",
+        dest="offline",
+        action="store_const",
+        const=True,
+        default=None,
+        help="use the offline tasks in evals/tasks (default when huggingface.co is unreachable)",
+    )
+    mode.add_argument(
+        "--online",
+        dest="offline",
+        action="store_const",
+        const=False,
+        help="use lm-eval's official tasks (downloads the datasets)",
+    )
+    p.add_argument(
+        "--limit",
+        type=parse_limit,
+        default=None,
+        help="documents per task (an integer), or a fraction < 1; default: all",
+    )
     p.add_argument("--batch_size", default="8", help="batch size, or 'auto'")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="float32 on CPU; bfloat16 on GPUs")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:0, ... (default: cuda if available)")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory, if not in the model directory")
-    p.add_argument("--output_dir", type=Path, default=None,
-                   help="default: RUN/eval (RUN/eval/CHECKPOINT for a checkpoint), or MODEL_DIR/eval")
+    p.add_argument(
+        "--output_dir",
+        type=Path,
+        default=None,
+        help="default: RUN/eval (RUN/eval/CHECKPOINT for a checkpoint), or MODEL_DIR/eval",
+    )
     p.add_argument("--seed", type=int, default=1234)
     return p
 
@@ -258,8 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         batch_size = parse_batch_size(args.batch_size)
         out = run_zero_shot(
-            model=args.model, tasks=args.tasks, offline=args.offline, limit=args.limit, batch_size=batch_size,
-            dtype=args.dtype, device=args.device, output_dir=args.output_dir, tokenizer=args.tokenizer,
+            model=args.model,
+            tasks=args.tasks,
+            offline=args.offline,
+            limit=args.limit,
+            batch_size=batch_size,
+            dtype=args.dtype,
+            device=args.device,
+            output_dir=args.output_dir,
+            tokenizer=args.tokenizer,
             seed=args.seed,
         )
     except (ValueError, FileNotFoundError) as exc:

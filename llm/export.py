@@ -51,17 +51,24 @@ def claim_export_dir(out_dir: str | Path, overwrite: bool, flag: str = "OUT_DIR"
     return claim_output(out_dir, overwrite=overwrite, flag=flag, tool=TOOL, proof=EXPORT_META)
 
 
-def write_hf_directory(model_config, state_dict: dict[str, torch.Tensor], tokenizer_dir: str | Path | None,
-                       out_dir: str | Path, *, overwrite: bool = True, iteration: int | None = None,
-                       source: str | Path | None = None) -> Path:
+def write_hf_directory(
+    model_config,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer_dir: str | Path | None,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = True,
+    iteration: int | None = None,
+    source: str | Path | None = None,
+) -> Path:
     """Build the HF model from `model_config`, load `state_dict` strictly, save with its tokenizer. Written to a
     temporary directory and renamed, so an existing good export is replaced only by a complete one.
 
     `overwrite=True` (what the trainer's RUN/hf needs on every publication) still replaces only an earlier export;
     anything else at `out_dir` is refused before any work."""
     import llm.model  # noqa: F401  (registers ParameterNet for save_pretrained's auto_map)
-    from runtime.fsutil import publish_dir, temp_dir_for, write_owner
     from llm.model import build_model
+    from runtime.fsutil import publish_dir, temp_dir_for, write_owner
 
     out_dir = Path(out_dir)
     claim_export_dir(out_dir, overwrite)
@@ -85,8 +92,9 @@ def write_hf_directory(model_config, state_dict: dict[str, torch.Tensor], tokeni
     return out_dir
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None, *,
-                      overwrite: bool = False) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None, *, overwrite: bool = False
+) -> Path:
     """Export the newest complete checkpoint of `checkpoint` to `out_dir`; `overwrite` replaces an earlier export."""
     from llm.model.presets import config_from_dict, load_model_config
 
@@ -103,18 +111,27 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir
         model_config = load_model_config(config["model"], **config.get("model_overrides", {}))
     tokenizer_dir = tokenizer_dir or manifest.get("tokenizer_dir") or config.get("tokenizer")
     if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
-        raise FileNotFoundError(f"{ckpt}: its tokenizer directory {tokenizer_dir!r} does not exist; "
-                                f"pass --tokenizer DIR")
-    return write_hf_directory(model_config, load_file(str(weights)), tokenizer_dir, out_dir, overwrite=overwrite,
-                              iteration=manifest.get("iteration"), source=ckpt)
+        raise FileNotFoundError(
+            f"{ckpt}: its tokenizer directory {tokenizer_dir!r} does not exist; pass --tokenizer DIR"
+        )
+    return write_hf_directory(
+        model_config,
+        load_file(str(weights)),
+        tokenizer_dir,
+        out_dir,
+        overwrite=overwrite,
+        iteration=manifest.get("iteration"),
+        source=ckpt,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="run directory, its checkpoints/ directory, or one iter_NNNNNNN directory")
     parser.add_argument("out_dir", help="a directory that does not exist yet (or is empty)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace OUT_DIR if it holds an earlier export (never anything else)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR if it holds an earlier export (never anything else)"
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the run used)")
     args = parser.parse_args(argv)
     try:

@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.errors import first_rank_on_node, print_error
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, code = ENGINE.parse_command_line(argv, lambda path, pairs: load_config(path, cli_overrides=pairs),
-                                          __doc__ or "")
+    cfg, code = ENGINE.parse_command_line(
+        argv, lambda path, pairs: load_config(path, cli_overrides=pairs), __doc__ or ""
+    )
     if cfg is None:
         return code
     if first_rank_on_node(argv):  # warnings: the same on every rank, printed once per node

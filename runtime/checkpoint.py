@@ -52,8 +52,12 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state[1].copy()), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].copy()),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -128,11 +132,16 @@ def verify_files(directory: Path, manifest: dict[str, Any], rank: int = 0, world
                 raise ValueError(f"{directory}: {MANIFEST} uses checksum {algorithm!r}; this version reads {CHECKSUM}")
             got = file_checksum(path)
             if got != entry[CHECKSUM]:
-                raise ValueError(f"{directory}: {rel} does not match its {CHECKSUM} checksum in {MANIFEST} "
-                                 f"({got} != {entry[CHECKSUM]}): its content changed after it was written")
+                raise ValueError(
+                    f"{directory}: {rel} does not match its {CHECKSUM} checksum in {MANIFEST} "
+                    f"({got} != {entry[CHECKSUM]}): its content changed after it was written"
+                )
     if sizes_only and rank == 0:
-        warnings.warn(f"{directory}: {MANIFEST} was written before checksums were recorded; only the sizes of its "
-                      f"{len(sizes_only)} files are checked", stacklevel=2)
+        warnings.warn(
+            f"{directory}: {MANIFEST} was written before checksums were recorded; only the sizes of its "
+            f"{len(sizes_only)} files are checked",
+            stacklevel=2,
+        )
 
 
 # Field -> (REFUSE | ALLOW | IGNORE, why): each trainer's RESUME_POLICY table (the decisions: runtime.config).
@@ -167,8 +176,9 @@ def saved_world_size(manifest: dict[str, Any]) -> int | None:
     return len(ranks) or None
 
 
-def resume_differences(directory: Path, manifest: dict[str, Any], config: dict[str, Any], world_size: int,
-                       policy: ResumePolicy) -> tuple[str | None, list[str]]:
+def resume_differences(
+    directory: Path, manifest: dict[str, Any], config: dict[str, Any], world_size: int, policy: ResumePolicy
+) -> tuple[str | None, list[str]]:
     """Compare this run's settings with those saved in the checkpoint's manifest, field by field under `policy`.
 
     Returns (the one-line refusal, or None; the "resume: FIELD OLD -> NEW" lines of the allowed changes)."""
@@ -203,10 +213,14 @@ def resume_differences(directory: Path, manifest: dict[str, Any], config: dict[s
         was.append(f"world_size={saved_world}")
         now.append(f"world_size={world_size}")
         reasons.append(f"world_size at ZeRO stage {saved.get('zero_stage')}: {WORLD_SIZE_WHY}")
-        fixes.append(f"world size {saved_world} (NPROC={saved_world} for the launch scripts, --num_gpus "
-                     f"{saved_world} for deepspeed)")
-    return (f"resume: checkpoint {directory} was written with {', '.join(was)} but this run has {', '.join(now)} "
-            f"({'; '.join(reasons)}). Resume it with {' '.join(fixes)}, or start a new --output_dir"), changed
+        fixes.append(
+            f"world size {saved_world} (NPROC={saved_world} for the launch scripts, --num_gpus "
+            f"{saved_world} for deepspeed)"
+        )
+    return (
+        f"resume: checkpoint {directory} was written with {', '.join(was)} but this run has {', '.join(now)} "
+        f"({'; '.join(reasons)}). Resume it with {' '.join(fixes)}, or start a new --output_dir"
+    ), changed
 
 
 class CheckpointMismatch(ValueError):
@@ -254,11 +268,19 @@ def save_checkpoint(
         for path in sorted((root / tmp_tag).rglob("*")):
             if path.is_file():
                 make_public(path)
-                files[str(path.relative_to(root / tmp_tag))] = {"bytes": path.stat().st_size,
-                                                                CHECKSUM: file_checksum(path)}
+                files[str(path.relative_to(root / tmp_tag))] = {
+                    "bytes": path.stat().st_size,
+                    CHECKSUM: file_checksum(path),
+                }
         os.replace(root / tmp_tag, final)
-        manifest = {"iteration": iteration, "world_size": world_size(), "checksum": CHECKSUM, "files": files,
-                    "config": config, **(manifest_extra or {})}
+        manifest = {
+            "iteration": iteration,
+            "world_size": world_size(),
+            "checksum": CHECKSUM,
+            "files": files,
+            "config": config,
+            **(manifest_extra or {}),
+        }
         write_text_atomic(final / MANIFEST, json.dumps(manifest, indent=1))
         write_text_atomic(root / "latest", tag)
         for _, old in complete_checkpoints(root)[:-keep_last]:
@@ -271,8 +293,9 @@ def save_checkpoint(
 SettingsCheck = Callable[[Path, dict[str, Any]], tuple[str | None, list[str]]]
 
 
-def load_latest(engine, root: Path, check: SettingsCheck,
-                load_optimizer: bool = True) -> tuple[int, dict[str, Any], list[str]] | None:
+def load_latest(
+    engine, root: Path, check: SettingsCheck, load_optimizer: bool = True
+) -> tuple[int, dict[str, Any], list[str]] | None:
     """Load the newest complete checkpoint; fall back, with a warning, to older ones if it is corrupt.
 
     Returns (iteration, client_state, the allowed setting changes), or None if there is no loadable checkpoint.
@@ -282,8 +305,9 @@ def load_latest(engine, root: Path, check: SettingsCheck,
     return _load_first(engine, candidates, check, load_optimizer)
 
 
-def load_from(engine, directory: Path, check: SettingsCheck,
-              load_optimizer: bool = True) -> tuple[int, dict[str, Any], list[str]]:
+def load_from(
+    engine, directory: Path, check: SettingsCheck, load_optimizer: bool = True
+) -> tuple[int, dict[str, Any], list[str]]:
     match = TAG_RE.match(directory.name)
     if not match:
         raise ValueError(f"resume={directory}: not a checkpoint directory (iter_NNNNNNN)")
@@ -312,8 +336,11 @@ def _load_first(engine, candidates: list[tuple[int, Path]], check: SettingsCheck
                 raise error
             verify_files(directory, manifest, this_rank, world)  # every rank checksums its share of the files
             path, client_state = engine.load_checkpoint(
-                str(directory.parent), tag=directory.name, load_optimizer_states=load_optimizer,
-                load_lr_scheduler_states=load_optimizer)
+                str(directory.parent),
+                tag=directory.name,
+                load_optimizer_states=load_optimizer,
+                load_lr_scheduler_states=load_optimizer,
+            )
             if path is None:
                 raise ValueError("DeepSpeed found no checkpoint files")
             rng_file = directory / f"rng_rank{this_rank}.pt"
@@ -324,8 +351,11 @@ def _load_first(engine, candidates: list[tuple[int, Path]], check: SettingsCheck
         if all_ranks(error is None):
             return iteration, client_state or {}, changes
         if error is not None or this_rank == 0:
-            warnings.warn(f"checkpoint {directory} could not be loaded ({error or 'failed on another rank'}); "
-                          f"falling back to the previous one", stacklevel=2)
+            warnings.warn(
+                f"checkpoint {directory} could not be loaded ({error or 'failed on another rank'}); "
+                f"falling back to the previous one",
+                stacklevel=2,
+            )
     return None
 
 

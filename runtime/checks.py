@@ -1,4 +1,5 @@
-"""Field checks every trainer shares: float ranges, the seed range, the LR floor, resume values, writable directories."""
+"""Field checks every trainer shares: float ranges, the seed range, the LR floor, resume values, writable
+directories."""
 
 from __future__ import annotations
 
@@ -31,14 +32,17 @@ class FloatRange(NamedTuple):
 def check_min_lr(lr: float, min_lr: float) -> None:
     """The floor of the LR decay lies between 0 and the peak."""
     if not (math.isfinite(min_lr) and 0 <= min_lr <= lr):
-        raise ValueError(f"min_lr={min_lr} must lie in [0, lr={lr}]; the floor of the decay, "
-                         f"e.g. lr / 10 = {lr / 10:g}")
+        raise ValueError(
+            f"min_lr={min_lr} must lie in [0, lr={lr}]; the floor of the decay, e.g. lr / 10 = {lr / 10:g}"
+        )
 
 
 def check_resume(value: str) -> None:
     if value not in ("none", "auto") and not Path(value).is_dir():
-        raise ValueError(f"resume={value!r}: not 'none', 'auto' or an existing checkpoint directory; "
-                         f"use --resume auto to continue the newest checkpoint in output_dir")
+        raise ValueError(
+            f"resume={value!r}: not 'none', 'auto' or an existing checkpoint directory; "
+            f"use --resume auto to continue the newest checkpoint in output_dir"
+        )
 
 
 def check_directory_path(name: str, value: str) -> None:
@@ -47,14 +51,19 @@ def check_directory_path(name: str, value: str) -> None:
         raise ValueError(f"{name}={value!r} is empty; give a directory path, e.g. --{name} runs/my_run")
     path = Path(value)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{name}={value!r} is an existing file, not a directory; choose a directory path (a new "
-                         f"one, or the run's own directory)")
+        raise ValueError(
+            f"{name}={value!r} is an existing file, not a directory; choose a directory path (a new "
+            f"one, or the run's own directory)"
+        )
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise ValueError(f"{name}={value!r}: {str(parent)!r} on its path is a file, not a directory; choose another "
-                         f"path")
+        raise ValueError(
+            f"{name}={value!r}: {str(parent)!r} on its path is a file, not a directory; choose another path"
+        )
     if not os.access(parent if not path.exists() else path, os.W_OK | os.X_OK):
-        raise ValueError(f"{name}={value!r}: no permission to write in {str(parent if not path.exists() else path)!r}"
-                         f"; choose a writable location")
+        raise ValueError(
+            f"{name}={value!r}: no permission to write in {str(parent if not path.exists() else path)!r}"
+            f"; choose a writable location"
+        )

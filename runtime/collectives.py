@@ -75,8 +75,9 @@ def _placed(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tens
     return tensor.to(group_device(group)).contiguous()
 
 
-def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
-               group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def all_reduce(
+    tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
     """`dist.all_reduce` in place on `tensor`, wherever it lives; returns `tensor`. A no-op without a process group
     (one rank: the reduction of one value is itself)."""
     if not _initialized():
@@ -88,8 +89,12 @@ def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp
     return tensor
 
 
-def all_reduce_values(values: Sequence[float], op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
-                      group: dist.ProcessGroup | None = None, dtype: torch.dtype = torch.float64) -> list[float]:
+def all_reduce_values(
+    values: Sequence[float],
+    op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
+    group: dist.ProcessGroup | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> list[float]:
     """Reduce a few Python numbers over the ranks with one collective; returns them as Python numbers."""
     t = torch.tensor(list(values), dtype=dtype, device=group_device(group))
     return all_reduce(t, op=op, group=group).tolist()
@@ -115,5 +120,13 @@ def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> 
     return [p.to(tensor.device) for p in parts]
 
 
-__all__ = ["all_gather", "all_ranks", "all_reduce", "all_reduce_values", "any_rank", "device_types", "group_device",
-           "serves"]
+__all__ = [
+    "all_gather",
+    "all_ranks",
+    "all_reduce",
+    "all_reduce_values",
+    "any_rank",
+    "device_types",
+    "group_device",
+    "serves",
+]

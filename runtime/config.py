@@ -53,12 +53,19 @@ class ConfigEngine(Generic[ConfigT]):
     renamed:      an old field name -> its new name, so that an old flag is answered with the new one
     """
 
-    def __init__(self, cls: type[ConfigT], *, preset_dir: Path, prog: str | None = None,
-                 choices: dict[str, tuple[Any, ...]] | None = None,
-                 int_minimums: dict[str, tuple[int, str]] | None = None,
-                 int_maximums: dict[str, tuple[int, str]] | None = None,
-                 float_ranges: dict[str, FloatRange] | None = None,
-                 examples: dict[str, str] | None = None, renamed: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        cls: type[ConfigT],
+        *,
+        preset_dir: Path,
+        prog: str | None = None,
+        choices: dict[str, tuple[Any, ...]] | None = None,
+        int_minimums: dict[str, tuple[int, str]] | None = None,
+        int_maximums: dict[str, tuple[int, str]] | None = None,
+        float_ranges: dict[str, FloatRange] | None = None,
+        examples: dict[str, str] | None = None,
+        renamed: dict[str, str] | None = None,
+    ) -> None:
         self.cls = cls
         self.preset_dir = preset_dir
         self.preset_label = f"{preset_dir.parent.name}/{preset_dir.name}/"  # e.g. llm/configs/, in messages
@@ -129,8 +136,9 @@ class ConfigEngine(Generic[ConfigT]):
         if origin is int and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"{name}={value!r}: expected an integer, e.g. {self.example(name)}")
         if not isinstance(value, origin) or (origin is float and isinstance(value, bool)):
-            raise ValueError(f"{name}={value!r}: expected {expected}, got {type(value).__name__}, e.g. "
-                             f"{self.example(name)}")
+            raise ValueError(
+                f"{name}={value!r}: expected {expected}, got {type(value).__name__}, e.g. {self.example(name)}"
+            )
         if origin is list:
             return self._elements(name, list(value), f"{name}={value!r}")
         return value
@@ -162,31 +170,42 @@ class ConfigEngine(Generic[ConfigT]):
             try:
                 parsed = json.loads(text)
             except json.JSONDecodeError as err:
-                raise ValueError(f"--{name} {value!r}: not valid JSON ({err.msg} at column {err.colno}); write "
-                                 f"the words separated by spaces, e.g. {self.example(name)}") from None
+                raise ValueError(
+                    f"--{name} {value!r}: not valid JSON ({err.msg} at column {err.colno}); write "
+                    f"the words separated by spaces, e.g. {self.example(name)}"
+                ) from None
             if isinstance(parsed, list):
                 return self._elements(name, parsed, f"--{name} {value!r}")
         elif origin is dict:
             try:
                 parsed = json.loads(value)
             except json.JSONDecodeError as err:
-                raise ValueError(f"--{name} {value!r}: not valid JSON ({err.msg} at column {err.colno}); write a "
-                                 f"JSON object with double-quoted keys, e.g. {self.example(name)}") from None
+                raise ValueError(
+                    f"--{name} {value!r}: not valid JSON ({err.msg} at column {err.colno}); write a "
+                    f"JSON object with double-quoted keys, e.g. {self.example(name)}"
+                ) from None
             if isinstance(parsed, dict):
                 return parsed
-            raise ValueError(f"--{name} {value!r}: expected a JSON object, got a JSON {type(parsed).__name__}; "
-                             f"e.g. {self.example(name)}")
+            raise ValueError(
+                f"--{name} {value!r}: expected a JSON object, got a JSON {type(parsed).__name__}; "
+                f"e.g. {self.example(name)}"
+            )
         else:
             return value
-        raise ValueError(f"--{name} {value!r}: expected {shape.expected()}{' or none' if shape.optional else ''}, "
-                         f"e.g. {self.example(name)}")
+        raise ValueError(
+            f"--{name} {value!r}: expected {shape.expected()}{' or none' if shape.optional else ''}, "
+            f"e.g. {self.example(name)}"
+        )
 
     def _unknown(self, key: str, source: str) -> ValueError:
         name = canonical(key)
         if name in self.renamed:
             hint = f" (renamed: use {self.renamed[name]})"
-        elif name.startswith("no_") and self.shapes.get(name[3:], None) is not None and \
-                self.shapes[name[3:]].origin is bool:
+        elif (
+            name.startswith("no_")
+            and self.shapes.get(name[3:], None) is not None
+            and self.shapes[name[3:]].origin is bool
+        ):
             hint = f" (booleans take a value: --{name[3:]} false)"
         else:
             close = difflib.get_close_matches(name, self.fields, n=3)
@@ -215,8 +234,9 @@ class ConfigEngine(Generic[ConfigT]):
         if named.is_file():
             return named
         presets = sorted(p.stem for p in self.preset_dir.glob("*.yaml"))
-        raise ValueError(f"config={str(path)!r}: no such file, nor a preset in {self.preset_label} "
-                         f"({', '.join(presets)})")
+        raise ValueError(
+            f"config={str(path)!r}: no such file, nor a preset in {self.preset_label} ({', '.join(presets)})"
+        )
 
     def read_preset(self, path: str | Path) -> dict[str, Any]:
         return read_yaml_mapping(self.preset_file(path))
@@ -248,14 +268,18 @@ class ConfigEngine(Generic[ConfigT]):
                 if name in self.shapes and self.shapes[name].origin is list:
                     while end < len(argv) and not argv[end].startswith("--"):
                         end += 1
-                value = " ".join(argv[i + 1:end])
+                value = " ".join(argv[i + 1 : end])
                 i = end
             pairs[key] = value
         return pairs
 
-    def load(self, path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-             cli_overrides: list[str] | None = None,
-             apply: Callable[[ConfigT, dict[str, Any], str, bool], None] | None = None) -> ConfigT:
+    def load(
+        self,
+        path: str | Path | None = None,
+        overrides: dict[str, Any] | None = None,
+        cli_overrides: list[str] | None = None,
+        apply: Callable[[ConfigT, dict[str, Any], str, bool], None] | None = None,
+    ) -> ConfigT:
         """Defaults <- YAML file (a path or a preset name) <- `overrides` <- `--key value` pairs; not validated.
 
         `apply` replaces `self.apply` for a trainer whose layers interact (llm: a budget given replaces the other)."""
@@ -276,8 +300,9 @@ class ConfigEngine(Generic[ConfigT]):
         for name, allowed in self.choices.items():
             value = getattr(config, name)
             if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}; "
-                                 f"e.g. {self.example(name)}")
+                raise ValueError(
+                    f"{name}={value!r} is not one of {', '.join(map(str, allowed))}; e.g. {self.example(name)}"
+                )
         for name, (minimum, meaning) in self.int_minimums.items():
             value = getattr(config, name)
             if value is not None and value < minimum:
@@ -312,9 +337,13 @@ class ConfigEngine(Generic[ConfigT]):
         """`doc`, then every field as a flag with its type, default and comment, under the dataclass's section
         comments (`# --- data ---` or `# data`)."""
         comments = self.field_comments()
-        lines = [doc.strip(), "", f"Fields of {self.cls.__module__}.{self.cls.__name__} (each also a key of the YAML "
-                                  f"presets in {self.preset_label}; --key value or --key=value, dashes or "
-                                  f"underscores):"]
+        lines = [
+            doc.strip(),
+            "",
+            f"Fields of {self.cls.__module__}.{self.cls.__name__} (each also a key of the YAML "
+            f"presets in {self.preset_label}; --key value or --key=value, dashes or "
+            f"underscores):",
+        ]
         for line in inspect.getsource(self.cls).splitlines():
             section = re.match(r"\s+#[\s-]*([A-Za-z][^-]*?)[\s-]*$", line)
             field_line = re.match(r"\s+(\w+):", line)
@@ -343,12 +372,13 @@ class ConfigEngine(Generic[ConfigT]):
                     presets = ", ".join(sorted(p.stem for p in self.preset_dir.glob("*.yaml")))
                     raise ValueError(f"--config needs a value: a preset name ({presets}) or a YAML file")
                 config_path = argv[i + 1] if arg == "--config" else arg.split("=", 1)[1]
-                del argv[i:i + (2 if arg == "--config" else 1)]
+                del argv[i : i + (2 if arg == "--config" else 1)]
                 break
         return config_path, argv, wants_help
 
-    def parse_command_line(self, argv: list[str], load: Callable[[str | None, list[str]], ConfigT],
-                           doc: str) -> tuple[ConfigT | None, int]:
+    def parse_command_line(
+        self, argv: list[str], load: Callable[[str | None, list[str]], ConfigT], doc: str
+    ) -> tuple[ConfigT | None, int]:
         """(config, 0); or (None, 0) after printing the usage for -h/--help; or (None, 2) after printing the error
         once per node. `load(config_path, overrides)` builds and validates the trainer's config."""
         speaks = first_rank_on_node(argv)  # every rank reads the same command line: say it once per node

@@ -39,7 +39,9 @@ def resolve_ds_config_path(name_or_path: str) -> Path:
     if candidate.is_file():
         return candidate
     known = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
-    raise ValueError(f"ds_config: {name_or_path!r} is neither a file nor one of runtime/ds_configs/{{{','.join(known)}}}.json")
+    raise ValueError(
+        f"ds_config: {name_or_path!r} is neither a file nor one of runtime/ds_configs/{{{','.join(known)}}}.json"
+    )
 
 
 def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, data_parallel_size: int) -> int:
@@ -118,6 +120,12 @@ def adamw_block(lr: float, beta1: float, beta2: float, eps: float, weight_decay:
     updates ZeRO's flat fp32 partitions in one pass, without the temporaries of the per-tensor loop."""
     return {
         "type": "AdamW",
-        "params": {"lr": lr, "betas": [beta1, beta2], "eps": eps, "weight_decay": weight_decay, "torch_adam": True,
-                   "fused": True},
+        "params": {
+            "lr": lr,
+            "betas": [beta1, beta2],
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "torch_adam": True,
+            "fused": True,
+        },
     }

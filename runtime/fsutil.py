@@ -135,7 +135,8 @@ def run_inside(path: str | Path) -> Path | None:
     path = Path(path)
     for ancestor in path.resolve().parents:
         in_checkpoints = ancestor.name == "checkpoints" and (
-            (ancestor / "latest").exists() or next(ancestor.glob("iter_*"), None) is not None)
+            (ancestor / "latest").exists() or next(ancestor.glob("iter_*"), None) is not None
+        )
         if in_checkpoints or (ancestor / "complete.json").is_file():
             return ancestor
     if path.is_dir():
@@ -155,8 +156,16 @@ def read_owner(proof: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def claim_output(path: str | Path, *, overwrite: bool, flag: str, tool: str, proof: str | Path,
-                 files: Sequence[Path] | None = None, owned: bool | None = None) -> bool:
+def claim_output(
+    path: str | Path,
+    *,
+    overwrite: bool,
+    flag: str,
+    tool: str,
+    proof: str | Path,
+    files: Sequence[Path] | None = None,
+    owned: bool | None = None,
+) -> bool:
     """Decide whether `tool` may write its output at `path`; True when it replaces an earlier output of its own.
 
     The rule every command of ours follows, so that none deletes or overwrites what it did not write:
@@ -194,8 +203,9 @@ def claim_output(path: str | Path, *, overwrite: bool, flag: str, tool: str, pro
         if not path.exists():
             return False
         if not path.is_dir():
-            raise OutputRefused(f"{flag} {path} is a file, not a directory; choose a directory path that does not "
-                                f"exist yet")
+            raise OutputRefused(
+                f"{flag} {path} is a file, not a directory; choose a directory path that does not exist yet"
+            )
         entries = sorted(p.name for p in path.iterdir())
         if not entries:
             return False
@@ -221,11 +231,15 @@ def claim_output(path: str | Path, *, overwrite: bool, flag: str, tool: str, pro
             held = f"exists and was not written by {tool}"
         else:
             held = f"would replace {shown}, which {tool} did not write"
-        raise OutputRefused(f"{flag} {path} {held}; it is never replaced: choose a new path"
-                            + (" or an empty directory" if what == "directory" else ""))
+        raise OutputRefused(
+            f"{flag} {path} {held}; it is never replaced: choose a new path"
+            + (" or an empty directory" if what == "directory" else "")
+        )
     if not overwrite:
-        raise OutputRefused(f"{flag} {path} already holds an earlier output of {tool} ({shown}); pass --overwrite "
-                            f"to replace it, or choose a new path")
+        raise OutputRefused(
+            f"{flag} {path} already holds an earlier output of {tool} ({shown}); pass --overwrite "
+            f"to replace it, or choose a new path"
+        )
     return True
 
 

@@ -44,8 +44,10 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 
 def memory_gib(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
-        return {"mem_alloc_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-                "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+        return {
+            "mem_alloc_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+        }
     return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -88,8 +90,10 @@ class MetricsLogger:
             output_dir.mkdir(parents=True, exist_ok=True)
             dropped = trim_jsonl(output_dir / METRICS, start_iteration)
             if dropped:
-                print(f"metrics.jsonl: dropped {dropped} records past iteration {start_iteration} (the steps this "
-                      f"run replays)")
+                print(
+                    f"metrics.jsonl: dropped {dropped} records past iteration {start_iteration} (the steps this "
+                    f"run replays)"
+                )
             self.jsonl = open(output_dir / METRICS, "a", buffering=1)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter

@@ -1,13 +1,13 @@
 """The run-directory contract, the same for every trainer (llm.train, vision.train) and read by evals:
 
-    RUN/config.yaml      the resolved training config (every field), written when the run starts
-    RUN/metrics.jsonl    one JSON object a line: {"kind": "train" | "valid" | "skip", "iteration": N, ...}; records
-                         past a resumed checkpoint's iteration are dropped when the run resumes (runtime.metrics)
-    RUN/tensorboard/     the same scalars for TensorBoard
-    RUN/checkpoints/     iter_NNNNNNN/ checkpoints (runtime.checkpoint)
-    RUN/summary.json     written once, at the end of a finished run: {"task": "llm" | "vision", "model",
-                         "total_params", "iterations", "seed", "world_size", "final_val_loss", ...} plus the task's own
-                         keys (llm: active_params, flops_per_token, tokens; vision: macs, top1, top5)
+RUN/config.yaml      the resolved training config (every field), written when the run starts
+RUN/metrics.jsonl    one JSON object a line: {"kind": "train" | "valid" | "skip", "iteration": N, ...}; records
+                     past a resumed checkpoint's iteration are dropped when the run resumes (runtime.metrics)
+RUN/tensorboard/     the same scalars for TensorBoard
+RUN/checkpoints/     iter_NNNNNNN/ checkpoints (runtime.checkpoint)
+RUN/summary.json     written once, at the end of a finished run: {"task": "llm" | "vision", "model",
+                     "total_params", "iterations", "seed", "world_size", "final_val_loss", ...} plus the task's own
+                     keys (llm: active_params, flops_per_token, tokens; vision: macs, top1, top5)
 """
 
 from __future__ import annotations

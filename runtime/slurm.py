@@ -31,8 +31,10 @@ def expand_nodelist(nodelist: str) -> list[str]:
 
 def _master(environ: Mapping[str, str]) -> dict[str, str]:
     """The step's first node, on a port every task derives from the job id, unless MASTER_ADDR/PORT are given."""
-    return {"MASTER_ADDR": environ.get("MASTER_ADDR") or expand_nodelist(environ["SLURM_STEP_NODELIST"])[0],
-            "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)}
+    return {
+        "MASTER_ADDR": environ.get("MASTER_ADDR") or expand_nodelist(environ["SLURM_STEP_NODELIST"])[0],
+        "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000),
+    }
 
 
 def node_env(environ: Mapping[str, str]) -> dict[str, str]:

@@ -51,7 +51,7 @@ def summed(t: torch.Tensor) -> torch.Tensor:
 
 def expert_slice(t: torch.Tensor, rank: int, ep: int) -> torch.Tensor:
     n = t.shape[0] // ep
-    return t[rank * n:(rank + 1) * n]
+    return t[rank * n : (rank + 1) * n]
 
 
 def cross_rank_rows(counts: torch.Tensor, rank: int, ep: int) -> int:
@@ -69,8 +69,10 @@ def compare_layers(case: Case, ref: MoELinear, x: torch.Tensor, upstream: torch.
     case.check(torch.equal(sharded.weight, expert_slice(ref.weight, rank, ep)), "sharded weight != slice of full")
     for name, param in (("weight", sharded.weight), ("bias", sharded.bias)):
         if param is not None:
-            case.check(param.allreduce is False and param.group_name == expert_group_name(ep),
-                       f"{name} not tagged as an expert parameter")
+            case.check(
+                param.allreduce is False and param.group_name == expert_group_name(ep),
+                f"{name} not tagged as an expert parameter",
+            )
     case.check(not hasattr(sharded.router.weight, "allreduce"), "router weight tagged as expert parameter")
     full = gather_experts(sharded, group)
     case.check(torch.equal(full["weight"], ref.weight.detach()), "gather_experts weight != full weight")
@@ -140,9 +142,17 @@ def case_model(top_k: int, capacity_factor: float | None, group, rank: int) -> C
     case = Case()
     ep = dist.get_world_size(group)
     config = ParameterNetLlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        vocab_size=256, num_experts=4, top_k=top_k, capacity_factor=capacity_factor,
-        moe_projections=["up_proj", "down_proj"], router_z_loss_coef=0.001,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=256,
+        num_experts=4,
+        top_k=top_k,
+        capacity_factor=capacity_factor,
+        moe_projections=["up_proj", "down_proj"],
+        router_z_loss_coef=0.001,
     )
     torch.manual_seed(1234)
     ref = ParameterNetLlamaForCausalLM(config)
@@ -190,8 +200,10 @@ def case_model(top_k: int, capacity_factor: float | None, group, rank: int) -> C
     for name, param in model.named_parameters():
         if name in expert_names:
             case.check(torch.equal(param, expert_slice(ref_params[name], rank, ep)), f"load_expert_shards {name}")
-    for bad, what in (({}, "no full expert tensor"),
-                      ({n: ref_params[n].detach()[:2] for n in expert_names}, "full tensor has shape")):
+    for bad, what in (
+        ({}, "no full expert tensor"),
+        ({n: ref_params[n].detach()[:2] for n in expert_names}, "full tensor has shape"),
+    ):
         try:
             load_expert_shards(model, bad)
             case.errors.append(f"load_expert_shards accepted a dict without {what!r}")
@@ -241,8 +253,9 @@ def main() -> None:
     for top_k in (1, 2):
         for capacity in (None, 1.0):
             for bias in (False, True):
-                cases[f"layer_k{top_k}_cap{capacity}_bias{bias}"] = (
-                    lambda k=top_k, c=capacity, b=bias: case_layer(k, c, b, group, rank))
+                cases[f"layer_k{top_k}_cap{capacity}_bias{bias}"] = lambda k=top_k, c=capacity, b=bias: case_layer(
+                    k, c, b, group, rank
+                )
             cases[f"model_k{top_k}_cap{capacity}"] = lambda k=top_k, c=capacity: case_model(k, c, group, rank)
     cases["zero_rows_on_rank1"] = lambda: case_zero_rows(0, group, rank)
     cases["zero_rows_on_rank0"] = lambda: case_zero_rows(3, group, rank)

@@ -38,8 +38,9 @@ NODES = ("n1", "n2")
 # falls back to 120). Credentials only need to outlive a step's launch, which takes well under a second here.
 CRED_EXPIRE_S = 5
 
-TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
-                             "DEADLINE", "OUT_OF_MEMORY"})
+TERMINAL_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY"}
+)
 
 
 @dataclass(frozen=True)
@@ -64,18 +65,24 @@ class SlurmCluster:
     ctld_port: int
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def run(self, args: Sequence[str], timeout: float = 60, check: bool = True,
-            cwd: Path | None = None, env_extra: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        args: Sequence[str],
+        timeout: float = 60,
+        check: bool = True,
+        cwd: Path | None = None,
+        env_extra: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess:
         """Run a command (e.g. ["srun", "-N2", "hostname"]) against this cluster; text output captured."""
         env = {**self.env, **(env_extra or {})}
         proc = subprocess.run(list(args), env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
-                               f"\n{self.log_tails()}")
+            raise RuntimeError(
+                f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}\n{self.log_tails()}"
+            )
         return proc
 
-    def sbatch(self, args: Sequence[str], cwd: Path | None = None,
-               env_extra: Mapping[str, str] | None = None) -> int:
+    def sbatch(self, args: Sequence[str], cwd: Path | None = None, env_extra: Mapping[str, str] | None = None) -> int:
         """Submit with `sbatch --parsable ARGS` from cwd (default: the cluster's dir); returns the job id. The job
         inherits the environment sbatch runs in (sbatch's default --export=ALL), env_extra included."""
         out = self.run(["sbatch", "--parsable", *args], cwd=cwd or self.root, env_extra=env_extra).stdout
@@ -172,8 +179,10 @@ def ensure_munge() -> None:
     deadline = time.monotonic() + 10
     while not _munge_works():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"munged does not work (munged rc={started.returncode}: {started.stderr.strip()}); "
-                               "see /var/log/munge/munged.log")
+            raise RuntimeError(
+                f"munged does not work (munged rc={started.returncode}: {started.stderr.strip()}); "
+                "see /var/log/munge/munged.log"
+            )
         time.sleep(0.2)
 
 
@@ -190,8 +199,10 @@ def _munge_works() -> bool:
 
 def write_conf(root: Path, ctld_port: int, node_ports: Sequence[int]) -> Path:
     host = socket.gethostname().split(".")[0]
-    nodes = "\n".join(f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs=1 State=UNKNOWN"
-                      for name, port in zip(NODES, node_ports))
+    nodes = "\n".join(
+        f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs=1 State=UNKNOWN"
+        for name, port in zip(NODES, node_ports)
+    )
     conf = root / "slurm.conf"
     # Why the less usual settings:
     #  - proctrack/linuxproc and task/none: jobs are tracked by pid, so no cgroup hierarchy has to be set up.
@@ -239,7 +250,7 @@ KillWait=2
 InactiveLimit=0
 MinJobAge=600
 {nodes}
-PartitionName=test Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
+PartitionName=test Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """)
     return conf
 
@@ -248,8 +259,9 @@ def _start(cmd: list[str], env: Mapping[str, str], stderr: Path) -> subprocess.P
     # -D keeps each daemon in the foreground as our child: we hold its pid and reap it, and its own session keeps a
     # Ctrl-C on pytest from reaching it before the teardown has cancelled the jobs.
     with stderr.open("w") as err:
-        return subprocess.Popen(cmd, env=dict(env), stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, env=dict(env), stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True
+        )
 
 
 def _node_states(cluster: SlurmCluster) -> dict[str, str]:
@@ -276,18 +288,19 @@ def start_cluster(root: Path, timeout: float = 60) -> SlurmCluster:
         (root / d).mkdir(exist_ok=True)
     # Without the caller's SLURM_*/SBATCH_*/SRUN_* variables: pytest run inside a job of a real cluster would
     # otherwise have srun create its steps in that job's id, here, and sbatch take that job's options.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SLURMD_", "SBATCH_", "SRUN_",
-                                                                        "SALLOC_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SLURMD_", "SBATCH_", "SRUN_", "SALLOC_"))
+    }
     env["SLURM_CONF"] = str(conf)
     logs = {"slurmctld": root / "slurmctld.log", **{n: root / f"slurmd-{n}.log" for n in NODES}}
     cluster = SlurmCluster(root=root, conf=conf, env=env, logs=logs, ctld_port=ctld_port)
     try:
         # -i: ignore any state in StateSaveLocation (a fresh dir anyway); -f: our config, for certain.
-        cluster.procs["slurmctld"] = _start(["slurmctld", "-D", "-i", "-f", str(conf)], env,
-                                            logs["slurmctld"].with_suffix(".stderr"))
+        cluster.procs["slurmctld"] = _start(
+            ["slurmctld", "-D", "-i", "-f", str(conf)], env, logs["slurmctld"].with_suffix(".stderr")
+        )
         for n in NODES:
-            cluster.procs[n] = _start(["slurmd", "-D", "-N", n, "-f", str(conf)], env,
-                                      logs[n].with_suffix(".stderr"))
+            cluster.procs[n] = _start(["slurmd", "-D", "-N", n, "-f", str(conf)], env, logs[n].with_suffix(".stderr"))
         deadline = time.monotonic() + timeout
         while True:
             dead = {name: p.returncode for name, p in cluster.procs.items() if p.poll() is not None}
@@ -298,8 +311,9 @@ def start_cluster(root: Path, timeout: float = 60) -> SlurmCluster:
                 return cluster
             if dead or time.monotonic() > deadline:
                 why = f"daemons exited {dead}" if dead else f"not idle after {timeout} s"
-                raise RuntimeError(f"SLURM cluster in {root} did not come up ({why}); sinfo: {states}\n"
-                                   f"{cluster.log_tails()}")
+                raise RuntimeError(
+                    f"SLURM cluster in {root} did not come up ({why}); sinfo: {states}\n{cluster.log_tails()}"
+                )
             time.sleep(0.1)
     except BaseException:
         stop_cluster(cluster)
@@ -342,8 +356,21 @@ def stop_cluster(cluster: SlurmCluster, timeout: float = 20) -> None:
 
 def skip_reason() -> str | None:
     """Why a real cluster cannot run here, or None."""
-    commands = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel", "munge", "unmunge",
-                "munged", "mungekey", "runuser")
+    commands = (
+        "slurmctld",
+        "slurmd",
+        "sbatch",
+        "srun",
+        "scontrol",
+        "sinfo",
+        "squeue",
+        "scancel",
+        "munge",
+        "unmunge",
+        "munged",
+        "mungekey",
+        "runuser",
+    )
     missing = [c for c in commands if shutil.which(c) is None]
     if missing:
         return f"SLURM not installed (missing {', '.join(missing)}; scripts/install_system_data.sh installs it)"

@@ -3,8 +3,8 @@
 For every row of CASES: a non-zero exit, one line `[prog: ]error: ...` naming the field and the value (the row's
 needles) and a way out, no traceback, and the sandbox - a finished run with checkpoints, a tokenizer, shards, the
 user's own files - byte for byte as it was. Each row runs as a subprocess in a copy of the sandbox of its own, a
-few at a time, once per module; each test checks one row. The checks a row needs beyond that (the resume refusals, which need a real trained run) live
-in tests/test_resume_safety.py.
+few at a time, once per module; each test checks one row. The checks a row needs beyond that (the resume refusals,
+which need a real trained run) live in tests/test_resume_safety.py.
 """
 
 from __future__ import annotations
@@ -44,8 +44,18 @@ def llm(*args: str) -> list[str]:
 
 
 def vision(*args: str) -> list[str]:
-    return [PY, "-m", "vision.train", "--config", "fashion_mnist_tiny", "--data_dir", "{S}/images", "--output_dir",
-            "{S}/vrun", *args]
+    return [
+        PY,
+        "-m",
+        "vision.train",
+        "--config",
+        "fashion_mnist_tiny",
+        "--data_dir",
+        "{S}/images",
+        "--output_dir",
+        "{S}/vrun",
+        *args,
+    ]
 
 
 CASES = [
@@ -70,53 +80,159 @@ CASES = [
     Case("model-unknown", llm("--model", "llama-7b"), ("model='llama-7b'", "llama-1b")),
     Case("seq-len-over-positions", llm("--seq_len", "2048"), ("seq_len=2048", "max_position_embeddings")),
     Case("expert-parallel-on-dense", llm("--expert_parallel_size", "2"), ("expert_parallel_size=2", "parameternet")),
-    Case("override-key-typo", llm("--model", "parameternet-llama-tiny", "--model_overrides", '{"num_expertz": 4}'),
-         ("num_expertz", "did you mean 'num_experts'")),
-    Case("override-moe-key-on-dense", llm("--model_overrides", '{"num_experts": 4}'),
-         ("num_experts", "llama-tiny", "parameternet-llama-*")),
-    Case("override-top-k-too-big", llm("--model", "parameternet-llama-tiny", "--model_overrides", '{"top_k": 9}'),
-         ("top_k=9", "num_experts=8")),
+    Case(
+        "override-key-typo",
+        llm("--model", "parameternet-llama-tiny", "--model_overrides", '{"num_expertz": 4}'),
+        ("num_expertz", "did you mean 'num_experts'"),
+    ),
+    Case(
+        "override-moe-key-on-dense",
+        llm("--model_overrides", '{"num_experts": 4}'),
+        ("num_experts", "llama-tiny", "parameternet-llama-*"),
+    ),
+    Case(
+        "override-top-k-too-big",
+        llm("--model", "parameternet-llama-tiny", "--model_overrides", '{"top_k": 9}'),
+        ("top_k=9", "num_experts=8"),
+    ),
     # --- outputs: nothing of a run, nor anything we did not write, is ever replaced
     Case("export-into-the-run", [PY, "-m", "llm.export", "{RUN}", "{RUN}"], ("OUT_DIR", "checkpoints", "outside")),
-    Case("export-into-the-runs-parent", [PY, "-m", "llm.export", "{RUN}", "{RUN}/..", "--overwrite"],
-         ("OUT_DIR", "checkpoints", "outside")),
-    Case("export-over-user-files", [PY, "-m", "llm.export", "{RUN}", "{S}/mine", "--overwrite"],
-         ("OUT_DIR", "mine", "notes.txt", "new path")),
+    Case(
+        "export-into-the-runs-parent",
+        [PY, "-m", "llm.export", "{RUN}", "{RUN}/..", "--overwrite"],
+        ("OUT_DIR", "checkpoints", "outside"),
+    ),
+    Case(
+        "export-over-user-files",
+        [PY, "-m", "llm.export", "{RUN}", "{S}/mine", "--overwrite"],
+        ("OUT_DIR", "mine", "notes.txt", "new path"),
+    ),
     Case("export-onto-a-file", [PY, "-m", "llm.export", "{RUN}", "{S}/notes.txt"], ("OUT_DIR", "notes.txt", "file")),
-    Case("tokenizer-over-user-files", [PY, "-m", "llm.data.tokenizer", "train", "--input", "{S}/play.txt",
-                                       "--vocab-size", "400", "--out", "{S}/mine", "--overwrite"],
-         ("--out", "mine", "notes.txt")),
-    Case("tokenizer-into-a-run", [PY, "-m", "llm.data.tokenizer", "train", "--input", "{S}/play.txt",
-                                  "--vocab-size", "400", "--out", "{RUN}"], ("--out", "checkpoints")),
-    Case("tokenizer-vocab-too-small", [PY, "-m", "llm.data.tokenizer", "train", "--input", "{S}/play.txt",
-                                       "--vocab-size", "200", "--out", "{S}/tok-new"], ("vocab_size=200", "use a few thousand")),
-    Case("prepare-input-missing", [PY, "-m", "llm.data.prepare", "--input", "{S}/none/*.jsonl", "--tokenizer",
-                                   "{S}/tok", "--output-prefix", "{S}/new/sub/x"], ("--input", "none/*.jsonl")),
-    Case("prepare-over-user-file", [PY, "-m", "llm.data.prepare", "--input", "{S}/docs.jsonl", "--tokenizer",
-                                    "{S}/tok", "--output-prefix", "{S}/user", "--overwrite"],
-         ("--output-prefix", "user.json")),
-    Case("zero-shot-output-is-a-file", [PY, "-m", "evals.zero_shot", "--model", "{RUN}", "--offline",
-                                        "--output_dir", "{S}/notes.txt"], ("--output_dir", "notes.txt", "directory")),
-    Case("compare-over-user-files", [PY, "-m", "evals.compare", "{RUN}", "{RUN}", "--out", "{S}/mine"],
-         ("--out", "mine", "notes.txt")),
-    Case("routing-plot-over-user-file", [PY, "-m", "evals.plot_routing", "{S}/moe-run", "--out", "{S}/user.png"],
-         ("--out", "user.png")),
+    Case(
+        "tokenizer-over-user-files",
+        [
+            PY,
+            "-m",
+            "llm.data.tokenizer",
+            "train",
+            "--input",
+            "{S}/play.txt",
+            "--vocab-size",
+            "400",
+            "--out",
+            "{S}/mine",
+            "--overwrite",
+        ],
+        ("--out", "mine", "notes.txt"),
+    ),
+    Case(
+        "tokenizer-into-a-run",
+        [PY, "-m", "llm.data.tokenizer", "train", "--input", "{S}/play.txt", "--vocab-size", "400", "--out", "{RUN}"],
+        ("--out", "checkpoints"),
+    ),
+    Case(
+        "tokenizer-vocab-too-small",
+        [
+            PY,
+            "-m",
+            "llm.data.tokenizer",
+            "train",
+            "--input",
+            "{S}/play.txt",
+            "--vocab-size",
+            "200",
+            "--out",
+            "{S}/tok-new",
+        ],
+        ("vocab_size=200", "use a few thousand"),
+    ),
+    Case(
+        "prepare-input-missing",
+        [
+            PY,
+            "-m",
+            "llm.data.prepare",
+            "--input",
+            "{S}/none/*.jsonl",
+            "--tokenizer",
+            "{S}/tok",
+            "--output-prefix",
+            "{S}/new/sub/x",
+        ],
+        ("--input", "none/*.jsonl"),
+    ),
+    Case(
+        "prepare-over-user-file",
+        [
+            PY,
+            "-m",
+            "llm.data.prepare",
+            "--input",
+            "{S}/docs.jsonl",
+            "--tokenizer",
+            "{S}/tok",
+            "--output-prefix",
+            "{S}/user",
+            "--overwrite",
+        ],
+        ("--output-prefix", "user.json"),
+    ),
+    Case(
+        "zero-shot-output-is-a-file",
+        [PY, "-m", "evals.zero_shot", "--model", "{RUN}", "--offline", "--output_dir", "{S}/notes.txt"],
+        ("--output_dir", "notes.txt", "directory"),
+    ),
+    Case(
+        "compare-over-user-files",
+        [PY, "-m", "evals.compare", "{RUN}", "{RUN}", "--out", "{S}/mine"],
+        ("--out", "mine", "notes.txt"),
+    ),
+    Case(
+        "routing-plot-over-user-file",
+        [PY, "-m", "evals.plot_routing", "{S}/moe-run", "--out", "{S}/user.png"],
+        ("--out", "user.png"),
+    ),
     # --- the vision trainer's config
     Case("vision-lr-nan", vision("--lr", "nan"), ("lr=nan", "e.g.")),
     Case("vision-adam-beta2-one", vision("--adam_beta2", "1.0"), ("adam_beta2=1.0", "[0, 1)")),
     Case("vision-old-flag", vision("--max-steps", "2"), ("max-steps", "renamed: use train_iters")),
     Case("vision-scale-not-numbers", vision("--scale", "0.5", "big"), ("--scale", "0.5 big", "a list of numbers")),
     Case("vision-interpolation-unknown", vision("--interpolation", "random"), ("interpolation='random'", "bicubic")),
-    Case("vision-output-is-a-file", [PY, "-m", "vision.train", "--config", "fashion_mnist_tiny", "--data_dir",
-                                     "{S}/images", "--output_dir", "{S}/notes.txt"], ("output_dir", "notes.txt")),
+    Case(
+        "vision-output-is-a-file",
+        [
+            PY,
+            "-m",
+            "vision.train",
+            "--config",
+            "fashion_mnist_tiny",
+            "--data_dir",
+            "{S}/images",
+            "--output_dir",
+            "{S}/notes.txt",
+        ],
+        ("output_dir", "notes.txt"),
+    ),
     # --- the launch script's own inputs
     Case("launcher-model-unknown", ["bash", "launch/pretrain_llama.sh", "gpt2"], ("first argument", "gpt2")),
-    Case("launcher-nproc-not-a-number", ["bash", "launch/pretrain_llama.sh"], ("NPROC=two", "positive integer"),
-         env=(("NPROC", "two"),)),
-    Case("launcher-node-rank-missing", ["bash", "launch/pretrain_llama.sh"], ("NODE_RANK", "NNODES=2"),
-         env=(("NNODES", "2"), ("NPROC", "1"))),
-    Case("launcher-hostfile-missing", ["bash", "launch/pretrain_llama.sh"], ("HOSTFILE", "no-hosts"),
-         env=(("HOSTFILE", "{S}/no-hosts"), ("NPROC", "1"))),
+    Case(
+        "launcher-nproc-not-a-number",
+        ["bash", "launch/pretrain_llama.sh"],
+        ("NPROC=two", "positive integer"),
+        env=(("NPROC", "two"),),
+    ),
+    Case(
+        "launcher-node-rank-missing",
+        ["bash", "launch/pretrain_llama.sh"],
+        ("NODE_RANK", "NNODES=2"),
+        env=(("NNODES", "2"), ("NPROC", "1")),
+    ),
+    Case(
+        "launcher-hostfile-missing",
+        ["bash", "launch/pretrain_llama.sh"],
+        ("HOSTFILE", "no-hosts"),
+        env=(("HOSTFILE", "{S}/no-hosts"), ("NPROC", "1")),
+    ),
 ]
 
 
@@ -167,8 +283,9 @@ def outcomes(sandbox: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
             env.pop(name, None)
         env.update({k: _fill(v, root) for k, v in case.env})
         before = tree(root)
-        result = subprocess.run([_fill(a, root) for a in case.argv], cwd=REPO, env=env, capture_output=True,
-                                text=True, timeout=600)
+        result = subprocess.run(
+            [_fill(a, root) for a in case.argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        )
         return Outcome(root, result, before, tree(root))
 
     with ThreadPoolExecutor(max_workers=3) as pool:
@@ -180,8 +297,7 @@ def test_the_table_is_long_enough() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_refused_with_one_clear_line_and_nothing_changes(case: Case, outcomes: dict[str, Outcome]
-                                                                     ) -> None:
+def test_bad_input_is_refused_with_one_clear_line_and_nothing_changes(case: Case, outcomes: dict[str, Outcome]) -> None:
     outcome = outcomes[case.id]
     result = outcome.result
     shown = f"{case.argv}\nexit {result.returncode}\nstdout:\n{result.stdout[-1500:]}\nstderr:\n{result.stderr[-3000:]}"

@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _run(script: str, *args: str, timeout: float = 300) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -110,16 +111,31 @@ print(json.dumps(out))
 def test_wrappers_reduce_over_two_gloo_ranks():
     port = str(free_port())
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", TWO_RANK_SCRIPT, str(r), port], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", TWO_RANK_SCRIPT, str(r), port],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outs = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr[-4000:]
         outs.append(json.loads(stdout.strip().splitlines()[-1]))
     for out in outs:
-        assert out == {"sum": [3.0, 10.0], "max": [1.0], "any_rank": True, "all_ranks": False, "all_ok": True,
-                       "gather": [[0], [1]]}
+        assert out == {
+            "sum": [3.0, 10.0],
+            "max": [1.0],
+            "any_rank": True,
+            "all_ranks": False,
+            "all_ok": True,
+            "gather": [[0], [1]],
+        }
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: moves CPU tensors to cuda for the collective")
@@ -134,25 +150,55 @@ def test_cpu_tensors_travel_to_cuda_and_back_on_a_cuda_only_group():
 # purpose: barrier (it carries no tensor of ours; NCCL's barrier allocates its own on the rank's device) and the
 # *_object collectives (torch picks their device itself: _get_object_coll_device).
 COLLECTIVES = {
-    "all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor", "all_gather_coalesced",
-    "_all_gather_base", "broadcast", "reduce", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base",
-    "all_to_all", "all_to_all_single", "gather", "scatter", "send", "recv", "isend", "irecv", "batch_isend_irecv",
+    "all_reduce",
+    "all_reduce_coalesced",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_coalesced",
+    "_all_gather_base",
+    "broadcast",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "all_to_all",
+    "all_to_all_single",
+    "gather",
+    "scatter",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
 }
-COLLECTIVE_MODULES = ("torch.distributed", "torch.distributed.nn", "torch.distributed.nn.functional",
-                      "torch.distributed._functional_collectives", "deepspeed.comm")
+COLLECTIVE_MODULES = (
+    "torch.distributed",
+    "torch.distributed.nn",
+    "torch.distributed.nn.functional",
+    "torch.distributed._functional_collectives",
+    "deepspeed.comm",
+)
 RULE_MODULE = "runtime/collectives.py"
 SCANNED = ("runtime", "llm", "vision", "evals")
 
 # (file, enclosing function, collective) -> why it may call torch.distributed directly.
-DISPATCH_REASON = ("the model's own tensors (routing counts, token rows and their gradients) on the device the engine "
-                   "put the model on, which the group serves; the exchange needs the autograd-aware "
-                   "torch.distributed.nn all-to-all, which the wrappers do not offer")
+DISPATCH_REASON = (
+    "the model's own tensors (routing counts, token rows and their gradients) on the device the engine "
+    "put the model on, which the group serves; the exchange needs the autograd-aware "
+    "torch.distributed.nn all-to-all, which the wrappers do not offer"
+)
 ALLOWED = {
     ("llm/parallel/experts.py", "AllToAllExperts.dispatch", "torch.distributed.all_to_all_single"): DISPATCH_REASON,
-    ("llm/parallel/experts.py", "AllToAllExperts.dispatch", "torch.distributed.nn.functional.all_to_all_single"):
-        DISPATCH_REASON,
-    ("llm/parallel/experts.py", "AllToAllExperts.combine", "torch.distributed.nn.functional.all_to_all_single"):
-        DISPATCH_REASON,
+    (
+        "llm/parallel/experts.py",
+        "AllToAllExperts.dispatch",
+        "torch.distributed.nn.functional.all_to_all_single",
+    ): DISPATCH_REASON,
+    (
+        "llm/parallel/experts.py",
+        "AllToAllExperts.combine",
+        "torch.distributed.nn.functional.all_to_all_single",
+    ): DISPATCH_REASON,
 }
 
 
@@ -223,8 +269,12 @@ def test_the_scanner_sees_every_import_style():
     )
     found = _CollectiveCalls(ast.parse(source)).found
     assert [name for _, name, _ in found] == [
-        "torch.distributed.all_reduce", "torch.distributed.broadcast", "torch.distributed.all_reduce",
-        "torch.distributed.all_gather", "torch.distributed.nn.functional.all_to_all_single"]
+        "torch.distributed.all_reduce",
+        "torch.distributed.broadcast",
+        "torch.distributed.all_reduce",
+        "torch.distributed.all_gather",
+        "torch.distributed.nn.functional.all_to_all_single",
+    ]
     assert {scope for scope, _, _ in found} == {"f"}
 
 
@@ -241,8 +291,10 @@ def test_every_collective_goes_through_the_collectives_module():
                 used.add(key)
             else:
                 offending.append(f"{rel}:{line} {scope or '<module>'} calls {name}")
-    assert not offending, ("collectives outside runtime/collectives.py (under NCCL a CPU tensor there raises; "
-                           "use its wrappers, which put tensors on the group's device):\n" + "\n".join(offending))
+    assert not offending, (
+        "collectives outside runtime/collectives.py (under NCCL a CPU tensor there raises; "
+        "use its wrappers, which put tensors on the group's device):\n" + "\n".join(offending)
+    )
     assert used == set(ALLOWED), f"stale allow-list entries: {sorted(set(ALLOWED) - used)}"
 
 
@@ -274,7 +326,8 @@ from llm.train.trainer import Trainer
 overrides = ["--seq_len", "32", "--micro_batch_size", "2", "--global_batch_size", "6", "--warmup_iters", "0",
              "--progress_bar", "false", "--export", "false", "--train_iters", "4", "--log_interval", "1",
              "--model", "parameternet-llama-tiny", "--output_dir", sys.argv[1], "--model_overrides",
-             '{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4}']
+             '{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, '
+             '"num_key_value_heads": 4}']
 trainer = Trainer(load_config("tiny", cli_overrides=overrides))
 batches = trainer._batches()
 per_step = []

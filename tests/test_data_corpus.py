@@ -60,9 +60,17 @@ def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     script.write_text(RANK_SCRIPT)
     result_file = work / "result.json"
     env = dict(os.environ, PNET_DATA_DIR=str(data_dir), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(script), str(result_file)] + [str(v) for v in (SEQ_LEN, MICRO, CONSUMED,
-                                                                                     STEPS, SEED)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(script),
+        str(result_file),
+    ] + [str(v) for v in (SEQ_LEN, MICRO, CONSUMED, STEPS, SEED)]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return data_dir, json.loads(result_file.read_text())
@@ -83,8 +91,15 @@ def test_two_ranks_get_disjoint_slices_of_each_global_batch(two_rank_run) -> Non
         np.testing.assert_array_equal(rank1[step], global_batch[MICRO:])
     # One build happened (under the lock): one tokenizer, one shard, no leftovers of a second attempt.
     names = sorted(p.name for p in (data_dir / "shakespeare").iterdir())
-    assert names == [".build.lock", "index_cache", "manifest-8000.json", "shakespeare-8000.bin",
-                     "shakespeare-8000.idx", "shakespeare-8000.json", "tokenizer-8000"]
+    assert names == [
+        ".build.lock",
+        "index_cache",
+        "manifest-8000.json",
+        "shakespeare-8000.bin",
+        "shakespeare-8000.idx",
+        "shakespeare-8000.json",
+        "tokenizer-8000",
+    ]
 
 
 def test_default_corpus_contents_and_held_out_plays(two_rank_run, monkeypatch) -> None:

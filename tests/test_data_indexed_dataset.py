@@ -24,8 +24,15 @@ def read_idx_from_spec(path: Path) -> dict:
     pos += 8 * num_seq
     doc_index = list(struct.unpack(f"<{num_doc}q", raw[pos : pos + 8 * num_doc]))
     pos += 8 * num_doc
-    return dict(magic=magic, version=version, code=code, sizes=sizes, pointers=pointers, doc_index=doc_index,
-                trailing=len(raw) - pos)
+    return dict(
+        magic=magic,
+        version=version,
+        code=code,
+        sizes=sizes,
+        pointers=pointers,
+        doc_index=doc_index,
+        trailing=len(raw) - pos,
+    )
 
 
 def random_docs(rng: np.random.Generator, count: int, high: int) -> list[np.ndarray]:
@@ -185,6 +192,7 @@ def test_megatron_core_reads_ours_and_we_read_theirs(tmp_path: Path) -> None:
     plain import, so a missing install fails here instead of skipping."""
     import megatron.core.datasets.indexed_dataset as megatron
     import torch
+
     docs = random_docs(np.random.default_rng(2), 12, 60000)
     with IndexedDatasetBuilder(tmp_path / "ours", dtype=np.uint16) as builder:
         for doc in docs:

@@ -45,8 +45,13 @@ def test_jsonl_two_processes_token_exact(tmp_path: Path, tokenizer_dir: Path, sp
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records[:20]) + "\n")
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in records[20:]) + "\n")
 
-    stats = prepare_corpus_with_stats([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], tokenizer_dir,
-                                      tmp_path / "out" / "corpus", num_proc=2, show_progress=False)
+    stats = prepare_corpus_with_stats(
+        [tmp_path / "a.jsonl", tmp_path / "b.jsonl"],
+        tokenizer_dir,
+        tmp_path / "out" / "corpus",
+        num_proc=2,
+        show_progress=False,
+    )
     kept = [r["text"] for r in records if r["text"].strip()]
     assert (stats.documents, stats.skipped_empty, stats.dtype, stats.vocab_size) == (len(kept), 1, "uint16", 800)
     shard = IndexedDataset(tmp_path / "out" / "corpus")
@@ -63,28 +68,42 @@ def test_text_files_parquet_and_options(tmp_path: Path, tokenizer_dir: Path, sp)
     docs = _documents(6)
     for i, doc in enumerate(docs[:3]):
         (tmp_path / f"t{i}.txt").write_text(doc)
-    prefix = prepare_corpus([str(tmp_path / "t*.txt")], tokenizer_dir, tmp_path / "txt", num_proc=1,
-                            show_progress=False)  # a quoted glob is expanded; one document per file
+    prefix = prepare_corpus(
+        [str(tmp_path / "t*.txt")], tokenizer_dir, tmp_path / "txt", num_proc=1, show_progress=False
+    )  # a quoted glob is expanded; one document per file
     shard = IndexedDataset(prefix)
     assert [s.tolist() for s in (shard[i] for i in range(3))] == [[1] + sp.encode(d) + [2] for d in docs[:3]]
 
-    paragraphs = prepare_corpus([tmp_path / "t0.txt"], tokenizer_dir, tmp_path / "para", text_unit="paragraph",
-                                prepend_bos=False, show_progress=False)
+    paragraphs = prepare_corpus(
+        [tmp_path / "t0.txt"],
+        tokenizer_dir,
+        tmp_path / "para",
+        text_unit="paragraph",
+        prepend_bos=False,
+        show_progress=False,
+    )
     expected = [p for p in docs[0].split("\n\n") if p.strip()]
     shard = IndexedDataset(paragraphs)
     assert len(shard) == len(expected)
     assert shard[0].tolist()[-1] == 2 and shard[0].tolist()[0] != 1
 
     pq.write_table(pa.table({"content": docs, "n": list(range(6))}), tmp_path / "d.parquet")
-    shard = IndexedDataset(prepare_corpus([tmp_path / "d.parquet"], tokenizer_dir, tmp_path / "pq",
-                                          text_key="content", append_eos=False, show_progress=False))
+    shard = IndexedDataset(
+        prepare_corpus(
+            [tmp_path / "d.parquet"],
+            tokenizer_dir,
+            tmp_path / "pq",
+            text_key="content",
+            append_eos=False,
+            show_progress=False,
+        )
+    )
     assert [shard[i].tolist() for i in range(6)] == [[1] + sp.encode(d) for d in docs]
 
 
 def test_interrupted_run_leaves_no_half_shard(tmp_path: Path, tokenizer_dir: Path, monkeypatch) -> None:
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in _documents(30)) + "\n")
-    old = prepare_corpus([tmp_path / "c.jsonl"], tokenizer_dir, tmp_path / "out" / "c", num_proc=1,
-                         show_progress=False)
+    old = prepare_corpus([tmp_path / "c.jsonl"], tokenizer_dir, tmp_path / "out" / "c", num_proc=1, show_progress=False)
     old_bytes = (Path(f"{old}.bin").read_bytes(), Path(f"{old}.idx").read_bytes())
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in _documents(40)) + "\n")
 
@@ -100,8 +119,14 @@ def test_interrupted_run_leaves_no_half_shard(tmp_path: Path, tokenizer_dir: Pat
     monkeypatch.setattr(prepare_module.IndexedDatasetBuilder, "add_documents", crash_after_first_batch)
     monkeypatch.setattr(prepare_module, "_WRITE_BATCH", 8)
     with pytest.raises(KeyboardInterrupt):
-        prepare_corpus([tmp_path / "c.jsonl"], tokenizer_dir, tmp_path / "out" / "c", num_proc=1,
-                       show_progress=False, overwrite=True)
+        prepare_corpus(
+            [tmp_path / "c.jsonl"],
+            tokenizer_dir,
+            tmp_path / "out" / "c",
+            num_proc=1,
+            show_progress=False,
+            overwrite=True,
+        )
     assert calls["n"] == 2
     # The previous complete shard is untouched and nothing else (no temp file, no scratch dir) remains.
     assert (Path(f"{old}.bin").read_bytes(), Path(f"{old}.idx").read_bytes()) == old_bytes
@@ -131,12 +156,22 @@ def test_cli(tmp_path: Path, tokenizer_dir: Path, sp) -> None:
     docs = _documents(10)
     (tmp_path / "my.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs) + "\n")
     run = [sys.executable, "-m", "llm.data.prepare", "--tokenizer", str(tokenizer_dir), "--num-proc", "2"]
-    ok = subprocess.run(run + ["--input", str(tmp_path / "*.jsonl"), "--output-prefix", str(tmp_path / "o" / "my")],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(
+        run + ["--input", str(tmp_path / "*.jsonl"), "--output-prefix", str(tmp_path / "o" / "my")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr[-3000:]
     stats = json.loads(ok.stdout.strip().splitlines()[-1])
     assert stats["documents"] == 10 and stats["prefix"] == str(tmp_path / "o" / "my")
     assert IndexedDataset(tmp_path / "o" / "my")[9].tolist() == [1] + sp.encode(docs[9]) + [2]
-    bad = subprocess.run(run + ["--input", str(tmp_path / "nope.jsonl"), "--output-prefix", str(tmp_path / "p")],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        run + ["--input", str(tmp_path / "nope.jsonl"), "--output-prefix", str(tmp_path / "p")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "nope.jsonl" in bad.stderr and "Traceback" not in bad.stderr

@@ -82,10 +82,16 @@ texts = {SAMPLES!r}
 print(json.dumps({{"same": all(tok(t, add_special_tokens=False).input_ids == sp.encode(t) for t in texts),
                   "len": len(tok), "cls": type(tok).__name__}}))
 """
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               HF_HOME=str(tmp_path / "empty_hf_home"))
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HOME=str(tmp_path / "empty_hf_home"),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert json.loads(lines[0]) == {"tokenizer_dir": str(out), "vocab_size": 700}

@@ -25,9 +25,18 @@ from transformers.utils import logging as hf_logging
 from llm.model import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
-            pad_token_id=0)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 
 class _Collect(logging.Handler):
@@ -57,8 +66,11 @@ def deprecations() -> Iterator[list[str]]:
     finally:
         logger.removeHandler(handler)
         hf_logging.set_verbosity(verbosity)
-    found += [f"{w.category.__name__} {w.filename}:{w.lineno}: {w.message}" for w in caught
-              if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    found += [
+        f"{w.category.__name__} {w.filename}:{w.lineno}: {w.message}"
+        for w in caught
+        if issubclass(w.category, (DeprecationWarning, FutureWarning))
+    ]
     found += [f"transformers log: {m}" for m in handler.messages if "deprecat" in m.lower()]
 
 
@@ -75,8 +87,7 @@ def _exercise(model: torch.nn.Module, reload_dir: Path | None) -> None:
         model.save_pretrained(reload_dir)
         loaded = AutoModelForCausalLM.from_pretrained(reload_dir, trust_remote_code=True)
         with torch.no_grad():
-            loaded.generate(ids[:, :4], attention_mask=torch.ones_like(ids[:, :4]), max_new_tokens=3,
-                            do_sample=False)
+            loaded.generate(ids[:, :4], attention_mask=torch.ones_like(ids[:, :4]), max_new_tokens=3, do_sample=False)
 
 
 @pytest.mark.parametrize("kind", ["llama", "parameternet"])
@@ -96,9 +107,23 @@ def _run_pytest_on(test_source: str, tmp_path: Path) -> subprocess.CompletedProc
     test_file.write_text(textwrap.dedent(test_source))
     # The project's pyproject.toml is the configuration; the sandbox test lies outside tests/ (no conftest).
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(REPO / "pyproject.toml"),
-         "--rootdir", str(tmp_path), str(test_file)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-c",
+            str(REPO / "pyproject.toml"),
+            "--rootdir",
+            str(tmp_path),
+            str(test_file),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -106,7 +131,7 @@ def test_the_warning_filters_fail_a_test_only_for_a_warning_that_names_our_modul
     """The module a warning names is the `__name__` of the frame it is attributed to: code run with our module
     names stands in for our modules (and a third party's for theirs)."""
     proc = _run_pytest_on(
-        '''
+        """
         import warnings
 
         import pytest
@@ -118,11 +143,10 @@ def test_the_warning_filters_fail_a_test_only_for_a_warning_that_names_our_modul
         @pytest.mark.parametrize("category", [DeprecationWarning, FutureWarning])
         def test_warn(module, category):
             exec(compile(CODE, "<ours or theirs>", "exec"), {"__name__": module, "CATEGORY": category})
-        ''',
+        """,
         tmp_path,
     )
-    failed = sorted(line.split("::")[1].split(" ")[0] for line in proc.stdout.splitlines()
-                    if line.startswith("FAILED"))
+    failed = sorted(line.split("::")[1].split(" ")[0] for line in proc.stdout.splitlines() if line.startswith("FAILED"))
     ours = ["llm.train.trainer", "runtime", "vision.models.x", "evals.compare"]
     assert failed == sorted(f"test_warn[{c}-{m}]" for c in ("DeprecationWarning", "FutureWarning") for m in ours), (
         proc.stdout + proc.stderr

@@ -52,11 +52,36 @@ def test_compare_sh_end_to_end_and_checkpoint_export(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     env = {**ENV, "MASTER_PORT": str(free_port()), "NPROC": "1"}
     proc = _run(
-        "bash", "launch/compare.sh", "--out", str(out), "--seeds", "2", "--offline", "--tasks", "arc_easy,piqa",
-        "--limit", "3", "--", "--train_iters", "2", "--seq_len", "64", "--micro_batch_size", "2",
-        "--global_batch_size", "2", "--eval_interval", "1", "--eval_iters", "1", "--log_interval", "1",
-        "--progress_bar", "false",
-        timeout=1500, env=env,
+        "bash",
+        "launch/compare.sh",
+        "--out",
+        str(out),
+        "--seeds",
+        "2",
+        "--offline",
+        "--tasks",
+        "arc_easy,piqa",
+        "--limit",
+        "3",
+        "--",
+        "--train_iters",
+        "2",
+        "--seq_len",
+        "64",
+        "--micro_batch_size",
+        "2",
+        "--global_batch_size",
+        "2",
+        "--eval_interval",
+        "1",
+        "--eval_iters",
+        "1",
+        "--log_interval",
+        "1",
+        "--progress_bar",
+        "false",
+        timeout=1500,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| Δ parameternet − llama |" in proc.stdout
@@ -68,11 +93,14 @@ def test_compare_sh_end_to_end_and_checkpoint_export(tmp_path: Path) -> None:
         assert group["final_val_loss"]["n"] == 2
     # identical data order and budget: the same seed gives both models the same tokens
     for s in (1234, 1235):
-        a, b = (yaml.safe_load((out / name / f"seed{s}" / "config.yaml").read_text())
-                for name in ("llama", "parameternet"))
+        a, b = (
+            yaml.safe_load((out / name / f"seed{s}" / "config.yaml").read_text()) for name in ("llama", "parameternet")
+        )
         assert (a.pop("model"), b.pop("model")) == ("llama-tiny", "parameternet-llama-tiny")
-        assert (a.pop("output_dir"), b.pop("output_dir")) == (str(out / "llama" / f"seed{s}"),
-                                                              str(out / "parameternet" / f"seed{s}"))
+        assert (a.pop("output_dir"), b.pop("output_dir")) == (
+            str(out / "llama" / f"seed{s}"),
+            str(out / "parameternet" / f"seed{s}"),
+        )
         assert a == b and a["seed"] == s
     for png in ("accuracy.png", "loss.png"):
         assert (out / "compare" / png).stat().st_size > 10_000

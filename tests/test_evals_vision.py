@@ -24,9 +24,22 @@ IMAGES = 400  # validation images
 STEPS_PER_EPOCH = 10
 
 
-def write_vision_run(run: Path, model: str, seed: int, top1: float, top5: float, *, macs: int = 5_000_000,
-                     params: int = 1_000_000, experts: int | None = None, epochs: int = 2, ema: bool = False,
-                     num_classes: int = 10, images: int = IMAGES, offset: float = 0.0) -> Path:
+def write_vision_run(
+    run: Path,
+    model: str,
+    seed: int,
+    top1: float,
+    top5: float,
+    *,
+    macs: int = 5_000_000,
+    params: int = 1_000_000,
+    experts: int | None = None,
+    epochs: int = 2,
+    ema: bool = False,
+    num_classes: int = 10,
+    images: int = IMAGES,
+    offset: float = 0.0,
+) -> Path:
     """A finished vision.train run: train records every 5 steps, a validation at the end of every epoch."""
     iterations = epochs * STEPS_PER_EPOCH
     write_config(run, {"model": model, "seed": seed, "epochs": epochs, "img_size": 32})
@@ -35,13 +48,21 @@ def write_vision_run(run: Path, model: str, seed: int, top1: float, top5: float,
     for it in range(5, iterations + 1, 5):
         epoch = (it - 1) // STEPS_PER_EPOCH
         loss = 2.3 - 0.05 * it + offset
-        logger.log({"kind": "train", "iteration": it, "epoch": epoch, "loss": loss, "lr": 1e-3,
-                    "images_per_s": 100.0 * it})
+        logger.log(
+            {"kind": "train", "iteration": it, "epoch": epoch, "loss": loss, "lr": 1e-3, "images_per_s": 100.0 * it}
+        )
         if it % STEPS_PER_EPOCH == 0:
             last = it == iterations
             val_loss = 2.0 - 0.04 * it + offset
-            record = {"kind": "valid", "iteration": it, "epoch": epoch + 1, "val_loss": val_loss,
-                      "top1": top1 if last else top1 / 2, "top5": top5 if last else top5 / 2, "images": images}
+            record = {
+                "kind": "valid",
+                "iteration": it,
+                "epoch": epoch + 1,
+                "val_loss": val_loss,
+                "top1": top1 if last else top1 / 2,
+                "top5": top5 if last else top5 / 2,
+                "images": images,
+            }
             if ema:
                 record.update(ema_top1=top1 + 1 if last else top1, ema_top5=top5 if last else top5 / 2)
             logger.log(record)
@@ -64,9 +85,21 @@ def write_llm_run(run: Path) -> Path:
     logger.log({"kind": "train", "iteration": 1, "tokens": 64, "lm_loss": 9.0})
     logger.log({"kind": "valid", "iteration": 1, "tokens": 64, "val_loss": 9.1, "val_ppl": math.exp(9.1)})
     logger.close()
-    write_summary(run, {"task": "llm", "model": "llama-tiny", "total_params": 1000, "iterations": 1, "seed": 1,
-                        "world_size": 1, "final_val_loss": 9.1, "active_params": 1000, "flops_per_token": 6000,
-                        "tokens": 64})
+    write_summary(
+        run,
+        {
+            "task": "llm",
+            "model": "llama-tiny",
+            "total_params": 1000,
+            "iterations": 1,
+            "seed": 1,
+            "world_size": 1,
+            "final_val_loss": 9.1,
+            "active_params": 1000,
+            "flops_per_token": 6000,
+            "tokens": 64,
+        },
+    )
     return run
 
 
@@ -82,22 +115,39 @@ def _summary(run: Path) -> dict[str, Any]:
 
 def test_two_single_seed_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     static = write_vision_run(tmp_path / "ghostnet_tiny", "ghostnet_tiny", 0, 70.25, 95.5)
-    dynamic = write_vision_run(tmp_path / "parameternet_tiny", "parameternet_tiny", 0, 74.0, 97.25,
-                               macs=5_100_000, params=2_600_000, experts=4, offset=-0.1)
+    dynamic = write_vision_run(
+        tmp_path / "parameternet_tiny",
+        "parameternet_tiny",
+        0,
+        74.0,
+        97.25,
+        macs=5_100_000,
+        params=2_600_000,
+        experts=4,
+        offset=-0.1,
+    )
     out = tmp_path / "compare"
     assert main([str(static), str(dynamic), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == [
-        "accuracy.png", "loss.png", "parameternet_compare.json", "report.md", "results.json"]
+        "accuracy.png",
+        "loss.png",
+        "parameternet_compare.json",
+        "report.md",
+        "results.json",
+    ]
     data = json.loads((out / "results.json").read_text())
     assert data["task"] == "vision" and data["baseline"] == "ghostnet_tiny" and data["metrics"] == ["top1", "top5"]
     base, other = data["groups"]
     for group, run in ((base, static), (other, dynamic)):
         summary = _summary(run)
         for key in ("top1", "top5"):
-            assert group["accuracy"][key] == {"mean": summary[key], "std": None, "n": 1,
-                                              "sem": pytest.approx(100 * math.sqrt(summary[key] / 100 *
-                                                                   (1 - summary[key] / 100) / IMAGES))}
+            assert group["accuracy"][key] == {
+                "mean": summary[key],
+                "std": None,
+                "n": 1,
+                "sem": pytest.approx(100 * math.sqrt(summary[key] / 100 * (1 - summary[key] / 100) / IMAGES)),
+            }
         for key in ("total_params", "macs", "img_size", "num_classes", "num_experts"):
             assert group[key] == summary[key]
         assert group["final_val_loss"]["mean"] == summary["final_val_loss"]
@@ -121,8 +171,11 @@ def test_two_single_seed_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "| Total parameters | 1.00 M | 2.60 M (2.60x the parameters) |" in table
     assert "| Experts | - | 4 |" in table and "| Iterations | 20 | 20 |" in table and "| Epochs | 2 | 2 |" in table
     assert f"| Final validation loss | {_summary(static)['final_val_loss']:.4f} |" in table
-    assert table.strip() in report.replace("\n![accuracy](accuracy.png)\n\n## Models\n\nMACs: multiply-adds of one "
-                                           "forward pass of one image at the run's image size.\n", "")
+    assert table.strip() in report.replace(
+        "\n![accuracy](accuracy.png)\n\n## Models\n\nMACs: multiply-adds of one "
+        "forward pass of one image at the run's image size.\n",
+        "",
+    )
     assert f"on {IMAGES} validation images" in report and "binomial" in report
     for png in ("accuracy.png", "loss.png"):
         width, height = _png_size(out / png)
@@ -149,8 +202,9 @@ def test_seed_groups_report_mean_std_and_the_ema_rows(tmp_path: Path) -> None:
         assert group["accuracy"]["ema_top1"]["mean"] == pytest.approx(statistics.fmean(values) + 1)
         assert group["seconds"]["mean"] == pytest.approx(14.5)
     se = other["delta_vs_baseline"]["top1"]["stderr"]
-    expected_se = math.sqrt(statistics.stdev(top1["ghostnet_tiny"]) ** 2 / 3
-                            + statistics.stdev(top1["parameternet_tiny"]) ** 2 / 3)
+    expected_se = math.sqrt(
+        statistics.stdev(top1["ghostnet_tiny"]) ** 2 / 3 + statistics.stdev(top1["parameternet_tiny"]) ** 2 / 3
+    )
     assert se == pytest.approx(expected_se)
     assert "| Top-1 | 71.00 ± 1.00 | 75.67 ± 2.08 | +4.67 ± 1.33 * |" in table
     assert "| EMA top-1 | 72.00 ± 1.00 | 76.67 ± 2.08 |" in table
@@ -181,14 +235,16 @@ def test_refusals_name_the_problem_and_write_nothing(tmp_path: Path, capsys: pyt
     out = str(tmp_path / "cmp")
     _refused([str(vision), str(llm), "--out", out], capsys, "cannot compare LLM runs", str(llm), str(vision))
     _refused([str(llm), str(vision), "--out", out], capsys, "cannot compare LLM runs")
-    _refused([str(vision), str(other), "--evaluate", "--out", out], capsys, "--evaluate", "vision runs",
-             "drop --evaluate")
+    _refused(
+        [str(vision), str(other), "--evaluate", "--out", out], capsys, "--evaluate", "vision runs", "drop --evaluate"
+    )
     # A directory holding runs of two models is not a group of seeds.
     _refused([str(tmp_path / "runs"), str(other), "--out", out], capsys, "different models")
 
     unfinished = tmp_path / "unfinished"  # metrics, no summary.json: a vision run by the shape of its records
     MetricsLogger(unfinished, enabled=True, tensorboard=False).log(
-        {"kind": "train", "iteration": 1, "epoch": 0, "loss": 2.0, "lr": 1e-3, "images_per_s": 10.0})
+        {"kind": "train", "iteration": 1, "epoch": 0, "loss": 2.0, "lr": 1e-3, "images_per_s": 10.0}
+    )
     _refused([str(vision), str(unfinished), "--out", out], capsys, "summary.json does not exist", "finish")
 
     other_set = write_vision_run(tmp_path / "ten_images", "parameternet_tiny", 0, 71.0, 95.0, images=10)
@@ -212,8 +268,10 @@ def test_a_skipped_step_is_left_out_of_the_curves(tmp_path: Path) -> None:
 
     run = write_vision_run(tmp_path / "run", "ghostnet_tiny", 0, 70.0, 95.0)
     with (run / "metrics.jsonl").open("a") as f:  # the trainer logs a non-finite loss as null
-        f.write(json.dumps({"kind": "train", "iteration": 21, "epoch": 2, "loss": None, "lr": 1e-3,
-                            "images_per_s": 5.0}) + "\n")
+        f.write(
+            json.dumps({"kind": "train", "iteration": 21, "epoch": 2, "loss": None, "lr": 1e-3, "images_per_s": 5.0})
+            + "\n"
+        )
     group = load_group(run)
     assert group.task == "vision" and group.runs[0].train_loss_key == "loss"
     assert [r["iteration"] for r in group.runs[0].train] == [5, 10, 15, 20]
@@ -238,9 +296,22 @@ def test_report_of_two_real_vision_runs_equals_their_summaries(tmp_path: Path) -
         )  # fmt: skip
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = tmp_path / "compare"
-    proc = subprocess.run([sys.executable, "-m", "evals.compare", str(runs["ghostnet_tiny"]),
-                           str(runs["parameternet_tiny"]), "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evals.compare",
+            str(runs["ghostnet_tiny"]),
+            str(runs["parameternet_tiny"]),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     base, other = data["groups"]
@@ -270,7 +341,9 @@ def test_report_of_two_real_vision_runs_equals_their_summaries(tmp_path: Path) -
     assert f"({o['macs'] / b['macs']:.2f}x the multiply-adds)" in table and "| Experts | - | 4 |" in table
     assert table.split("report: ")[0].strip() in (out / "report.md").read_text().replace(
         "\n![accuracy](accuracy.png)\n\n## Models\n\nMACs: multiply-adds of one forward pass of one image at the "
-        "run's image size.\n", "")
+        "run's image size.\n",
+        "",
+    )
     for png in ("accuracy.png", "loss.png"):
         width, height = _png_size(out / png)
         assert width > 300 and height > 200

@@ -58,8 +58,14 @@ def _lm_loss(out: object) -> float:
     return (lm_loss if lm_loss is not None else out.loss).item()  # type: ignore[attr-defined]
 
 
-def make_run(run_dir: Path, preset: str, seed: int, tokenizer_dir: Path,
-             data: tuple[torch.Tensor, torch.Tensor], steps: int = STEPS) -> Path:
+def make_run(
+    run_dir: Path,
+    preset: str,
+    seed: int,
+    tokenizer_dir: Path,
+    data: tuple[torch.Tensor, torch.Tensor],
+    steps: int = STEPS,
+) -> Path:
     """Train `preset` for a few steps and write a run directory as the trainer does."""
     train, valid = data
     torch.manual_seed(seed)
@@ -76,29 +82,51 @@ def make_run(run_dir: Path, preset: str, seed: int, tokenizer_dir: Path,
         opt.step()
         opt.zero_grad()
         aux = getattr(out, "aux_loss", None)  # ParameterNet reports lm_loss and the router's aux loss apart
-        lines.append({"kind": "train", "iteration": it, "tokens": it * BATCH * SEQ, "lm_loss": _lm_loss(out),
-                      "aux_loss": 0.0 if aux is None else aux.item(), "lr": 3e-3})
+        lines.append(
+            {
+                "kind": "train",
+                "iteration": it,
+                "tokens": it * BATCH * SEQ,
+                "lm_loss": _lm_loss(out),
+                "aux_loss": 0.0 if aux is None else aux.item(),
+                "lr": 3e-3,
+            }
+        )
         if it % 2 == 0:
             with torch.no_grad():
                 val_loss = _lm_loss(model(input_ids=valid_batch, labels=valid_batch))
-            lines.append({"kind": "valid", "iteration": it, "tokens": it * BATCH * SEQ, "val_loss": val_loss,
-                          "val_ppl": math.exp(val_loss)})
+            lines.append(
+                {
+                    "kind": "valid",
+                    "iteration": it,
+                    "tokens": it * BATCH * SEQ,
+                    "val_loss": val_loss,
+                    "val_ppl": math.exp(val_loss),
+                }
+            )
     run_dir.mkdir(parents=True)
     model.save_pretrained(run_dir / "hf")
     load_tokenizer(tokenizer_dir).save_pretrained(run_dir / "hf")
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": preset, "seed": seed, "seq_len": SEQ}))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     acc = account(config, SEQ)
-    summary = {"model": preset, "total_params": acc.total_params, "active_params": acc.active_params,
-               "flops_per_token": acc.forward_flops_per_token, "seq_len": SEQ,
-               "final_val_loss": lines[-1]["val_loss"], "tokens": steps * BATCH * SEQ}
+    summary = {
+        "model": preset,
+        "total_params": acc.total_params,
+        "active_params": acc.active_params,
+        "flops_per_token": acc.forward_flops_per_token,
+        "seq_len": SEQ,
+        "final_val_loss": lines[-1]["val_loss"],
+        "tokens": steps * BATCH * SEQ,
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path,
-         token_data: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Path]:
+def runs(
+    tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, token_data: tuple[torch.Tensor, torch.Tensor]
+) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     return {
         "llama": make_run(root / "llama", "llama-tiny", 1, tokenizer_dir, token_data),
@@ -125,8 +153,9 @@ def test_offline_suite_on_both_models(runs: dict[str, Path], evaluated: dict[str
         assert {t: n["effective"] for t, n in saved["n-samples"].items()} == {t: LIMIT for t in expected}
         for task, values in saved["results"].items():
             assert 0.0 <= values["acc,none"] <= 1.0
-            assert ("acc_norm,none" in values) == (task.removesuffix("_offline") in
-                                                     {"arc_easy", "arc_challenge", "hellaswag", "openbookqa", "piqa"})
+            assert ("acc_norm,none" in values) == (
+                task.removesuffix("_offline") in {"arc_easy", "arc_challenge", "hellaswag", "openbookqa", "piqa"}
+            )
         assert saved["evals"]["offline"] is True
         md = out.results_md.read_text()
         assert all(b.name in md for b in LLAMA_ZERO_SHOT) and "**Average**" in md
@@ -139,8 +168,7 @@ def _png(path: Path) -> tuple[int, int]:
         return img.size
 
 
-def test_compare_report_two_models(runs: dict[str, Path], evaluated: dict[str, ZeroShotOutput],
-                                   tmp_path: Path) -> None:
+def test_compare_report_two_models(runs: dict[str, Path], evaluated: dict[str, ZeroShotOutput], tmp_path: Path) -> None:
     out, table = compare([runs["llama"], runs["parameternet"]], tmp_path / "cmp")
     report = (out / "report.md").read_text()
     assert table in report
@@ -159,24 +187,31 @@ def test_compare_report_two_models(runs: dict[str, Path], evaluated: dict[str, Z
     assert other["total_params"] > 1.5 * base["total_params"]
     assert other["active_params"] == pytest.approx(base["active_params"], rel=0.02)
     assert other["flops_per_token"] == pytest.approx(base["flops_per_token"], rel=0.02)
-    assert other["final_val_loss"]["mean"] == json.loads((runs["parameternet"] / "summary.json").read_text())[
-        "final_val_loss"]
+    assert (
+        other["final_val_loss"]["mean"]
+        == json.loads((runs["parameternet"] / "summary.json").read_text())["final_val_loss"]
+    )
     assert "Final validation loss" in report and "Total parameters" in report
     for png in ("accuracy.png", "loss.png"):
         width, height = _png(out / png)
         assert width > 300 and height > 200
 
 
-def test_compare_with_seeds_reports_mean_and_std(runs: dict[str, Path], tmp_path: Path, tokenizer_dir: Path,
-                                                 token_data: tuple[torch.Tensor, torch.Tensor]) -> None:
+def test_compare_with_seeds_reports_mean_and_std(
+    runs: dict[str, Path], tmp_path: Path, tokenizer_dir: Path, token_data: tuple[torch.Tensor, torch.Tensor]
+) -> None:
     groups = {}
     for name, preset in (("llama", "llama-tiny"), ("parameternet", "parameternet-llama-tiny")):
         group = tmp_path / "seeds" / name
         shutil.copytree(runs[name], group / "seed1", ignore=shutil.ignore_patterns("eval"))
         make_run(group / "seed2", preset, 2, tokenizer_dir, token_data, steps=2)
         groups[name] = group
-    out, table = compare([groups["llama"], groups["parameternet"]], tmp_path / "cmp", evaluate=True,
-                         eval_kwargs={"tasks": "arc_easy,piqa", "limit": 2, "offline": True, "batch_size": 16})
+    out, table = compare(
+        [groups["llama"], groups["parameternet"]],
+        tmp_path / "cmp",
+        evaluate=True,
+        eval_kwargs={"tasks": "arc_easy,piqa", "limit": 2, "offline": True, "batch_size": 16},
+    )
     data = json.loads((out / "results.json").read_text())
     assert data["tasks"] == ["arc_easy", "piqa"]
     for group in data["groups"]:
@@ -200,10 +235,23 @@ def test_lm_eval_cli_evaluates_parameternet_through_include_path(runs: dict[str,
     """The plain lm-eval CLI, run from elsewhere, finds the offline tasks and the ParameterNet code by itself."""
     model_dir = runs["parameternet"] / "hf"
     cmd = [
-        str(Path(sys.executable).parent / "lm_eval"), "--model", "hf",
-        "--model_args", f"pretrained={model_dir},trust_remote_code=True,dtype=float32", "--device", "cpu",
-        "--tasks", "arc_easy_offline", "--include_path", str(TASKS_DIR),
-        "--limit", "2", "--batch_size", "8", "--output_path", str(tmp_path / "out"),
+        str(Path(sys.executable).parent / "lm_eval"),
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={model_dir},trust_remote_code=True,dtype=float32",
+        "--device",
+        "cpu",
+        "--tasks",
+        "arc_easy_offline",
+        "--include_path",
+        str(TASKS_DIR),
+        "--limit",
+        "2",
+        "--batch_size",
+        "8",
+        "--output_path",
+        str(tmp_path / "out"),
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=OFFLINE_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -218,7 +266,11 @@ def test_unknown_task_is_refused(runs: dict[str, Path], tmp_path: Path) -> None:
         run_zero_shot(runs["llama"], tasks="arc_easy,arc_hard", offline=True, output_dir=tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "evals.zero_shot", "--model", str(runs["llama"]), "--tasks", "arc_hard", "--offline"],
-        cwd=REPO, env=OFFLINE_ENV, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=OFFLINE_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2 and "unknown task 'arc_hard'" in proc.stderr
 
@@ -236,8 +288,9 @@ def test_model_without_tokenizer_is_refused(runs: dict[str, Path], tmp_path: Pat
     assert not (tmp_path / "eval").exists()
 
 
-def test_compare_refuses_unevaluated_and_mismatched_runs(runs: dict[str, Path], evaluated: dict[str, ZeroShotOutput],
-                                                         tmp_path: Path) -> None:
+def test_compare_refuses_unevaluated_and_mismatched_runs(
+    runs: dict[str, Path], evaluated: dict[str, ZeroShotOutput], tmp_path: Path
+) -> None:
     with pytest.raises(ValueError, match="at least two runs"):
         compare([runs["llama"]], tmp_path / "cmp")
     fresh = tmp_path / "fresh"

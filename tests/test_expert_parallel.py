@@ -26,12 +26,22 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def ep_results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ep") / "results.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "ep_worker.py"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "ep_worker.py"),
+        str(out),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (f"ep_worker failed (rc={proc.returncode}):\n"
-                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    assert proc.returncode == 0, (
+        f"ep_worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
     return json.loads(out.read_text())
 
 
@@ -119,8 +129,13 @@ def _distributed_uses(source: str) -> list[str]:
 
 def test_model_package_has_no_distributed_code():
     # The model knows only the dispatcher interface (issue 13): expert parallelism lives in llm/parallel/.
-    assert _distributed_uses("import torch.distributed as dist\nfrom torch import distributed\ndist.get_rank()\n"
-                             "torch.distributed.is_initialized()\n")  # the scanner sees each form
-    offending = {path.relative_to(REPO).as_posix(): uses for path in sorted((REPO / "llm" / "model").rglob("*.py"))
-                 if (uses := _distributed_uses(path.read_text()))}
+    assert _distributed_uses(
+        "import torch.distributed as dist\nfrom torch import distributed\ndist.get_rank()\n"
+        "torch.distributed.is_initialized()\n"
+    )  # the scanner sees each form
+    offending = {
+        path.relative_to(REPO).as_posix(): uses
+        for path in sorted((REPO / "llm" / "model").rglob("*.py"))
+        if (uses := _distributed_uses(path.read_text()))
+    }
     assert not offending, f"distributed code in llm/model/ (move it to llm/parallel/): {offending}"

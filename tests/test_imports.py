@@ -190,9 +190,18 @@ def test_the_trainers_do_not_import_each_other() -> None:
 
 
 def test_the_checker_sees_a_trainer_importing_the_other(tmp_path: Path) -> None:
-    _write(tmp_path, {"llm/__init__.py": "", "llm/a.py": "def f():\n    from vision.b import B\n",
-                      "vision/__init__.py": "", "vision/b.py": "B = 1\n"})
-    assert cross_imports(build_graph(tmp_path, ("llm", "vision")), "llm", "vision") == ["llm.a (line 2) imports vision.b"]
+    _write(
+        tmp_path,
+        {
+            "llm/__init__.py": "",
+            "llm/a.py": "def f():\n    from vision.b import B\n",
+            "vision/__init__.py": "",
+            "vision/b.py": "B = 1\n",
+        },
+    )
+    assert cross_imports(build_graph(tmp_path, ("llm", "vision")), "llm", "vision") == [
+        "llm.a (line 2) imports vision.b"
+    ]
 
 
 def _write(root: Path, files: dict[str, str]) -> None:
@@ -226,6 +235,15 @@ def test_the_checker_sees_function_level_relative_and_type_checking_imports(tmp_
 
 @pytest.mark.parametrize("package", RUNTIME_MUST_NOT_IMPORT)
 def test_the_checker_sees_runtime_importing_a_trainer(tmp_path: Path, package: str) -> None:
-    _write(tmp_path, {"runtime/__init__.py": "", "runtime/x.py": f"def f():\n    import {package}.y\n",
-                      f"{package}/__init__.py": "", f"{package}/y.py": ""})
-    assert runtime_violations(build_graph(tmp_path, ("runtime", package))) == [f"runtime.x (line 2) imports {package}.y"]
+    _write(
+        tmp_path,
+        {
+            "runtime/__init__.py": "",
+            "runtime/x.py": f"def f():\n    import {package}.y\n",
+            f"{package}/__init__.py": "",
+            f"{package}/y.py": "",
+        },
+    )
+    assert runtime_violations(build_graph(tmp_path, ("runtime", package))) == [
+        f"runtime.x (line 2) imports {package}.y"
+    ]

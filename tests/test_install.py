@@ -29,8 +29,14 @@ PACKAGES = ("runtime", "llm", "vision", "evals")
 # What the build reads (pyproject.toml names README.md as the long description).
 SOURCES = ("pyproject.toml", "README.md", *PACKAGES)
 # Package data the installed code must find: (package directory, glob) -> the checkout's files are the expected set.
-PACKAGE_DATA = (("runtime/ds_configs", "*.json"), ("llm/configs", "*.json"), ("llm/configs", "*.yaml"),
-                ("vision/configs", "*.yaml"), ("evals/tasks", "*.yaml"), ("evals/tasks", "*.py"))
+PACKAGE_DATA = (
+    ("runtime/ds_configs", "*.json"),
+    ("llm/configs", "*.json"),
+    ("llm/configs", "*.yaml"),
+    ("vision/configs", "*.yaml"),
+    ("evals/tasks", "*.yaml"),
+    ("evals/tasks", "*.py"),
+)
 
 PROBE = r"""
 import importlib, json, sys
@@ -46,8 +52,8 @@ modules = ["llm.pretrain", "llm.train.trainer", "llm.model.modeling_parameternet
 print(json.dumps({
     "files": {name: importlib.import_module(name).__file__ for name in ["runtime", "llm", "vision", "evals", *modules]},
     "sys_path": sys.path,
-    "dirs": {"runtime/ds_configs": str(DS_CONFIG_DIR), "llm/configs": str(CONFIG_DIR), "vision/configs": str(PRESET_DIR),
-             "evals/tasks": str(TASKS_DIR)},
+    "dirs": {"runtime/ds_configs": str(DS_CONFIG_DIR), "llm/configs": str(CONFIG_DIR),
+             "vision/configs": str(PRESET_DIR), "evals/tasks": str(TASKS_DIR)},
     "presets": list_presets(),
     "tiny_model_type": load_model_config("parameternet-llama-tiny").model_type,
     "tiny_train_iters": load_config("tiny").train_iters,
@@ -57,8 +63,12 @@ print(json.dumps({
 
 
 def _site_packages(python: Path) -> Path:
-    out = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return Path(out.stdout.strip())
 
 
@@ -83,9 +93,22 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (site / "parameternet_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     # The project venv's pip under the new interpreter installs into the new venv (sys.prefix); it leaves the
     # editable install of the project venv alone ("outside environment").
-    proc = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation",
-                           "--disable-pip-version-check", str(src)], cwd=root, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            str(src),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     workdir = root / "elsewhere"  # outside the checkout: nothing of the repo is on sys.path through the cwd
     workdir.mkdir()
@@ -97,15 +120,26 @@ def _env(installed: dict[str, Path]) -> dict[str, str]:
     home = installed["root"] / "home"
     home.mkdir(exist_ok=True)
     # A fresh home and cache: the default data directory of an installed package is the user's cache.
-    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-               PATH=os.pathsep.join([str(installed["venv"] / "bin"), env.get("PATH", "")]),
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions")))
+    env.update(
+        HOME=str(home),
+        XDG_CACHE_HOME=str(home / ".cache"),
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+        PATH=os.pathsep.join([str(installed["venv"] / "bin"), env.get("PATH", "")]),
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions")),
+    )
     return env
 
 
 def _run(installed: dict[str, Path], *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(installed["python"]), *args], cwd=installed["workdir"], env=_env(installed),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(installed["python"]), *args],
+        cwd=installed["workdir"],
+        env=_env(installed),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_the_wheel_holds_the_package_data(installed: dict[str, Path]) -> None:
@@ -136,10 +170,37 @@ def test_the_installed_code_runs_from_the_install_and_finds_its_data(installed: 
 
 def test_tiny_parameternet_trains_exports_and_evaluates_from_the_install(installed: dict[str, Path]) -> None:
     out = installed["workdir"] / "run"
-    proc = _run(installed, "-m", "llm.pretrain", "--config", "tiny", "--model", "parameternet-llama-tiny",
-                "--train_iters", "2", "--seq_len", "32", "--micro_batch_size", "2", "--global_batch_size", "2",
-                "--eval_interval", "1000", "--eval_iters", "1", "--warmup_iters", "1", "--progress_bar", "false",
-                "--export", "true", "--model_overrides", json.dumps(TINY_MODEL), "--output_dir", str(out))
+    proc = _run(
+        installed,
+        "-m",
+        "llm.pretrain",
+        "--config",
+        "tiny",
+        "--model",
+        "parameternet-llama-tiny",
+        "--train_iters",
+        "2",
+        "--seq_len",
+        "32",
+        "--micro_batch_size",
+        "2",
+        "--global_batch_size",
+        "2",
+        "--eval_interval",
+        "1000",
+        "--eval_iters",
+        "1",
+        "--warmup_iters",
+        "1",
+        "--progress_bar",
+        "false",
+        "--export",
+        "true",
+        "--model_overrides",
+        json.dumps(TINY_MODEL),
+        "--output_dir",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "llm" and summary["iterations"] == 2 and summary["tokens"] == 2 * 2 * 32, summary
@@ -151,8 +212,23 @@ def test_tiny_parameternet_trains_exports_and_evaluates_from_the_install(install
     assert not (installed["site"] / "data").exists()
 
     # lm-eval on the offline task YAMLs (and their data loader module) shipped in the wheel.
-    proc = _run(installed, "-m", "evals.zero_shot", "--model", str(out), "--offline", "--tasks", "arc_easy",
-                "--limit", "2", "--device", "cpu", "--batch_size", "2", timeout=600)
+    proc = _run(
+        installed,
+        "-m",
+        "evals.zero_shot",
+        "--model",
+        str(out),
+        "--offline",
+        "--tasks",
+        "arc_easy",
+        "--limit",
+        "2",
+        "--device",
+        "cpu",
+        "--batch_size",
+        "2",
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = json.loads((out / "eval" / "results.json").read_text())
     assert list(results["results"]) == ["arc_easy_offline"]
@@ -161,10 +237,35 @@ def test_tiny_parameternet_trains_exports_and_evaluates_from_the_install(install
 def test_tiny_vision_model_trains_from_the_install(installed: dict[str, Path]) -> None:
     images = tiny_image_folder(installed["root"] / "images")
     out = installed["workdir"] / "vision"
-    proc = _run(installed, "-m", "vision.train", "--config", "fashion_mnist_tiny", "--dataset", "folder",
-                "--data_dir", str(images), "--train_subset", "0", "--micro_batch_size", "4", "--global_batch_size",
-                "4", "--train_iters", "2", "--val_subset", "8", "--num_workers", "0", "--progress_bar", "false",
-                "--tensorboard", "false", "--output_dir", str(out))
+    proc = _run(
+        installed,
+        "-m",
+        "vision.train",
+        "--config",
+        "fashion_mnist_tiny",
+        "--dataset",
+        "folder",
+        "--data_dir",
+        str(images),
+        "--train_subset",
+        "0",
+        "--micro_batch_size",
+        "4",
+        "--global_batch_size",
+        "4",
+        "--train_iters",
+        "2",
+        "--val_subset",
+        "8",
+        "--num_workers",
+        "0",
+        "--progress_bar",
+        "false",
+        "--tensorboard",
+        "false",
+        "--output_dir",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == 2

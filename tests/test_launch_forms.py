@@ -50,8 +50,13 @@ def _summary(out: Path) -> dict:
 def test_a_script_inside_a_launcher_runs_the_trainer_in_process(tmp_path):
     # The rank variables of any launcher (here set by hand, as mpirun/srun wrappers do): no DeepSpeed launcher at all.
     out = tmp_path / "inside"
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
+    env = {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
     log = _run(["bash", SCRIPT, "parameternet", "--output_dir", str(out), *TINY_ARGS, "--train_iters", "2"], out, env)
     assert "WORLD INFO DICT" not in log and "cmd = " not in log
     assert _summary(out)["model"] == "parameternet-llama-tiny"
@@ -62,8 +67,13 @@ def _two_nodes(out: Path, port: int, *extra: str, model: str = "parameternet") -
     rendezvous on the loopback master - what launch/slurm/pretrain_llama.sbatch runs on each node."""
     procs = []
     for node in (0, 1):
-        env = {"NNODES": "2", "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "NPROC": "1"}
+        env = {
+            "NNODES": "2",
+            "NODE_RANK": str(node),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "NPROC": "1",
+        }
         cmd = ["bash", SCRIPT, model, "--output_dir", str(out), *TINY_ARGS, *extra]
         procs.append(spawn(cmd, out, env, log_name=f"{out.name}.node{node}.log"))
     return procs
@@ -104,11 +114,41 @@ def test_literal_deepspeed_form_of_the_vision_launcher(tmp_path):
     runs vision.train on every rank."""
     tiny_image_folder(tmp_path / "images")
     out = tmp_path / "vision"
-    log = _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train_vision.sh",
-                "--config", "fashion_mnist_tiny", "--dataset", "folder", "--data_dir", str(tmp_path / "images"),
-                "--train_subset", "0", "--val_subset", "0", "--micro_batch_size", "2", "--global_batch_size", "4",
-                "--train_iters", "2", "--num_workers", "0", "--progress_bar", "false", "--tensorboard", "false",
-                "--output_dir", str(out)], out)
+    log = _run(
+        [
+            DEEPSPEED,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "launch/train_vision.sh",
+            "--config",
+            "fashion_mnist_tiny",
+            "--dataset",
+            "folder",
+            "--data_dir",
+            str(tmp_path / "images"),
+            "--train_subset",
+            "0",
+            "--val_subset",
+            "0",
+            "--micro_batch_size",
+            "2",
+            "--global_batch_size",
+            "4",
+            "--train_iters",
+            "2",
+            "--num_workers",
+            "0",
+            "--progress_bar",
+            "false",
+            "--tensorboard",
+            "false",
+            "--output_dir",
+            str(out),
+        ],
+        out,
+    )
     assert log.count("WORLD INFO DICT") == 1 and "dist_world_size=2" in log
     assert json.loads((out / "summary.json").read_text())["iterations"] == 2
 

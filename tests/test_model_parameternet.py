@@ -11,8 +11,15 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from llm.model import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM, build_model, load_model_config
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=64,
+)
 
 
 def tiny_parameternet(**overrides) -> ParameterNetLlamaForCausalLM:
@@ -23,8 +30,9 @@ def tiny_parameternet(**overrides) -> ParameterNetLlamaForCausalLM:
 def test_one_expert_with_vanilla_weights_gives_vanilla_logits_and_loss():
     torch.manual_seed(0)
     vanilla = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
-    moe = tiny_parameternet(moe_projections=["gate_proj", "up_proj", "down_proj"], num_experts=1,
-                            router_aux_loss_coef=0.0)
+    moe = tiny_parameternet(
+        moe_projections=["gate_proj", "up_proj", "down_proj"], num_experts=1, router_aux_loss_coef=0.0
+    )
     state = vanilla.state_dict()
     for key in list(state):
         if any(f"mlp.{p}.weight" in key for p in ("gate_proj", "up_proj", "down_proj")):
@@ -41,8 +49,9 @@ def test_one_expert_with_vanilla_weights_gives_vanilla_logits_and_loss():
 
 
 def test_output_carries_losses_and_routing_statistics():
-    model = tiny_parameternet(moe_projections=["up_proj", "down_proj"], num_experts=4, top_k=2,
-                              capacity_factor=0.5, router_z_loss_coef=0.001)
+    model = tiny_parameternet(
+        moe_projections=["up_proj", "down_proj"], num_experts=4, top_k=2, capacity_factor=0.5, router_z_loss_coef=0.001
+    )
     x = torch.randint(0, 256, (2, 16))
     out = model(input_ids=x, labels=x)
     assert out.tokens_per_expert.shape == (4, 4)  # 2 layers x 2 MoE projections, 4 experts
@@ -124,8 +133,13 @@ def test_save_load_round_trip_and_fresh_process_remote_code_load(tmp_path):
         torch.testing.assert_close(reloaded(input_ids=x).logits, logits, atol=1e-5, rtol=0)
         assert torch.equal(reloaded.generate(x, max_new_tokens=8, do_sample=False), tokens)
 
-    proc = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(tmp_path), json.dumps(x.tolist())],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_LOAD, str(tmp_path), json.dumps(x.tolist())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["cls"] == "ParameterNetLlamaForCausalLM"
@@ -142,9 +156,17 @@ def test_presets_build_the_right_classes():
     one_line = load_model_config("parameternet-llama-tiny", moe_projections=["up_proj"])
     assert one_line.moe_projections == ["up_proj"]
     big = load_model_config("parameternet-llama-1b")
-    assert (big.hidden_size, big.num_hidden_layers, big.num_attention_heads, big.intermediate_size,
-            big.vocab_size, big.max_position_embeddings, big.rms_norm_eps, big.tie_word_embeddings,
-            big.hidden_act) == (2048, 12, 16, 8192, 32000, 2048, 1e-6, False, "silu")
+    assert (
+        big.hidden_size,
+        big.num_hidden_layers,
+        big.num_attention_heads,
+        big.intermediate_size,
+        big.vocab_size,
+        big.max_position_embeddings,
+        big.rms_norm_eps,
+        big.tie_word_embeddings,
+        big.hidden_act,
+    ) == (2048, 12, 16, 8192, 32000, 2048, 1e-6, False, "silu")
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,26 @@
 """Accounting of the 1B presets against an independent hand count, and the summary CLI."""
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from llm.model.flops import account
-from llm.model.presets import load_model_config
+from llm.model.memory import (
+    GIB,
+    TrainingLayout,
+    activation_bytes,
+    activation_bytes_per_token,
+    estimate,
+    model_state_bytes,
+    parameter_split,
+)
+from llm.model.presets import build_model, load_model_config
 from llm.model.summary import main, summarize
 
 
@@ -59,24 +74,6 @@ def test_summary_cli_prints_json_and_refuses_unknown(capsys):
 
 # --- Will it fit? (llm/model/memory.py, `summary --memory`) -------------------------------------------------------
 
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
-import torch
-
-from llm.model.memory import (
-    GIB,
-    TrainingLayout,
-    activation_bytes,
-    activation_bytes_per_token,
-    estimate,
-    model_state_bytes,
-    parameter_split,
-)
-from llm.model.presets import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = ["llama-1b", "parameternet-llama-1b", "llama-tiny", "parameternet-llama-tiny"]
@@ -154,7 +151,8 @@ def test_model_states_match_deepspeed_zero3_estimator(name, per_node, nodes, cap
     split = parameter_split(load_model_config(name))
     gpus = per_node * nodes
     _, ds, largest = estimate_zero3_model_states_mem_needs(
-        split.total, split.largest_module, per_node, nodes, cpu_offload=False, cpu_offload_params=False)
+        split.total, split.largest_module, per_node, nodes, cpu_offload=False, cpu_offload_params=False
+    )
     ours = model_state_bytes(load_model_config(name), TrainingLayout(gpus=gpus, zero_stage=3))
     assert ours.zero3_gathered == largest
     assert ours.total == pytest.approx(ds + 2 * split.total / gpus, abs=2)
@@ -178,9 +176,11 @@ def test_expert_parallel_shards_expert_weights_and_keeps_optimizer_share():
             assert sharded.fp32_gradients == pytest.approx(4 * split.total / 8)
             expected_grads = 2 * split.total / 8 if stage == 2 else 2 * (split.dense + split.expert / ep)
             assert sharded.gradients == pytest.approx(expected_grads)
-    for layout, message in [(TrainingLayout(gpus=8, zero_stage=3, expert_parallel=2), "zero=3"),
-                            (TrainingLayout(gpus=6, expert_parallel=4), "does not divide gpus=6"),
-                            (TrainingLayout(gpus=12, expert_parallel=3), "num_experts=8")]:
+    for layout, message in [
+        (TrainingLayout(gpus=8, zero_stage=3, expert_parallel=2), "zero=3"),
+        (TrainingLayout(gpus=6, expert_parallel=4), "does not divide gpus=6"),
+        (TrainingLayout(gpus=12, expert_parallel=3), "num_experts=8"),
+    ]:
         with pytest.raises(ValueError, match=message):
             model_state_bytes(config, layout)
     with pytest.raises(ValueError, match="needs a ParameterNet model"):
@@ -257,15 +257,32 @@ def test_activation_estimate_equals_what_autograd_saves(name, dtype, checkpointi
 
 
 def run_summary(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llm.model.summary", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [sys.executable, "-m", "llm.model.summary", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def test_memory_cli_fits_and_does_not_fit(capsys):
     """One GPU, ZeRO-1, micro-batch 12 at seq 2048: vanilla fits an 80 GiB GPU, ParameterNet (2.5x the model
     states) does not. One subprocess (importing transformers takes seconds); --json in process."""
-    run = run_summary("llama-1b", "parameternet-llama-1b", "--memory", "--gpus", "1", "--zero", "1",
-                      "--micro-batch", "12", "--seq-len", "2048")
+    run = run_summary(
+        "llama-1b",
+        "parameternet-llama-1b",
+        "--memory",
+        "--gpus",
+        "1",
+        "--zero",
+        "1",
+        "--micro-batch",
+        "12",
+        "--seq-len",
+        "2048",
+    )
     assert run.returncode == 0, run.stderr
     vanilla, parameternet = run.stdout.split("\n\n")
     assert vanilla.startswith("llama-1b:") and parameternet.startswith("parameternet-llama-1b:")
@@ -279,8 +296,15 @@ def test_memory_cli_fits_and_does_not_fit(capsys):
     row = json.loads(capsys.readouterr().out)
     assert row["fits"] is False and 0 < row["largest_micro_batch"] < 12
     assert row["bytes_per_gpu"]["peak"] > row["usable_gib"] * GIB
-    assert row["layout"] == {"gpus": 1, "zero_stage": 1, "expert_parallel": 1, "precision": "bf16",
-                             "micro_batch": 12, "seq_len": 2048, "activation_checkpointing": False}
+    assert row["layout"] == {
+        "gpus": 1,
+        "zero_stage": 1,
+        "expert_parallel": 1,
+        "precision": "bf16",
+        "micro_batch": 12,
+        "seq_len": 2048,
+        "activation_checkpointing": False,
+    }
 
 
 def test_memory_cli_gpu_memory_decides(capsys):
@@ -373,8 +397,14 @@ def test_model_state_bytes_equal_a_deepspeed_engine_on_cpu():
     weights, and, seen from inside the optimizer step, of the tensors AdamW steps on (fp32 master), their gradients
     (the fp32 copy) and its moments, equal the analytic figures. (ZeRO moves the 16-bit gradients into its own
     buffers, so those are compared only at stage 0.)"""
-    result = subprocess.run([sys.executable, "-c", ENGINE_PROBE], cwd=REPO, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-c", ENGINE_PROBE],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 5

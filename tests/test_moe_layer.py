@@ -10,7 +10,8 @@ from llm.model.moe import MoELinear, grouped_mm
 
 
 def naive_reference(layer: MoELinear, x: torch.Tensor) -> torch.Tensor:
-    """One token at a time: route, skip assignments past an expert's capacity (first choices first), sum gate x expert."""
+    """One token at a time: route, skip assignments past an expert's capacity (first choices first), sum gate x
+    expert."""
     tokens = x.reshape(-1, layer.in_features)
     probs = torch.softmax(layer.router(tokens).float(), dim=-1)
     gate, expert = torch.topk(probs, layer.top_k, dim=-1)

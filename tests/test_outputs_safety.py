@@ -32,8 +32,10 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 def tree(root: Path) -> dict[str, str]:
     """Every path under `root` with a hash of its bytes ('dir' for directories): the file system as it was."""
-    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def one_line_error(stderr: str, *needles: str) -> str:
@@ -58,8 +60,12 @@ def add_checkpoint(run: Path, iteration: int, tokenizer_dir: Path, seed: int = 0
     ckpt = run / "checkpoints" / f"iter_{iteration:07d}"
     ckpt.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
-    manifest = {"iteration": iteration, "files": {"model.safetensors": (ckpt / "model.safetensors").stat().st_size},
-                "config": {"model": "llama-tiny", "model_overrides": TINY_MODEL}, "tokenizer_dir": str(tokenizer_dir)}
+    manifest = {
+        "iteration": iteration,
+        "files": {"model.safetensors": (ckpt / "model.safetensors").stat().st_size},
+        "config": {"model": "llama-tiny", "model_overrides": TINY_MODEL},
+        "tokenizer_dir": str(tokenizer_dir),
+    }
     (ckpt / "complete.json").write_text(json.dumps(manifest))
     (run / "checkpoints" / "latest").write_text(ckpt.name)
     (run / "summary.json").write_text(json.dumps({"model": "llama-tiny", "iterations": iteration, "tokens": 1}))
@@ -69,8 +75,9 @@ def add_checkpoint(run: Path, iteration: int, tokenizer_dir: Path, seed: int = 0
 def make_run(run: Path, tokenizer_dir: Path) -> Path:
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("model: llama-tiny\nseed: 1\n")
-    (run / "metrics.jsonl").write_text(json.dumps({"kind": "valid", "iteration": 4, "tokens": 1, "val_loss": 9.0})
-                                       + "\n")
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"kind": "valid", "iteration": 4, "tokens": 1, "val_loss": 9.0}) + "\n"
+    )
     add_checkpoint(run, 4, tokenizer_dir)
     return run
 
@@ -93,25 +100,36 @@ def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
 
 # ------------------------------------------------------------------------------------------------ item 1: export
 def test_export_into_the_run_or_its_parents_is_refused_and_deletes_nothing(
-        run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`python -m llm.export RUN OUT` used to rmtree OUT: with OUT = the run (or a parent) the checkpoints went."""
     from llm.export import main
 
     before = tree(run.parents[2])
     proc = cli("-m", "llm.export", str(run), str(run.parent), "--overwrite")  # the real command line
     assert proc.returncode == 2
-    one_line_error(proc.stderr, f"OUT_DIR {run.parent}: {run}/checkpoints belongs to a training run",
-                   "choose a path outside the run that does not exist yet")
-    for out in (run, run.parent, run.parents[1], run / "checkpoints", run / "checkpoints" / "iter_0000004",
-                run / "checkpoints" / "iter_0000004" / "hf"):  # the last: into a checkpoint the trainer prunes
+    one_line_error(
+        proc.stderr,
+        f"OUT_DIR {run.parent}: {run}/checkpoints belongs to a training run",
+        "choose a path outside the run that does not exist yet",
+    )
+    for out in (
+        run,
+        run.parent,
+        run.parents[1],
+        run / "checkpoints",
+        run / "checkpoints" / "iter_0000004",
+        run / "checkpoints" / "iter_0000004" / "hf",
+    ):  # the last: into a checkpoint the trainer prunes
         for extra in ([], ["--overwrite"]):
             assert main([str(run), str(out), *extra]) == 2
             one_line_error(capsys.readouterr().err, f"OUT_DIR {out}", "belongs to a training run")
     assert tree(run.parents[2]) == before
 
 
-def test_export_replaces_only_its_own_export_and_only_with_overwrite(run: Path, tmp_path: Path,
-                                                                      tokenizer_dir: Path) -> None:
+def test_export_replaces_only_its_own_export_and_only_with_overwrite(
+    run: Path, tmp_path: Path, tokenizer_dir: Path
+) -> None:
     from llm.export import main
 
     foreign = tmp_path / "mine"
@@ -147,7 +165,7 @@ def test_export_refusal_messages(run: Path, tmp_path: Path, capsys: pytest.Captu
     cases = {
         str(tmp_path / "file"): "is a file, not a directory; choose a directory path that does not exist yet",
         str(tmp_path / "full"): "exists and holds files that llm.export did not write (a.txt); it is never "
-                                "replaced: choose a new path or an empty directory",
+        "replaced: choose a new path or an empty directory",
     }
     for out, message in cases.items():
         assert main([str(run), out, "--overwrite"]) == 2
@@ -155,8 +173,11 @@ def test_export_refusal_messages(run: Path, tmp_path: Path, capsys: pytest.Captu
     assert main([str(run), str(tmp_path / "e")]) == 0
     capsys.readouterr()
     assert main([str(run), str(tmp_path / "e")]) == 2
-    one_line_error(capsys.readouterr().err, "already holds an earlier output of llm.export",
-                   "pass --overwrite to replace it, or choose a new path")
+    one_line_error(
+        capsys.readouterr().err,
+        "already holds an earlier output of llm.export",
+        "pass --overwrite to replace it, or choose a new path",
+    )
 
 
 # ------------------------------------------------------------------------------------- item 1: tokenizer train
@@ -166,8 +187,9 @@ def test_tokenizer_train_never_replaces_a_foreign_directory(tmp_path: Path) -> N
     out.mkdir()
     (out / "data.txt").write_text("precious")
     for extra in ([], ["--overwrite"]):
-        proc = cli("-m", "llm.data.tokenizer", "train", "--input", src, "--vocab-size", "400", "--out", str(out),
-                   *extra)
+        proc = cli(
+            "-m", "llm.data.tokenizer", "train", "--input", src, "--vocab-size", "400", "--out", str(out), *extra
+        )
         assert proc.returncode == 2
         one_line_error(proc.stderr, f"--out {out}", "llm.data.tokenizer did not write (data.txt)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"] and (out / "data.txt").read_text() == "precious"
@@ -196,8 +218,16 @@ def test_tokenizer_train_replaces_its_own_directory_only_with_overwrite(tmp_path
 # -------------------------------------------------------------------------- items 1 and 8: prepare, other views
 def test_prepare_refuses_before_creating_anything(tmp_path: Path, tokenizer_dir: Path) -> None:
     target = tmp_path / "new" / "sub" / "corpus"
-    proc = cli("-m", "llm.data.prepare", "--input", str(tmp_path / "nothing" / "*.jsonl"), "--tokenizer",
-               str(tokenizer_dir), "--output-prefix", str(target))
+    proc = cli(
+        "-m",
+        "llm.data.prepare",
+        "--input",
+        str(tmp_path / "nothing" / "*.jsonl"),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--output-prefix",
+        str(target),
+    )
     assert proc.returncode == 2
     one_line_error(proc.stderr, "--input: corpus input(s) not found", "nothing/*.jsonl", "quoted glob")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output directory, no scratch folder
@@ -208,8 +238,9 @@ def test_prepare_empty_corpus_leaves_no_directory(tmp_path: Path, tokenizer_dir:
 
     (tmp_path / "blank.jsonl").write_text(json.dumps({"text": " "}) + "\n")
     with pytest.raises(ValueError, match="no non-empty documents"):
-        prepare_corpus([tmp_path / "blank.jsonl"], tokenizer_dir, tmp_path / "out" / "x", num_proc=1,
-                       show_progress=False)
+        prepare_corpus(
+            [tmp_path / "blank.jsonl"], tokenizer_dir, tmp_path / "out" / "x", num_proc=1, show_progress=False
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.jsonl"]
 
 
@@ -242,8 +273,7 @@ def test_plot_routing_never_replaces_a_foreign_file(tmp_path: Path) -> None:
     assert main([str(run), "--out", str(tmp_path / "r.png")]) == 0  # its own plot: a view, redrawn
 
 
-def test_compare_out_never_replaces_a_run_or_foreign_directory(run: Path, tmp_path: Path,
-                                                              tokenizer_dir: Path) -> None:
+def test_compare_out_never_replaces_a_run_or_foreign_directory(run: Path, tmp_path: Path, tokenizer_dir: Path) -> None:
     from evals.compare import main
 
     other = make_run(tmp_path / "runs" / "pnet" / "seed1", tokenizer_dir)
@@ -263,13 +293,21 @@ def test_compare_out_never_replaces_a_run_or_foreign_directory(run: Path, tmp_pa
 
 
 # ---------------------------------------------------------------------------------- item 11: evaluations kept
-def fake_results(tasks: tuple[str, ...], limit: int | None, step: int | None, acc: float = 0.5,
-                 when: float | None = None) -> dict:
+def fake_results(
+    tasks: tuple[str, ...], limit: int | None, step: int | None, acc: float = 0.5, when: float | None = None
+) -> dict:
     """lm-eval's results JSON, as evals.zero_shot writes it (offline twins, documents per task)."""
     n = limit or 100
     return {
-        "results": {f"{t}_offline": {"acc,none": acc, "acc_stderr,none": 0.05, "acc_norm,none": acc,
-                                     "acc_norm_stderr,none": 0.05} for t in tasks},
+        "results": {
+            f"{t}_offline": {
+                "acc,none": acc,
+                "acc_stderr,none": 0.05,
+                "acc_norm,none": acc,
+                "acc_norm_stderr,none": 0.05,
+            }
+            for t in tasks
+        },
         "n-samples": {f"{t}_offline": {"effective": n, "original": 100} for t in tasks},
         "config": {"limit": limit},
         "evals": {"step": step, "evaluated_at": time.time() if when is None else when},
@@ -375,8 +413,11 @@ def test_export_and_evaluation_files_get_the_umask_mode(run: Path, tmp_path: Pat
 
     out = export_checkpoint(run, tmp_path / "hf")
     run_zero_shot(out, tasks="piqa", offline=True, limit=1, batch_size=8, output_dir=tmp_path / "eval")
-    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777)
-             for root in (out, tmp_path / "eval") for p in [root, *root.rglob("*")]}
+    modes = {
+        str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777)
+        for root in (out, tmp_path / "eval")
+        for p in [root, *root.rglob("*")]
+    }
     assert {m for p, m in modes.items() if (tmp_path / p).is_file()} == {"0o644"}, modes
     assert {m for p, m in modes.items() if (tmp_path / p).is_dir()} == {"0o755"}, modes
     assert "hf/model.safetensors" in modes and "eval/results.json" in modes
@@ -389,10 +430,14 @@ def test_atomic_writers_get_the_umask_mode(tmp_path: Path) -> None:
     before = os.umask(0o027)
     try:
         save_weights({"w": torch.zeros(2)}, tmp_path / "c.safetensors")
-        write_summary(tmp_path, {key: 1 for key in ("task", "model", "total_params", "iterations", "seed",
-                                                    "world_size", "final_val_loss")})
+        write_summary(
+            tmp_path,
+            {key: 1 for key in ("task", "model", "total_params", "iterations", "seed", "world_size", "final_val_loss")},
+        )
         assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {
-            "c.safetensors": "0o640", "summary.json": "0o640"}
+            "c.safetensors": "0o640",
+            "summary.json": "0o640",
+        }
         from runtime import fsutil
 
         fsutil.write_text_atomic(tmp_path / "a.txt", "x")
@@ -400,7 +445,8 @@ def test_atomic_writers_get_the_umask_mode(tmp_path: Path) -> None:
     finally:
         os.umask(before)
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {
-        name: "0o640" for name in ("a.txt", "b.safetensors", "c.safetensors", "summary.json")}
+        name: "0o640" for name in ("a.txt", "b.safetensors", "c.safetensors", "summary.json")
+    }
 
 
 def test_plots_and_unpacked_datasets_get_the_umask_mode(tmp_path: Path) -> None:
@@ -435,10 +481,12 @@ def test_a_skipped_step_in_the_metrics_does_not_break_the_report(tmp_path: Path)
 
     run = tmp_path / "run"
     run.mkdir()
-    records = [{"kind": "train", "iteration": 1, "tokens": 8, "lm_loss": 9.0},
-               {"kind": "train", "iteration": 2, "tokens": 16, "lm_loss": None, "nonfinite_micro_batches": 1},
-               {"kind": "train", "iteration": 3, "tokens": 24, "lm_loss": 8.5},
-               {"kind": "valid", "iteration": 3, "tokens": 24, "val_loss": 8.7}]
+    records = [
+        {"kind": "train", "iteration": 1, "tokens": 8, "lm_loss": 9.0},
+        {"kind": "train", "iteration": 2, "tokens": 16, "lm_loss": None, "nonfinite_micro_batches": 1},
+        {"kind": "train", "iteration": 3, "tokens": 24, "lm_loss": 8.5},
+        {"kind": "valid", "iteration": 3, "tokens": 24, "val_loss": 8.7},
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     group = load_group(run)
     assert [r["iteration"] for r in group.runs[0].train] == [1, 3]

@@ -21,8 +21,16 @@ LAYERS = ["layers.0.down_proj", "layers.1.down_proj", "layers.2.down_proj"]
 
 def train_record(iteration: int, counts: list[list[int]]) -> dict:
     """A train record as the trainer writes it (llm/train/trainer.py _log_train)."""
-    record = {"kind": "train", "iteration": iteration, "tokens": iteration * 128, "lm_loss": 5.0, "aux_loss": 1.01,
-              "z_loss": 0.0, "dropped_tokens": 3, "expert_counts": counts}
+    record = {
+        "kind": "train",
+        "iteration": iteration,
+        "tokens": iteration * 128,
+        "lm_loss": 5.0,
+        "aux_loss": 1.01,
+        "z_loss": 0.0,
+        "dropped_tokens": 3,
+        "expert_counts": counts,
+    }
     record.update(expert_load(torch.tensor(counts), LAYERS))
     return record
 
@@ -80,8 +88,9 @@ def test_plot_writes_a_png_heat_map(run_dir, tmp_path):
 
 def test_cli_default_output_and_single_record(tmp_path):
     run = write_run(tmp_path / "one", [train_record(7, [[5, 3, 0, 8]] * 3)])
-    proc = subprocess.run([sys.executable, "-m", "evals.plot_routing", str(run)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "evals.plot_routing", str(run)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()) == run / "routing.png"
     with Image.open(run / "routing.png") as image:

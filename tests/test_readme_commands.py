@@ -54,15 +54,34 @@ NOT_RUN = {
 # evals.zero_shot + evals.compare, all run below; the vision demo and the two ImageNet stages (34.5M-parameter
 # models) are launch/train_vision.sh (its literal and 2-rank launches are fast tests in tests/test_launch_forms.py
 # and tests/test_vision_train.py) over vision.train stages that tests/test_vision_train.py also runs, slow there too.
-SLOW = ("bash launch/compare.sh", "bash launch/train_vision.sh", "NPROC=8 bash launch/train_vision.sh",
-        # Forms another fast command here runs too, to keep `make test` short: the 1B ParameterNet line is the 1B LLaMA
-        # line with the other model (both models train in the default and literal forms above); the 4-node sbatch line
-        # is the 2-node CPU one with the 1B preset (tests/test_slurm_launch.py runs the sbatch script on the cluster
-        # as well); ZeRO-2 over 2 ranks through the launch script is what tests/test_trainer_resume.py runs.
-        "SIZE=1b NPROC=8 bash launch/pretrain_llama.sh parameternet", "sbatch --nodes=4 launch/slurm/pretrain_llama.sbatch",
-        "NPROC=2 bash launch/pretrain_llama.sh parameternet --zero_stage 2")
-TINY_VISION = ["--epochs", "1", "--img_size", "32", "--micro_batch_size", "2", "--global_batch_size", "4",
-               "--precision", "fp32", "--num_workers", "0", "--log_interval", "1"]
+SLOW = (
+    "bash launch/compare.sh",
+    "bash launch/train_vision.sh",
+    "NPROC=8 bash launch/train_vision.sh",
+    # Forms another fast command here runs too, to keep `make test` short: the 1B ParameterNet line is the 1B LLaMA
+    # line with the other model (both models train in the default and literal forms above); the 4-node sbatch line
+    # is the 2-node CPU one with the 1B preset (tests/test_slurm_launch.py runs the sbatch script on the cluster
+    # as well); ZeRO-2 over 2 ranks through the launch script is what tests/test_trainer_resume.py runs.
+    "SIZE=1b NPROC=8 bash launch/pretrain_llama.sh parameternet",
+    "sbatch --nodes=4 launch/slurm/pretrain_llama.sbatch",
+    "NPROC=2 bash launch/pretrain_llama.sh parameternet --zero_stage 2",
+)
+TINY_VISION = [
+    "--epochs",
+    "1",
+    "--img_size",
+    "32",
+    "--micro_batch_size",
+    "2",
+    "--global_batch_size",
+    "4",
+    "--precision",
+    "fp32",
+    "--num_workers",
+    "0",
+    "--log_interval",
+    "1",
+]
 # (pattern, replacement) applied to every command: only what needs a GPU, a 1B model or data we do not ship.
 STAND_INS = [
     (r"\bSIZE=1b\b", "SIZE=tiny"),
@@ -87,8 +106,9 @@ def with_stand_ins(command: str) -> str:
     for pattern, replacement in STAND_INS:
         command = re.sub(pattern, replacement, command)
     extra: list[str] = []
-    script = re.search(r"(launch/pretrain_llama\.sh|launch/slurm/pretrain_llama\.sbatch)(?:\s+(llama|parameternet))?",
-                       command)
+    script = re.search(
+        r"(launch/pretrain_llama\.sh|launch/slurm/pretrain_llama\.sbatch)(?:\s+(llama|parameternet))?", command
+    )
     to_1b = "SIZE=1b" in original or (script and "sbatch" in script.group(1) and "SIZE=" not in original)
     if script and to_1b and "--output_dir" not in command:
         # The tiny stand-in keeps the 1B run's own directory, not the tiny runs' one (sbatch defaults to SIZE=1b).
@@ -131,8 +151,13 @@ def sandbox(tmp_path_factory) -> Path:
     """A copy of the repository's files (what a clone has), run with the repo's venv on PATH, the user data the README
     assumes (`my/*.txt`, `my/*.jsonl`, an ImageFolder at `imagenet/`), and the embedded corpus shared with the repo."""
     root = tmp_path_factory.mktemp("readme") / "repo"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.splitlines()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     for name in files:
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +176,7 @@ def sandbox(tmp_path_factory) -> Path:
         for path in plays:
             lines = Path(path).read_text(errors="replace").splitlines(keepends=True)
             for part in range(10):
-                chunk = lines[part * len(lines) // 10:(part + 1) * len(lines) // 10]
+                chunk = lines[part * len(lines) // 10 : (part + 1) * len(lines) // 10]
                 f.write(json.dumps({"text": "".join(chunk)}) + "\n")
 
     tiny_image_folder(root / "imagenet", splits=("train", "validation", "val"), per_class=2)
@@ -163,20 +188,38 @@ def test_readme_command_runs_as_written(group: list[str], sandbox: Path, request
     command = group[0]
     if command in NOT_RUN:
         pytest.skip(f"{command!r}: {NOT_RUN[command]}")
-    env = {**os.environ, "PNET_DATA_DIR": str(REPO / "data"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}",
-           "MASTER_PORT": str(free_port())}  # the launch scripts' rendezvous port (DeepSpeed's default is 29500)
+    env = {
+        **os.environ,
+        "PNET_DATA_DIR": str(REPO / "data"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}",
+        "MASTER_PORT": str(free_port()),
+    }  # the launch scripts' rendezvous port (DeepSpeed's default is 29500)
     if "sbatch" in command:
         cluster: SlurmCluster = request.getfixturevalue("slurm_cluster")
         env.update({k: v for k, v in cluster.env.items() if k.startswith("SLURM_CONF")})
-    procs = [track(subprocess.Popen(["bash", "-c", with_stand_ins(c)], cwd=sandbox, env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True))
-             for c in group]
+    procs = [
+        track(
+            subprocess.Popen(
+                ["bash", "-c", with_stand_ins(c)],
+                cwd=sandbox,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        for c in group
+    ]
     try:
         for c, proc in zip(group, procs):
             out, _ = proc.communicate(timeout=900)
-            assert proc.returncode == 0, f"README command failed ({proc.returncode}):\n  {c}\nas run:\n  " \
-                                         f"{with_stand_ins(c)}\n{out[-4000:]}"
+            assert proc.returncode == 0, (
+                f"README command failed ({proc.returncode}):\n  {c}\nas run:\n  {with_stand_ins(c)}\n{out[-4000:]}"
+            )
     finally:
         kill_leftovers()
     trained = trained_run(with_stand_ins(command))
@@ -189,8 +232,14 @@ def test_readme_command_runs_as_written(group: list[str], sandbox: Path, request
 def trained_run(command: str) -> tuple[str, int, str] | None:
     """For a training command: the run directory it writes, the number of ranks and the model kind it asked for."""
     words = shlex.split(command)
-    script = next((i for i, w in enumerate(words) if w in ("launch/pretrain_llama.sh", "llm.pretrain",
-                                                            "launch/slurm/pretrain_llama.sbatch")), None)
+    script = next(
+        (
+            i
+            for i, w in enumerate(words)
+            if w in ("launch/pretrain_llama.sh", "llm.pretrain", "launch/slurm/pretrain_llama.sbatch")
+        ),
+        None,
+    )
     if script is None:
         return None
     dirs = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--output_dir"]

@@ -28,22 +28,53 @@ from tests.trainer_utils import REPO, TINY_MODEL, train_records
 
 ITERS, SAVE = 6, 4
 # One rank, two micro-batches of 2 per step: start-up dominates.
-ARGS = ["--config", "tiny", "--model", "llama-tiny", "--seq_len", "32", "--micro_batch_size", "2",
-        "--global_batch_size", "4", "--log_interval", "1", "--eval_interval", "1000", "--eval_iters", "1",
-        "--warmup_iters", "2", "--progress_bar", "false", "--export", "false", "--save_interval", str(SAVE),
-        "--model_overrides", json.dumps(TINY_MODEL)]
+ARGS = [
+    "--config",
+    "tiny",
+    "--model",
+    "llama-tiny",
+    "--seq_len",
+    "32",
+    "--micro_batch_size",
+    "2",
+    "--global_batch_size",
+    "4",
+    "--log_interval",
+    "1",
+    "--eval_interval",
+    "1000",
+    "--eval_iters",
+    "1",
+    "--warmup_iters",
+    "2",
+    "--progress_bar",
+    "false",
+    "--export",
+    "false",
+    "--save_interval",
+    str(SAVE),
+    "--model_overrides",
+    json.dumps(TINY_MODEL),
+]
 
 
 def pretrain(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
-    return subprocess.run([sys.executable, "-m", "llm.pretrain", *ARGS, "--output_dir", str(out), *extra],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    return subprocess.run(
+        [sys.executable, "-m", "llm.pretrain", *ARGS, "--output_dir", str(out), *extra],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else b"<dir>"
-            for p in sorted(directory.rglob("*"))}
+    return {
+        str(p.relative_to(directory)): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(directory.rglob("*"))
+    }
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
@@ -73,7 +104,7 @@ def test_manifest_holds_a_checksum_of_every_file(base_run):
 def _overwrite_keeping_size(path: Path) -> None:
     data = bytearray(path.read_bytes())
     for offset in range(len(data) // 9, len(data), len(data) // 9)[:8]:
-        data[offset:offset + 4096] = b"\xff" * len(data[offset:offset + 4096])
+        data[offset : offset + 4096] = b"\xff" * len(data[offset : offset + 4096])
     path.write_bytes(bytes(data))
 
 
@@ -152,13 +183,33 @@ def test_changed_settings_and_model_are_refused_before_anything_is_written(base_
     shutil.copytree(base_run, out)
     before = snapshot(out)
     other_model = json.dumps({**TINY_MODEL, "hidden_size": 32})
-    proc = pretrain(out, "--train_iters", str(ITERS + 2), "--resume", "auto", "--seq_len", "64",
-                    "--global_batch_size", "8", "--lr", "0.1", "--model_overrides", other_model)
+    proc = pretrain(
+        out,
+        "--train_iters",
+        str(ITERS + 2),
+        "--resume",
+        "auto",
+        "--seq_len",
+        "64",
+        "--global_batch_size",
+        "8",
+        "--lr",
+        "0.1",
+        "--model_overrides",
+        other_model,
+    )
     assert proc.returncode == 2, proc.stderr[-4000:]
     [line] = error_lines(proc)
     assert "Traceback" not in proc.stderr
-    for field in ("seq_len=32", "global_batch_size=4", "lr=0.002", "seq_len=64", "global_batch_size=8", "lr=0.1",
-                  "model_overrides="):
+    for field in (
+        "seq_len=32",
+        "global_batch_size=4",
+        "lr=0.002",
+        "seq_len=64",
+        "global_batch_size=8",
+        "lr=0.1",
+        "model_overrides=",
+    ):
         assert field in line, field
     assert "--model_overrides '{" in line and "--seq_len 32 --global_batch_size 4 --lr 0.002" in line
     assert "start a new --output_dir" in line
@@ -186,7 +237,9 @@ def test_another_world_size_is_a_mismatch_where_the_optimizer_state_is_sharded()
         assert refusal is not None and "world_size=2" in refusal and "world_size=1" in refusal
         assert "NPROC=2" in refusal
     # ZeRO-0 keeps the whole optimizer state on every rank: another world size is allowed, and logged.
-    refusal, changes = resume_differences(Path("ck"), _manifest(2, zero_stage=0), {**config, "zero_stage": 0}, 1, RESUME_POLICY)
+    refusal, changes = resume_differences(
+        Path("ck"), _manifest(2, zero_stage=0), {**config, "zero_stage": 0}, 1, RESUME_POLICY
+    )
     assert refusal is None and changes == ["resume: world_size 2 -> 1"]
 
 
@@ -262,10 +315,18 @@ print(json.dumps(errors))
 
 def test_nonfinite_weights_are_never_published(tmp_path):
     args = ARGS[2:] + ["--export", "true", "--zero_stage", "0"]
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                                 str(REPO / ".venv" / "torch_extensions"))}
-    proc = subprocess.run([sys.executable, "-c", NONFINITE, str(tmp_path), *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=1200)
+    env = {
+        **os.environ,
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions")),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", NONFINITE, str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
     assert errors["a"] is not None and "iteration 4: the final validation loss is not finite (nan)" in errors["a"]

@@ -9,13 +9,30 @@ from pathlib import Path
 import pytest
 
 import tests.slurm_cluster as cluster_module
-from tests.slurm_cluster import (CRED_EXPIRE_S, NODES, SlurmCluster, parse_scontrol, skip_reason,  # noqa: F401
-                                 slurm_cluster, start_cluster)
+from tests.slurm_cluster import (
+    CRED_EXPIRE_S,
+    NODES,
+    SlurmCluster,
+    parse_scontrol,
+    skip_reason,
+    slurm_cluster,  # noqa: F401  (the fixture, found by name)
+    start_cluster,
+)
 
 # Variables a launcher may read to find its rank and world; printed by every job step below.
-STEP_VARS = ("SLURM_JOB_ID", "SLURM_JOB_NUM_NODES", "SLURM_NODEID", "SLURM_STEP_ID", "SLURM_PROCID",
-             "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NUM_NODES", "SLURM_GPUS_ON_NODE",
-             "SLURMD_NODENAME")
+STEP_VARS = (
+    "SLURM_JOB_ID",
+    "SLURM_JOB_NUM_NODES",
+    "SLURM_NODEID",
+    "SLURM_STEP_ID",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_NTASKS",
+    "SLURM_STEP_NUM_TASKS",
+    "SLURM_STEP_NUM_NODES",
+    "SLURM_GPUS_ON_NODE",
+    "SLURMD_NODENAME",
+)
 PRINT_VARS = "echo " + " ".join(f"{v}=${{{v}-unset}}" for v in STEP_VARS)
 
 
@@ -25,21 +42,29 @@ def _vars(line: str) -> dict[str, str]:
 
 def test_parse_scontrol_keeps_values_with_spaces():
     info = parse_scontrol("JobId=7 JobName=a b JobState=PENDING Reason=BeginTime TRES=cpu=2,node=2 ExitCode=0:0")
-    assert info == {"JobId": "7", "JobName": "a b", "JobState": "PENDING", "Reason": "BeginTime",
-                    "TRES": "cpu=2,node=2", "ExitCode": "0:0"}
+    assert info == {
+        "JobId": "7",
+        "JobName": "a b",
+        "JobState": "PENDING",
+        "Reason": "BeginTime",
+        "TRES": "cpu=2,node=2",
+        "ExitCode": "0:0",
+    }
 
 
 def test_srun_spans_both_nodes(slurm_cluster: SlurmCluster):
-    out = slurm_cluster.run(["srun", "--nodes=2", "bash", "-c", "echo $SLURM_NODEID $SLURMD_NODENAME"],
-                            timeout=60).stdout
+    out = slurm_cluster.run(
+        ["srun", "--nodes=2", "bash", "-c", "echo $SLURM_NODEID $SLURMD_NODENAME"], timeout=60
+    ).stdout
     assert sorted(out.split("\n")[:-1]) == ["0 n1", "1 n2"], out
 
 
 def test_batch_job_on_two_nodes_runs_one_srun_task_per_node(slurm_cluster: SlurmCluster, tmp_path: Path):
     """The layout a multi-node launcher runs under: the batch script on the first node, srun starting one task per
     node. Both print their SLURM_* variables to the job's output (the test output shows them with -rP)."""
-    (tmp_path / "job.sh").write_text(f"#!/bin/bash\n{PRINT_VARS} | sed 's/^/batch /'\n"
-                                     f"srun bash -c '{PRINT_VARS}' | sed 's/^/task /'\n")
+    (tmp_path / "job.sh").write_text(
+        f"#!/bin/bash\n{PRINT_VARS} | sed 's/^/batch /'\nsrun bash -c '{PRINT_VARS}' | sed 's/^/task /'\n"
+    )
     job = slurm_cluster.sbatch(["--nodes=2", "--ntasks-per-node=1", "--output=out.txt", "job.sh"], cwd=tmp_path)
     result = slurm_cluster.wait(job, timeout=60)
     out = (tmp_path / "out.txt").read_text()
@@ -47,15 +72,19 @@ def test_batch_job_on_two_nodes_runs_one_srun_task_per_node(slurm_cluster: Slurm
     assert (result.state, result.exit_code) == ("COMPLETED", 0), out
     lines = out.splitlines()
     [batch] = [_vars(line.removeprefix("batch ")) for line in lines if line.startswith("batch ")]
-    tasks = sorted((_vars(line.removeprefix("task ")) for line in lines if line.startswith("task ")),
-                   key=lambda t: t["SLURM_PROCID"])
+    tasks = sorted(
+        (_vars(line.removeprefix("task ")) for line in lines if line.startswith("task ")),
+        key=lambda t: t["SLURM_PROCID"],
+    )
     assert batch["SLURMD_NODENAME"] == "n1" and batch["SLURM_JOB_NUM_NODES"] == "2"
     # The batch script looks like task 0 of 2 (SLURM_PROCID=0, SLURM_NTASKS=2) but is no step: only srun tasks have
     # SLURM_STEP_ID and SLURM_STEP_NUM_TASKS. A launcher tells the two apart by those.
     assert (batch["SLURM_PROCID"], batch["SLURM_NTASKS"]) == ("0", "2")
     assert batch["SLURM_STEP_ID"] == batch["SLURM_STEP_NUM_TASKS"] == "unset"
     assert [(t["SLURM_PROCID"], t["SLURM_NODEID"], t["SLURMD_NODENAME"]) for t in tasks] == [
-        ("0", "0", "n1"), ("1", "1", "n2")]
+        ("0", "0", "n1"),
+        ("1", "1", "n2"),
+    ]
     assert {t["SLURM_STEP_NUM_TASKS"] for t in tasks} == {"2"} and {t["SLURM_STEP_ID"] for t in tasks} == {"0"}
 
 
@@ -69,7 +98,8 @@ def test_requeued_job_runs_again_within_the_short_delay(slurm_cluster: SlurmClus
         '  echo "requeue $(date +%s.%N)" >> runs.txt\n'
         "  scontrol requeue $SLURM_JOB_ID\n"
         "  sleep 60\n"  # killed by the requeue
-        "fi\n")
+        "fi\n"
+    )
     job = slurm_cluster.sbatch(["--requeue", "--output=out.txt", "job.sh"], cwd=tmp_path)
     started = time.monotonic()
     result = slurm_cluster.wait(job, timeout=60)

@@ -21,8 +21,20 @@ CPU_NODES = ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1"]
 
 def _submit(cluster: SlurmCluster, out: Path, *args: str) -> tuple[int, Path]:
     log = out.parent / f"{out.name}-slurm.out"
-    job = cluster.sbatch([*CPU_NODES, f"--output={log}", "launch/slurm/pretrain_llama.sbatch", "parameternet",
-                          "--output_dir", str(out), *TINY_ARGS, *args], cwd=REPO, env_extra={"SIZE": "tiny"})
+    job = cluster.sbatch(
+        [
+            *CPU_NODES,
+            f"--output={log}",
+            "launch/slurm/pretrain_llama.sbatch",
+            "parameternet",
+            "--output_dir",
+            str(out),
+            *TINY_ARGS,
+            *args,
+        ],
+        cwd=REPO,
+        env_extra={"SIZE": "tiny"},
+    )
     return job, log
 
 
@@ -32,7 +44,8 @@ def test_usr1_checkpoints_on_both_nodes_requeues_and_resumes(slurm_cluster: Slur
     deadline = time.time() + 300
     while not any(r["iteration"] >= 2 for r in train_records(out)):
         assert time.time() < deadline and slurm_cluster.job_info(job)["JobState"] in ("PENDING", "RUNNING"), (
-            log.read_text(errors="replace")[-4000:])
+            log.read_text(errors="replace")[-4000:]
+        )
         time.sleep(0.5)
     # What --signal=B:USR1@180 does before the time limit: USR1 to the batch script.
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", str(job)])
@@ -53,9 +66,25 @@ def test_usr1_checkpoints_on_both_nodes_requeues_and_resumes(slurm_cluster: Slur
 def test_srun_one_task_per_rank_runs_the_trainer_directly(slurm_cluster: SlurmCluster, tmp_path: Path):
     """Two tasks on one node (more tasks than nodes): each task is a rank, no DeepSpeed launcher starts."""
     out = tmp_path / "run"
-    proc = slurm_cluster.run(["srun", "--nodes=1", "--ntasks=2", "--overcommit", "bash", "launch/pretrain_llama.sh",
-                              "llama", "--output_dir", str(out), *TINY_ARGS, "--train_iters", "2"],
-                             timeout=300, cwd=REPO, env_extra={"SIZE": "tiny"})
+    proc = slurm_cluster.run(
+        [
+            "srun",
+            "--nodes=1",
+            "--ntasks=2",
+            "--overcommit",
+            "bash",
+            "launch/pretrain_llama.sh",
+            "llama",
+            "--output_dir",
+            str(out),
+            *TINY_ARGS,
+            "--train_iters",
+            "2",
+        ],
+        timeout=300,
+        cwd=REPO,
+        env_extra={"SIZE": "tiny"},
+    )
     assert "WORLD INFO DICT" not in proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["model"] == "llama-tiny"
@@ -64,12 +93,38 @@ def test_srun_one_task_per_rank_runs_the_trainer_directly(slurm_cluster: SlurmCl
 def test_srun_one_task_per_rank_trains_vision_too(slurm_cluster: SlurmCluster, tmp_path: Path):
     tiny_image_folder(tmp_path / "images")
     out = tmp_path / "vision"
-    proc = slurm_cluster.run(["srun", "--nodes=1", "--ntasks=2", "--overcommit", "bash", "launch/train_vision.sh",
-                              "--config", "fashion_mnist_tiny", "--dataset", "folder",
-                              "--data_dir", str(tmp_path / "images"), "--micro_batch_size", "2",
-                              "--global_batch_size", "4", "--train_iters", "2", "--num_workers", "0",
-                              "--progress_bar", "false", "--tensorboard", "false", "--output_dir", str(out)],
-                             timeout=300, cwd=REPO)
+    proc = slurm_cluster.run(
+        [
+            "srun",
+            "--nodes=1",
+            "--ntasks=2",
+            "--overcommit",
+            "bash",
+            "launch/train_vision.sh",
+            "--config",
+            "fashion_mnist_tiny",
+            "--dataset",
+            "folder",
+            "--data_dir",
+            str(tmp_path / "images"),
+            "--micro_batch_size",
+            "2",
+            "--global_batch_size",
+            "4",
+            "--train_iters",
+            "2",
+            "--num_workers",
+            "0",
+            "--progress_bar",
+            "false",
+            "--tensorboard",
+            "false",
+            "--output_dir",
+            str(out),
+        ],
+        timeout=300,
+        cwd=REPO,
+    )
     log = proc.stdout + proc.stderr
     assert "WORLD INFO DICT" not in log and " 2 rank(s)" in log and " 1 rank(s)" not in log, log[-3000:]
     assert json.loads((out / "summary.json").read_text())["iterations"] == 2

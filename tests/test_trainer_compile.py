@@ -12,9 +12,26 @@ from tests.trainer_utils import REPO, TINY_ARGS, losses_by_iteration
 
 def _pretrain(out: Path, compile_: bool) -> subprocess.CompletedProcess:
     # One rank without the launcher (init_distributed sets up a world of one): the compile path is rank-independent.
-    cmd = [sys.executable, "-m", "llm.pretrain", "--config", "tiny", "--model", "parameternet-llama-tiny",
-           *TINY_ARGS, "--train_iters", "3", "--global_batch_size", "2", "--export", "false",
-           "--compile", str(compile_).lower(), "--output_dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llm.pretrain",
+        "--config",
+        "tiny",
+        "--model",
+        "parameternet-llama-tiny",
+        *TINY_ARGS,
+        "--train_iters",
+        "3",
+        "--global_batch_size",
+        "2",
+        "--export",
+        "false",
+        "--compile",
+        str(compile_).lower(),
+        "--output_dir",
+        str(out),
+    ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 

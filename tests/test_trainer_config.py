@@ -25,9 +25,9 @@ from llm.train.config import (
     type_of,
     warnings_for,
 )
-from runtime.errors import first_rank_on_node, print_error
-from runtime.ds_config import complete_ds_config
 from llm.train.optim import lr_at
+from runtime.ds_config import complete_ds_config
+from runtime.errors import first_rank_on_node, print_error
 from runtime.slurm import expand_nodelist, node_env, rank_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,10 +44,27 @@ def test_every_yaml_preset_mirrors_the_cli_fields(preset):
 
 
 def test_cli_overrides_win_and_are_typed():
-    cfg = load_config("tiny", cli_overrides=["--lr", "3e-4", "--zero_stage", "2", "--activation_checkpointing",
-                                             "true", "--data_path", "0.3 a 0.7 b", "--train_tokens", "1e6",
-                                             "--train_iters", "none", "--model", "parameternet-llama-tiny",
-                                             "--model_overrides", '{"num_experts": 4}'])
+    cfg = load_config(
+        "tiny",
+        cli_overrides=[
+            "--lr",
+            "3e-4",
+            "--zero_stage",
+            "2",
+            "--activation_checkpointing",
+            "true",
+            "--data_path",
+            "0.3 a 0.7 b",
+            "--train_tokens",
+            "1e6",
+            "--train_iters",
+            "none",
+            "--model",
+            "parameternet-llama-tiny",
+            "--model_overrides",
+            '{"num_experts": 4}',
+        ],
+    )
     assert (cfg.lr, cfg.zero_stage, cfg.activation_checkpointing) == (3e-4, 2, True)
     assert cfg.data_path == ["0.3", "a", "0.7", "b"] and cfg.model_overrides == {"num_experts": 4}
     assert cfg.train_iters is None and cfg.resolved_train_iters() == 245  # ceil(1e6 / (16 * 256))
@@ -55,14 +72,29 @@ def test_cli_overrides_win_and_are_typed():
 
 def test_one_flag_style_dashes_equals_and_boolean_words():
     # The vision trainer reads the same way (runtime.config): underscores canonical, dashes accepted, --key=value.
-    cfg = load_config("tiny", cli_overrides=["--micro-batch-size", "4", "--global_batch_size=8", "--export=false",
-                                             "--data-path", "0.7", "a", "0.3", "b", "--tensorboard", "no"])
+    cfg = load_config(
+        "tiny",
+        cli_overrides=[
+            "--micro-batch-size",
+            "4",
+            "--global_batch_size=8",
+            "--export=false",
+            "--data-path",
+            "0.7",
+            "a",
+            "0.3",
+            "b",
+            "--tensorboard",
+            "no",
+        ],
+    )
     assert (cfg.micro_batch_size, cfg.global_batch_size, cfg.export, cfg.tensorboard) == (4, 8, False, False)
     assert cfg.data_path == ["0.7", "a", "0.3", "b"]
     with pytest.raises(ValueError, match=re.escape("--export needs a value: --export true or --export false")):
         load_config("tiny", cli_overrides=["--export", "--lr", "1e-3"])
-    with pytest.raises(ValueError, match=re.escape("unknown config key 'no-export' (booleans take a value: --export "
-                                                   "false)")):
+    with pytest.raises(
+        ValueError, match=re.escape("unknown config key 'no-export' (booleans take a value: --export false)")
+    ):
         load_config("tiny", cli_overrides=["--no-export=1"])
 
 
@@ -137,13 +169,17 @@ def test_yaml_with_wrong_type_is_refused(tmp_path):
         (["--ds_config", "zero9"], "ds_config: 'zero9' is neither a file nor one of runtime/ds_configs/"),
         (["--model", "llama-7b"], "model='llama-7b' is neither a preset"),
         (["--expert_parallel_size", "2"], "expert_parallel_size=2 needs a ParameterNet model"),
-        (["--model", "parameternet-llama-tiny", "--expert_parallel_size", "3"],
-         "expert_parallel_size=3 does not divide num_experts=8"),
+        (
+            ["--model", "parameternet-llama-tiny", "--expert_parallel_size", "3"],
+            "expert_parallel_size=3 does not divide num_experts=8",
+        ),
         (["--seq_len", "2048"], "seq_len=2048 exceeds the model's max_position_embeddings=1024"),
         (["--output_dir", ""], "output_dir='' is empty"),
-        (["--model_overrides", "{num_experts: 4}"],  # the JSON parse error is shown, not just "expected dict"
-         "--model_overrides '{num_experts: 4}': not valid JSON (Expecting property name enclosed in double quotes "
-         "at column 2)"),
+        (
+            ["--model_overrides", "{num_experts: 4}"],  # the JSON parse error is shown, not just "expected dict"
+            "--model_overrides '{num_experts: 4}': not valid JSON (Expecting property name enclosed in double quotes "
+            "at column 2)",
+        ),
         (["--model_overrides", "[4]"], "--model_overrides '[4]': expected a JSON object, got a JSON list"),
     ],
 )
@@ -180,13 +216,14 @@ def test_output_dir_that_is_a_file_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("train_iters: 3\nlr: [1, 2\nseed: 1\n",
-         "bad.yaml:3:5: not valid YAML (while parsing a flow sequence at line 2"),
+        (
+            "train_iters: 3\nlr: [1, 2\nseed: 1\n",
+            "bad.yaml:3:5: not valid YAML (while parsing a flow sequence at line 2",
+        ),
         ("train_iters: 3\n\tlr: 1\n", "bad.yaml:2:1: not valid YAML (found character '\\t'"),
         ("- 1\n- 2\n", "bad.yaml: expected a mapping of config keys (`key: value` lines), got list"),
         ("train_iters: 3\nlr: .nan\n", "lr=nan must be a finite number"),
-        ("train_iters: 3\nwramup_iters: 3\n",
-         "bad.yaml: unknown config key 'wramup_iters' (did you mean warmup_iters"),
+        ("train_iters: 3\nwramup_iters: 3\n", "bad.yaml: unknown config key 'wramup_iters' (did you mean warmup_iters"),
         ("train_iters: 2.5\n", "bad.yaml: train_iters=2.5: expected an integer"),
     ],
 )
@@ -207,8 +244,9 @@ def test_yaml_that_is_not_text_is_refused(tmp_path):
 def test_warmup_longer_than_the_run_is_said_not_refused():
     # Refusing it would break every short smoke run on the tiny preset (warmup 6); a warning is printed at start.
     cfg = load_config("tiny", cli_overrides=["--train_iters", "4"])
-    assert warnings_for(cfg) == ["warmup_iters=6 > train_iters=4: the learning rate never reaches lr=0.002; lower "
-                                 "--warmup_iters to at most 4"]
+    assert warnings_for(cfg) == [
+        "warmup_iters=6 > train_iters=4: the learning rate never reaches lr=0.002; lower --warmup_iters to at most 4"
+    ]
     assert warnings_for(load_config("tiny")) == []
 
 
@@ -218,15 +256,24 @@ def test_warmup_longer_than_the_run_is_said_not_refused():
 @pytest.mark.parametrize(
     "model, overrides, message",
     [
-        ("parameternet-llama-tiny", {"num_expertz": 4},
-         "unknown key 'num_expertz' for model='parameternet-llama-tiny' (ParameterNetLlamaConfig); did you mean "
-         "'num_experts'?"),
+        (
+            "parameternet-llama-tiny",
+            {"num_expertz": 4},
+            "unknown key 'num_expertz' for model='parameternet-llama-tiny' (ParameterNetLlamaConfig); did you mean "
+            "'num_experts'?",
+        ),
         ("llama-tiny", {"num_expertz": 4}, "did you mean 'num_experts' (ParameterNet models only)?"),
-        ("llama-tiny", {"num_experts": 4},
-         "'num_experts' applies only to ParameterNet models, but model='llama-tiny' is a vanilla LLaMA"),
+        (
+            "llama-tiny",
+            {"num_experts": 4},
+            "'num_experts' applies only to ParameterNet models, but model='llama-tiny' is a vanilla LLaMA",
+        ),
         ("llama-tiny", {"moe_projections": ["up_proj"]}, "'moe_projections' applies only to ParameterNet models"),
-        ("llama-tiny", {"hidden_sise": 64}, "unknown key 'hidden_sise' for model='llama-tiny' (LlamaConfig); did you "
-                                            "mean 'hidden_size'"),
+        (
+            "llama-tiny",
+            {"hidden_sise": 64},
+            "unknown key 'hidden_sise' for model='llama-tiny' (LlamaConfig); did you mean 'hidden_size'",
+        ),
         ("llama-tiny", {"model_type": "parameternet_llama"}, "model_type='parameternet_llama' cannot be overridden"),
         ("llama-tiny", {"return_dict": False}, "unknown key 'return_dict'"),
         ("parameternet-llama-tiny", {"num_experts": 0}, "num_experts=0 must be an integer >= 1"),
@@ -255,10 +302,22 @@ def test_model_overrides_are_checked_against_the_model_at_config_load(model, ove
 
 
 def test_valid_model_overrides_still_apply():
-    config = load_model_config("parameternet-llama-tiny", num_experts=4, top_k=2, capacity_factor=1.25,
-                               moe_projections=["up_proj", "down_proj"], rope_theta=5e5, hidden_size=128)
+    config = load_model_config(
+        "parameternet-llama-tiny",
+        num_experts=4,
+        top_k=2,
+        capacity_factor=1.25,
+        moe_projections=["up_proj", "down_proj"],
+        rope_theta=5e5,
+        hidden_size=128,
+    )
     assert (config.num_experts, config.top_k, config.capacity_factor, config.moe_projections, config.hidden_size) == (
-        4, 2, 1.25, ["up_proj", "down_proj"], 128)
+        4,
+        2,
+        1.25,
+        ["up_proj", "down_proj"],
+        128,
+    )
 
 
 # --- the CLI: one `error:` line per node, written whole; exit 2; nothing written ---------------------------------
@@ -292,8 +351,19 @@ E2E_CASES = {
     "malformed_yaml": (["--config", "{tmp}/bad.yaml"], "bad.yaml:3:5: not valid YAML"),
     "output_dir_is_a_file": (["--config", "tiny", "--output_dir", "{tmp}/out/file"], "is an existing file"),
     "negative_grad_clip": (["--config", "tiny", "--grad_clip", "-1", "--output_dir", "{tmp}/out"], "grad_clip=-1.0"),
-    "override_typo": (["--config", "tiny", "--model", "parameternet-llama-tiny", "--model_overrides",
-                       '{"num_expertz": 4}', "--output_dir", "{tmp}/out"], "unknown key 'num_expertz'"),
+    "override_typo": (
+        [
+            "--config",
+            "tiny",
+            "--model",
+            "parameternet-llama-tiny",
+            "--model_overrides",
+            '{"num_expertz": 4}',
+            "--output_dir",
+            "{tmp}/out",
+        ],
+        "unknown key 'num_expertz'",
+    ),
 }
 
 
@@ -305,8 +375,9 @@ def test_pretrain_cli_refuses_with_one_line_and_exit_2(tmp_path, case):
     (tmp_path / "out" / "file").write_text("keep me")
     before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "llm.pretrain", *argv], capture_output=True, text=True, cwd=REPO,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm.pretrain", *argv], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
@@ -315,17 +386,32 @@ def test_pretrain_cli_refuses_with_one_line_and_exit_2(tmp_path, case):
 
 
 def test_cli_unknown_key_exits_nonzero_with_message():
-    proc = subprocess.run([sys.executable, "-m", "llm.pretrain", "--config", "tiny", "--warmup", "3"],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm.pretrain", "--config", "tiny", "--warmup", "3"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "unknown config key 'warmup'" in proc.stderr and "warmup_iters" in proc.stderr
 
 
 def test_ds_config_is_completed_from_the_training_config_and_refuses_duplicates():
-    cfg = complete_ds_config("zero2", micro_batch_size=4, global_batch_size=32, data_parallel_size=2,
-                             precision="bf16", gradient_clipping=0.5, optimizer={"type": "AdamW", "params": {}})
+    cfg = complete_ds_config(
+        "zero2",
+        micro_batch_size=4,
+        global_batch_size=32,
+        data_parallel_size=2,
+        precision="bf16",
+        gradient_clipping=0.5,
+        optimizer={"type": "AdamW", "params": {}},
+    )
     assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (
-        32, 4, 4)
+        32,
+        4,
+        4,
+    )
     assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"] and cfg["gradient_clipping"] == 0.5
     assert cfg["zero_optimization"]["stage"] == 2
     with pytest.raises(ValueError, match="global_batch_size=30 is not divisible"):
@@ -337,8 +423,9 @@ def test_ds_config_is_completed_from_the_training_config_and_refuses_duplicates(
 
 
 def test_lr_schedule_warmup_cosine_linear_constant():
-    cfg = load_config("tiny", cli_overrides=["--train_iters", "110", "--warmup_iters", "10", "--lr", "1.0",
-                                             "--min_lr", "0.1"])
+    cfg = load_config(
+        "tiny", cli_overrides=["--train_iters", "110", "--warmup_iters", "10", "--lr", "1.0", "--min_lr", "0.1"]
+    )
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.55)  # cosine midpoint between lr and min_lr
     assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
@@ -360,7 +447,11 @@ def test_data_path_takes_megatrons_several_word_form_on_the_cli_and_in_yaml(tmp_
         return load_config("tiny", cli_overrides=list(args)).data_path
 
     assert data_path("--data_path", "0.7", "shards/a", "0.3", "shards/b", "--lr", "1e-3") == [
-        "0.7", "shards/a", "0.3", "shards/b"]
+        "0.7",
+        "shards/a",
+        "0.3",
+        "shards/b",
+    ]
     assert data_path("--data_path", "shards/corpus") == ["shards/corpus"]
     assert data_path("--data_path", "1.0 shards/corpus", "--seed", "3") == ["1.0", "shards/corpus"]  # quoted form
     assert data_path("--data_path=1.0 shards/corpus") == ["1.0", "shards/corpus"]
@@ -373,10 +464,21 @@ def test_data_path_takes_megatrons_several_word_form_on_the_cli_and_in_yaml(tmp_
 
 def test_slurm_nodelist_and_rank_variables_of_a_task_per_rank_step():
     assert expand_nodelist("gpu[01-03,07],cpu9") == ["gpu01", "gpu02", "gpu03", "gpu07", "cpu9"]
-    step = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
-            "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_NODELIST": "node[07-10]"}
-    assert rank_env(step) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node07",
-                              "MASTER_PORT": "24242"}
+    step = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_STEP_NODELIST": "node[07-10]",
+    }
+    assert rank_env(step) == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "node07",
+        "MASTER_PORT": "24242",
+    }
     assert rank_env({**step, "RANK": "0"}) == {}  # a launcher set the ranks already
     # One launcher per node (launch/common.sh): the same rendezvous, node rank from SLURM_NODEID.
     per_node = {**step, "SLURM_STEP_NUM_NODES": "4", "SLURM_NODEID": "2"}
@@ -421,8 +523,13 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path):
     (existing / "metrics.jsonl").write_text('{"kind": "train", "iteration": 5}\n')
     before = {p: p.read_bytes() for p in existing.rglob("*") if p.is_file()}
 
-    proc = subprocess.run([sys.executable, "-c", BAD_INPUTS, str(tmp_path / "runs"), str(existing)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", BAD_INPUTS, str(tmp_path / "runs"), str(existing)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "global_batch_size=6 is not a multiple of micro_batch_size=4" in results["indivisible"]

@@ -29,10 +29,12 @@ def weights(trainer):
 overrides = ["--seq_len", "32", "--micro_batch_size", "2", "--global_batch_size", "4", "--warmup_iters", "0",
              "--progress_bar", "false", "--export", "false", "--save_interval", "100", "--log_interval", "1",
              "--model", "parameternet-llama-tiny", "--model_overrides",
-             '{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4}']
+             '{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, '
+             '"num_key_value_heads": 4}']
 result = {}
 PoisonedTrainer.poison = {2}
-trainer = PoisonedTrainer(load_config("tiny", cli_overrides=overrides + ["--train_iters", "3", "--output_dir", sys.argv[1] + "/a"]))
+trainer = PoisonedTrainer(load_config("tiny", cli_overrides=overrides + ["--train_iters", "3",
+                                                                       "--output_dir", sys.argv[1] + "/a"]))
 batches = trainer._batches()
 w0 = weights(trainer)
 stats = []
@@ -45,7 +47,8 @@ result = {"skipped": stats,
           "changed_2": any(not torch.equal(result["w1"][k], result["w2"][k]) for k in w0),
           "changed_3": any(not torch.equal(result["w2"][k], result["w3"][k]) for k in w0)}
 PoisonedTrainer.poison = {1, 2, 3, 4}
-trainer = PoisonedTrainer(load_config("tiny", cli_overrides=overrides + ["--train_iters", "6", "--max_nonfinite_steps", "3", "--output_dir", sys.argv[1] + "/b"]))
+more = ["--train_iters", "6", "--max_nonfinite_steps", "3", "--output_dir", sys.argv[1] + "/b"]
+trainer = PoisonedTrainer(load_config("tiny", cli_overrides=overrides + more))
 try:
     trainer.train()
     result["abort"] = "no error"
@@ -57,8 +60,9 @@ print(json.dumps(result))
 
 
 def test_nonfinite_loss_skips_update_then_aborts(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True, cwd=REPO,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["skipped"] == [False, True, False]

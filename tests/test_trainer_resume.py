@@ -136,8 +136,13 @@ def test_export_loads_in_a_fresh_process_with_the_training_logits(straight_run, 
     x = torch.randint(3, 8000, (1, 12))
     with torch.no_grad():
         expected = model(input_ids=x).logits[0, -1]
-    proc = subprocess.run([sys.executable, "-c", FRESH, str(hf), json.dumps(x.tolist())], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH, str(hf), json.dumps(x.tolist())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["cls"] == "ParameterNetLlamaForCausalLM"
@@ -145,8 +150,9 @@ def test_export_loads_in_a_fresh_process_with_the_training_logits(straight_run, 
 
     # The standalone exporter gives the same directory from the checkpoint alone.
     again = tmp_path / "again"
-    proc = subprocess.run([sys.executable, "-m", "llm.export", str(straight_run), str(again)], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm.export", str(straight_run), str(again)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_file(again / "model.safetensors").keys() == load_file(hf / "model.safetensors").keys()
 
@@ -184,8 +190,13 @@ def test_expert_parallel_export_gathers_all_experts(ep_run, tmp_path):
     exported = load_file(ep_run / "hf" / "model.safetensors")
     assert all(torch.equal(exported[k], full[k]) for k in full)
     x = torch.randint(3, 8000, (1, 12))
-    proc = subprocess.run([sys.executable, "-c", FRESH, str(ep_run / "hf"), json.dumps(x.tolist())],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH, str(ep_run / "hf"), json.dumps(x.tolist())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     from llm.model import build_model, load_model_config
     from tests.trainer_utils import TINY_MODEL
@@ -194,16 +205,27 @@ def test_expert_parallel_export_gathers_all_experts(ep_run, tmp_path):
     model.load_state_dict(full)
     with torch.no_grad():
         expected = model(input_ids=x).logits[0, -1]
-    torch.testing.assert_close(torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1])["logits"]), expected,
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1])["logits"]), expected, atol=1e-5, rtol=0
+    )
 
 
 def test_resume_with_another_expert_parallel_size_is_refused(ep_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(ep_run, out)
     before = (out / "checkpoints" / "latest").read_text()
-    result = launch("parameternet", out, "--train_iters", str(ITERS + 4), "--save_interval", str(SAVE),
-                    "--zero_stage", "2", "--resume", "auto")
+    result = launch(
+        "parameternet",
+        out,
+        "--train_iters",
+        str(ITERS + 4),
+        "--save_interval",
+        str(SAVE),
+        "--zero_stage",
+        "2",
+        "--resume",
+        "auto",
+    )
     assert result.returncode != 0
     assert "was written with expert_parallel_size=2" in result.stdout and "--expert_parallel_size 2" in result.stdout
     assert (out / "checkpoints" / "latest").read_text() == before

@@ -15,8 +15,20 @@ def test_zero3_and_zero0_give_the_same_loss_curve(tmp_path):
     curves = {}
     for stage in (0, 3):
         out = tmp_path / f"zero{stage}"
-        result = launch("llama", out, "--train_iters", "6", "--zero_stage", str(stage), "--save_interval", "100",
-                        "--export", "false", "--activation_checkpointing", "true" if stage == 3 else "false")
+        result = launch(
+            "llama",
+            out,
+            "--train_iters",
+            "6",
+            "--zero_stage",
+            str(stage),
+            "--save_interval",
+            "100",
+            "--export",
+            "false",
+            "--activation_checkpointing",
+            "true" if stage == 3 else "false",
+        )
         assert result.returncode == 0, result.stdout[-4000:]
         curves[stage] = losses_by_iteration(out)
     assert list(curves[0]) == list(range(1, 7))
@@ -26,12 +38,26 @@ def test_zero3_and_zero0_give_the_same_loss_curve(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, stage", [("llama", 1), ("llama", 2), ("llama", 3), ("parameternet", 1),
-                                          ("parameternet", 2), ("parameternet", 3)])
+@pytest.mark.parametrize(
+    "model, stage",
+    [("llama", 1), ("llama", 2), ("llama", 3), ("parameternet", 1), ("parameternet", 2), ("parameternet", 3)],
+)
 def test_training_lowers_the_loss(tmp_path, model, stage):
     out = tmp_path / "run"
-    result = launch(model, out, "--train_iters", "16", "--zero_stage", str(stage), "--save_interval", "8",
-                    "--eval_interval", "8", "--lr", "3e-3")
+    result = launch(
+        model,
+        out,
+        "--train_iters",
+        "16",
+        "--zero_stage",
+        str(stage),
+        "--save_interval",
+        "8",
+        "--eval_interval",
+        "8",
+        "--lr",
+        "3e-3",
+    )
     assert result.returncode == 0, result.stdout[-4000:]
     losses = losses_by_iteration(out)
     first, last = sum(losses[i] for i in (1, 2)) / 2, sum(losses[i] for i in (15, 16)) / 2

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from runtime.config import REFUSE
+from vision.build import param_groups
 from vision.config import (
     ENGINE,
     FIELDS,
@@ -28,7 +29,6 @@ from vision.config import (
     validate,
 )
 from vision.data import SeededTransformDataset, TrainBatchSampler, build_datasets, build_transforms
-from vision.build import param_groups
 from vision.train import main, train
 
 _RANK_BEFORE = os.environ.get("RANK")
@@ -78,8 +78,23 @@ def test_presets_are_valid_and_use_only_cli_fields(preset: str) -> None:
 def test_every_field_is_a_flag_and_flags_override_the_preset() -> None:
     # One flag style with the LLM trainer: --key value or --key=value, dashes or underscores, booleans with a value.
     cfg = parse_config(
-        ["--config", "fashion_mnist_tiny", "--model", "ghostnet_tiny", "--lr", "1e-4", "--scale", "0.5", "1.0",
-         "--progress-bar", "false", "--layer_decay=0.7", "--ema", "true", "--local_rank=1"]
+        [
+            "--config",
+            "fashion_mnist_tiny",
+            "--model",
+            "ghostnet_tiny",
+            "--lr",
+            "1e-4",
+            "--scale",
+            "0.5",
+            "1.0",
+            "--progress-bar",
+            "false",
+            "--layer_decay=0.7",
+            "--ema",
+            "true",
+            "--local_rank=1",
+        ]
     )
     got = (cfg.model, cfg.lr, cfg.scale, cfg.progress_bar, cfg.layer_decay, cfg.ema)
     assert got == ("ghostnet_tiny", 1e-4, [0.5, 1.0], False, 0.7, True)
@@ -95,18 +110,38 @@ def test_every_numeric_field_has_a_checked_range_and_every_field_a_resume_policy
     covered = set(INT_MINIMUMS) | set(FLOAT_RANGES) | {"in_chans", "zero_stage", "min_lr"}  # choices; min_lr in [0, lr]
     assert numeric == covered, numeric ^ covered
     assert set(RESUME_POLICY) == set(FIELDS)
-    old_must_match = ("model", "num_experts", "num_classes", "in_chans", "img_size", "dataset", "train_subset",
-                      "epochs", "global_batch_size", "micro_batch_size", "seed", "precision", "ema")
+    old_must_match = (
+        "model",
+        "num_experts",
+        "num_classes",
+        "in_chans",
+        "img_size",
+        "dataset",
+        "train_subset",
+        "epochs",
+        "global_batch_size",
+        "micro_batch_size",
+        "seed",
+        "precision",
+        "ema",
+    )
     assert all(RESUME_POLICY[name][0] == REFUSE for name in old_must_match)
 
 
 def test_the_old_vision_flags_are_answered_with_their_new_names() -> None:
-    for old, new in (("--max-steps", "train_iters"), ("--clip_grad", "grad_clip"), ("--log-every", "log_interval"),
-                     ("--betas", "adam_beta1 and adam_beta2"), ("--min-lr-ratio", "min_lr")):
+    for old, new in (
+        ("--max-steps", "train_iters"),
+        ("--clip_grad", "grad_clip"),
+        ("--log-every", "log_interval"),
+        ("--betas", "adam_beta1 and adam_beta2"),
+        ("--min-lr-ratio", "min_lr"),
+    ):
         with pytest.raises(ValueError, match=re.escape(f"unknown config key '{old[2:]}' (renamed: use {new}")):
             parse_config([old, "1"])
-    with pytest.raises(ValueError, match=re.escape("unknown config key 'no-progress-bar' (booleans take a value: "
-                                                   "--progress_bar false)")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("unknown config key 'no-progress-bar' (booleans take a value: --progress_bar false)"),
+    ):
         parse_config(["--no-progress-bar=1"])
     with pytest.raises(ValueError, match=re.escape("--ema needs a value: --ema true or --ema false")):
         parse_config(["--ema", "--lr", "1e-3"])
@@ -274,11 +309,15 @@ def test_vision_output_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
     "argv, message",
     [
         (["--config", "{tmp}/bad.yaml"], "vision.train: error: {tmp}/bad.yaml:2:1: not valid YAML"),
-        (["--config", "{tmp}/typo.yaml"],
-         "vision.train: error: {tmp}/typo.yaml: unknown config key 'warmup_epoch' (did you mean warmup_epochs"),
+        (
+            ["--config", "{tmp}/typo.yaml"],
+            "vision.train: error: {tmp}/typo.yaml: unknown config key 'warmup_epoch' (did you mean warmup_epochs",
+        ),
         (["--lr", "abc"], "vision.train: error: --lr 'abc': expected float, e.g. --lr 0.002"),
-        (["--config", "no_such_preset"],
-         "vision.train: error: config='no_such_preset': no such file, nor a preset in vision/configs/"),
+        (
+            ["--config", "no_such_preset"],
+            "vision.train: error: config='no_such_preset': no such file, nor a preset in vision/configs/",
+        ),
         (["--config"], "vision.train: error: --config needs a value: a preset name (fashion_mnist_tiny"),
     ],
 )

@@ -16,7 +16,6 @@ from vision import summary
 from vision.models import MODEL_NAMES, STATIC_TWINS, DynamicConv
 from vision.summary import count_macs, count_params
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

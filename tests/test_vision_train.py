@@ -101,14 +101,16 @@ class Launch:
     def __init__(self, args: list[str], log_path: Path) -> None:
         self.log_path = log_path
         with log_path.open("w") as log:
-            self.proc = track(subprocess.Popen(
-                ["bash", str(LAUNCH), *args],
-                cwd=REPO,
-                env={**_env(), "NPROC": "2", "MASTER_PORT": str(free_port())},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # SIGKILL to the group reaches the launcher and both ranks
-            ))
+            self.proc = track(
+                subprocess.Popen(
+                    ["bash", str(LAUNCH), *args],
+                    cwd=REPO,
+                    env={**_env(), "NPROC": "2", "MASTER_PORT": str(free_port())},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # SIGKILL to the group reaches the launcher and both ranks
+                )
+            )
 
     def wait(self, timeout: float = 600) -> tuple[int, str]:
         code = self.proc.wait(timeout=timeout)
@@ -199,8 +201,9 @@ def _rank_pid(session: int, rank: int) -> int | None:
 
 
 @pytest.mark.distributed
-def test_a_stop_signal_to_one_rank_checkpoints_exits_0_and_the_run_resumes_from_it(image_tree: Path,
-                                                                                    tmp_path: Path) -> None:
+def test_a_stop_signal_to_one_rank_checkpoints_exits_0_and_the_run_resumes_from_it(
+    image_tree: Path, tmp_path: Path
+) -> None:
     """SIGTERM to rank 1 alone (as a scheduler's preemption may reach one process first): its flag travels in the
     step's all-reduce, so both ranks finish the same step, save one checkpoint together and exit 0; the same command
     then continues from that checkpoint to the end."""
@@ -308,12 +311,13 @@ def test_launcher_demo_prints_both_accuracies_side_by_side(tmp_path: Path) -> No
     """`bash launch/train_vision.sh` with no arguments, shortened through DEMO_ARGS (real Fashion-MNIST needed)."""
     if not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Debian's dataset-fashion-mnist is not installed (bash scripts/install_system_data.sh)")
-    env = dict(_env(), DEMO_DIR=str(tmp_path),
-               DEMO_ARGS="--train_subset 640 --val_subset 256 --epochs 1 --progress_bar false")
+    env = dict(
+        _env(), DEMO_DIR=str(tmp_path), DEMO_ARGS="--train_subset 640 --val_subset 256 --epochs 1 --progress_bar false"
+    )
     result = subprocess.run(["bash", str(LAUNCH)], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     # evals.compare's table, the static twin as the baseline: the delta column is ParameterNet's gain.
-    table = result.stdout[result.stdout.index("| Metric | ghostnet_tiny | parameternet_tiny |"):]
+    table = result.stdout[result.stdout.index("| Metric | ghostnet_tiny | parameternet_tiny |") :]
     assert "Top-1" in table and "Δ parameternet_tiny − ghostnet_tiny" in table
     report = json.loads((tmp_path / "compare" / "results.json").read_text())
     assert (tmp_path / "compare" / "report.md").is_file() and report["baseline"] == "ghostnet_tiny"

@@ -14,11 +14,33 @@ from runtime.dist import free_port  # also imported from here by the launch test
 REPO = Path(__file__).resolve().parents[1]
 
 # A model small enough that a 2-rank CPU run is dominated by start-up, on the real embedded corpus (vocab 8000).
-TINY_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 4}
-TINY_ARGS = ["--seq_len", "32", "--micro_batch_size", "2", "--global_batch_size", "8", "--log_interval", "1",
-             "--eval_interval", "1000", "--eval_iters", "1", "--warmup_iters", "2", "--progress_bar", "false",
-             "--model_overrides", json.dumps(TINY_MODEL)]
+TINY_MODEL = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+}
+TINY_ARGS = [
+    "--seq_len",
+    "32",
+    "--micro_batch_size",
+    "2",
+    "--global_batch_size",
+    "8",
+    "--log_interval",
+    "1",
+    "--eval_interval",
+    "1000",
+    "--eval_iters",
+    "1",
+    "--warmup_iters",
+    "2",
+    "--progress_bar",
+    "false",
+    "--model_overrides",
+    json.dumps(TINY_MODEL),
+]
 
 
 # Every process group a test started: the conftest kills what is left of them after each test, so a failed test
@@ -46,15 +68,31 @@ def kill_leftovers() -> None:
 def spawn(cmd: list[str], output_dir: Path, env: dict[str, str], log_name: str | None = None) -> subprocess.Popen:
     """Start `cmd` in the repo, in a process group of its own (tracked), its output appended to the run's log."""
     log = open(output_dir.parent / (log_name or f"{output_dir.name}.log"), "ab")
-    return track(subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True))
+    return track(
+        subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    )
 
 
-def launch(model: str, output_dir: Path, *extra: str, nproc: int = 2, wait: bool = True,
-           timeout: float = 600) -> subprocess.Popen | subprocess.CompletedProcess:
+def launch(
+    model: str, output_dir: Path, *extra: str, nproc: int = 2, wait: bool = True, timeout: float = 600
+) -> subprocess.Popen | subprocess.CompletedProcess:
     port = free_port()
-    cmd = ["bash", str(REPO / "launch" / "pretrain_llama.sh"), model, "--output_dir", str(output_dir),
-           *TINY_ARGS, *extra]
+    cmd = [
+        "bash",
+        str(REPO / "launch" / "pretrain_llama.sh"),
+        model,
+        "--output_dir",
+        str(output_dir),
+        *TINY_ARGS,
+        *extra,
+    ]
     proc = spawn(cmd, output_dir, {"NPROC": str(nproc), "MASTER_PORT": str(port)})
     proc.master_port = port  # type: ignore[attr-defined]  (names DeepSpeed's shm segments of this run)
     if not wait:
@@ -86,16 +124,18 @@ def losses_by_iteration(output_dir: Path) -> dict[int, float]:
     return {r["iteration"]: r["lm_loss"] for r in train_records(output_dir)}
 
 
-def wait_for_iteration(proc: subprocess.Popen, output_dir: Path, iteration: int, timeout: float = 600,
-                       skip: int = 0) -> None:
+def wait_for_iteration(
+    proc: subprocess.Popen, output_dir: Path, iteration: int, timeout: float = 600, skip: int = 0
+) -> None:
     """Wait until a train record with iteration >= `iteration` appears after the first `skip` records."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if any(r["iteration"] >= iteration for r in train_records(output_dir)[skip:]):
             return
         if proc.poll() is not None:
-            raise AssertionError(f"run ended (rc={proc.returncode}) before iteration {iteration}:\n"
-                                 f"{read_log(output_dir)[-3000:]}")
+            raise AssertionError(
+                f"run ended (rc={proc.returncode}) before iteration {iteration}:\n{read_log(output_dir)[-3000:]}"
+            )
         time.sleep(0.2)
     raise AssertionError(f"no iteration {iteration} within {timeout}s")
 

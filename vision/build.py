@@ -107,8 +107,14 @@ def build_mixup(cfg: TrainConfig, num_classes: int) -> Any:
 
     if cfg.mixup <= 0 and cfg.cutmix <= 0:
         return None
-    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                 switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+    return Mixup(
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        prob=cfg.mixup_prob,
+        switch_prob=cfg.mixup_switch_prob,
+        label_smoothing=cfg.label_smoothing,
+        num_classes=num_classes,
+    )
 
 
 def loss_fn(cfg: TrainConfig, mixing: bool) -> torch.nn.Module:

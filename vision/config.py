@@ -137,17 +137,41 @@ FLOAT_RANGES = {
     "grad_clip": FloatRange(0.0, True, math.inf, False, "the max global gradient norm; 0 turns clipping off"),
     "ema_decay": FloatRange(0.0, False, 1.0, False, "e.g. 0.9998"),
 }
-EXAMPLES = {"num_experts": "4", "num_classes": "1000", "init_from": "runs/vision/stage1", "mean": "0.5 0.5 0.5",
-            "std": "0.25 0.25 0.25", "train_iters": "1000", "layer_decay": "0.5", "ds_config": "zero1",
-            "data_dir": "/data/imagenet"}
+EXAMPLES = {
+    "num_experts": "4",
+    "num_classes": "1000",
+    "init_from": "runs/vision/stage1",
+    "mean": "0.5 0.5 0.5",
+    "std": "0.25 0.25 0.25",
+    "train_iters": "1000",
+    "layer_decay": "0.5",
+    "ds_config": "zero1",
+    "data_dir": "/data/imagenet",
+}
 # The vision trainer's flags before the shared vocabulary: an old flag is answered with its new name.
-RENAMED = {"clip_grad": "grad_clip", "log_every": "log_interval", "keep_checkpoints": "keep_last",
-           "save_every": "save_interval", "eval_every": "eval_interval_epochs", "max_steps": "train_iters",
-           "betas": "adam_beta1 and adam_beta2", "eps": "adam_eps",
-           "min_lr_ratio": "min_lr, an absolute learning rate (lr x the ratio)", "progress": "progress_bar"}
+RENAMED = {
+    "clip_grad": "grad_clip",
+    "log_every": "log_interval",
+    "keep_checkpoints": "keep_last",
+    "save_every": "save_interval",
+    "eval_every": "eval_interval_epochs",
+    "max_steps": "train_iters",
+    "betas": "adam_beta1 and adam_beta2",
+    "eps": "adam_eps",
+    "min_lr_ratio": "min_lr, an absolute learning rate (lr x the ratio)",
+    "progress": "progress_bar",
+}
 ENGINE: ConfigEngine[TrainConfig] = ConfigEngine(
-    TrainConfig, preset_dir=PRESET_DIR, prog="vision.train", choices=CHOICES, int_minimums=INT_MINIMUMS,
-    int_maximums=INT_MAXIMUMS, float_ranges=FLOAT_RANGES, examples=EXAMPLES, renamed=RENAMED)
+    TrainConfig,
+    preset_dir=PRESET_DIR,
+    prog="vision.train",
+    choices=CHOICES,
+    int_minimums=INT_MINIMUMS,
+    int_maximums=INT_MAXIMUMS,
+    float_ranges=FLOAT_RANGES,
+    examples=EXAMPLES,
+    renamed=RENAMED,
+)
 FIELDS = ENGINE.fields
 
 # How a resume treats each field whose value differs from the config saved with the checkpoint (runtime.checkpoint;
@@ -221,8 +245,9 @@ RESUME_POLICY: dict[str, tuple[str, str]] = {
 DATASET_PREFIXES = ("torch/",)
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                cli_overrides: list[str] | None = None) -> TrainConfig:
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, cli_overrides: list[str] | None = None
+) -> TrainConfig:
     """Defaults <- YAML file (a preset name in vision/configs/ or a path) <- `overrides` <- `--key value` pairs;
     validated."""
     config = ENGINE.load(path, overrides, cli_overrides)
@@ -247,8 +272,10 @@ def validate(cfg: TrainConfig) -> None:
     from vision.models import MODEL_NAMES, check_input_size
 
     if cfg.zero_stage == 3:  # before the generic choice check: the reason is worth saying
-        raise ValueError("zero_stage=3 is not supported here: ZeRO-3 partitions parameters, which the per-sample "
-                         "kernels of dynamic convolutions would gather every layer; use --zero_stage 1 or 2")
+        raise ValueError(
+            "zero_stage=3 is not supported here: ZeRO-3 partitions parameters, which the per-sample "
+            "kernels of dynamic convolutions would gather every layer; use --zero_stage 1 or 2"
+        )
     ENGINE.check_ranges(cfg)
     check_min_lr(cfg.lr, cfg.min_lr)
     if not timm.is_model(cfg.model):
@@ -288,8 +315,9 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.init_from is None and (cfg.init_from_ema or cfg.keep_classifier):
         flag = "init_from_ema" if cfg.init_from_ema else "keep_classifier"
-        raise ValueError(f"{flag}=true needs init_from (a previous run directory or .safetensors file); set it, "
-                         f"or drop {flag}")
+        raise ValueError(
+            f"{flag}=true needs init_from (a previous run directory or .safetensors file); set it, or drop {flag}"
+        )
     from runtime.ds_config import resolve_ds_config_path
 
     resolve_ds_config_path(ds_config_name(cfg))

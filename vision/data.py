@@ -33,7 +33,6 @@ from runtime.fsutil import temp_path_for
 from runtime.paths import default_data_dir
 from vision.config import TrainConfig
 
-
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -142,9 +141,7 @@ def check_image_folder(split_dir: Path) -> list[str]:
     if not classes:
         raise ValueError(f"{split_dir}: no class folders; expected {split_dir}/<class name>/<images>")
     for name in classes:
-        has_image = any(
-            f.suffix.lower() in IMAGE_EXTENSIONS for f in (split_dir / name).rglob("*") if f.is_file()
-        )
+        has_image = any(f.suffix.lower() in IMAGE_EXTENSIONS for f in (split_dir / name).rglob("*") if f.is_file())
         if not has_image:
             raise ValueError(
                 f"{split_dir / name}: class folder '{name}' has no images ({', '.join(IMAGE_EXTENSIONS)}); "

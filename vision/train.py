@@ -32,18 +32,32 @@ import torch.distributed as dist
 
 from runtime import collectives
 from runtime.checkpoint import resume_from, save_checkpoint, tag_for
-from runtime.errors import print_error
 from runtime.dist import PreemptionFlag, init_distributed, set_cpu_threads
 from runtime.ds_config import gradient_accumulation_steps
-from runtime.errors import TrainingError
+from runtime.errors import TrainingError, print_error
 from runtime.metrics import MetricsLogger
 from runtime.rundir import CHECKPOINTS, write_config, write_summary
 from runtime.slurm import rank_env
-from vision.build import (Prepared, build_mixup, derived_seed, ds_config, loss_fn, param_groups, prepare, seed_all,
-                          settings_check)
+from vision.build import (
+    Prepared,
+    build_mixup,
+    derived_seed,
+    ds_config,
+    loss_fn,
+    param_groups,
+    prepare,
+    seed_all,
+    settings_check,
+)
 from vision.config import ENGINE, TrainConfig, load_config, to_dict
-from vision.data import (EvalBatchSampler, SeededTransformDataset, TrainBatchSampler, build_transforms, make_loader,
-                         resolve_mean_std)
+from vision.data import (
+    EvalBatchSampler,
+    SeededTransformDataset,
+    TrainBatchSampler,
+    build_transforms,
+    make_loader,
+    resolve_mean_std,
+)
 from vision.evaluate import evaluate, sync_batchnorm
 from vision.weights import EMA_WEIGHTS, WEIGHTS, save_weights
 
@@ -77,8 +91,10 @@ class Trainer:
         self.is_main = self.rank == 0
         self.grad_accum = gradient_accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, self.world)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=prep.model, model_parameters=param_groups(prep.model, cfg),
-            config=ds_config(cfg, self.world, prep.steps_per_epoch))
+            model=prep.model,
+            model_parameters=param_groups(prep.model, cfg),
+            config=ds_config(cfg, self.world, prep.steps_per_epoch),
+        )
         self.device = self.engine.device
         self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         self.ema = None
@@ -142,11 +158,20 @@ class Trainer:
             return
         self.saved_iteration = self.pos.iteration
         sync_batchnorm(self._modules(), self.world)
-        client_state = {"position": asdict(self.pos),
-                        "ema": self.ema.module.state_dict() if self.ema is not None else None}
+        client_state = {
+            "position": asdict(self.pos),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+        }
         position = {"epoch": self.pos.epoch, "step_in_epoch": self.pos.step_in_epoch}
-        save_checkpoint(self.engine, self.ckpt_root, self.pos.iteration, client_state, self.cfg.keep_last,
-                        to_dict(self.cfg), manifest_extra=position)
+        save_checkpoint(
+            self.engine,
+            self.ckpt_root,
+            self.pos.iteration,
+            client_state,
+            self.cfg.keep_last,
+            to_dict(self.cfg),
+            manifest_extra=position,
+        )
 
     def evaluate(self) -> dict[str, Any]:
         sync_batchnorm(self._modules(), self.world)
@@ -158,8 +183,10 @@ class Trainer:
         self.metrics.log(record)
         if self.is_main:
             ema_text = f", EMA top-1 {record['ema_top1']:.2f}" if self.ema is not None else ""
-            say(f"epoch {self.pos.epoch} iteration {self.pos.iteration}: val top-1 {record['top1']:.2f} top-5 "
-                f"{record['top5']:.2f} loss {record['val_loss']:.4f}{ema_text}")
+            say(
+                f"epoch {self.pos.epoch} iteration {self.pos.iteration}: val top-1 {record['top1']:.2f} top-5 "
+                f"{record['top5']:.2f} loss {record['val_loss']:.4f}{ema_text}"
+            )
         self.last_eval = record
         return record
 
@@ -192,7 +219,8 @@ class Trainer:
         if not math.isfinite(loss_value):
             raise TrainingError(
                 f"loss is {loss_value} at epoch {pos.epoch} iteration {pos.iteration + 1}; lower --lr (now {cfg.lr}) "
-                f"or use --precision fp32, in a new --output_dir or from the last checkpoint (--resume auto)")
+                f"or use --precision fp32, in a new --output_dir or from the last checkpoint (--resume auto)"
+            )
         pos.step_in_epoch += 1
         pos.iteration += 1
         if self.ema is not None:
@@ -205,12 +233,25 @@ class Trainer:
         from tqdm import tqdm
 
         cfg, pos, steps = self.cfg, self.pos, self.prep.steps_per_epoch
-        sampler = TrainBatchSampler(self.prep.train_indices, seed=cfg.seed, epoch=pos.epoch,
-                                    micro_batch_size=cfg.micro_batch_size, world_size=self.world, rank=self.rank,
-                                    grad_accum=self.grad_accum, start_step=pos.step_in_epoch)
+        sampler = TrainBatchSampler(
+            self.prep.train_indices,
+            seed=cfg.seed,
+            epoch=pos.epoch,
+            micro_batch_size=cfg.micro_batch_size,
+            world_size=self.world,
+            rank=self.rank,
+            grad_accum=self.grad_accum,
+            start_step=pos.step_in_epoch,
+        )
         batches = iter(make_loader(self.train_ds, sampler, cfg.num_workers))
-        bar = tqdm(total=steps, initial=pos.step_in_epoch, desc=f"epoch {pos.epoch}", dynamic_ncols=True,
-                   disable=not (self.is_main and cfg.progress_bar), mininterval=1.0)
+        bar = tqdm(
+            total=steps,
+            initial=pos.step_in_epoch,
+            desc=f"epoch {pos.epoch}",
+            dynamic_ncols=True,
+            disable=not (self.is_main and cfg.progress_bar),
+            mininterval=1.0,
+        )
         window_start, window_images = time.time(), 0
         while pos.step_in_epoch < steps and pos.iteration < last_iteration:
             self.last_loss, stop = self.step(batches)
@@ -220,8 +261,16 @@ class Trainer:
             if pos.iteration % cfg.log_interval == 0:
                 lr = max(self.scheduler.get_last_lr()) if self.scheduler is not None else cfg.lr
                 rate = window_images / max(time.time() - window_start, 1e-9)
-                self.metrics.log({"kind": "train", "iteration": pos.iteration, "epoch": pos.epoch,
-                                  "loss": self.last_loss, "lr": lr, "images_per_s": rate})
+                self.metrics.log(
+                    {
+                        "kind": "train",
+                        "iteration": pos.iteration,
+                        "epoch": pos.epoch,
+                        "loss": self.last_loss,
+                        "lr": lr,
+                        "images_per_s": rate,
+                    }
+                )
                 window_start, window_images = time.time(), 0
             epoch_end = pos.step_in_epoch == steps
             if epoch_end:
@@ -234,8 +283,10 @@ class Trainer:
             if stop:  # a signal on any rank, gathered by the step's all-reduce
                 self.stopped = True
                 if self.is_main:
-                    say(f"stop signal: checkpoint of iteration {pos.iteration} saved; exiting (the same command "
-                        f"resumes)")
+                    say(
+                        f"stop signal: checkpoint of iteration {pos.iteration} saved; exiting (the same command "
+                        f"resumes)"
+                    )
             if stop or epoch_end:
                 break  # the next epoch has another sample order: a new sampler
         bar.close()
@@ -260,11 +311,19 @@ class Trainer:
     def _finish(self, last_eval: dict[str, Any], seconds: float) -> dict[str, Any]:
         cfg, module = self.cfg, self.engine.module
         summary = {
-            "task": "vision", "model": cfg.model, "total_params": sum(p.numel() for p in module.parameters()),
-            "macs": self.prep.macs, "img_size": cfg.img_size, "num_classes": self.prep.num_classes,
-            "num_experts": getattr(module, "num_experts", None), "iterations": self.pos.iteration,
-            "epochs": round(self.pos.iteration / self.prep.steps_per_epoch, 4), "seed": cfg.seed,
-            "world_size": self.world, "final_val_loss": last_eval["val_loss"], "top1": last_eval["top1"],
+            "task": "vision",
+            "model": cfg.model,
+            "total_params": sum(p.numel() for p in module.parameters()),
+            "macs": self.prep.macs,
+            "img_size": cfg.img_size,
+            "num_classes": self.prep.num_classes,
+            "num_experts": getattr(module, "num_experts", None),
+            "iterations": self.pos.iteration,
+            "epochs": round(self.pos.iteration / self.prep.steps_per_epoch, 4),
+            "seed": cfg.seed,
+            "world_size": self.world,
+            "final_val_loss": last_eval["val_loss"],
+            "top1": last_eval["top1"],
             "top5": last_eval["top5"],
             "train_loss": self.last_loss if math.isfinite(self.last_loss) else None,  # None: no step in this process
             "seconds": round(seconds, 1),
@@ -301,8 +360,9 @@ def world_size() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, code = ENGINE.parse_command_line(argv, lambda path, pairs: load_config(path, cli_overrides=pairs),
-                                          __doc__ or "")
+    cfg, code = ENGINE.parse_command_line(
+        argv, lambda path, pairs: load_config(path, cli_overrides=pairs), __doc__ or ""
+    )
     if cfg is None:
         return code
     try:

@@ -21,8 +21,9 @@ EMA_WEIGHTS = "model_ema.safetensors"
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """fp32 safetensors, written to a temporary name and renamed."""
-    tensors = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in state_dict.items()}
+    tensors = {
+        k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state_dict.items()
+    }
     fsutil.save_safetensors_atomic(tensors, path, metadata=metadata)
 
 

@@ -17,8 +17,9 @@ import functools
 import gzip
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import datasets
 
@@ -127,7 +128,7 @@ SPLITS: dict[str, tuple[str, Callable[[], datasets.Dataset]]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_dataset(name: str) -> datasets.DatasetDict:
     """The offline dataset for benchmark `name` as a DatasetDict holding the split its task evaluates on.
 

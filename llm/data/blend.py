@@ -38,16 +38,19 @@ def blend_indices(weights: Sequence[float], num_samples: int) -> tuple[np.ndarra
 class BlendedDataset(torch.utils.data.Dataset):
     """Interleaves several datasets by weight (see `blend_indices`)."""
 
-    def __init__(self, datasets: Sequence[torch.utils.data.Dataset | None], weights: Sequence[float],
-                 num_samples: int) -> None:
+    def __init__(
+        self, datasets: Sequence[torch.utils.data.Dataset | None], weights: Sequence[float], num_samples: int
+    ) -> None:
         self.datasets = list(datasets)
         self.weights = list(weights)
         self.dataset_index, self.dataset_sample_index = blend_indices(weights, num_samples)
         counts = np.bincount(self.dataset_index, minlength=len(self.datasets))
         for source, (dataset, needed) in enumerate(zip(self.datasets, counts)):
             if needed and (dataset is None or len(dataset) < needed):
-                raise ValueError(f"blend source {source} supplies {0 if dataset is None else len(dataset)} samples "
-                                 f"but the blend needs {needed}")
+                raise ValueError(
+                    f"blend source {source} supplies {0 if dataset is None else len(dataset)} samples "
+                    f"but the blend needs {needed}"
+                )
 
     def __len__(self) -> int:
         return int(self.dataset_index.size)

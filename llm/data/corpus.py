@@ -79,12 +79,17 @@ def _load_ready(corpus_dir: Path, vocab_size: int, expected: dict) -> DefaultCor
         return None
     tokenizer_dir = corpus_dir / manifest["tokenizer_dir"]
     prefix = corpus_dir / manifest["prefix"]
-    needed = [tokenizer_dir / "tokenizer.json", tokenizer_dir / "tokenizer.model", Path(f"{prefix}.bin"),
-              Path(f"{prefix}.idx")]
+    needed = [
+        tokenizer_dir / "tokenizer.json",
+        tokenizer_dir / "tokenizer.model",
+        Path(f"{prefix}.bin"),
+        Path(f"{prefix}.idx"),
+    ]
     if not all(p.is_file() for p in needed):
         return None
-    return DefaultCorpus(tokenizer_dir, str(prefix), vocab_size, DEFAULT_SPLIT, manifest["num_documents"],
-                         manifest["num_tokens"])
+    return DefaultCorpus(
+        tokenizer_dir, str(prefix), vocab_size, DEFAULT_SPLIT, manifest["num_documents"], manifest["num_tokens"]
+    )
 
 
 def ensure_default_corpus(data_dir: str | Path | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE) -> DefaultCorpus:
@@ -113,8 +118,9 @@ def _build(corpus_dir: Path, files: list[Path], vocab_size: int, expected: dict)
     # A stale build (another corpus version) is replaced; claim_output still refuses anything that is not ours.
     train_tokenizer(files[train_start:train_end], vocab_size, tokenizer_dir, overwrite=True)
     prefix = corpus_dir / f"{CORPUS_NAME}-{vocab_size}"
-    stats = prepare_corpus_with_stats(files, tokenizer_dir, prefix, num_proc=2, text_unit="document",
-                                      show_progress=False, overwrite=True)
+    stats = prepare_corpus_with_stats(
+        files, tokenizer_dir, prefix, num_proc=2, text_unit="document", show_progress=False, overwrite=True
+    )
     manifest = expected | {
         "tokenizer_dir": tokenizer_dir.name,
         "prefix": prefix.name,
@@ -129,7 +135,11 @@ def _build(corpus_dir: Path, files: list[Path], vocab_size: int, expected: dict)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llm.data.corpus", description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", default=None, help=f"default: ${DATA_DIR_ENV}, else <repo>/data in a checkout, else ~/.cache/parameternet/data")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"default: ${DATA_DIR_ENV}, else <repo>/data in a checkout, else ~/.cache/parameternet/data",
+    )
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     args = parser.parse_args(argv)
     try:

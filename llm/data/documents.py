@@ -43,8 +43,10 @@ def resolve_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         else:
             missing.append(text)
     if missing:
-        raise FileNotFoundError(f"--input: corpus input(s) not found: {', '.join(missing)}; give existing files, or a "
-                                f"quoted glob that matches some")
+        raise FileNotFoundError(
+            f"--input: corpus input(s) not found: {', '.join(missing)}; give existing files, or a "
+            f"quoted glob that matches some"
+        )
     return paths
 
 
@@ -71,8 +73,10 @@ def check_local_inputs(inputs: Sequence[str | Path], text_unit: str = "document"
     paths = resolve_inputs(inputs)
     formats = {_format_of(p) for p in paths}
     if len(formats) != 1:
-        raise ValueError(f"inputs mix formats {sorted(formats)}; prepare each format into its own shard prefix "
-                         f"and blend them at training time")
+        raise ValueError(
+            f"inputs mix formats {sorted(formats)}; prepare each format into its own shard prefix "
+            f"and blend them at training time"
+        )
     if text_unit not in TEXT_UNITS:
         raise ValueError(f"text_unit={text_unit!r}; use one of {TEXT_UNITS}")
     return paths, formats.pop()
@@ -97,8 +101,10 @@ def load_corpus(
         try:
             corpus = datasets.load_dataset(dataset_name, dataset_config, split=dataset_split)
         except Exception as err:  # offline, unknown name, wrong config: datasets raises many types
-            raise ValueError(f"could not load hub dataset {dataset_name!r} (config {dataset_config!r}, split "
-                             f"{dataset_split!r}): {err}. Offline? Download it once, or pass local files") from err
+            raise ValueError(
+                f"could not load hub dataset {dataset_name!r} (config {dataset_config!r}, split "
+                f"{dataset_split!r}): {err}. Offline? Download it once, or pass local files"
+            ) from err
     else:
         paths, fmt = check_local_inputs(inputs, text_unit)
         if fmt == "save_to_disk":
@@ -110,12 +116,16 @@ def load_corpus(
             files = [str(p) for p in paths]
             extra = {"sample_by": text_unit, "keep_linebreaks": True} if fmt == "text" else {}
             corpus = datasets.load_dataset(
-                fmt, data_files=files, split="train", cache_dir=None if cache_dir is None else str(cache_dir),
+                fmt,
+                data_files=files,
+                split="train",
+                cache_dir=None if cache_dir is None else str(cache_dir),
                 **extra,
             )
             if fmt == "text" and text_key != "text":
                 corpus = corpus.rename_column("text", text_key)  # the text builder always names it 'text'
     if text_key not in corpus.column_names:
-        raise ValueError(f"the corpus has no field {text_key!r} (fields: {corpus.column_names}); pick one with "
-                         f"--text-key")
+        raise ValueError(
+            f"the corpus has no field {text_key!r} (fields: {corpus.column_names}); pick one with --text-key"
+        )
     return corpus

@@ -50,8 +50,10 @@ class GPTDataset(torch.utils.data.Dataset):
         self.seed = seed
         start, end = self.document_range
         if not 0 <= start < end <= indexed.num_documents:
-            raise ValueError(f"{split_name} split of {indexed.prefix} has documents [{start}, {end}) of "
-                             f"{indexed.num_documents}: no documents; change the split")
+            raise ValueError(
+                f"{split_name} split of {indexed.prefix} has documents [{start}, {end}) of "
+                f"{indexed.num_documents}: no documents; change the split"
+            )
         sequences = expand_documents(indexed.document_indices, np.arange(start, end))
         self.tokens_per_epoch = int(indexed.sizes[sequences].astype(np.int64).sum())
         self.samples_per_epoch = (self.tokens_per_epoch - 1) // seq_len
@@ -68,8 +70,15 @@ class GPTDataset(torch.utils.data.Dataset):
         self.num_samples = int(num_samples)
         self.num_epochs = -(-self.num_samples // self.samples_per_epoch)
         self.cache_dir = resolve_cache_dir(indexed.prefix, cache_dir)
-        self._cache = IndexCache(indexed, split_name, self.document_range, seq_len, seed, self.cache_dir,
-                                 fingerprint or shard_fingerprint(indexed))
+        self._cache = IndexCache(
+            indexed,
+            split_name,
+            self.document_range,
+            seq_len,
+            seed,
+            self.cache_dir,
+            fingerprint or shard_fingerprint(indexed),
+        )
         self._index = self._cache.load_or_build(self.num_epochs, self.samples_per_epoch, self.tokens_per_epoch)
 
     # Pickled without the index arrays (they can be large): the copy memory-maps the same cache files again.
@@ -80,8 +89,10 @@ class GPTDataset(torch.utils.data.Dataset):
         self.__dict__.update(state)
         index = self._cache.load(self.num_epochs, self.samples_per_epoch)
         if index is None:
-            raise FileNotFoundError(f"index cache {self._cache.stem()}.* vanished or changed since this dataset "
-                                    f"was built; build the datasets again")
+            raise FileNotFoundError(
+                f"index cache {self._cache.stem()}.* vanished or changed since this dataset "
+                f"was built; build the datasets again"
+            )
         self._index = index
 
     # -- access ------------------------------------------------------------------------------------------------
@@ -189,8 +200,16 @@ def build_datasets(
             continue
 
         def make(source: int, count: int | None) -> GPTDataset:
-            return GPTDataset(shards[source], split_name, ranges[source][split_index], seq_len, seed, count,
-                              cache_dir=cache_dirs[source], fingerprint=fingerprints[source])
+            return GPTDataset(
+                shards[source],
+                split_name,
+                ranges[source][split_index],
+                seq_len,
+                seed,
+                count,
+                cache_dir=cache_dirs[source],
+                fingerprint=fingerprints[source],
+            )
 
         has_docs = [r[split_index][1] > r[split_index][0] for r in ranges]
         if len(shards) == 1:
@@ -202,16 +221,18 @@ def build_datasets(
 
         if norm_weights is None:
             token_counts = [
-                int(s.sizes[expand_documents(s.document_indices, np.arange(*r[split_index]))].sum()) for s, r in
-                zip(shards, ranges)
+                int(s.sizes[expand_documents(s.document_indices, np.arange(*r[split_index]))].sum())
+                for s, r in zip(shards, ranges)
             ]
             split_weights = [c / max(sum(token_counts), 1) for c in token_counts]
         else:
             split_weights = list(norm_weights)
         missing = [prefixes[i] for i, w in enumerate(split_weights) if w > 0 and not has_docs[i]]
         if missing:
-            raise ValueError(f"the {split_name} split is empty in {missing} although their blend weight is positive; "
-                             f"change the split or the weights")
+            raise ValueError(
+                f"the {split_name} split is empty in {missing} although their blend weight is positive; "
+                f"change the split or the weights"
+            )
         if sum(split_weights) <= 0:
             results.append(None)
             continue

@@ -205,8 +205,13 @@ class IndexCache:
         sequence_base = sample_base = 0
         for epoch in range(num_epochs):
             seq, pos, off, order = build_epoch(
-                self.indexed.sizes, self.indexed.document_indices, self.document_range, self.seq_len,
-                self.seed, split_index, epoch,
+                self.indexed.sizes,
+                self.indexed.document_indices,
+                self.document_range,
+                self.seq_len,
+                self.seed,
+                split_index,
+                epoch,
             )
             sequences.append(seq)
             samples.append(np.stack([pos + sequence_base, off], axis=1))

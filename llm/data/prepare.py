@@ -44,8 +44,15 @@ def claim_shard(prefix: str, overwrite: bool) -> bool:
     # Sidecars written before "written_by" existed carry the format line, which no corpus file has.
     ours = sidecar is not None and (sidecar.get("written_by") == TOOL or sidecar.get("format") == SHARD_FORMAT)
     files = [data_path(prefix), index_path(prefix), sidecar_path(prefix)]
-    return claim_output(prefix, overwrite=overwrite, flag="--output-prefix", tool=TOOL, proof=sidecar_path(prefix),
-                        files=files, owned=ours)
+    return claim_output(
+        prefix,
+        overwrite=overwrite,
+        flag="--output-prefix",
+        tool=TOOL,
+        proof=sidecar_path(prefix),
+        files=files,
+        owned=ours,
+    )
 
 
 @dataclass
@@ -91,8 +98,11 @@ class _Encoder:
             if not text.strip():
                 out.append([])  # dropped at write time and counted
                 continue
-            out.append(([self.bos_id] if self.bos_id is not None else []) + doc
-                       + ([self.eos_id] if self.eos_id is not None else []))
+            out.append(
+                ([self.bos_id] if self.bos_id is not None else [])
+                + doc
+                + ([self.eos_id] if self.eos_id is not None else [])
+            )
         return {"input_ids": out}
 
 
@@ -111,8 +121,9 @@ def tokenizer_info(tokenizer_dir: str | Path) -> tuple[int, int | None, int | No
     """(vocab size, bos id, eos id) of a tokenizer directory."""
     tokenizer_dir = Path(tokenizer_dir)
     if not tokenizer_dir.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {tokenizer_dir} not found; train one with "
-                                f"`python -m llm.data.tokenizer train`")
+        raise FileNotFoundError(
+            f"tokenizer directory {tokenizer_dir} not found; train one with `python -m llm.data.tokenizer train`"
+        )
     tok = _open_tokenizer(tokenizer_dir)
     if hasattr(tok, "encode_as_ids"):
         bos, eos = tok.bos_id(), tok.eos_id()
@@ -166,18 +177,28 @@ def prepare_corpus_with_stats(
     # Local files are converted to arrow in a private scratch folder (removed afterwards) rather than the user's
     # HF cache: no stale cache entries, and two concurrent runs never share one.
     # A failure below removes the directories created for the shard, so a refused corpus leaves nothing behind.
-    with created_dirs_removed_on_error(Path(prefix).parent), \
-            tempfile.TemporaryDirectory(prefix=".prepare-", dir=Path(prefix).parent) as scratch:
+    with (
+        created_dirs_removed_on_error(Path(prefix).parent),
+        tempfile.TemporaryDirectory(prefix=".prepare-", dir=Path(prefix).parent) as scratch,
+    ):
         corpus = load_corpus(
-            inputs, text_key=text_key, text_unit=text_unit, dataset_name=dataset_name,
-            dataset_config=dataset_config, dataset_split=dataset_split,
+            inputs,
+            text_key=text_key,
+            text_unit=text_unit,
+            dataset_name=dataset_name,
+            dataset_config=dataset_config,
+            dataset_split=dataset_split,
             cache_dir=None if dataset_name else Path(scratch) / "hf",
         )
         if len(corpus) == 0:
             raise ValueError(f"the corpus {list(map(str, inputs)) or dataset_name} is empty (0 records)")
         workers = min(num_proc, len(corpus))
-        encoder = _Encoder(str(Path(tokenizer_dir).resolve()), bos_id if prepend_bos else None,
-                           eos_id if append_eos else None, threads=1 if workers > 1 else -1)
+        encoder = _Encoder(
+            str(Path(tokenizer_dir).resolve()),
+            bos_id if prepend_bos else None,
+            eos_id if append_eos else None,
+            threads=1 if workers > 1 else -1,
+        )
         tokenized = corpus.map(
             encoder,
             fn_kwargs={"text_key": text_key},
@@ -193,8 +214,9 @@ def prepare_corpus_with_stats(
         documents = skipped = tokens = 0
         dtype = dtype_for_vocab(vocab_size)
         with IndexedDatasetBuilder(prefix, dtype=dtype) as builder:
-            bar = tqdm(total=len(tokenized), desc=f"writing {Path(prefix).name}.bin", unit="doc",
-                       disable=not show_progress)
+            bar = tqdm(
+                total=len(tokenized), desc=f"writing {Path(prefix).name}.bin", unit="doc", disable=not show_progress
+            )
             for table in tokenized.with_format("arrow").iter(batch_size=_WRITE_BATCH):
                 column = table.column("input_ids").combine_chunks()
                 lengths = column.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
@@ -207,23 +229,37 @@ def prepare_corpus_with_stats(
                 bar.update(len(lengths))
             bar.close()
             if documents == 0:
-                raise ValueError(f"the corpus {list(map(str, inputs)) or dataset_name} holds no non-empty "
-                                 f"documents in field {text_key!r}")
+                raise ValueError(
+                    f"the corpus {list(map(str, inputs)) or dataset_name} holds no non-empty "
+                    f"documents in field {text_key!r}"
+                )
     seconds = time.perf_counter() - started
-    stats = PrepareStats(prefix, documents, skipped, tokens, np.dtype(dtype).name, vocab_size, round(seconds, 3),
-                         round(tokens / seconds, 1))
+    stats = PrepareStats(
+        prefix,
+        documents,
+        skipped,
+        tokens,
+        np.dtype(dtype).name,
+        vocab_size,
+        round(seconds, 3),
+        round(tokens / seconds, 1),
+    )
     _write_sidecar(prefix, stats, tokenizer_dir, inputs, dataset_name)
     return stats
 
 
 def _write_sidecar(prefix: str, stats: PrepareStats, tokenizer_dir, inputs, dataset_name) -> None:
     """`prefix.json`: which tokenizer and inputs produced the shard (for humans; loaders do not need it)."""
-    meta = {"written_by": TOOL} | asdict(stats) | {
-        "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
-        "inputs": [str(p) for p in inputs] if inputs else [],
-        "dataset": dataset_name,
-        "format": SHARD_FORMAT,
-    }
+    meta = (
+        {"written_by": TOOL}
+        | asdict(stats)
+        | {
+            "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+            "inputs": [str(p) for p in inputs] if inputs else [],
+            "dataset": dataset_name,
+            "format": SHARD_FORMAT,
+        }
+    )
     write_text_atomic(sidecar_path(prefix), json.dumps(meta, indent=2) + "\n")
 
 
@@ -237,20 +273,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--num-proc", type=int, default=2)
     parser.add_argument("--text-key", default="text", help="field holding the text (JSONL/parquet/arrow)")
-    parser.add_argument("--text-unit", default="document", choices=TEXT_UNITS,
-                        help="for plain-text files: one document per file, per paragraph or per line")
+    parser.add_argument(
+        "--text-unit",
+        default="document",
+        choices=TEXT_UNITS,
+        help="for plain-text files: one document per file, per paragraph or per line",
+    )
     parser.add_argument("--no-bos", action="store_true", help="do not prepend <s> to each document")
     parser.add_argument("--no-eos", action="store_true", help="do not append </s> to each document")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the shard at --output-prefix if prepare wrote it (never other files)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the shard at --output-prefix if prepare wrote it (never other files)",
+    )
     args = parser.parse_args(argv)
     if not args.input and not args.dataset:
         parser.error("pass --input FILES or --dataset NAME")
     try:
         stats = prepare_corpus_with_stats(
-            args.input, args.tokenizer, args.output_prefix, num_proc=args.num_proc, text_key=args.text_key,
-            text_unit=args.text_unit, prepend_bos=not args.no_bos, append_eos=not args.no_eos,
-            dataset_name=args.dataset, dataset_config=args.dataset_config, dataset_split=args.dataset_split,
+            args.input,
+            args.tokenizer,
+            args.output_prefix,
+            num_proc=args.num_proc,
+            text_key=args.text_key,
+            text_unit=args.text_unit,
+            prepend_bos=not args.no_bos,
+            append_eos=not args.no_eos,
+            dataset_name=args.dataset,
+            dataset_config=args.dataset_config,
+            dataset_split=args.dataset_split,
             overwrite=args.overwrite,
         )
     except (ValueError, FileNotFoundError) as err:

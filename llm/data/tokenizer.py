@@ -243,8 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--input", nargs="+", required=True, help="text files (one sentence per line) or JSONL")
     train.add_argument("--vocab-size", type=int, required=True, help="e.g. 8000 (tiny presets) or 32000 (1B)")
     train.add_argument("--out", required=True, help="output directory (must not exist yet, or be empty)")
-    train.add_argument("--overwrite", action="store_true",
-                       help="replace --out if it holds an earlier tokenizer of ours (never anything else)")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it holds an earlier tokenizer of ours (never anything else)",
+    )
     train.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     train.add_argument("--text-key", default="text", help="field holding the text in JSONL/parquet inputs")
     train.add_argument("--input-sentence-size", type=int, default=10_000_000, help="lines sampled for training")

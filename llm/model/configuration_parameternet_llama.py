@@ -22,7 +22,7 @@ def _is_finite_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def validate_parameternet_fields(config: "ParameterNetLlamaConfig") -> None:
+def validate_parameternet_fields(config: ParameterNetLlamaConfig) -> None:
     """Raise ValueError naming the field, the value and the fix. Called at construction and again by the model."""
     if config.num_attention_heads < 1 or config.hidden_size % config.num_attention_heads:
         raise ValueError(
@@ -50,14 +50,10 @@ def validate_parameternet_fields(config: "ParameterNetLlamaConfig") -> None:
     if not _is_int(config.num_experts) or config.num_experts < 1:
         raise ValueError(f"num_experts={config.num_experts!r} must be an integer >= 1")
     if not _is_int(config.top_k) or not 1 <= config.top_k <= config.num_experts:
-        raise ValueError(
-            f"top_k={config.top_k!r} must be an integer between 1 and num_experts={config.num_experts}"
-        )
+        raise ValueError(f"top_k={config.top_k!r} must be an integer between 1 and num_experts={config.num_experts}")
     capacity = config.capacity_factor
     if capacity is not None and not (_is_finite_number(capacity) and capacity > 0):
-        raise ValueError(
-            f"capacity_factor={capacity!r} must be a number > 0, or null for dropless routing"
-        )
+        raise ValueError(f"capacity_factor={capacity!r} must be a number > 0, or null for dropless routing")
     for name in ("router_aux_loss_coef", "router_z_loss_coef"):
         value = getattr(config, name)
         if not _is_finite_number(value) or value < 0:

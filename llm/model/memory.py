@@ -96,11 +96,18 @@ def parameter_split(config: LlamaConfig) -> ParameterSplit:
     hidden, vocab = config.hidden_size, config.vocab_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     q_width, kv_width = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    shapes = {"gate_proj": (hidden, config.intermediate_size), "up_proj": (hidden, config.intermediate_size),
-              "down_proj": (config.intermediate_size, hidden)}
+    shapes = {
+        "gate_proj": (hidden, config.intermediate_size),
+        "up_proj": (hidden, config.intermediate_size),
+        "down_proj": (config.intermediate_size, hidden),
+    }
     attn_bias = bool(config.attention_bias)
-    modules = [vocab * hidden, hidden * q_width + attn_bias * q_width, hidden * kv_width + attn_bias * kv_width,
-               q_width * hidden + attn_bias * hidden]
+    modules = [
+        vocab * hidden,
+        hidden * q_width + attn_bias * q_width,
+        hidden * kv_width + attn_bias * kv_width,
+        q_width * hidden + attn_bias * hidden,
+    ]
     if not config.tie_word_embeddings:
         modules.append(vocab * hidden)
     expert_per_layer = 0
@@ -151,8 +158,10 @@ def validate(config: LlamaConfig, layout: TrainingLayout) -> None:
     if layout.micro_batch < 1 or (layout.seq_len is not None and layout.seq_len < 1):
         raise ValueError(f"micro_batch={layout.micro_batch}, seq_len={layout.seq_len}: both must be >= 1")
     if layout.seq_len is not None and layout.seq_len > config.max_position_embeddings:
-        raise ValueError(f"seq_len={layout.seq_len} exceeds the model's max_position_embeddings="
-                         f"{config.max_position_embeddings}; use --seq-len <= {config.max_position_embeddings}")
+        raise ValueError(
+            f"seq_len={layout.seq_len} exceeds the model's max_position_embeddings="
+            f"{config.max_position_embeddings}; use --seq-len <= {config.max_position_embeddings}"
+        )
     ep = layout.expert_parallel
     if ep < 1:
         raise ValueError(f"ep={ep} must be >= 1")
@@ -165,8 +174,10 @@ def validate(config: LlamaConfig, layout: TrainingLayout) -> None:
     if config.num_experts % ep:
         raise ValueError(f"ep={ep} does not divide num_experts={config.num_experts}")
     if layout.zero_stage == 3:
-        raise ValueError(f"ep={ep} with zero=3 is not supported (DeepSpeed refuses MoE under ZeRO-3, and so does the "
-                         f"trainer); use zero 1 or 2 with expert parallelism")
+        raise ValueError(
+            f"ep={ep} with zero=3 is not supported (DeepSpeed refuses MoE under ZeRO-3, and so does the "
+            f"trainer); use zero 1 or 2 with expert parallelism"
+        )
 
 
 def model_state_bytes(config: LlamaConfig, layout: TrainingLayout) -> ModelStates:
@@ -271,9 +282,14 @@ class MemoryEstimate:
         return {
             "layout": asdict(self.layout),
             "params": {**asdict(self.params), "total": self.params.total},
-            "bytes_per_gpu": {**asdict(self.states), "model_states": self.states.total,
-                              "activations": self.activations.layers, "head": self.activations.head,
-                              "logits": self.activations.logits, "peak": self.peak},
+            "bytes_per_gpu": {
+                **asdict(self.states),
+                "model_states": self.states.total,
+                "activations": self.activations.layers,
+                "head": self.activations.head,
+                "logits": self.activations.logits,
+                "peak": self.peak,
+            },
             "gpu_memory_gib": self.gpu_memory_gib,
             "headroom_gib": self.headroom_gib,
             "usable_gib": self.usable / GIB,
@@ -295,8 +311,9 @@ def _largest_micro_batch(states: ModelStates, per_sample: float, usable: float) 
     return math.floor((usable - states.during_backward) / per_sample)
 
 
-def estimate(config: LlamaConfig, layout: TrainingLayout, gpu_memory_gib: float = 80.0,
-             headroom_gib: float | None = None) -> MemoryEstimate:
+def estimate(
+    config: LlamaConfig, layout: TrainingLayout, gpu_memory_gib: float = 80.0, headroom_gib: float | None = None
+) -> MemoryEstimate:
     if gpu_memory_gib <= 0:
         raise ValueError(f"gpu_memory={gpu_memory_gib} GiB must be > 0")
     headroom = default_headroom_gib(gpu_memory_gib) if headroom_gib is None else headroom_gib
@@ -310,10 +327,31 @@ def estimate(config: LlamaConfig, layout: TrainingLayout, gpu_memory_gib: float 
     for checkpointing in (layout.activation_checkpointing, True):
         one = activation_bytes_per_token(config, layout.precision, checkpointing).total * layout.seq_len
         largest[checkpointing] = _largest_micro_batch(states, one, usable)
-    return MemoryEstimate(layout, parameter_split(config), states, activation_bytes(config, layout),
-                          gpu_memory_gib, headroom, largest[layout.activation_checkpointing], largest[True])
+    return MemoryEstimate(
+        layout,
+        parameter_split(config),
+        states,
+        activation_bytes(config, layout),
+        gpu_memory_gib,
+        headroom,
+        largest[layout.activation_checkpointing],
+        largest[True],
+    )
 
 
-__all__ = ["ActivationBytes", "MemoryEstimate", "ModelStates", "ParameterSplit", "TrainingLayout",
-           "activation_bytes", "activation_bytes_per_token", "default_headroom_gib", "estimate",
-           "layer_activation_bytes_per_token", "model_state_bytes", "parameter_split", "peak_bytes", "validate"]
+__all__ = [
+    "ActivationBytes",
+    "MemoryEstimate",
+    "ModelStates",
+    "ParameterSplit",
+    "TrainingLayout",
+    "activation_bytes",
+    "activation_bytes_per_token",
+    "default_headroom_gib",
+    "estimate",
+    "layer_activation_bytes_per_token",
+    "model_state_bytes",
+    "parameter_split",
+    "peak_bytes",
+    "validate",
+]

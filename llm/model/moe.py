@@ -95,13 +95,13 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, fol
 class ExpertDispatcher(Protocol):
     """Computes the experts for assignments already sorted by (global) expert id."""
 
-    def __call__(self, layer: "MoELinear", x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, layer: MoELinear, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor: ...
 
 
 class LocalExperts:
     """Every expert lives on this rank: one grouped matmul."""
 
-    def __call__(self, layer: "MoELinear", x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: MoELinear, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return layer.expert_forward(x_sorted, counts)
 
     def __repr__(self) -> str:

@@ -32,8 +32,14 @@ PARAMETERNET_KEYS = tuple(
     f.name for f in dataclasses.fields(ParameterNetLlamaConfig) if f.name not in LlamaConfig.__dataclass_fields__
 )
 # Dimensions every LLaMA needs >= 1 (a 0 or a negative one fails deep inside the model, or divides by zero).
-POSITIVE_DIMENSIONS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                       "max_position_embeddings")
+POSITIVE_DIMENSIONS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+)
 
 
 def list_presets() -> list[str]:
@@ -84,8 +90,10 @@ def check_overrides(model: str, model_type: str, overrides: dict[str, Any]) -> N
         if key in valid:
             continue
         if key == "model_type":
-            raise ValueError(f"model_overrides: model_type={value!r} cannot be overridden; choose the model with "
-                             f"--model (presets: {', '.join(list_presets())})")
+            raise ValueError(
+                f"model_overrides: model_type={value!r} cannot be overridden; choose the model with "
+                f"--model (presets: {', '.join(list_presets())})"
+            )
         if key in PARAMETERNET_KEYS:
             raise ValueError(
                 f"model_overrides: {key!r} applies only to ParameterNet models, but model={model!r} is a vanilla LLaMA "
@@ -110,16 +118,21 @@ def _check_dimensions(data: dict[str, Any], source: str) -> None:
     kv_heads = data.get("num_key_value_heads")
     heads, hidden = data.get("num_attention_heads"), data.get("hidden_size")
     if isinstance(heads, int) and isinstance(hidden, int) and hidden % heads:
-        raise ValueError(f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}; choose "
-                         f"a hidden_size that is (e.g. {hidden - hidden % heads or heads})")
+        raise ValueError(
+            f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}; choose "
+            f"a hidden_size that is (e.g. {hidden - hidden % heads or heads})"
+        )
     if kv_heads is not None and isinstance(heads, int):
         if not isinstance(kv_heads, int) or isinstance(kv_heads, bool) or kv_heads < 1 or heads % kv_heads:
-            raise ValueError(f"{source}: num_key_value_heads={kv_heads!r} must be an integer dividing "
-                             f"num_attention_heads={heads} (equal to it for multi-head attention)")
+            raise ValueError(
+                f"{source}: num_key_value_heads={kv_heads!r} must be an integer dividing "
+                f"num_attention_heads={heads} (equal to it for multi-head attention)"
+            )
     for key in ("rms_norm_eps", "rope_theta"):
         value = data.get(key)
-        if key in data and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                and math.isfinite(value) and value > 0):
+        if key in data and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        ):
             raise ValueError(f"{source}: {key}={value!r} must be a finite number > 0")
 
 
@@ -139,8 +152,9 @@ def load_model_config(name_or_path: str | Path, **overrides: Any) -> LlamaConfig
     return config_from_dict(data, source)
 
 
-def build_model(config: LlamaConfig, *, attn_implementation: str | None = None,
-                dtype: torch.dtype | None = None) -> PreTrainedModel:
+def build_model(
+    config: LlamaConfig, *, attn_implementation: str | None = None, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
     """Vanilla LLaMA is transformers' LlamaForCausalLM, unchanged; ParameterNet-LLaMA is ours."""
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation

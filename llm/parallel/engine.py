@@ -52,8 +52,10 @@ def setup_expert_parallel(model: nn.Module, ep: int, world_size: int):
     if not moe:
         raise ValueError(f"expert_parallel_size={ep} needs a ParameterNet model (with MoE projections)")
     if world_size % ep:
-        raise ValueError(f"expert_parallel_size={ep} does not divide the {world_size} data-parallel ranks; "
-                         f"choose a divisor of {world_size}")
+        raise ValueError(
+            f"expert_parallel_size={ep} does not divide the {world_size} data-parallel ranks; "
+            f"choose a divisor of {world_size}"
+        )
     groups._create_expert_and_data_parallel(ep)
     ep_group = groups._get_expert_parallel_group(expert_group_name(ep))
     shard_experts(model, ep_group)

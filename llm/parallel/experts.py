@@ -170,8 +170,10 @@ def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup | None) -> None:
     ep, rank = _group_size_and_rank(ep_group)
     layers = list(_moe_layers(model))
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoE layers to shard; expert parallelism needs a model with "
-                         f"MoE projections (ParameterNet's moe_projections)")
+        raise ValueError(
+            f"{type(model).__name__} has no MoE layers to shard; expert parallelism needs a model with "
+            f"MoE projections (ParameterNet's moe_projections)"
+        )
     for name, layer in layers:
         _check_divisible(layer.num_experts, ep)
         if layer.weight.shape[0] != layer.num_experts:
@@ -203,8 +205,10 @@ def gather_experts(model: nn.Module, ep_group: dist.ProcessGroup | None) -> dict
         if not isinstance(layer.dispatcher, AllToAllExperts):
             raise ValueError(f"{name}: not sharded (dispatcher {layer.dispatcher!r}); nothing to gather")
         if layer.dispatcher.ep != ep:
-            raise ValueError(f"{name} is sharded over ep={layer.dispatcher.ep} ranks but ep_group has {ep}; "
-                             f"pass the group given to shard_experts")
+            raise ValueError(
+                f"{name} is sharded over ep={layer.dispatcher.ep} ranks but ep_group has {ep}; "
+                f"pass the group given to shard_experts"
+            )
         for attr, param in _expert_params(layer):
             full[f"{name}.{attr}" if name else attr] = torch.cat(all_gather(param.detach(), group=ep_group), dim=0)
     return full
@@ -225,12 +229,16 @@ def load_expert_shards(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
         for attr, param in _expert_params(layer):
             key = f"{name}.{attr}" if name else attr
             if key not in full:
-                raise ValueError(f"no full expert tensor {key!r} to load (have {len(full)} keys); pass the dict that "
-                                 f"gather_experts returned for this model")
+                raise ValueError(
+                    f"no full expert tensor {key!r} to load (have {len(full)} keys); pass the dict that "
+                    f"gather_experts returned for this model"
+                )
             expected = (layer.num_experts, *param.shape[1:])
             if tuple(full[key].shape) != expected:
-                raise ValueError(f"{key}: full tensor has shape {tuple(full[key].shape)}, expected {expected} "
-                                 f"(num_experts={layer.num_experts}); the checkpoint is of a different model")
+                raise ValueError(
+                    f"{key}: full tensor has shape {tuple(full[key].shape)}, expected {expected} "
+                    f"(num_experts={layer.num_experts}); the checkpoint is of a different model"
+                )
             with torch.no_grad():
                 param.copy_(full[key][lo:hi])
 

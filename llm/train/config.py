@@ -31,7 +31,9 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute activations in the backward pass: memory for compute
     compile: bool = False  # torch.compile the model
     # data
-    data_path: list[str] = field(default_factory=list)  # Megatron style: [PREFIX] or [W1, PREFIX1, W2, PREFIX2]; [] = embedded corpus
+    data_path: list[str] = field(
+        default_factory=list
+    )  # Megatron style: [PREFIX] or [W1, PREFIX1, W2, PREFIX2]; [] = embedded corpus
     tokenizer: str | None = None  # HF tokenizer directory; None with the embedded corpus = its tokenizer
     split: str | None = None  # train,valid,test by documents, e.g. "969,30,1"; None = the corpus default
     data_cache_dir: str | None = None  # where index arrays are cached (default: next to the shards)
@@ -54,7 +56,9 @@ class TrainConfig:
     # engine
     precision: str = "fp32"  # fp32 | bf16 | fp16
     zero_stage: int = 1  # 0, 1, 2 or 3
-    ds_config: str | None = None  # runtime/ds_configs/<name>.json or a path; None = runtime/ds_configs/zero<zero_stage>.json
+    ds_config: str | None = (
+        None  # runtime/ds_configs/<name>.json or a path; None = runtime/ds_configs/zero<zero_stage>.json
+    )
     expert_parallel_size: int = 1  # ranks that share one copy of the experts (1 = no expert parallelism)
     # evaluation, checkpoints, logging
     eval_interval: int = 50  # steps between validations
@@ -114,12 +118,26 @@ FLOAT_RANGES = {
     "adam_eps": FloatRange(0.0, False, math.inf, False, "e.g. 1e-8"),
     "grad_clip": FloatRange(0.0, True, math.inf, False, "the max global gradient norm; 0 turns clipping off"),
 }
-EXAMPLES = {"train_iters": "1000", "train_tokens": "2000000000", "lr_decay_iters": "1000",
-            "model_overrides": "'{\"num_experts\": 4}'", "data_path": "shards/corpus_text_document",
-            "tokenizer": "tokenizers/mine", "split": "969,30,1", "data_cache_dir": "cache", "ds_config": "zero1"}
+EXAMPLES = {
+    "train_iters": "1000",
+    "train_tokens": "2000000000",
+    "lr_decay_iters": "1000",
+    "model_overrides": "'{\"num_experts\": 4}'",
+    "data_path": "shards/corpus_text_document",
+    "tokenizer": "tokenizers/mine",
+    "split": "969,30,1",
+    "data_cache_dir": "cache",
+    "ds_config": "zero1",
+}
 ENGINE: ConfigEngine[TrainConfig] = ConfigEngine(
-    TrainConfig, preset_dir=CONFIG_DIR, choices=CHOICES, int_minimums=INT_MINIMUMS, int_maximums=INT_MAXIMUMS,
-    float_ranges=FLOAT_RANGES, examples=EXAMPLES)
+    TrainConfig,
+    preset_dir=CONFIG_DIR,
+    choices=CHOICES,
+    int_minimums=INT_MINIMUMS,
+    int_maximums=INT_MAXIMUMS,
+    float_ranges=FLOAT_RANGES,
+    examples=EXAMPLES,
+)
 FIELDS = ENGINE.fields
 
 # How a resume treats each field whose value differs from the config saved with the checkpoint (runtime.checkpoint).
@@ -249,8 +267,10 @@ def _check_data(config: TrainConfig) -> None:
         except ValueError as err:
             raise ValueError(f"data_path: {err}") from None
     if config.split is not None and parse_split(config.split)[0] == 0:
-        raise ValueError(f"split={config.split!r} leaves no documents for training; give the train part a positive "
-                         f"weight, e.g. '969,30,1'")
+        raise ValueError(
+            f"split={config.split!r} leaves no documents for training; give the train part a positive "
+            f"weight, e.g. '969,30,1'"
+        )
 
 
 def _check_model(config: TrainConfig) -> None:
@@ -271,14 +291,20 @@ def _check_model(config: TrainConfig) -> None:
     if ep > 1:
         num_experts = getattr(model_config, "num_experts", None)
         if num_experts is None:
-            raise ValueError(f"expert_parallel_size={ep} needs a ParameterNet model (with MoE projections), but "
-                             f"model={config.model!r} has no experts; use a parameternet-llama-* model or 1")
+            raise ValueError(
+                f"expert_parallel_size={ep} needs a ParameterNet model (with MoE projections), but "
+                f"model={config.model!r} has no experts; use a parameternet-llama-* model or 1"
+            )
         if num_experts % ep:
-            raise ValueError(f"expert_parallel_size={ep} does not divide num_experts={num_experts}; choose a divisor "
-                             f"of {num_experts}")
+            raise ValueError(
+                f"expert_parallel_size={ep} does not divide num_experts={num_experts}; choose a divisor "
+                f"of {num_experts}"
+            )
     if config.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package, which is not "
-                         "installed (pip install -e '.[gpu]' on a CUDA machine); use sdpa (flash kernels on CUDA too)")
+        raise ValueError(
+            "attn_implementation='flash_attention_2' needs the flash-attn package, which is not "
+            "installed (pip install -e '.[gpu]' on a CUDA machine); use sdpa (flash kernels on CUDA too)"
+        )
 
 
 def validate(config: TrainConfig) -> None:
@@ -295,13 +321,16 @@ def warnings_for(config: TrainConfig) -> list[str]:
     notes = []
     iters = config.resolved_train_iters()
     if config.warmup_iters > iters:
-        notes.append(f"warmup_iters={config.warmup_iters} > train_iters={iters}: the learning rate never reaches "
-                     f"lr={config.lr:g}; lower --warmup_iters to at most {iters}")
+        notes.append(
+            f"warmup_iters={config.warmup_iters} > train_iters={iters}: the learning rate never reaches "
+            f"lr={config.lr:g}; lower --warmup_iters to at most {iters}"
+        )
     return notes
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                cli_overrides: list[str] | None = None) -> TrainConfig:
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, cli_overrides: list[str] | None = None
+) -> TrainConfig:
     """Defaults <- YAML file (a preset name in llm/configs/ or a path) <- `overrides` <- `--key value` pairs."""
     config = ENGINE.load(path, overrides, cli_overrides, apply=_apply)
     validate(config)

@@ -23,9 +23,14 @@ def expert_load(tokens_per_expert: torch.Tensor, layer_names: list[str]) -> dict
 
 def console_line(r: dict[str, Any], train_iters: int, moe_names: list[str]) -> str:
     loss = "skipped (non-finite)" if r["lm_loss"] is None else f"{r['lm_loss']:.4f}"
-    parts = [f"iter {r['iteration']}/{train_iters}", f"tokens {r['tokens']}", f"loss {loss}",
-             f"lr {r['lr']:.2e}", f"grad_norm {r['grad_norm'] or float('nan'):.3f}",
-             f"tok/s {r['tokens_per_s']:.0f}"]
+    parts = [
+        f"iter {r['iteration']}/{train_iters}",
+        f"tokens {r['tokens']}",
+        f"loss {loss}",
+        f"lr {r['lr']:.2e}",
+        f"grad_norm {r['grad_norm'] or float('nan'):.3f}",
+        f"tok/s {r['tokens_per_s']:.0f}",
+    ]
     if "aux_loss" in r:
         shares = [(r[f"moe/{n}/min_share"], r[f"moe/{n}/max_share"]) for n in moe_names]
         parts.append(f"aux {r['aux_loss']:.4f}")

@@ -62,8 +62,12 @@ class Trainer:
         self.preemption = PreemptionFlag()
         self._resume()
         # Records past the iteration this run starts from belong to a dead run's replayed steps: dropped.
-        self.logger = MetricsLogger(self.output_dir, enabled=self.rank == 0, start_iteration=self.iteration,
-                                    tensorboard=getattr(cfg, "tensorboard", True))
+        self.logger = MetricsLogger(
+            self.output_dir,
+            enabled=self.rank == 0,
+            start_iteration=self.iteration,
+            tensorboard=getattr(cfg, "tensorboard", True),
+        )
         if self.rank == 0:
             write_config(self.output_dir, cfg.to_dict())
 
@@ -87,10 +91,15 @@ class Trainer:
                 raise TrainingError(str(err)) from err
             layer = next(m for _, m in self.model.moe_layers())
             lo = layer.dispatcher.first_expert
-            print(f"expert parallel: rank {self.rank} holds experts {lo}..{lo + layer.dispatcher.num_local_experts - 1}"
-                  f" of {layer.num_experts} in every MoE layer", file=sys.stderr)
-        self.moe_names = [name.removeprefix("model.").replace(".mlp", "") for name, _ in
-                          getattr(self.model, "moe_layers", lambda: [])()]
+            print(
+                f"expert parallel: rank {self.rank} holds experts {lo}..{lo + layer.dispatcher.num_local_experts - 1}"
+                f" of {layer.num_experts} in every MoE layer",
+                file=sys.stderr,
+            )
+        self.moe_names = [
+            name.removeprefix("model.").replace(".mlp", "")
+            for name, _ in getattr(self.model, "moe_layers", lambda: [])()
+        ]
         self.accounting = account(self.model_config, self.cfg.seq_len)
 
     def _setup_engine(self) -> None:
@@ -100,21 +109,30 @@ class Trainer:
         ds_path = resolve_ds_config_path(cfg.ds_config or f"zero{cfg.zero_stage}")
         file_stage = json.loads(ds_path.read_text()).get("zero_optimization", {}).get("stage", 0)
         if cfg.ds_config is not None and file_stage != cfg.zero_stage:
-            raise TrainingError(f"ds_config {ds_path} has ZeRO stage {file_stage} but zero_stage={cfg.zero_stage}; "
-                                f"make them agree (or drop --ds_config to use runtime/ds_configs/zero{cfg.zero_stage}.json)")
+            raise TrainingError(
+                f"ds_config {ds_path} has ZeRO stage {file_stage} but zero_stage={cfg.zero_stage}; "
+                f"make them agree (or drop --ds_config to use runtime/ds_configs/zero{cfg.zero_stage}.json)"
+            )
         self.ds_config = complete_ds_config(
-            ds_path, micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
-            data_parallel_size=self.world, precision=cfg.precision, gradient_clipping=cfg.grad_clip,
-            optimizer=adamw_block(cfg.lr, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay))
+            ds_path,
+            micro_batch_size=cfg.micro_batch_size,
+            global_batch_size=cfg.global_batch_size,
+            data_parallel_size=self.world,
+            precision=cfg.precision,
+            gradient_clipping=cfg.grad_clip,
+            optimizer=adamw_block(cfg.lr, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay),
+        )
         groups = parameter_groups(self.model, cfg.weight_decay)
         if self.ep_group is not None:
             from llm.parallel import split_optimizer_groups
 
             groups = split_optimizer_groups(groups)
         schedule = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
-            optimizer, [lambda step, c=cfg: lr_at(step, c) / c.lr] * len(optimizer.param_groups))
+            optimizer, [lambda step, c=cfg: lr_at(step, c) / c.lr] * len(optimizer.param_groups)
+        )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, model_parameters=groups, config=self.ds_config, lr_scheduler=schedule)
+            model=self.model, model_parameters=groups, config=self.ds_config, lr_scheduler=schedule
+        )
         if cfg.compile:
             self.engine.compile()
         self.device = self.engine.device
@@ -143,15 +161,24 @@ class Trainer:
         schedule gave; the two differ when an allowed schedule setting changed (train_iters, min_lr,
         lr_decay_iters). The same expression as LambdaLR's, so an unchanged schedule gives the same bits."""
         scheduler = self.scheduler
-        lrs = [base * schedule(scheduler.last_epoch) for base, schedule in zip(scheduler.base_lrs,
-                                                                               scheduler.lr_lambdas)]
+        lrs = [
+            base * schedule(scheduler.last_epoch) for base, schedule in zip(scheduler.base_lrs, scheduler.lr_lambdas)
+        ]
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
 
     # ------------------------------------------------------------------------------------------------ steps
     def _batches(self):
-        return iter(loader(self.inputs.train_ds, self.consumed_samples, self.cfg.micro_batch_size, self.rank,
-                           self.world, torch.device(self.device)))
+        return iter(
+            loader(
+                self.inputs.train_ds,
+                self.consumed_samples,
+                self.cfg.micro_batch_size,
+                self.rank,
+                self.world,
+                torch.device(self.device),
+            )
+        )
 
     def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         batch = batch.to(self.device, non_blocking=True)  # pinned on CUDA (inputs.loader); a no-op on CPU
@@ -203,8 +230,9 @@ class Trainer:
         reduced["grad_norm"] = self.engine.get_global_grad_norm()  # read (a host sync if a tensor) at log time only
         return reduced
 
-    def _reduce_step(self, losses: torch.Tensor, nonfinite: torch.Tensor, counts: torch.Tensor | None,
-                     dropped: torch.Tensor | None) -> dict[str, Any]:
+    def _reduce_step(
+        self, losses: torch.Tensor, nonfinite: torch.Tensor, counts: torch.Tensor | None, dropped: torch.Tensor | None
+    ) -> dict[str, Any]:
         """The step's one collective and one host sync. Returns host values: mean losses over the global batch, the
         skip and stop decisions, and the expert counts/dropped tokens summed over ranks (None without MoE layers, or
         when no micro-batch anywhere was finite)."""
@@ -220,13 +248,20 @@ class Trainer:
         # A skipped step has no loss: its sums leave out the non-finite micro-batches, so they would read as a
         # loss far too low (0.0 when none was finite).
         lm, aux, z = (None, None, None) if n_nonfinite > 0 else (v / self.world for v in values[:3])
-        stats: dict[str, Any] = {"lm_loss": lm, "aux_loss": aux, "z_loss": z, "skipped": n_nonfinite > 0,
-                                 "nonfinite_micro_batches": int(n_nonfinite), "stop": stop_votes > 0,
-                                 "counts": None, "dropped": None}
+        stats: dict[str, Any] = {
+            "lm_loss": lm,
+            "aux_loss": aux,
+            "z_loss": z,
+            "skipped": n_nonfinite > 0,
+            "nonfinite_micro_batches": int(n_nonfinite),
+            "stop": stop_votes > 0,
+            "counts": None,
+            "dropped": None,
+        }
         if counts is not None and n_nonfinite < ga * self.world:
             n = counts.numel()
-            stats["counts"] = torch.tensor(values[5:5 + n], dtype=torch.float64).long().view(counts.shape)
-            stats["dropped"] = torch.tensor(values[5 + n:], dtype=torch.float64).long().view(dropped.shape)
+            stats["counts"] = torch.tensor(values[5 : 5 + n], dtype=torch.float64).long().view(counts.shape)
+            stats["dropped"] = torch.tensor(values[5 + n :], dtype=torch.float64).long().view(dropped.shape)
         return stats
 
     @torch.no_grad()
@@ -235,8 +270,9 @@ class Trainer:
         if self.inputs.valid_ds is None or self.cfg.eval_iters == 0:
             return {}
         self.engine.eval()
-        batches = loader(self.inputs.valid_ds, 0, self.cfg.micro_batch_size, self.rank, self.world,
-                         torch.device(self.device))
+        batches = loader(
+            self.inputs.valid_ds, 0, self.cfg.micro_batch_size, self.rank, self.world, torch.device(self.device)
+        )
         loss_sum = torch.zeros((), dtype=torch.float64, device=torch.device(self.device))  # no host sync per batch
         n = 0
         for i, batch in enumerate(batches):
@@ -258,7 +294,8 @@ class Trainer:
         raise TrainingError(
             f"iteration {self.iteration}: {what}; neither a checkpoint nor hf/ is written from these weights "
             f"({newest}). Resume from an earlier checkpoint with --resume DIR, or check the data and lower --lr "
-            f"in a new --output_dir")
+            f"in a new --output_dir"
+        )
 
     def save(self) -> None:
         if not weights_finite(self.engine.module):
@@ -271,28 +308,42 @@ class Trainer:
             "model_config": self.model_config.to_dict(),
             "tokenizer_dir": self.tokenizer_dir,
         }
-        manifest = {k: client_state[k] for k in ("consumed_samples", "consumed_tokens", "model_config",
-                                                 "tokenizer_dir")}
-        save_checkpoint(self.engine, self.ckpt_root, self.iteration, client_state, self.cfg.keep_last,
-                        self.cfg.to_dict(), manifest,
-                        extra=lambda directory: save_full_weights(self.engine.module, self.ep_group, self.rank,
-                                                                  directory))
+        manifest = {
+            k: client_state[k] for k in ("consumed_samples", "consumed_tokens", "model_config", "tokenizer_dir")
+        }
+        save_checkpoint(
+            self.engine,
+            self.ckpt_root,
+            self.iteration,
+            client_state,
+            self.cfg.keep_last,
+            self.cfg.to_dict(),
+            manifest,
+            extra=lambda directory: save_full_weights(self.engine.module, self.ep_group, self.rank, directory),
+        )
 
     def _log_train(self, stats: dict[str, Any], elapsed: float, iters: int) -> dict[str, Any]:
         cfg = self.cfg
         tokens_per_s = iters * cfg.global_batch_size * cfg.seq_len / max(elapsed, 1e-9)
         record: dict[str, Any] = {
-            "kind": "train", "iteration": self.iteration, "tokens": self.consumed_samples * cfg.seq_len,
-            "lm_loss": stats["lm_loss"], "lr": lr_at(self.iteration - 1, cfg),  # the LR this step used
+            "kind": "train",
+            "iteration": self.iteration,
+            "tokens": self.consumed_samples * cfg.seq_len,
+            "lm_loss": stats["lm_loss"],
+            "lr": lr_at(self.iteration - 1, cfg),  # the LR this step used
             "grad_norm": None if stats["grad_norm"] is None else float(stats["grad_norm"]),
-            "tokens_per_s": tokens_per_s, "skipped": stats["skipped"],
+            "tokens_per_s": tokens_per_s,
+            "skipped": stats["skipped"],
         }
         if stats["skipped"]:
             record["nonfinite_micro_batches"] = stats["nonfinite_micro_batches"]
         if self.moe_names and not stats["skipped"] and stats["counts"] is not None:
-            record.update(aux_loss=stats["aux_loss"], z_loss=stats["z_loss"],
-                          dropped_tokens=int(stats["dropped"].sum()),
-                          expert_counts=stats["counts"].tolist())
+            record.update(
+                aux_loss=stats["aux_loss"],
+                z_loss=stats["z_loss"],
+                dropped_tokens=int(stats["dropped"].sum()),
+                expert_counts=stats["counts"].tolist(),
+            )
             record.update(expert_load(stats["counts"], self.moe_names))
         flops = self.accounting.train_flops_per_token * tokens_per_s / self.world
         if self.peak is not None:
@@ -307,8 +358,14 @@ class Trainer:
 
         cfg = self.cfg
         batches = self._batches()
-        bar = tqdm(total=self.train_iters, initial=self.iteration, desc="pretrain", dynamic_ncols=True,
-                   disable=self.rank != 0 or not cfg.progress_bar, file=sys.stderr)
+        bar = tqdm(
+            total=self.train_iters,
+            initial=self.iteration,
+            desc="pretrain",
+            dynamic_ncols=True,
+            disable=self.rank != 0 or not cfg.progress_bar,
+            file=sys.stderr,
+        )
         consecutive_bad = 0
         last_log_time, last_log_iter = time.perf_counter(), self.iteration
         last_eval: dict[str, float] = {}
@@ -320,13 +377,13 @@ class Trainer:
             bar.update(1)
             consecutive_bad = consecutive_bad + 1 if stats["skipped"] else 0
             if stats["skipped"] and self.rank == 0:
-                bar.write(f"iteration {self.iteration}: non-finite loss, update skipped "
-                          f"({consecutive_bad} in a row)")
+                bar.write(f"iteration {self.iteration}: non-finite loss, update skipped ({consecutive_bad} in a row)")
                 self.logger.log({"kind": "skip", "iteration": self.iteration})
             if consecutive_bad >= cfg.max_nonfinite_steps:
                 raise TrainingError(
                     f"{consecutive_bad} consecutive iterations had a non-finite loss (max_nonfinite_steps="
-                    f"{cfg.max_nonfinite_steps}); lower lr, check the data, or resume from an earlier checkpoint")
+                    f"{cfg.max_nonfinite_steps}); lower lr, check the data, or resume from an earlier checkpoint"
+                )
             if self.iteration % cfg.log_interval == 0 or self.iteration == self.train_iters:
                 now = time.perf_counter()
                 record = self._log_train(stats, now - last_log_time, self.iteration - last_log_iter)
@@ -367,11 +424,19 @@ class Trainer:
     def _eval_and_log(self) -> dict[str, float]:
         result = self.evaluate()
         if result:
-            self.logger.log({"kind": "valid", "iteration": self.iteration,
-                             "tokens": self.consumed_samples * self.cfg.seq_len, **result})
+            self.logger.log(
+                {
+                    "kind": "valid",
+                    "iteration": self.iteration,
+                    "tokens": self.consumed_samples * self.cfg.seq_len,
+                    **result,
+                }
+            )
             if self.rank == 0:
-                print(f"[valid] iteration {self.iteration}: loss {result['val_loss']:.4f} "
-                      f"ppl {result['val_ppl']:.2f}", file=sys.stderr)
+                print(
+                    f"[valid] iteration {self.iteration}: loss {result['val_loss']:.4f} ppl {result['val_ppl']:.2f}",
+                    file=sys.stderr,
+                )
         return result
 
     def export(self) -> None:
@@ -380,20 +445,30 @@ class Trainer:
         state = full_state_dict(self.engine.module, self.ep_group, self.rank)
         if self.rank == 0:
             # The step goes into the export's record: evaluations of RUN/hf are kept per step (evals.zero_shot).
-            write_hf_directory(self.model_config, state, self.tokenizer_dir, self.output_dir / "hf",
-                               iteration=self.iteration)
+            write_hf_directory(
+                self.model_config, state, self.tokenizer_dir, self.output_dir / "hf", iteration=self.iteration
+            )
         dist.barrier()
 
     def _write_summary(self, result: dict[str, Any]) -> None:
         if self.rank != 0:
             return
         acc = self.accounting
-        summary = {"task": "llm", "model": self.cfg.model, "model_overrides": self.cfg.model_overrides,
-                   "total_params": acc.total_params, "active_params": acc.active_params,
-                   "flops_per_token": acc.forward_flops_per_token, "seq_len": self.cfg.seq_len,
-                   "final_val_loss": result.get("val_loss"), "tokens": result["tokens"],
-                   "iterations": result["iteration"], "seed": self.cfg.seed, "world_size": self.world,
-                   "expert_parallel_size": self.cfg.expert_parallel_size}
+        summary = {
+            "task": "llm",
+            "model": self.cfg.model,
+            "model_overrides": self.cfg.model_overrides,
+            "total_params": acc.total_params,
+            "active_params": acc.active_params,
+            "flops_per_token": acc.forward_flops_per_token,
+            "seq_len": self.cfg.seq_len,
+            "final_val_loss": result.get("val_loss"),
+            "tokens": result["tokens"],
+            "iterations": result["iteration"],
+            "seed": self.cfg.seed,
+            "world_size": self.world,
+            "expert_parallel_size": self.cfg.expert_parallel_size,
+        }
         if "dense_weights_identical" in result:
             summary["dense_weights_identical_across_ranks"] = result["dense_weights_identical"]
         if self.cfg.compile:

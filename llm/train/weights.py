@@ -59,8 +59,12 @@ def restore_expert_shards(module: torch.nn.Module, checkpoint_dir: Path) -> None
 
     from llm.parallel import load_expert_shards
 
-    expert_keys = {f"{name}.{attr}" for name, layer in module.moe_layers()
-                   for attr in ("weight", "bias") if getattr(layer, attr, None) is not None}
+    expert_keys = {
+        f"{name}.{attr}"
+        for name, layer in module.moe_layers()
+        for attr in ("weight", "bias")
+        if getattr(layer, attr, None) is not None
+    }
     with safe_open(str(checkpoint_dir / WEIGHTS), framework="pt") as f:
         full = {k: f.get_tensor(k) for k in expert_keys}
     load_expert_shards(module, full)

