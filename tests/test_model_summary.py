@@ -32,7 +32,8 @@ def hand_count_llama(h=2048, layers=12, inter=8192, vocab=32000):
 def hand_count_parameternet_down_proj_x8(layers=12, inter=8192, h=2048, experts=8):
     extra_experts = layers * (experts - 1) * inter * h  # 7 more copies of down_proj per layer
     routers = layers * inter * experts  # Linear(inter -> experts), no bias
-    return hand_count_llama() + extra_experts + routers
+    biases = layers * experts * h  # each expert's bias, as in the release's nn.Linear(8192, 2048) experts
+    return hand_count_llama() + extra_experts + routers + biases
 
 
 def test_llama_1b_matches_hand_count():
@@ -45,9 +46,10 @@ def test_llama_1b_matches_hand_count():
 def test_parameternet_1b_down_proj_x8():
     row = summarize("parameternet-llama-1b")
     routers = 12 * 8192 * 8
+    active_biases = 12 * 2048  # the one chosen expert's bias per token and layer
     assert row["total_params"] == hand_count_parameternet_down_proj_x8() == row["counted_params_meta"]
     assert row["total_params"] == pytest.approx(2.35e9, rel=0.005)
-    assert row["active_params"] == hand_count_llama() + routers
+    assert row["active_params"] == hand_count_llama() + routers + active_biases
     assert row["active_params"] == pytest.approx(937e6, rel=0.002)
     # Same FLOPs per token up to the routers: 2 x 8192 x 8 per layer.
     vanilla = account(load_model_config("llama-1b"), 2048).forward_flops_per_token
@@ -107,7 +109,10 @@ def test_parameter_split_and_largest_layer_match_deepspeed(name):
     # model_to_params dedupes shared tensors by data_ptr, which is 0 for every meta tensor: take its largest layer only.
     assert model_to_params(model)[1] == split.largest_module
     assert split.total == account(config).total_params
-    experts = sum(m.weight.numel() for _, m in getattr(model, "moe_layers", lambda: [])())
+    experts = sum(
+        m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+        for _, m in getattr(model, "moe_layers", lambda: [])()
+    )
     assert split.expert == experts and (experts > 0) == name.startswith("parameternet")
 
 
