@@ -15,15 +15,8 @@ from pathlib import Path
 import pytest
 
 from llm.train.config import RESUME_POLICY
-from runtime.checkpoint import (
-    CHECKSUM,
-    MANIFEST,
-    complete_checkpoints,
-    read_manifest,
-    resume_differences,
-    tag_for,
-    verify_files,
-)
+from runtime.checkpoint import CHECKSUM, MANIFEST, complete_checkpoints, read_manifest, tag_for, verify_files
+from runtime.resume import resume_differences
 from tests.trainer_utils import REPO, TINY_MODEL, train_records
 
 ITERS, SAVE = 6, 4

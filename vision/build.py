@@ -18,8 +18,8 @@ import timm
 import torch
 
 import vision  # noqa: F401  (registers the ParameterNet models in timm)
-from runtime.checkpoint import check_resume_settings, refuse_to_start_over, resume_differences
 from runtime.ds_config import adamw_block, complete_ds_config, gradient_accumulation_steps
+from runtime.resume import check_resume_settings, refuse_to_start_over, resume_differences
 from runtime.rundir import CHECKPOINTS
 from vision.config import RESUME_POLICY, TrainConfig, ds_config_name, to_dict, validate
 from vision.data import Splits, build_datasets, subset_indices

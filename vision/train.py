@@ -31,11 +31,12 @@ import torch
 import torch.distributed as dist
 
 from runtime import collectives
-from runtime.checkpoint import resume_from, save_checkpoint, tag_for
+from runtime.checkpoint import save_checkpoint, tag_for
 from runtime.dist import PreemptionFlag, init_distributed, set_cpu_threads
 from runtime.ds_config import gradient_accumulation_steps
 from runtime.errors import TrainingError, print_error
 from runtime.metrics import MetricsLogger
+from runtime.resume import resume_from
 from runtime.rundir import CHECKPOINTS, write_config, write_summary
 from runtime.slurm import rank_env
 from vision.build import (

@@ -1,5 +1,5 @@
-"""What the LLM trainer reports per logged step besides the loss: expert-load statistics of the ParameterNet MoE layers
-(moe/<layer>/...) and the console line."""
+"""What the LLM trainer reports: expert-load statistics of the ParameterNet MoE layers (moe/<layer>/...) and the console
+line of each logged step, and the run's summary.json (runtime.rundir's keys plus the LLM's own)."""
 
 from __future__ import annotations
 
@@ -40,3 +40,29 @@ def console_line(r: dict[str, Any], train_iters: int, moe_names: list[str]) -> s
     mem = r.get("mem_alloc_gib", r.get("max_rss_gib"))
     parts.append(f"mem {mem:.2f} GiB")
     return " | ".join(parts)
+
+
+def run_summary(cfg: Any, accounting: Any, result: dict[str, Any], world: int) -> dict[str, Any]:
+    summary = {
+        "task": "llm",
+        "model": cfg.model,
+        "model_overrides": cfg.model_overrides,
+        "total_params": accounting.total_params,
+        "active_params": accounting.active_params,
+        "flops_per_token": accounting.forward_flops_per_token,
+        "seq_len": cfg.seq_len,
+        "final_val_loss": result.get("val_loss"),
+        "tokens": result["tokens"],
+        "iterations": result["iteration"],
+        "seed": cfg.seed,
+        "world_size": world,
+        "expert_parallel_size": cfg.expert_parallel_size,
+    }
+    if "dense_weights_identical" in result:
+        summary["dense_weights_identical_across_ranks"] = result["dense_weights_identical"]
+    if cfg.compile:
+        from torch._dynamo.utils import counters
+
+        # How many graphs torch.compile produced (MoE grouped GEMMs outside bf16 run between graphs, eagerly).
+        summary["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
+    return summary

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -14,26 +13,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from runtime import collectives
-from runtime.checkpoint import (
-    check_resume_settings,
-    complete_checkpoints,
-    refuse_to_start_over,
-    resume_differences,
-    resume_from,
-    save_checkpoint,
-    tag_for,
-)
+from runtime.checkpoint import complete_checkpoints, save_checkpoint, tag_for
 from runtime.dist import PreemptionFlag, init_distributed
-from runtime.ds_config import adamw_block, complete_ds_config, gradient_accumulation_steps, resolve_ds_config_path
+from runtime.ds_config import gradient_accumulation_steps
 from runtime.errors import TrainingError
 from runtime.metrics import MetricsLogger, memory_gib, peak_flops
 from runtime.nonfinite import NonFiniteGradGuard
+from runtime.resume import check_resume_settings, refuse_to_start_over, resume_differences, resume_from
 from runtime.rundir import CHECKPOINTS, write_config, write_summary
 
+from .build import apply_schedule, build_engine, build_model
 from .config import RESUME_POLICY, TrainConfig
 from .inputs import build_inputs, loader
-from .optim import lr_at, parameter_groups
-from .records import console_line, expert_load
+from .optim import lr_at
+from .records import console_line, expert_load, run_summary
 from .weights import full_state_dict, restore_expert_shards, save_full_weights, weights_finite
 
 
@@ -55,8 +48,14 @@ class Trainer:
         self.grad_accum = gradient_accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, self.world)
         self.inputs = build_inputs(cfg, self.model_config, self.train_iters, self.rank)
         self.tokenizer_dir = self.inputs.tokenizer_dir
-        self._setup_model()
-        self._setup_engine()
+        from llm.model.flops import account
+
+        self.model, self.ep_group, self.moe_names = build_model(cfg, self.model_config, self.world, self.rank)
+        self.accounting = account(self.model_config, cfg.seq_len)
+        self.engine, self.optimizer, self.scheduler = build_engine(cfg, self.model, self.ep_group, self.world)
+        self.device = self.engine.device
+        self.peak = peak_flops(torch.device(self.device), cfg.precision)
+        self.grad_guard = NonFiniteGradGuard(self.engine.module.parameters(), torch.device(self.device))
         self.iteration = 0
         self.consumed_samples = 0
         self.preemption = PreemptionFlag()
@@ -71,74 +70,6 @@ class Trainer:
         if self.rank == 0:
             write_config(self.output_dir, cfg.to_dict())
 
-    # ----------------------------------------------------------------------------------------------- set-up
-    def _setup_model(self) -> None:
-        from llm.model import build_model
-        from llm.model.flops import account
-
-        torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank
-        self.model = build_model(self.model_config, attn_implementation=self.cfg.attn_implementation)
-        if self.cfg.activation_checkpointing:
-            self.model.activation_checkpointing_enable()
-        self.model.config.use_cache = False
-        self.ep_group = None
-        if self.cfg.expert_parallel_size > 1:
-            from llm.parallel import setup_expert_parallel
-
-            try:
-                self.ep_group = setup_expert_parallel(self.model, self.cfg.expert_parallel_size, self.world)
-            except ValueError as err:
-                raise TrainingError(str(err)) from err
-            layer = next(m for _, m in self.model.moe_layers())
-            lo = layer.dispatcher.first_expert
-            print(
-                f"expert parallel: rank {self.rank} holds experts {lo}..{lo + layer.dispatcher.num_local_experts - 1}"
-                f" of {layer.num_experts} in every MoE layer",
-                file=sys.stderr,
-            )
-        self.moe_names = [
-            name.removeprefix("model.").replace(".mlp", "")
-            for name, _ in getattr(self.model, "moe_layers", lambda: [])()
-        ]
-        self.accounting = account(self.model_config, self.cfg.seq_len)
-
-    def _setup_engine(self) -> None:
-        import deepspeed
-
-        cfg = self.cfg
-        ds_path = resolve_ds_config_path(cfg.ds_config or f"zero{cfg.zero_stage}")
-        file_stage = json.loads(ds_path.read_text()).get("zero_optimization", {}).get("stage", 0)
-        if cfg.ds_config is not None and file_stage != cfg.zero_stage:
-            raise TrainingError(
-                f"ds_config {ds_path} has ZeRO stage {file_stage} but zero_stage={cfg.zero_stage}; "
-                f"make them agree (or drop --ds_config to use runtime/ds_configs/zero{cfg.zero_stage}.json)"
-            )
-        self.ds_config = complete_ds_config(
-            ds_path,
-            micro_batch_size=cfg.micro_batch_size,
-            global_batch_size=cfg.global_batch_size,
-            data_parallel_size=self.world,
-            precision=cfg.precision,
-            gradient_clipping=cfg.grad_clip,
-            optimizer=adamw_block(cfg.lr, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay),
-        )
-        groups = parameter_groups(self.model, cfg.weight_decay)
-        if self.ep_group is not None:
-            from llm.parallel import split_optimizer_groups
-
-            groups = split_optimizer_groups(groups)
-        schedule = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
-            optimizer, [lambda step, c=cfg: lr_at(step, c) / c.lr] * len(optimizer.param_groups)
-        )
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, model_parameters=groups, config=self.ds_config, lr_scheduler=schedule
-        )
-        if cfg.compile:
-            self.engine.compile()
-        self.device = self.engine.device
-        self.peak = peak_flops(torch.device(self.device), cfg.precision)
-        self.grad_guard = NonFiniteGradGuard(self.engine.module.parameters(), torch.device(self.device))
-
     def _settings_check(self, directory: Path, manifest: dict[str, Any]) -> tuple[str | None, list[str]]:
         return resume_differences(directory, manifest, self.cfg.to_dict(), self.world, RESUME_POLICY)
 
@@ -150,22 +81,11 @@ class Trainer:
         if self.ep_group is not None:
             restore_expert_shards(self.engine.module, self.ckpt_root / tag_for(self.iteration))
         self.consumed_samples = int(state["consumed_samples"])
-        self._apply_schedule()
+        apply_schedule(self.scheduler, self.optimizer)
         if self.rank == 0:
             for line in changes:
                 print(line)
             print(f"resumed from iteration {self.iteration} ({self.consumed_samples} samples consumed)")
-
-    def _apply_schedule(self) -> None:
-        """Set the next step's LR from this run's schedule. The optimizer state restored the LR the saved run's
-        schedule gave; the two differ when an allowed schedule setting changed (train_iters, min_lr,
-        lr_decay_iters). The same expression as LambdaLR's, so an unchanged schedule gives the same bits."""
-        scheduler = self.scheduler
-        lrs = [
-            base * schedule(scheduler.last_epoch) for base, schedule in zip(scheduler.base_lrs, scheduler.lr_lambdas)
-        ]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
 
     # ------------------------------------------------------------------------------------------------ steps
     def _batches(self):
@@ -451,29 +371,5 @@ class Trainer:
         dist.barrier()
 
     def _write_summary(self, result: dict[str, Any]) -> None:
-        if self.rank != 0:
-            return
-        acc = self.accounting
-        summary = {
-            "task": "llm",
-            "model": self.cfg.model,
-            "model_overrides": self.cfg.model_overrides,
-            "total_params": acc.total_params,
-            "active_params": acc.active_params,
-            "flops_per_token": acc.forward_flops_per_token,
-            "seq_len": self.cfg.seq_len,
-            "final_val_loss": result.get("val_loss"),
-            "tokens": result["tokens"],
-            "iterations": result["iteration"],
-            "seed": self.cfg.seed,
-            "world_size": self.world,
-            "expert_parallel_size": self.cfg.expert_parallel_size,
-        }
-        if "dense_weights_identical" in result:
-            summary["dense_weights_identical_across_ranks"] = result["dense_weights_identical"]
-        if self.cfg.compile:
-            from torch._dynamo.utils import counters
-
-            # How many graphs torch.compile produced (MoE grouped GEMMs outside bf16 run between graphs, eagerly).
-            summary["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
-        write_summary(self.output_dir, summary)
+        if self.rank == 0:
+            write_summary(self.output_dir, run_summary(self.cfg, self.accounting, result, self.world))

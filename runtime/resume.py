@@ -1,0 +1,154 @@
+"""Resuming a run, as both trainers do it: the settings check against the checkpoint's manifest (each trainer's
+RESUME_POLICY), and the decisions none | auto | a checkpoint directory, with nothing written before a refusal."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+from runtime.checkpoint import (
+    CheckpointMismatch,
+    SettingsCheck,
+    complete_checkpoints,
+    load_from,
+    load_latest,
+    read_manifest,
+)
+from runtime.config import IGNORE, REFUSE
+from runtime.dist import rank
+from runtime.errors import TrainingError
+
+# Field -> (REFUSE | ALLOW | IGNORE, why): each trainer's RESUME_POLICY table (the decisions: runtime.config).
+ResumePolicy = dict[str, tuple[str, str]]
+# The world size is not a config field: it is refused only where the checkpoint's layout depends on it.
+WORLD_SIZE_WHY = "the optimizer state is sharded over the data-parallel ranks"
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value)
+
+
+def _as_flag(name: str, value: Any) -> str:
+    if value is None:
+        text = "none"
+    elif isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, (dict, list)) and not (isinstance(value, list) and value):
+        text = shlex.quote(json.dumps(value))
+    elif isinstance(value, list):
+        text = " ".join(shlex.quote(str(v)) for v in value)
+    else:
+        text = shlex.quote(str(value))
+    return f"--{name} {text}"
+
+
+def saved_world_size(manifest: dict[str, Any]) -> int | None:
+    """The world size the checkpoint was written with (older manifests: one rng_rank<r>.pt per rank)."""
+    if "world_size" in manifest:
+        return int(manifest["world_size"])
+    ranks = [rel for rel in manifest.get("files", {}) if re.fullmatch(r"rng_rank\d+\.pt", rel)]
+    return len(ranks) or None
+
+
+def resume_differences(
+    directory: Path, manifest: dict[str, Any], config: dict[str, Any], world_size: int, policy: ResumePolicy
+) -> tuple[str | None, list[str]]:
+    """Compare this run's settings with those saved in the checkpoint's manifest, field by field under `policy`.
+
+    Returns (the one-line refusal, or None; the "resume: FIELD OLD -> NEW" lines of the allowed changes)."""
+    saved = manifest.get("config") or {}
+    refused: list[tuple[str, Any, Any, str]] = []
+    changed: list[str] = []
+    for name, (decision, why) in policy.items():
+        if name not in saved or name not in config or saved[name] == config[name] or decision == IGNORE:
+            continue
+        if decision == REFUSE:
+            refused.append((name, saved[name], config[name], why))
+        else:
+            changed.append(f"resume: {name} {_shown(saved[name])} -> {_shown(config[name])}")
+    saved_world = saved_world_size(manifest)
+    world_refused = False
+    if saved_world is not None and saved_world != world_size:
+        sharded = int(saved.get("zero_stage", 0)) >= 1 or int(saved.get("expert_parallel_size", 1)) > 1
+        if sharded:
+            world_refused = True
+        else:
+            changed.append(f"resume: world_size {saved_world} -> {world_size}")
+    if not refused and not world_refused:
+        return None, changed
+    was = [f"{name}={_shown(old)}" for name, old, _, _ in refused]
+    now = [f"{name}={_shown(new)}" for name, _, new, _ in refused]
+    by_reason: dict[str, list[str]] = {}
+    for name, _, _, why in refused:
+        by_reason.setdefault(why, []).append(name)
+    reasons = [f"{', '.join(names)}: {why}" for why, names in by_reason.items()]
+    fixes = [_as_flag(name, old) for name, old, _, _ in refused]
+    if world_refused:
+        was.append(f"world_size={saved_world}")
+        now.append(f"world_size={world_size}")
+        reasons.append(f"world_size at ZeRO stage {saved.get('zero_stage')}: {WORLD_SIZE_WHY}")
+        fixes.append(
+            f"world size {saved_world} (NPROC={saved_world} for the launch scripts, --num_gpus "
+            f"{saved_world} for deepspeed)"
+        )
+    return (
+        f"resume: checkpoint {directory} was written with {', '.join(was)} but this run has {', '.join(now)} "
+        f"({'; '.join(reasons)}). Resume it with {' '.join(fixes)}, or start a new --output_dir"
+    ), changed
+
+
+def refuse_to_start_over(root: Path, resume: str, output_dir: str) -> None:
+    """resume=none over a run's checkpoints would train a new run on top of them: refused, naming the fix."""
+    existing = complete_checkpoints(root)
+    if resume == "none" and existing:
+        raise TrainingError(
+            f"output_dir={output_dir!r} already holds checkpoints of a run (newest: {existing[-1][1].name}); pass "
+            f"--resume auto to continue it, or choose another --output_dir"
+        )
+
+
+def check_resume_settings(root: Path, resume: str, check: SettingsCheck) -> None:
+    """Refuse, before any set-up (nothing written yet), a resume whose settings differ from those saved with the
+    checkpoint it would load (the loader checks again the one it actually loads, should it fall back)."""
+    if resume == "none":
+        return
+    candidates = complete_checkpoints(root) if resume == "auto" else [(0, Path(resume))]
+    if not candidates:
+        return
+    directory = candidates[-1][1]
+    try:
+        manifest = read_manifest(directory)
+    except ValueError:
+        return  # an unreadable manifest is the loader's business (it falls back or refuses)
+    refusal, _ = check(directory, manifest)
+    if refusal is not None:
+        raise TrainingError(refusal)
+
+
+def resume_from(engine, root: Path, resume: str, check: SettingsCheck) -> tuple[int, dict[str, Any], list[str]] | None:
+    """Load what `resume` asks for (none | auto | a checkpoint directory). Returns (iteration, client_state, allowed
+    setting changes), or None for a fresh start. Existing checkpoints that none loads are never started over on top
+    of. Every rank must call this."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        candidates = complete_checkpoints(root)
+        if not candidates:
+            if rank() == 0:
+                print(f"resume=auto: no complete checkpoint under {root}; starting from scratch", flush=True)
+            return None
+    try:
+        if resume != "auto":
+            return load_from(engine, Path(resume), check)
+        loaded = load_latest(engine, root, check)
+    except CheckpointMismatch as err:
+        raise TrainingError(str(err)) from err
+    if loaded is None:
+        raise TrainingError(
+            f"resume=auto: none of the {len(candidates)} checkpoints under {root} could be loaded (see the "
+            f"warnings above); fix or move them, or choose another --output_dir"
+        )
+    return loaded
