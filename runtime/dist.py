@@ -54,6 +54,11 @@ def init_distributed() -> None:
         release_own_segment()
 
 
+def launcher_world_size() -> int:
+    """The world size the launcher set (or SLURM's task count in an srun step), read before any process group."""
+    return int({**os.environ, **rank_env(os.environ)}.get("WORLD_SIZE", "1"))
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 

@@ -22,7 +22,16 @@ from runtime.ds_config import adamw_block, complete_ds_config, gradient_accumula
 from runtime.resume import check_resume_settings, refuse_to_start_over, resume_differences
 from runtime.rundir import CHECKPOINTS
 from vision.config import RESUME_POLICY, TrainConfig, ds_config_name, to_dict, validate
-from vision.data import Splits, build_datasets, subset_indices
+from vision.data import (
+    EvalBatchSampler,
+    SeededTransformDataset,
+    Splits,
+    build_datasets,
+    build_transforms,
+    make_loader,
+    resolve_mean_std,
+    subset_indices,
+)
 from vision.summary import count_macs
 from vision.weights import load_init_weights, resolve_init_weights
 
@@ -177,3 +186,16 @@ def prepare(cfg: TrainConfig, world: int) -> Prepared:
     macs = count_macs(model, cfg.img_size, cfg.in_chans)
     reinit = load_init_weights(model, init_path, cfg.keep_classifier) if init_path is not None else []
     return Prepared(splits, num_classes, train_indices, val_indices, steps_per_epoch, model, macs, reinit)
+
+
+def build_inputs(
+    cfg: TrainConfig, prep: Prepared, pretrained_cfg: dict[str, Any], world: int, rank: int
+) -> tuple[Any, Any]:
+    """(the training dataset, this rank's validation loader): the model's normalisation and timm's transforms."""
+    mean, std = resolve_mean_std(cfg, pretrained_cfg)
+    train_tf, val_tf = build_transforms(cfg, mean, std)
+    img_mode = "L" if cfg.in_chans == 1 else "RGB"
+    train_ds = SeededTransformDataset(prep.splits.train, train_tf, img_mode)
+    val_ds = SeededTransformDataset(prep.splits.val, val_tf, img_mode)
+    val_sampler = EvalBatchSampler(prep.val_indices, cfg.micro_batch_size * 2, world, rank)
+    return train_ds, make_loader(val_ds, val_sampler, cfg.num_workers)

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from runtime import collectives
 from runtime.checkpoint import save_checkpoint, tag_for
-from runtime.dist import PreemptionFlag, init_distributed, set_cpu_threads
+from runtime.dist import PreemptionFlag, init_distributed, launcher_world_size, set_cpu_threads
 from runtime.ds_config import gradient_accumulation_steps
 from runtime.errors import TrainingError, print_error
 from runtime.metrics import MetricsLogger
@@ -41,6 +41,7 @@ from runtime.rundir import CHECKPOINTS, write_config, write_summary
 from runtime.slurm import rank_env
 from vision.build import (
     Prepared,
+    build_inputs,
     build_mixup,
     derived_seed,
     ds_config,
@@ -52,14 +53,11 @@ from vision.build import (
 )
 from vision.config import ENGINE, TrainConfig, load_config, to_dict
 from vision.data import (
-    EvalBatchSampler,
-    SeededTransformDataset,
     TrainBatchSampler,
-    build_transforms,
     make_loader,
-    resolve_mean_std,
 )
 from vision.evaluate import evaluate, sync_batchnorm
+from vision.records import describe, run_summary
 from vision.weights import EMA_WEIGHTS, WEIGHTS, save_weights
 
 PROG = "vision.train"
@@ -113,13 +111,9 @@ class Trainer:
         if self.is_main:
             write_config(self.out_dir, to_dict(cfg))
 
-        mean, std = resolve_mean_std(cfg, self.engine.module.pretrained_cfg)
-        train_tf, val_tf = build_transforms(cfg, mean, std)
-        img_mode = "L" if cfg.in_chans == 1 else "RGB"
-        self.train_ds = SeededTransformDataset(prep.splits.train, train_tf, img_mode)
-        val_ds = SeededTransformDataset(prep.splits.val, val_tf, img_mode)
-        val_sampler = EvalBatchSampler(prep.val_indices, cfg.micro_batch_size * 2, self.world, self.rank)
-        self.val_loader = make_loader(val_ds, val_sampler, cfg.num_workers)
+        self.train_ds, self.val_loader = build_inputs(
+            cfg, prep, self.engine.module.pretrained_cfg, self.world, self.rank
+        )
         self.mixup = build_mixup(cfg, prep.num_classes)
         self.criterion = loss_fn(cfg, self.mixup is not None)
         self.last_loss = float("nan")
@@ -139,17 +133,6 @@ class Trainer:
             for line in changes:
                 say(line)
             say(f"resumed from {where} (epoch {self.pos.epoch}, iteration {iteration})")
-
-    def _describe(self) -> str:
-        cfg, prep = self.cfg, self.prep
-        n_params = sum(p.numel() for p in self.engine.module.parameters())
-        reinit = f", re-initialised {', '.join(prep.reinit)}" if prep.reinit else ""
-        return (
-            f"{cfg.model} ({n_params / 1e6:.2f}M params, {prep.num_classes} classes{reinit}) on {self.world} rank(s), "
-            f"{self.device}, {cfg.precision}, ZeRO-{cfg.zero_stage}; {len(prep.train_indices)} train / "
-            f"{len(prep.val_indices)} val images, {prep.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, global "
-            f"batch {cfg.global_batch_size} = {cfg.micro_batch_size} x {self.world} x {self.grad_accum}"
-        )
 
     def _modules(self) -> list[torch.nn.Module]:
         return [self.engine.module] + ([self.ema.module] if self.ema is not None else [])
@@ -295,7 +278,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg, pos = self.cfg, self.pos
         if self.is_main:
-            say(self._describe())
+            say(describe(cfg, self.prep, self.engine.module, self.world, self.device, self.grad_accum))
         start_time = time.time()
         last_iteration = cfg.train_iters or cfg.epochs * self.prep.steps_per_epoch
         self.engine.train()
@@ -311,26 +294,9 @@ class Trainer:
 
     def _finish(self, last_eval: dict[str, Any], seconds: float) -> dict[str, Any]:
         cfg, module = self.cfg, self.engine.module
-        summary = {
-            "task": "vision",
-            "model": cfg.model,
-            "total_params": sum(p.numel() for p in module.parameters()),
-            "macs": self.prep.macs,
-            "img_size": cfg.img_size,
-            "num_classes": self.prep.num_classes,
-            "num_experts": getattr(module, "num_experts", None),
-            "iterations": self.pos.iteration,
-            "epochs": round(self.pos.iteration / self.prep.steps_per_epoch, 4),
-            "seed": cfg.seed,
-            "world_size": self.world,
-            "final_val_loss": last_eval["val_loss"],
-            "top1": last_eval["top1"],
-            "top5": last_eval["top5"],
-            "train_loss": self.last_loss if math.isfinite(self.last_loss) else None,  # None: no step in this process
-            "seconds": round(seconds, 1),
-        }
-        if self.ema is not None:
-            summary.update(ema_top1=last_eval["ema_top1"], ema_top5=last_eval["ema_top5"])
+        summary = run_summary(
+            cfg, self.prep, module, self.pos.iteration, last_eval, self.last_loss, seconds, self.world
+        )
         if self.is_main:
             meta = {"model": cfg.model, "num_classes": str(self.prep.num_classes), "in_chans": str(cfg.in_chans)}
             save_weights(module.state_dict(), self.out_dir / WEIGHTS, meta)
@@ -351,12 +317,7 @@ def run(cfg: TrainConfig, prep: Prepared) -> dict[str, Any]:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    return run(cfg, prepare(cfg, world_size()))
-
-
-def world_size() -> int:
-    """The world size the launcher set (or SLURM's task count in an srun step), read before any process group."""
-    return int({**os.environ, **rank_env(os.environ)}.get("WORLD_SIZE", "1"))
+    return run(cfg, prepare(cfg, launcher_world_size()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return code
     try:
-        prep = prepare(cfg, world_size())
+        prep = prepare(cfg, launcher_world_size())
     except (ValueError, FileNotFoundError, TrainingError) as err:
         # Bad input: a message, not a traceback, from the first rank (every rank refuses the same input).
         if {**os.environ, **rank_env(os.environ)}.get("RANK", "0") == "0":
