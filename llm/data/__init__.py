@@ -10,7 +10,10 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "CORPORA": "llm.data.corpus",
     "DefaultCorpus": "llm.data.corpus",
+    "EmbeddedCorpus": "llm.data.corpus",
+    "ensure_corpus": "llm.data.corpus",
     "ensure_default_corpus": "llm.data.corpus",
     "BlendedDataset": "llm.data.blend",
     "blend_indices": "llm.data.blend",

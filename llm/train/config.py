@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm.data.corpus import CORPORA
 from runtime.checks import MAX_SEED, FloatRange, check_directory_path, check_min_lr, check_resume
 from runtime.config import ALLOW, IGNORE, REFUSE, ConfigEngine
 from runtime.fields import canonical
@@ -34,6 +35,7 @@ class TrainConfig:
     data_path: list[str] = field(
         default_factory=list
     )  # Megatron style: [PREFIX] or [W1, PREFIX1, W2, PREFIX2]; [] = embedded corpus
+    corpus: str = "shakespeare"  # the embedded corpus used when data_path is empty: shakespeare | pd-english
     tokenizer: str | None = None  # HF tokenizer directory; None with the embedded corpus = its tokenizer
     split: str | None = None  # train,valid,test by documents, e.g. "969,30,1"; None = the corpus default
     data_cache_dir: str | None = None  # where index arrays are cached (default: next to the shards)
@@ -108,6 +110,7 @@ CHOICES = {
     "lr_decay_style": ("cosine", "linear", "constant"),
     "precision": ("fp32", "bf16", "fp16"),
     "zero_stage": (0, 1, 2, 3),
+    "corpus": tuple(CORPORA),
 }
 # Each float field's valid range and the fix that goes with it (min_lr: within [0, lr], checked after lr).
 FLOAT_RANGES = {
@@ -159,6 +162,7 @@ RESUME_POLICY: dict[str, tuple[str, str]] = {
     "activation_checkpointing": (ALLOW, "memory for compute; the same math"),
     "compile": (ALLOW, "speed only"),
     "data_path": (REFUSE, _DATA),
+    "corpus": (REFUSE, _DATA),
     "tokenizer": (REFUSE, "the token ids the weights were trained on"),
     "split": (REFUSE, _DATA),
     "data_cache_dir": (ALLOW, "where index arrays are cached"),

@@ -26,7 +26,7 @@ class Inputs:
 
 def resolve_sources(cfg: TrainConfig) -> tuple[list[str], list[float] | None, str, str]:
     """(shard prefixes, weights, tokenizer directory, split): the given shards, or the embedded corpus."""
-    from llm.data import ensure_default_corpus, parse_data_path
+    from llm.data import ensure_corpus, parse_data_path
 
     if cfg.data_path:
         prefixes, weights = parse_data_path(cfg.data_path)
@@ -37,7 +37,7 @@ def resolve_sources(cfg: TrainConfig) -> tuple[list[str], list[float] | None, st
             )
         tokenizer_dir, split = cfg.tokenizer, cfg.split or "969,30,1"
     else:
-        corpus = ensure_default_corpus()
+        corpus = ensure_corpus(cfg.corpus)
         prefixes, weights = [corpus.prefix], None
         tokenizer_dir, split = cfg.tokenizer or str(corpus.tokenizer_dir), cfg.split or corpus.split
     missing = [p for p in prefixes if not (Path(f"{p}.bin").is_file() and Path(f"{p}.idx").is_file())]
