@@ -27,13 +27,12 @@ install: $(STAMP)
 run: $(STAMP)
 	bash launch/main.sh
 
-# The test suite (CI runs exactly this): one style (ruff format, ruff check), then pytest on two workers (most tests
-# wait on subprocesses; the SLURM-cluster modules share one worker, see tests/conftest.py). Slow end-to-end tests:
+# The test suite (CI runs exactly this): one style (ruff format, ruff check), then pytest. Slow end-to-end tests:
 # `make test-all`.
 test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow" -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -m "not slow" -q
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -45,15 +45,3 @@ def kill_leftover_launches() -> Iterator[None]:
     from tests.trainer_utils import kill_leftovers
 
     kill_leftovers()
-
-
-# Test modules that start a SLURM cluster (tests/slurm_cluster.py): under `pytest -n 2 --dist loadgroup` they share one
-# worker, so their jobs never run at the same time (a job's rendezvous port derives from its job id, and both clusters
-# would number their jobs from 1).
-SLURM_MODULES = ("test_slurm_cluster.py", "test_slurm_launch.py", "test_readme_commands.py")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.name in SLURM_MODULES:
-            item.add_marker(pytest.mark.xdist_group("slurm"))

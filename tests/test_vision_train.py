@@ -183,19 +183,31 @@ def test_two_rank_training_loss_falls_and_resumes_exactly_after_sigkill(image_tr
     assert _valid_record(killed_dir, 16) == _valid_record(straight_dir, 16)
 
 
-def _rank_pid(session: int, rank: int) -> int | None:
-    """The pid of the vision.train rank `rank` started in the process group of `session`, if it runs yet."""
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state; the name may hold spaces
+
+
+def _rank_pid(launch_pid: int, rank: int) -> int | None:
+    """The pid of the vision.train rank `rank` that `launch/train_vision.sh` (pid `launch_pid`) started, if it runs
+    yet. A descendant, not a member of its process group: the launcher runs in a session of its own."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if os.getsid(int(entry.name)) != session:
-                continue
             argv = (entry / "cmdline").read_bytes().split(b"\0")
             environ = (entry / "environ").read_bytes().split(b"\0")
         except (OSError, ProcessLookupError):  # gone meanwhile
             continue
-        if b"vision.train" in argv and f"RANK={rank}".encode() in environ and b"-m" in argv:
+        if not (b"vision.train" in argv and f"RANK={rank}".encode() in environ and b"-m" in argv):
+            continue
+        pid: int | None = int(entry.name)
+        while pid not in (None, 0, 1, launch_pid):
+            pid = _parent(pid)
+        if pid == launch_pid:
             return int(entry.name)
     return None
 
