@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import vision
 from vision import summary
-from vision.models import MODEL_NAMES, STATIC_TWINS, DynamicConv
-from vision.summary import count_macs, count_params
+from vision.models import MODEL_NAMES, STATIC_TWINS, DynamicConv, check_input_size
+from vision.summary import count_macs, count_params, macs_breakdown
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -137,6 +137,12 @@ def test_registry_create_model_arguments_and_reset_classifier() -> None:
     model.reset_classifier(0)
     assert model(x).shape == (2, 1280)
     assert model.pretrained_cfg["min_input_size"] == (3, 32, 32)
+    small = timm.create_model("ghostnet_tiny_os4", num_classes=3, in_chans=1)
+    assert small.total_stride == 4 and small.pretrained_cfg["min_input_size"] == (3, 4, 4)
+    assert small(torch.randn(2, 1, 4, 4)).shape == (2, 3)
+    check_input_size(4, "parameternet_tiny_os4")
+    with pytest.raises(ValueError, match="img_size=3 is below the minimum 4 of parameternet_tiny_os4"):
+        check_input_size(3, "parameternet_tiny_os4")
     with pytest.raises(ValueError, match="static twin"):
         timm.create_model("ghostnet_tiny", num_experts=4)
     with pytest.raises(ValueError, match="no pretrained weights"):
@@ -148,7 +154,7 @@ def test_summary_lists_every_registered_model_by_default() -> None:
     each ParameterNet beside its static twin."""
     ours = [name for name in timm.list_models() if timm.models.model_entrypoint(name).__module__.startswith("vision.")]
     default = summary.build_parser().parse_args([]).models
-    assert sorted(default) == sorted(ours) and len(default) == len(set(default)) == 6
+    assert sorted(default) == sorted(ours) and len(default) == len(set(default)) == 8
     assert [(default[i], default[i + 1]) for i in range(0, len(default), 2)] == list(STATIC_TWINS.items())
     assert all(dynamic.replace("parameternet_", "ghostnet_") == static for dynamic, static in STATIC_TWINS.items())
 
@@ -163,3 +169,64 @@ def test_summary_cli_prints_params_and_macs(capsys: pytest.CaptureFixture[str]) 
     assert rows["parameternet_tiny"]["macs"] == count_macs(timm.create_model("parameternet_tiny"), 32)
     assert summary.main(["--img-size", "16"]) == 2
     assert "img_size=16 is below the minimum 32" in capsys.readouterr().err
+
+
+def test_summary_breakdown_separates_the_mixing_and_adds_up(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--img-size", "32", "--in-chans", "1", "--num-classes", "10", "--json", "--breakdown"]
+    assert summary.main([*args, "--models", "parameternet_tiny", "ghostnet_tiny"]) == 0
+    rows = {r["model"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    static = rows["ghostnet_tiny"]["breakdown"]
+    assert static["dynamic_conv"] == static["mixing"] == static["routing"] == 0
+    assert static["other"] == rows["ghostnet_tiny"]["macs"]
+    parts = rows["parameternet_tiny"]["breakdown"]
+    assert sum(parts.values()) == rows["parameternet_tiny"]["macs"]
+    model = timm.create_model("parameternet_tiny", num_classes=10, in_chans=1)
+    assert rows["parameternet_tiny"]["macs"] == count_macs(model, 32, in_chans=1)
+    assert parts["mixing"] + parts["routing"] == hand_count_over_twin(model)[1]
+    # Why parameternet_tiny is not the demo's model: at 32 px its last stage runs on 1x1 maps, where mixing 4 kernels
+    # costs 4x the convolution, so the mixing outweighs every dynamic convolution together.
+    assert parts["mixing"] > parts["dynamic_conv"]
+
+
+def _tiny_os4(num_experts: int) -> torch.nn.Module:
+    """The demo's ParameterNet as the demo builds it: grayscale, 10 classes."""
+    if num_experts == 0:
+        return timm.create_model("ghostnet_tiny_os4", num_classes=10, in_chans=1)
+    return timm.create_model("parameternet_tiny_os4", num_classes=10, in_chans=1, num_experts=num_experts)
+
+
+@pytest.mark.parametrize("img_size", [28, 32])
+@pytest.mark.parametrize("num_experts", [1, 2, 4])
+def test_tiny_os4_pair_costs_within_10_percent_of_its_static_twin(num_experts: int, img_size: int) -> None:
+    """The paper's premise at Fashion-MNIST's resolution (28 px, resized to 32 px by the demo): more parameters at
+    (almost) the same multiply-adds."""
+    torch.manual_seed(0)
+    model, twin = _tiny_os4(num_experts), _tiny_os4(0)
+    macs, twin_macs = count_macs(model, img_size, in_chans=1), count_macs(twin, img_size, in_chans=1)
+    extra_params, extra_macs = hand_count_over_twin(model)
+    assert macs - twin_macs == extra_macs > 0  # the mixing and routing are counted
+    assert count_params(model) - count_params(twin) == extra_params
+    assert macs / twin_macs < 1.10, (num_experts, img_size, macs / twin_macs)
+    # Each extra expert adds about 20% of the twin's parameters (a third of them sit in the static 1280-wide head).
+    assert count_params(model) > (1 + 0.15 * (num_experts - 1)) * count_params(twin)
+
+
+def test_tiny_os4_last_dynamic_conv_by_hand() -> None:
+    """One layer counted by hand: the final 1x1 conv (56 -> 336 channels at width 0.35) on the 8x8 map of 32 px."""
+    model = _tiny_os4(4)
+    final = model.blocks[-1][0].conv
+    assert isinstance(final, DynamicConv) and (final.in_channels, final.out_channels) == (56, 336)
+    conv = 56 * 336 * 8 * 8  # one kernel of 56 x 336 at each of the 64 output pixels
+    mixing = 4 * 56 * 336  # the 4 expert kernels weighted and summed, once per image
+    routing = 56 * 4  # Linear(56, 4) on the pooled input (its bias add is no multiply-add)
+    counter = torch.utils.flop_counter.FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        final(torch.zeros(1, 56, 8, 8))
+    counts = {str(op): flops // 2 for op, flops in counter.get_flop_counts()["Global"].items()}
+    assert counts == {"aten.convolution": conv, "aten.mm": mixing, "aten.addmm": routing}
+    # The whole network at 32 px: mixing and routing are the hand count of every DynamicConv (hand_count_over_twin),
+    # and the dynamic convolutions plus the rest cost exactly what the static twin costs.
+    parts = macs_breakdown(model, 32, in_chans=1)
+    assert parts.mixing + parts.routing == hand_count_over_twin(model)[1]
+    assert parts.total == count_macs(model, 32, in_chans=1)
+    assert parts.dynamic_conv + parts.other == count_macs(_tiny_os4(0), 32, in_chans=1)

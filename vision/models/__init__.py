@@ -6,15 +6,15 @@ from vision.models.parameternet import (
     MIN_INPUT_SIZE,
     BlockSpec,
     ParameterNet,
-    check_input_size,
 )
-from vision.models.registry import MODEL_NAMES, STATIC_TWINS
+from vision.models.registry import MIN_INPUT_SIZES, MODEL_NAMES, STATIC_TWINS, check_input_size
 
 __all__ = [
     "BlockSpec",
     "DynamicConv",
     "EXTENDED_GHOSTNET_BLOCKS",
     "MIN_INPUT_SIZE",
+    "MIN_INPUT_SIZES",
     "MODEL_NAMES",
     "ParameterNet",
     "STATIC_TWINS",

@@ -17,6 +17,7 @@ The blocks are in ghost_blocks.py; the named, timm-registered models (widths, ex
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -32,12 +33,14 @@ __all__ = [
     "EXTENDED_GHOSTNET_BLOCKS",
     "MIN_INPUT_SIZE",
     "ParameterNet",
-    "check_input_size",
+    "SMALL_IMAGE_GHOSTNET_BLOCKS",
+    "total_stride",
 ]
 
-# Five stride-2 stages: below 32 px the last stage would see a sub-pixel feature map.
+# Five stride-2 stages (stem and four blocks): below 32 px the last stage would see a sub-pixel feature map.
 MIN_INPUT_SIZE = 32
 HEAD_CHANNELS = 1280
+STEM_STRIDE = 2
 
 
 class BlockSpec(NamedTuple):
@@ -75,15 +78,25 @@ EXTENDED_GHOSTNET_BLOCKS: tuple[tuple[BlockSpec, ...], ...] = (
 )
 
 
-def check_input_size(img_size: int | tuple[int, int], model_name: str = "model") -> None:
-    """Refuse images smaller than the network's total stride, before any data is loaded."""
-    sizes = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if min(sizes) < MIN_INPUT_SIZE:
-        raise ValueError(
-            f"img_size={img_size} is below the minimum {MIN_INPUT_SIZE} of {model_name} (five stride-2 stages, "
-            f"total stride 32); resize the images to at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} "
-            f"(e.g. --img-size {MIN_INPUT_SIZE})"
-        )
+def _without_stride(groups: tuple[tuple[BlockSpec, ...], ...], *indices: int) -> tuple[tuple[BlockSpec, ...], ...]:
+    return tuple(
+        tuple(spec._replace(stride=1) for spec in group) if i in indices else group for i, group in enumerate(groups)
+    )
+
+
+# The same block list for 28-32 px images (Fashion-MNIST): only the stem and entry 5 keep their stride 2 (the
+# stride-2 of entries 1, 3 and 7 becomes 1), so the total stride is 4 instead of 32 and a 28 px image ends on 7x7
+# maps, as a 224 px image does in the release (32 px: 8x8). ParameterNet's premise needs this: a dynamic conv with
+# E experts adds E x (kernel size) multiply-adds per image for the kernel mixing, against (kernel size) x (output
+# pixels) for the convolution itself, i.e. E / (H x W) of the layer's cost, and most kernel parameters sit in the
+# last stage. With the released strides a 32 px image ends on 1x1 maps, where the mixing costs E times the convolution.
+SMALL_IMAGE_GHOSTNET_BLOCKS: tuple[tuple[BlockSpec, ...], ...] = _without_stride(EXTENDED_GHOSTNET_BLOCKS, 1, 3, 7)
+
+
+def total_stride(block_specs: tuple[tuple[BlockSpec, ...], ...]) -> int:
+    """The input-to-output downsampling of a network built from `block_specs` (the stem's stride 2 included): the
+    smallest image it accepts."""
+    return math.prod((STEM_STRIDE, *(spec.stride for group in block_specs for spec in group)))
 
 
 class ParameterNet(nn.Module):
@@ -106,11 +119,16 @@ class ParameterNet(nn.Module):
         drop_rate: float = 0.2,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
-        output_stride: int = 32,
+        output_stride: int | None = None,
     ) -> None:
         super().__init__()
-        if output_stride != 32:
-            raise ValueError(f"ParameterNet: output_stride={output_stride} is not supported (only 32: no dilation)")
+        self.total_stride = total_stride(block_specs)
+        # timm passes output_stride when building feature extractors; only the undilated network exists here.
+        if output_stride is not None and output_stride != self.total_stride:
+            raise ValueError(
+                f"ParameterNet: output_stride={output_stride} is not supported (only {self.total_stride}, the total "
+                f"stride of this block list: no dilation)"
+            )
         if num_experts < 0:
             raise ValueError(f"ParameterNet: num_experts={num_experts} must be >= 1, or 0 for the static twin")
         if width <= 0:
@@ -122,14 +140,14 @@ class ParameterNet(nn.Module):
         self.grad_checkpointing = False
 
         stem_chs = make_divisible(16 * width, 4)
-        self.conv_stem = make_conv(in_chans, stem_chs, 3, stride=2, num_experts=num_experts)
+        self.conv_stem = make_conv(in_chans, stem_chs, 3, stride=STEM_STRIDE, num_experts=num_experts)
         self.bn1 = nn.BatchNorm2d(stem_chs)
         self.act1 = act_layer(inplace=True)
-        self.feature_info = [dict(num_chs=stem_chs, reduction=2, module="conv_stem")]
+        self.feature_info = [dict(num_chs=stem_chs, reduction=STEM_STRIDE, module="conv_stem")]
 
         num_blocks = sum(len(group) for group in block_specs)
         drop_path_rates = torch.linspace(0, drop_path_rate, num_blocks).tolist()
-        prev_chs, net_stride, block_idx = stem_chs, 2, 0
+        prev_chs, net_stride, block_idx = stem_chs, STEM_STRIDE, 0
         groups: list[nn.Module] = []
         for group_idx, group in enumerate(block_specs):
             layers = []
