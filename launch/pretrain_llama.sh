@@ -16,7 +16,8 @@
 #
 # With no arguments: tiny vanilla LLaMA on the embedded Shakespeare corpus, on CPU, a few minutes on 2 cores.
 # Environment (all optional; NPROC, HOSTFILE, NNODES... are read by launch/common.sh, shared with train_vision.sh):
-#   SIZE=tiny|1b       model preset size (llama-$SIZE / parameternet-llama-$SIZE) and training preset llm/configs/$SIZE.yaml
+#   SIZE=tiny|small|1b model preset size (llama-$SIZE / parameternet-llama-$SIZE) and training preset
+#                      llm/configs/$SIZE.yaml (tiny: a smoke run; small: the CPU experiment, launch/experiment.sh)
 #   CONFIG=FILE|NAME   training preset instead of $SIZE (YAML mirroring the --key flags)
 #   NPROC=N            ranks per node (default: the visible GPUs, or 1 CPU rank without a GPU)
 #   HOSTFILE=FILE      several nodes over ssh/pdsh (see launch/hostfile.example)
@@ -44,6 +45,13 @@ case "${1:-}" in
   *) echo "pretrain_llama.sh: error: first argument must be 'llama' or 'parameternet', got '$1'" >&2; exit 2 ;;
 esac
 size="${SIZE:-tiny}"
+# Every SIZE names a model preset pair; a CONFIG given instead of $SIZE.yaml still takes the models from SIZE.
+[ -f "$repo/llm/configs/llama-$size.json" ] && [ -f "$repo/llm/configs/parameternet-llama-$size.json" ] || {
+  sizes="$(cd "$repo/llm/configs" && ls parameternet-llama-*.json | sed 's/^parameternet-llama-//; s/\.json$//' | tr '\n' ' ')"
+  echo "pretrain_llama.sh: error: SIZE=$size has no presets llm/configs/llama-$size.json and" \
+    "parameternet-llama-$size.json; use one of: $sizes" >&2
+  exit 2
+}
 preset="llama-$size"; [ "$model" = parameternet ] && preset="parameternet-llama-$size"
 args=(--config "${CONFIG:-$size}" --model "$preset" --output_dir "runs/$model-$size")
 [ -n "${DS_CONFIG:-}" ] && args+=(--ds_config "$DS_CONFIG")

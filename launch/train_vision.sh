@@ -39,7 +39,7 @@ demo() {
   # One compute thread unless told otherwise: on these tiny 32x32 shapes a second thread gains ~15% on an idle machine
   # but makes every op wait for a descheduled thread on a busy one (measured 3-40x slower).
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-  local models=(parameternet_tiny ghostnet_tiny)
+  local models=(parameternet_tiny_os4 ghostnet_tiny_os4)
   for model in "${models[@]}"; do
     echo "== train_vision.sh: $model on Fashion-MNIST (output: $out/$model)"
     # shellcheck disable=SC2086  # DEMO_ARGS is a list of flags

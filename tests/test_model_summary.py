@@ -78,7 +78,14 @@ def test_summary_cli_prints_json_and_refuses_unknown(capsys):
 
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = ["llama-1b", "parameternet-llama-1b", "llama-tiny", "parameternet-llama-tiny"]
+PRESETS = [
+    "llama-1b",
+    "parameternet-llama-1b",
+    "llama-tiny",
+    "parameternet-llama-tiny",
+    "llama-small",
+    "parameternet-llama-small",
+]
 # (GPUs per node, nodes), as DeepSpeed's estimators take them; our --gpus is their product.
 CLUSTERS = [(1, 1), (8, 1), (8, 2), (4, 16)]
 

@@ -49,6 +49,8 @@ def readme_commands() -> list[str]:
 NOT_RUN = {
     "make test": "the test suite itself (CI runs it through .ci/run)",
     "make run": "the main job (launch/main.sh = launch/compare.sh with --limit 40), covered by the compare.sh line",
+    "bash launch/experiment.sh paper-llm": "21 trainings, about 2 hours as written; tests/test_experiment.py runs "
+    "this command with 2 arms x 2 seeds x 2 iterations, twice",
 }
 # README commands that take minutes as written here (make test-all runs them): compare.sh is pretrain_llama.sh +
 # evals.zero_shot + evals.compare, all run below; the vision demo and the two ImageNet stages (34.5M-parameter

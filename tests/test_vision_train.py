@@ -329,12 +329,12 @@ def test_launcher_demo_prints_both_accuracies_side_by_side(tmp_path: Path) -> No
     result = subprocess.run(["bash", str(LAUNCH)], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     # evals.compare's table, the static twin as the baseline: the delta column is ParameterNet's gain.
-    table = result.stdout[result.stdout.index("| Metric | ghostnet_tiny | parameternet_tiny |") :]
-    assert "Top-1" in table and "Δ parameternet_tiny − ghostnet_tiny" in table
+    table = result.stdout[result.stdout.index("| Metric | ghostnet_tiny_os4 | parameternet_tiny_os4 |") :]
+    assert "Top-1" in table and "Δ parameternet_tiny_os4 − ghostnet_tiny_os4" in table
     report = json.loads((tmp_path / "compare" / "results.json").read_text())
-    assert (tmp_path / "compare" / "report.md").is_file() and report["baseline"] == "ghostnet_tiny"
+    assert (tmp_path / "compare" / "report.md").is_file() and report["baseline"] == "ghostnet_tiny_os4"
     groups = {group["label"]: group for group in report["groups"]}
-    for name in ("parameternet_tiny", "ghostnet_tiny"):
+    for name in ("parameternet_tiny_os4", "ghostnet_tiny_os4"):
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["num_classes"] == 10 and _valid_record(tmp_path / name, summary["iterations"])["images"] == 256
         assert groups[name]["accuracy"]["top1"]["mean"] == summary["top1"]

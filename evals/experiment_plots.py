@@ -1,0 +1,61 @@
+"""The experiment report's loss figure (evals.experiment_report): validation loss per arm with a band of one standard
+deviation over seeds, and each arm's paired difference to the baseline with its 95% t interval as the band."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from evals.experiment_stats import band_curve, difference_curve  # noqa: E402
+from runtime.fsutil import temp_path_for  # noqa: E402
+
+# arm -> seed -> {training tokens: validation loss}
+Curves = dict[str, dict[int, dict[float, float]]]
+
+
+def plot_experiment_losses(curves: Curves, baseline: str, path: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (arm, per_seed) in enumerate(curves.items()):
+        color = colors[i % len(colors)]
+        xs, ys, sd = band_curve(per_seed)
+        if not xs:
+            continue
+        label = f"{arm} ({len(per_seed)} seed{'s' if len(per_seed) > 1 else ''})"
+        left.plot(xs, ys, color=color, marker="o", markersize=3, linewidth=1.5, label=label)
+        left.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=color, alpha=0.15)
+        if arm == baseline:
+            continue
+        xs, means, lows, highs = difference_curve(curves[baseline], per_seed)
+        right.plot(xs, means, color=color, marker="o", markersize=3, linewidth=1.5, label=arm)
+        if all(v is not None for v in lows + highs):
+            right.fill_between(xs, lows, highs, color=color, alpha=0.15)
+    left.set_title("Validation loss (band: ±1 std over seeds)")
+    left.set_ylabel("validation cross-entropy")
+    right.axhline(0.0, color="black", linewidth=0.8)
+    right.set_title(f"Paired difference to {baseline} (band: 95% t interval)")
+    right.set_ylabel(f"validation loss − {baseline}")
+    for ax in (left, right):
+        ax.set_xlabel("training tokens")
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)  # the umask's mode, not mkstemp's 0600: teammates read the plots
+    try:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)

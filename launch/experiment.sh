@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# One experiment end to end: train every arm with several seeds, evaluate each run zero-shot on the offline suite,
+# and write one report (markdown + PNG) with mean ± std over seeds and paired differences with 95% t intervals.
+#
+#   bash launch/experiment.sh paper-llm [--force] [-- TRAINER ARGS...]
+#
+# paper-llm: vanilla LLaMA vs ParameterNet-LLaMA (8 experts, top-1, down_proj: the headline); experts on gate_proj,
+# up_proj, down_proj (the paper's Table 7); 2, 4, 8 experts on down_proj; a vanilla LLaMA widened to ParameterNet's
+# total parameter count (more FLOPs: the ceiling). The arms are listed by `python -m evals.experiment arms paper-llm`.
+# Runs go to OUT/<arm>/seed<N>/ (launch/compare.sh does the training and evaluation: same seed = same data order in
+# every arm); the report to OUT/report.md, OUT/loss.png, OUT/accuracy.png (and OUT/compare/, evals.compare's
+# per-task table). Resumable: a run with summary.json and eval/results.json is skipped, an interrupted one resumes
+# from its last checkpoint (--resume auto); --force retrains and re-evaluates everything.
+# Environment:
+#   SIZE=small         the model and training presets (llama-$SIZE, parameternet-llama-$SIZE, llm/configs/$SIZE.yaml)
+#   SEEDS=3            seeds per arm: SEED, SEED+1, ...      SEED=1234
+#   ARMS=all           or a comma-separated subset that includes vanilla, e.g. ARMS=vanilla,pn-down-e8
+#   OUT=runs/experiment/paper-llm
+#   TASKS=llama        zero-shot tasks (offline)             LIMIT=100   documents per task ("none": all of them)
+#   TRAIN_ITERS=N      overrides the preset's train_iters    CORPUS=NAME  --corpus NAME for the trainer
+#   NPROC, CONFIG, DS_CONFIG, ...   as in launch/pretrain_llama.sh
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+source "$repo/launch/common.sh"
+
+usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+die() { echo "experiment.sh: error: $*" >&2; exit 2; }
+
+case "${1:-}" in
+  -h|--help) usage; exit 0 ;;
+  paper-llm) experiment="$1"; shift ;;
+  "") die "name the experiment: bash launch/experiment.sh paper-llm (see --help)" ;;
+  *) die "unknown experiment '$1'; known: paper-llm" ;;
+esac
+force=()
+trainer_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --force) force=(--force); shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; trainer_args=("$@"); break ;;
+    *) die "unknown option '$1' (trainer options go after --; see --help)" ;;
+  esac
+done
+
+export SIZE="${SIZE:-small}"
+seeds="${SEEDS:-3}"
+seed="${SEED:-1234}"
+out="${OUT:-runs/experiment/$experiment}"
+tasks="${TASKS:-llama}"
+limit="${LIMIT:-100}"
+[[ "$seeds" =~ ^[1-9][0-9]*$ ]] || die "SEEDS='$seeds': give a positive integer (3 or more for intervals)"
+[[ "$seed" =~ ^[0-9]+$ ]] || die "SEED='$seed': give a non-negative integer"
+[[ "$limit" =~ ^([1-9][0-9]*|none)$ ]] || die "LIMIT='$limit': give documents per task, a positive integer, or none"
+if [ -n "${TRAIN_ITERS:-}" ]; then
+  [[ "$TRAIN_ITERS" =~ ^[1-9][0-9]*$ ]] || die "TRAIN_ITERS='$TRAIN_ITERS': give a positive integer"
+  trainer_args=(--train_iters "$TRAIN_ITERS" "${trainer_args[@]+"${trainer_args[@]}"}")
+fi
+[ -z "${CORPUS:-}" ] || trainer_args=(--corpus "$CORPUS" "${trainer_args[@]+"${trainer_args[@]}"}")
+
+# The arms as compare.sh --run specifications (evals/experiment.py holds the table; it refuses unknown names).
+specs="$("$PY" -m evals.experiment arms "$experiment" --size "$SIZE" --arms "${ARMS:-all}")" || exit 2
+runs=()
+names=()
+while IFS= read -r spec; do
+  runs+=(--run "$spec")
+  names+=("${spec%% *}")
+done <<< "$specs"
+limit_args=()
+[ "$limit" = none ] || limit_args=(--limit "$limit")
+
+echo "=== $experiment: ${#names[@]} arms (${names[*]}) x $seeds seeds, SIZE=$SIZE -> $out" >&2
+bash launch/compare.sh --out "$out" --seeds "$seeds" --seed "$seed" --tasks "$tasks" --offline \
+  "${limit_args[@]+"${limit_args[@]}"}" "${force[@]+"${force[@]}"}" "${runs[@]}" \
+  -- "${trainer_args[@]+"${trainer_args[@]}"}"
+arms_csv="$(IFS=,; echo "${names[*]}")"
+exec "$PY" -m evals.experiment report "$out" --experiment "$experiment" --arms "$arms_csv"

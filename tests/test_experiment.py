@@ -1,0 +1,312 @@
+"""launch/experiment.sh and its report (evals.experiment*): the paired statistics against hand computations and scipy,
+the arms (the ceiling's width against a hand count), the report on hand-written run directories, and the whole
+command end to end (slow) with 2 arms x 2 seeds x 2 iterations, run twice: the second call trains nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from scipy import stats as scipy_stats
+
+from evals.experiment import BASELINE, HEADLINE, main, matched_intermediate_size, select_arms
+from evals.experiment_report import write_report
+from evals.experiment_stats import band_curve, difference_curve, paired_difference, t_quantile
+from evals.results import store_evaluation
+from runtime.dist import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------- statistics
+def test_t_quantile_matches_the_table() -> None:
+    # Student t, two-sided 95%: the printed table's 12.706 (1 df), 4.303 (2 df), 2.776 (4 df), 2.262 (9 df).
+    for n, table in ((2, 12.706), (3, 4.303), (5, 2.776), (10, 2.262)):
+        assert t_quantile(n) == pytest.approx(table, abs=5e-4)
+    with pytest.raises(ValueError, match="at least 2 paired seeds"):
+        t_quantile(1)
+
+
+def test_paired_difference_by_hand_and_against_scipy() -> None:
+    base = {1: 3.00, 2: 3.10, 3: 2.90}
+    other = {1: 2.90, 2: 3.05, 3: 2.78, 4: 1.0}  # seed 4 has no partner: left out
+    diff = paired_difference(base, other)
+    assert diff is not None and diff.seeds == (1, 2, 3)
+    d = [-0.10, -0.05, -0.12]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    half = 4.302652729911275 * sd / math.sqrt(3)  # t(0.975, 2)
+    assert diff.per_seed == pytest.approx(d)
+    assert (diff.mean, diff.std) == pytest.approx((mean, sd))
+    assert (diff.low, diff.high) == pytest.approx((mean - half, mean + half))
+    assert diff.excludes_zero is True
+    ref = scipy_stats.ttest_rel([other[s] for s in (1, 2, 3)], [base[s] for s in (1, 2, 3)])
+    assert diff.p_value == pytest.approx(ref.pvalue)
+    assert (diff.low, diff.high) == pytest.approx(tuple(ref.confidence_interval(0.95)))
+
+    straddles = paired_difference({1: 3.0, 2: 3.0, 3: 3.0}, {1: 2.9, 2: 3.1, 3: 2.95})
+    assert straddles is not None and straddles.excludes_zero is False and straddles.p_value > 0.05
+    one = paired_difference({7: 3.0}, {7: 2.5})
+    assert one is not None and (one.mean, one.low, one.p_value, one.excludes_zero) == (-0.5, None, None, None)
+    assert paired_difference({1: 3.0}, {2: 3.0}) is None
+
+
+def test_curves_mean_std_and_paired_band() -> None:
+    base = {1: {10.0: 5.0, 20.0: 4.0}, 2: {10.0: 5.2, 20.0: 4.2, 30.0: 3.0}}  # x=30 only in one seed: dropped
+    other = {1: {10.0: 4.9, 20.0: 3.8}, 2: {10.0: 5.0, 20.0: 4.1}}
+    xs, means, stds = band_curve(base)
+    assert xs == [10.0, 20.0] and means == pytest.approx([5.1, 4.1]) and stds == pytest.approx([0.1414214, 0.1414214])
+    xs, means, lows, highs = difference_curve(base, other)
+    assert xs == [10.0, 20.0] and means == pytest.approx([-0.15, -0.15])
+    half = 12.706204736174698 * 0.05 * math.sqrt(2) / math.sqrt(2)  # d = (-0.1, -0.2) then (-0.2, -0.1): sd 0.0707
+    assert lows[0] == pytest.approx(-0.15 - half) and highs[1] == pytest.approx(-0.15 + half)
+
+
+# ------------------------------------------------------------------------------------------------------ arms
+def hand_count(h: int, layers: int, inter: int, vocab: int, experts: int = 1) -> int:
+    """LLaMA (untied embeddings), with `experts` copies of down_proj and a router (inter -> experts) when > 1."""
+    per_layer = 4 * h * h + 3 * h * inter + 2 * h
+    moe = (experts - 1) * inter * h + inter * experts if experts > 1 else 0
+    return 2 * vocab * h + layers * (per_layer + moe) + h
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_ceiling_matches_parameternet_total_by_hand_count(size: str) -> None:
+    dims = json.loads((REPO / "llm" / "configs" / f"llama-{size}.json").read_text())
+    h, layers, inter, vocab = (dims[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"))
+    target = hand_count(h, layers, inter, vocab, experts=8)
+    nearest = min(range(inter, 5 * inter), key=lambda n: abs(hand_count(h, layers, n, vocab) - target))
+    assert matched_intermediate_size(size) == (nearest, hand_count(h, layers, nearest, vocab), target)
+    assert abs(hand_count(h, layers, nearest, vocab) - target) <= 1.5 * h * layers
+
+
+def test_arms_and_their_selection(capsys) -> None:
+    names = [arm.name for arm in select_arms("paper-llm", "tiny", None)]
+    assert names == [BASELINE, HEADLINE, "pn-gate-e8", "pn-up-e8", "pn-down-e2", "pn-down-e4", "vanilla-wide"]
+    wide, _, _ = matched_intermediate_size("tiny")
+    assert main(["arms", "paper-llm", "--size", "tiny", "--arms", "vanilla-wide,vanilla"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "vanilla llama",
+        f'vanilla-wide llama --model_overrides {{"intermediate_size":{wide}}}',
+    ]
+    assert main(["arms", "paper-llm", "--size", "tiny", "--arms", "pn-up-e8,vanilla"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "vanilla llama",
+        'pn-up-e8 parameternet --model_overrides {"moe_projections":["up_proj"],"num_experts":8,"top_k":1}',
+    ]
+    for arms, message in (
+        ("vanilla,pn-dwn-e8", "ARMS: pn-dwn-e8 not in paper-llm"),
+        ("pn-down-e8,pn-up-e8", "include 'vanilla'"),
+        ("vanilla", "at least two arms"),
+    ):
+        assert main(["arms", "paper-llm", "--size", "tiny", "--arms", arms]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["arms", "paper-llm", "--size", "huge", "--arms", "vanilla,vanilla-wide"]) == 2
+    assert "llama-huge" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- the report, by hand
+TASKS = ("arc_easy", "piqa")
+
+
+def fake_run(
+    run: Path, arm: str, seed: int, val_loss: float, acc: float, params: int, curve: list[float], speed: float
+) -> None:
+    """A finished, evaluated run directory as llm.train and evals.zero_shot write it."""
+    run.mkdir(parents=True)
+    tokens = 1000 * len(curve)
+    model = "llama-tiny" if arm.startswith("vanilla") else "parameternet-llama-tiny"
+    (run / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "global_batch_size": 2, "data_path": []}))
+    summary = {
+        "task": "llm",
+        "model": model,
+        "model_overrides": {},
+        "total_params": params,
+        "active_params": 7_000_000,
+        "flops_per_token": 14_000_000,
+        "seq_len": 500,
+        "final_val_loss": val_loss,
+        "tokens": tokens,
+        "iterations": len(curve),
+        "seed": seed,
+        "world_size": 1,
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    records = [{"kind": "train", "iteration": 1, "tokens": 1000, "lm_loss": 9.0, "tokens_per_s": 1.0}]  # start-up
+    records += [
+        {"kind": "train", "iteration": i, "tokens": 1000 * i, "lm_loss": 5.0, "tokens_per_s": speed}
+        for i in range(2, len(curve) + 1)
+    ]
+    records += [
+        {"kind": "valid", "iteration": i + 1, "tokens": 1000 * (i + 1), "val_loss": v} for i, v in enumerate(curve)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    results = {
+        "results": {f"{t}_offline": {"acc,none": acc, "acc_stderr,none": 0.1, "acc_norm,none": acc} for t in TASKS},
+        "n-samples": {f"{t}_offline": {"effective": 20, "original": 100} for t in TASKS},
+        "config": {"limit": 20},
+        "evals": {"step": len(curve), "evaluated_at": time.time()},
+    }
+    store_evaluation(run / "eval", results, "table\n")
+
+
+def fake_experiment(out: Path, headline_losses: list[float]) -> None:
+    vanilla = [3.00, 3.10, 2.90]
+    for i, seed in enumerate((1234, 1235, 1236)):
+        fake_run(
+            out / BASELINE / f"seed{seed}",
+            BASELINE,
+            seed,
+            vanilla[i],
+            0.50 + 0.01 * i,
+            7_300_000,
+            [5.0, 4.0, vanilla[i]],
+            3000.0 + i,
+        )
+        fake_run(
+            out / HEADLINE / f"seed{seed}",
+            HEADLINE,
+            seed,
+            headline_losses[i],
+            0.52,
+            12_200_000,
+            [4.9, 3.8, headline_losses[i]],
+            2500.0,
+        )
+
+
+def test_report_on_hand_written_runs(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "exp"
+    fake_experiment(out, [2.90, 3.05, 2.78])  # differences -0.10, -0.05, -0.12
+    (out / HEADLINE / "seed1237").mkdir()  # interrupted: metrics only, no summary
+    (out / HEADLINE / "seed1237" / "metrics.jsonl").write_text("")
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    d = [-0.10, -0.05, -0.12]
+    mean = sum(d) / 3
+    half = 4.302652729911275 * math.sqrt(sum((x - mean) ** 2 for x in d) / 2) / math.sqrt(3)
+    interval = f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
+    assert f"| {HEADLINE} |" in report and interval in report
+    assert "the 95% interval excludes 0: significant at the 5% level" in report
+    assert "3.0000 ± 0.1000" in report  # vanilla's mean ± sample std over its three seeds
+    assert "| 12,200,000 | 7,000,000 | 14.00 MFLOP | 1.6712x |" in report
+    assert "| 3,001 ± 1 |" in report  # tokens/s: median of each run's records (the start-up one is not it), over seeds
+    assert f"`{HEADLINE}/seed1237`: not finished" in report
+    assert (
+        f"`{BASELINE}/seed1234` | `{BASELINE}/seed1234/eval/results/step00000003_arc_easy+piqa_limit20.json` |"
+        in report
+    )
+    # accuracy: vanilla 50, 51, 52 % vs 52 %: paired differences +2, +1, 0 points
+    acc = paired_difference({1: 0.50, 2: 0.51, 3: 0.52}, {1: 0.52, 2: 0.52, 3: 0.52})
+    assert acc is not None and f"{100 * acc.mean:+.2f} [{100 * acc.low:+.2f}, {100 * acc.high:+.2f}]" in report
+    data = json.loads((out / "report.json").read_text())
+    head = data["arms"][1]
+    assert head["name"] == HEADLINE and head["final_val_loss"] == {"1234": 2.90, "1235": 3.05, "1236": 2.78}
+    assert head["loss_diff"]["per_seed"] == pytest.approx(d) and head["total_params"] == 12_200_000
+    for png in ("loss.png", "accuracy.png"):
+        assert (out / png).stat().st_size > 10_000
+    assert "significant" in capsys.readouterr().out
+
+
+def test_report_says_not_significant_when_the_interval_holds_zero(tmp_path: Path) -> None:
+    out = tmp_path / "exp"
+    fake_experiment(out, [2.95, 3.12, 2.93])  # differences -0.05, +0.02, +0.03
+    write_report(out)
+    report = (out / "report.md").read_text()
+    assert "the 95% interval includes 0: not significant at the 5% level" in report
+    assert "excludes 0" not in report.split("## Final validation loss")[0]
+
+
+def test_report_refusals(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "exp"
+    fake_run(out / HEADLINE / "seed1", HEADLINE, 1, 3.0, 0.5, 10, [3.0], 1.0)
+    assert main(["report", str(out)]) == 2
+    assert "no 'vanilla' arm" in capsys.readouterr().err
+    fake_run(out / BASELINE / "seed1", BASELINE, 1, 3.0, 0.5, 10, [3.0, 3.0], 1.0)  # twice the tokens
+    assert main(["report", str(out)]) == 2
+    assert "different token budgets" in capsys.readouterr().err
+    (out / "report.md").write_text("my notes\n")
+    assert main(["report", str(out)]) == 2
+    assert "was not written by evals.experiment" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+# ------------------------------------------------------------------------------------------- end to end
+FAST_TRAINER = ["--seq_len", "64", "--micro_batch_size", "2", "--global_batch_size", "2", "--eval_interval", "1"]
+FAST_TRAINER += ["--eval_iters", "1", "--log_interval", "1", "--progress_bar", "false", "--save_interval", "100"]
+
+
+@pytest.mark.slow
+def test_experiment_sh_end_to_end_twice(tmp_path: Path) -> None:
+    out = tmp_path / "paper-llm"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "MASTER_PORT": str(free_port()),
+        "NPROC": "1",
+        "SIZE": "tiny",
+        "ARMS": f"{BASELINE},{HEADLINE}",
+        "SEEDS": "2",
+        "TRAIN_ITERS": "2",
+        "TASKS": "piqa",
+        "LIMIT": "2",
+        "OUT": str(out),
+    }
+    command = ["bash", "launch/experiment.sh", "paper-llm", "--", *FAST_TRAINER]
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    first = run()
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert first.stderr.count("=== train ") == 4 and first.stderr.count("=== evaluate ") == 4
+    runs = [out / arm / f"seed{s}" for arm in (BASELINE, HEADLINE) for s in (1234, 1235)]
+    for run_dir in runs:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["iterations"] == 2 and summary["tokens"] == 2 * 2 * 64
+        assert (run_dir / "eval" / "results.json").is_file()
+    data = json.loads((out / "report.json").read_text())
+    assert [a["name"] for a in data["arms"]] == [BASELINE, HEADLINE] and data["tasks"] == ["piqa"]
+    assert data["limit"] == 2
+    for arm in data["arms"]:  # every number from the runs' own summary.json
+        for seed, loss in arm["final_val_loss"].items():
+            summary = json.loads((out / arm["name"] / f"seed{seed}" / "summary.json").read_text())
+            assert loss == summary["final_val_loss"] and arm["total_params"] == summary["total_params"]
+    assert data["arms"][1]["loss_diff"]["seeds"] == [1234, 1235]
+    assert "## Reading" in first.stdout and (out / "loss.png").is_file() and (out / "compare" / "report.md").is_file()
+
+    stamps = {p: p.stat().st_mtime_ns for r in runs for p in (r / "summary.json", r / "eval" / "results.json")}
+    second = run()  # resumable: every run is finished and evaluated, so nothing trains or evaluates again
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "=== train " not in second.stderr and "=== evaluate " not in second.stderr
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert json.loads((out / "report.json").read_text()) == data
+
+
+def test_experiment_sh_refuses_bad_settings(tmp_path: Path) -> None:
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "SIZE": "tiny"}
+    for extra, args, message in (
+        ({}, [], "name the experiment"),
+        ({}, ["paper-gpt"], "unknown experiment 'paper-gpt'"),
+        ({"SEEDS": "0"}, ["paper-llm"], "SEEDS='0'"),
+        ({"LIMIT": "x"}, ["paper-llm"], "LIMIT='x'"),
+        ({"ARMS": "vanilla,pn-dwn-e8"}, ["paper-llm"], "pn-dwn-e8 not in paper-llm"),
+        ({}, ["paper-llm", "--train_iters", "5"], "unknown option '--train_iters'"),
+    ):
+        proc = subprocess.run(
+            ["bash", "launch/experiment.sh", *args],
+            cwd=REPO,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=300,  # the ARMS case starts Python (transformers' import): seconds, minutes on a loaded machine
+        )
+        assert proc.returncode == 2 and message in proc.stderr, (args, extra, proc.stderr)
+    assert not (tmp_path / "out").exists()
