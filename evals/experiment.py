@@ -2,118 +2,28 @@
 
     python -m evals.experiment arms paper-llm [--size small] [--arms vanilla,pn-down-e8]   the arms, as compare.sh
                                                                                           --run specifications
+    python -m evals.experiment arms paper-vision                                            NAME --model M
+                                                                                          [--num_experts N] lines
     python -m evals.experiment report OUT [--experiment paper-llm] [--arms ...]            OUT/report.md, loss.png,
                                                                                           accuracy.png, report.json
 
-`paper-llm` is the paper's LLM question at one size: vanilla LLaMA against ParameterNet-LLaMA (8 experts, top-1, on
-down_proj: the headline), the projection ablation of the paper's Table 7 (gate_proj, up_proj, down_proj, 8 experts
-each), the expert count (2, 4, 8 on down_proj) and a vanilla LLaMA widened to ParameterNet's total parameter count
-(more FLOPs per token): the ceiling that the free parameters approach. The expert-count arms use down_proj, the
-paper's projection for LLaMA and the preset's, because all arms run in one go: which projection wins is only known
-afterwards, and the report says whether it was down_proj.
+The arms are in evals.experiment_arms; the reports in evals.experiment_report (LLM) and evals.experiment_vision.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-BASELINE = "vanilla"  # every paired difference is against this arm
-HEADLINE = "pn-down-e8"
-CEILING = "vanilla-wide"
-
-
-@dataclass(frozen=True)
-class Arm:
-    name: str  # directory under OUT and column label
-    kind: str  # launch/pretrain_llama.sh's first argument: llama | parameternet (with SIZE: the preset)
-    what: str  # one line for the report
-    overrides: dict[str, Any] = field(default_factory=dict)  # --model_overrides
-
-    def run_spec(self) -> str:
-        """launch/compare.sh's --run "NAME KIND [--key value ...]" (split on spaces: the JSON has none)."""
-        spec = f"{self.name} {self.kind}"
-        if self.overrides:
-            spec += " --model_overrides " + json.dumps(self.overrides, separators=(",", ":"))
-        return spec
-
-
-def _moe(projection: str, experts: int) -> dict[str, Any]:
-    return {"moe_projections": [projection], "num_experts": experts, "top_k": 1}
-
-
-def matched_intermediate_size(size: str) -> tuple[int, int, int]:
-    """The vanilla intermediate_size whose total parameter count is nearest to parameternet-llama-SIZE with 8
-    experts on down_proj; returns (intermediate_size, its total parameters, ParameterNet's total parameters).
-
-    Each unit of intermediate_size adds 3 x hidden weights per layer (gate, up, down), so the nearest size is within
-    1.5 x hidden x layers parameters of the target."""
-    from llm.model.flops import account
-    from llm.model.presets import load_model_config
-
-    target = account(load_model_config(f"parameternet-llama-{size}", **_moe("down_proj", 8))).total_params
-    base = load_model_config(f"llama-{size}")
-
-    def total(inter: int) -> int:
-        return account(load_model_config(f"llama-{size}", intermediate_size=inter)).total_params
-
-    per_unit = total(base.intermediate_size + 1) - total(base.intermediate_size)
-    guess = base.intermediate_size + round((target - total(base.intermediate_size)) / per_unit)
-    best = min((guess - 1, guess, guess + 1), key=lambda inter: abs(total(inter) - target))
-    return best, total(best), target
-
-
-PAPER_LLM: tuple[Arm, ...] = (
-    Arm(BASELINE, "llama", "LLaMA, dense SwiGLU MLP (the baseline)"),
-    Arm(HEADLINE, "parameternet", "ParameterNet: 8 experts on down_proj, top-1 (the headline)", _moe("down_proj", 8)),
-    Arm("pn-gate-e8", "parameternet", "ParameterNet: 8 experts on gate_proj, top-1", _moe("gate_proj", 8)),
-    Arm("pn-up-e8", "parameternet", "ParameterNet: 8 experts on up_proj, top-1", _moe("up_proj", 8)),
-    Arm("pn-down-e2", "parameternet", "ParameterNet: 2 experts on down_proj, top-1", _moe("down_proj", 2)),
-    Arm("pn-down-e4", "parameternet", "ParameterNet: 4 experts on down_proj, top-1", _moe("down_proj", 4)),
-    # intermediate_size is filled in per size (sized_arms): the one nearest to the headline's total parameters.
-    Arm(CEILING, "llama", f"LLaMA widened to {HEADLINE}'s total parameters: more FLOPs per token (the ceiling)"),
-)
-EXPERIMENTS: dict[str, tuple[Arm, ...]] = {"paper-llm": PAPER_LLM}
-
-
-def sized_arms(experiment: str, size: str) -> list[Arm]:
-    """The experiment's arms for the presets of `size`, the ceiling's intermediate_size computed for it."""
-    if experiment not in EXPERIMENTS:
-        raise ValueError(f"experiment {experiment!r} is not known; known: {', '.join(EXPERIMENTS)}")
-    arms = list(EXPERIMENTS[experiment])
-    for i, arm in enumerate(arms):
-        if arm.name == CEILING:
-            wide, _, _ = matched_intermediate_size(size)
-            arms[i] = Arm(arm.name, arm.kind, arm.what, {"intermediate_size": wide})
-    return arms
-
-
-def select_arms(experiment: str, size: str, names: str | None) -> list[Arm]:
-    """The experiment's arms, all of them or those named (comma-separated, kept in the experiment's order)."""
-    arms = sized_arms(experiment, size)
-    if names is None or names.strip() in ("", "all"):
-        return arms
-    wanted = [n.strip() for n in names.split(",") if n.strip()]
-    known = {arm.name for arm in arms}
-    unknown = [n for n in wanted if n not in known]
-    if unknown:
-        raise ValueError(f"ARMS: {', '.join(unknown)} not in {experiment}; its arms are {', '.join(known)} (or all)")
-    if BASELINE not in wanted:
-        raise ValueError(f"ARMS={names}: include {BASELINE!r}, the baseline every paired difference is taken against")
-    if len(set(wanted)) < 2:
-        raise ValueError(f"ARMS={names}: give at least two arms ({BASELINE} and one to compare with it)")
-    return [arm for arm in arms if arm.name in wanted]
+from evals.experiment_arms import EXPERIMENTS, VISION_EXPERIMENTS, select_arms, select_vision_arms
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evals.experiment", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     arms = sub.add_parser("arms", help="print the arms as launch/compare.sh --run specifications, one a line")
-    arms.add_argument("experiment", help=f"one of {', '.join(EXPERIMENTS)}")
+    arms.add_argument("experiment", help=f"one of {', '.join([*EXPERIMENTS, *VISION_EXPERIMENTS])}")
     arms.add_argument("--size", default="small", help="the presets' size: tiny, small, 1b (default small)")
     arms.add_argument("--arms", default=None, help="comma-separated arm names (default: all)")
     report = sub.add_parser("report", help="write OUT/report.md, loss.png, accuracy.png and report.json")
@@ -126,13 +36,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "arms" and args.experiment in VISION_EXPERIMENTS:
+            for vision_arm in select_vision_arms(args.experiment, args.arms):
+                print(vision_arm.train_args())
+            return 0
         if args.command == "arms":
             for arm in select_arms(args.experiment, args.size, args.arms):
                 print(arm.run_spec())
             return 0
-        from evals.experiment_report import write_report
+        if args.experiment in VISION_EXPERIMENTS:
+            from evals.experiment_vision import write_vision_report
 
-        path = write_report(args.out, args.experiment, args.arms)
+            path = write_vision_report(args.out, args.experiment)
+        else:
+            from evals.experiment_report import write_report
+
+            path = write_report(args.out, args.experiment, args.arms)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

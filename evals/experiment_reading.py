@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from evals.experiment import BASELINE, CEILING, HEADLINE
+from evals.experiment_arms import BASELINE, CEILING, HEADLINE, ArmResult
 from evals.experiment_stats import PairedDifference, difference_curve, interval_text, p_text
 from evals.scores import human
-
-if TYPE_CHECKING:
-    from evals.experiment_report import ArmResult
 
 PROJECTION_ARMS = ("pn-gate-e8", "pn-up-e8", HEADLINE)  # 8 experts on each projection (the paper's Table 7)
 EXPERT_ARMS = ((2, "pn-down-e2"), (4, "pn-down-e4"), (8, HEADLINE))  # experts on down_proj

@@ -12,52 +12,20 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from evals.compare import check_comparable, choose_evaluations, group_scores
-from evals.experiment import BASELINE, EXPERIMENTS
+from evals.experiment_arms import BASELINE, EXPERIMENTS, ArmResult
 from evals.experiment_reading import reading
-from evals.experiment_stats import CONFIDENCE, PairedDifference, interval_text, p_text, paired_difference
+from evals.experiment_stats import CONFIDENCE, interval_text, p_text, paired_difference
 from evals.results import load_evaluations
 from evals.runs import Run, RunGroup, load_group
-from evals.scores import AVERAGE, GroupScores, Stat, human, stat_text
+from evals.scores import AVERAGE, Stat, human, stat_text
 from runtime.fsutil import write_text_atomic
 
 HEADER = "# ParameterNet experiment"  # the first line of every report.md we write: proof we may replace it
-
-
-@dataclass
-class ArmResult:
-    """One arm's finished and evaluated runs and what the report says about them."""
-
-    name: str
-    what: str
-    group: RunGroup
-    scores: GroupScores
-    loss: dict[int, float]  # seed -> final validation loss
-    accuracy: dict[int, float]  # seed -> average zero-shot accuracy over the tasks
-    tokens_per_s: dict[int, float]  # seed -> median of the run's train records
-    curves: dict[int, dict[float, float]]  # seed -> {training tokens: validation loss}
-    evaluations: dict[int, Path]  # seed -> the evaluation file reported (eval/results/<key>.json)
-    loss_diff: PairedDifference | None = None  # this arm - baseline
-    accuracy_diff: PairedDifference | None = None
-
-    def summary_value(self, key: str) -> float | None:
-        values = [run.summary.get(key) for run in self.group.runs]
-        numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        return numbers[0] if numbers else None
-
-    @property
-    def model(self) -> str:
-        """The preset and overrides as trained (summary.json)."""
-        run = self.group.runs[0]
-        name = str(run.summary.get("model", "n/a"))
-        overrides = run.summary.get("model_overrides") or {}
-        if overrides:
-            name += " " + json.dumps(overrides, separators=(",", ":"))
-        return name
 
 
 def _arm_names(out: Path, experiment: str, names: str | None) -> list[str]:

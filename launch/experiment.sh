@@ -3,20 +3,26 @@
 # and write one report (markdown + PNG) with mean ± std over seeds and paired differences with 95% t intervals.
 #
 #   bash launch/experiment.sh paper-llm [--force] [-- TRAINER ARGS...]
+#   bash launch/experiment.sh paper-vision [--force] [-- VISION.TRAIN ARGS...]
 #
 # paper-llm: vanilla LLaMA vs ParameterNet-LLaMA (8 experts, top-1, down_proj: the headline); experts on gate_proj,
 # up_proj, down_proj (the paper's Table 7); 2, 4, 8 experts on down_proj; a vanilla LLaMA widened to ParameterNet's
 # total parameter count (more FLOPs: the ceiling). The arms are listed by `python -m evals.experiment arms paper-llm`.
 # Runs go to OUT/<arm>/seed<N>/ (launch/compare.sh does the training and evaluation: same seed = same data order in
 # every arm); the report to OUT/report.md, OUT/loss.png, OUT/accuracy.png (and OUT/compare/, evals.compare's
-# per-task table). Resumable: a run with summary.json and eval/results.json is skipped, an interrupted one resumes
-# from its last checkpoint (--resume auto); --force retrains and re-evaluates everything.
+# per-task table).
+# paper-vision: the static twin ghostnet_tiny_os4 against parameternet_tiny_os4 with 1, 2 and 4 experts on
+# Fashion-MNIST at 32 px (vision/configs/fashion_mnist_tiny.yaml), where the experts cost at most 1.06x the twin's
+# multiply-adds; runs to OUT/<arm>/seed<N>/ (vision.train), the report to OUT/report.md with paired top-1 differences.
+# Resumable: a finished run (summary.json; for paper-llm also eval/results.json) is skipped, an interrupted one
+# resumes from its last checkpoint (--resume auto); --force retrains and re-evaluates everything.
 # Environment:
 #   SIZE=small         the model and training presets (llama-$SIZE, parameternet-llama-$SIZE, llm/configs/$SIZE.yaml)
-#   SEEDS=3            seeds per arm: SEED, SEED+1, ...      SEED=1234
-#   ARMS=all           or a comma-separated subset that includes vanilla, e.g. ARMS=vanilla,pn-down-e8
-#   OUT=runs/experiment/paper-llm
-#   TASKS=llama        zero-shot tasks (offline)             LIMIT=100   documents per task ("none": all of them)
+#   SEEDS=3            seeds per arm: SEED, SEED+1, ...      SEED=1234 (paper-vision: 42)
+#   OUT=runs/experiment/<experiment>
+#   ARMS=all           or a comma-separated subset with the baseline, e.g. vanilla,pn-down-e8 or static,pn-e4
+# paper-llm only:
+#   TASKS=llama        zero-shot tasks (offline)             LIMIT=50    documents per task ("none": all of them)
 #   TRAIN_ITERS=N      overrides the preset's train_iters    CORPUS=NAME  --corpus NAME for the trainer
 #   NPROC, CONFIG, DS_CONFIG, ...   as in launch/pretrain_llama.sh
 set -euo pipefail
@@ -24,14 +30,14 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 source "$repo/launch/common.sh"
 
-usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "experiment.sh: error: $*" >&2; exit 2; }
 
 case "${1:-}" in
   -h|--help) usage; exit 0 ;;
-  paper-llm) experiment="$1"; shift ;;
+  paper-llm|paper-vision) experiment="$1"; shift ;;
   "") die "name the experiment: bash launch/experiment.sh paper-llm (see --help)" ;;
-  *) die "unknown experiment '$1'; known: paper-llm" ;;
+  *) die "unknown experiment '$1'; known: paper-llm, paper-vision" ;;
 esac
 force=()
 trainer_args=()
@@ -44,12 +50,39 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+if [ "$experiment" = paper-vision ]; then
+  seeds="${SEEDS:-3}"
+  seed="${SEED:-42}"
+  out="${OUT:-runs/experiment/$experiment}"
+  [[ "$seeds" =~ ^[1-9][0-9]*$ ]] || die "SEEDS='$seeds': give a positive integer (3 or more for intervals)"
+  [[ "$seed" =~ ^[0-9]+$ ]] || die "SEED='$seed': give a non-negative integer"
+  arms="$("$PY" -m evals.experiment arms "$experiment" --arms "${ARMS:-all}")" || exit 2
+  echo "=== $experiment: $(echo "$arms" | wc -l) arms x $seeds seeds -> $out" >&2
+  while IFS= read -r spec; do
+    read -r -a words <<< "$spec"
+    name="${words[0]}"
+    for ((i = 0; i < seeds; i++)); do
+      s=$((seed + i))
+      run_dir="$out/$name/seed$s"
+      if [ ${#force[@]} -gt 0 ] || [ ! -f "$run_dir/summary.json" ]; then
+        echo "=== train $name (seed $s) -> $run_dir" >&2
+        [ ${#force[@]} -gt 0 ] && rm -rf "$run_dir"
+        bash launch/train_vision.sh --config fashion_mnist_tiny "${words[@]:1}" \
+          "${trainer_args[@]+"${trainer_args[@]}"}" --seed "$s" --output_dir "$run_dir" --resume auto
+      else
+        echo "=== $name (seed $s): done ($run_dir/summary.json), skipped" >&2
+      fi
+    done
+  done <<< "$arms"
+  exec "$PY" -m evals.experiment report "$out" --experiment "$experiment"
+fi
+
 export SIZE="${SIZE:-small}"
 seeds="${SEEDS:-3}"
 seed="${SEED:-1234}"
 out="${OUT:-runs/experiment/$experiment}"
 tasks="${TASKS:-llama}"
-limit="${LIMIT:-100}"
+limit="${LIMIT:-50}"
 [[ "$seeds" =~ ^[1-9][0-9]*$ ]] || die "SEEDS='$seeds': give a positive integer (3 or more for intervals)"
 [[ "$seed" =~ ^[0-9]+$ ]] || die "SEED='$seed': give a non-negative integer"
 [[ "$limit" =~ ^([1-9][0-9]*|none)$ ]] || die "LIMIT='$limit': give documents per task, a positive integer, or none"

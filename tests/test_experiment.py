@@ -15,7 +15,8 @@ import pytest
 import yaml
 from scipy import stats as scipy_stats
 
-from evals.experiment import BASELINE, HEADLINE, main, matched_intermediate_size, select_arms
+from evals.experiment import main
+from evals.experiment_arms import BASELINE, HEADLINE, matched_intermediate_size, select_arms
 from evals.experiment_report import write_report
 from evals.experiment_stats import band_curve, difference_curve, paired_difference, t_quantile
 from evals.results import store_evaluation
@@ -310,3 +311,41 @@ def test_experiment_sh_refuses_bad_settings(tmp_path: Path) -> None:
         )
         assert proc.returncode == 2 and message in proc.stderr, (args, extra, proc.stderr)
     assert not (tmp_path / "out").exists()
+
+
+def test_vision_experiment_end_to_end_twice(tmp_path: Path) -> None:
+    """paper-vision through launch/experiment.sh: vision.train runs per arm and seed, then the paired report, whose
+    every top-1 is the run's own summary.json; a second call trains nothing."""
+    out = tmp_path / "paper-vision"
+    env = {**os.environ, "OUT": str(out), "SEEDS": "2", "ARMS": "static,pn-e2", "OMP_NUM_THREADS": "1"}
+    command = ["bash", "launch/experiment.sh", "paper-vision", "--"]
+    command += ["--train_subset", "128", "--val_subset", "64", "--epochs", "1", "--log_interval", "1"]
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+    first = run()
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert first.stderr.count("=== train ") == 4
+    top1 = {}
+    for arm in ("static", "pn-e2"):
+        for seed in (42, 43):
+            summary = json.loads((out / arm / f"seed{seed}" / "summary.json").read_text())
+            assert summary["seed"] == seed and summary["num_experts"] == (2 if arm == "pn-e2" else None)
+            top1[arm, seed] = summary["top1"]
+    diff = paired_difference({s: top1["static", s] for s in (42, 43)}, {s: top1["pn-e2", s] for s in (42, 43)})
+    assert diff is not None
+    report = (out / "report.md").read_text()
+    assert report.startswith("# ParameterNet vision experiment")
+    assert "| pn-e2 | ParameterNet: dynamic convolutions with 2 experts | 42, 43 |" in report
+    assert f"{diff.mean:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}]" in report
+    data = json.loads((out / "report.json").read_text())
+    assert data["paired_top1"]["pn-e2"]["per_seed"] == pytest.approx(list(diff.per_seed))
+    assert data["groups"][1]["macs_vs_baseline"] < 1.10  # the premise: the free parameters cost <= ~10% MACs
+    assert (out / "accuracy.png").is_file() and (out / "loss.png").is_file()
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/summary.json")}
+    second = run()
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "=== train " not in second.stderr and second.stderr.count("skipped") == 4
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

@@ -1,0 +1,183 @@
+"""The arms of each experiment (launch/experiment.sh) and what the report holds about one arm.
+
+`paper-llm` is the paper's LLM question at one size: vanilla LLaMA against ParameterNet-LLaMA (8 experts, top-1, on
+down_proj: the headline), the projection ablation of the paper's Table 7 (gate_proj, up_proj, down_proj, 8 experts
+each), the expert count (2, 4, 8 on down_proj) and a vanilla LLaMA widened to ParameterNet's total parameter count
+(more FLOPs per token): the ceiling that the free parameters approach. The expert-count arms use down_proj, the
+paper's projection for LLaMA and the preset's, because all arms run in one go: which projection wins is only known
+afterwards, and the report says whether it was down_proj.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evals.experiment_stats import PairedDifference
+from evals.runs import RunGroup
+from evals.scores import GroupScores
+
+BASELINE = "vanilla"  # every paired difference is against this arm
+HEADLINE = "pn-down-e8"
+CEILING = "vanilla-wide"
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str  # directory under OUT and column label
+    kind: str  # launch/pretrain_llama.sh's first argument: llama | parameternet (with SIZE: the preset)
+    what: str  # one line for the report
+    overrides: dict[str, Any] = field(default_factory=dict)  # --model_overrides
+
+    def run_spec(self) -> str:
+        """launch/compare.sh's --run "NAME KIND [--key value ...]" (split on spaces: the JSON has none)."""
+        spec = f"{self.name} {self.kind}"
+        if self.overrides:
+            spec += " --model_overrides " + json.dumps(self.overrides, separators=(",", ":"))
+        return spec
+
+
+def _moe(projection: str, experts: int) -> dict[str, Any]:
+    return {"moe_projections": [projection], "num_experts": experts, "top_k": 1}
+
+
+def matched_intermediate_size(size: str) -> tuple[int, int, int]:
+    """The vanilla intermediate_size whose total parameter count is nearest to parameternet-llama-SIZE with 8
+    experts on down_proj; returns (intermediate_size, its total parameters, ParameterNet's total parameters).
+
+    Each unit of intermediate_size adds 3 x hidden weights per layer (gate, up, down), so the nearest size is within
+    1.5 x hidden x layers parameters of the target."""
+    from llm.model.flops import account
+    from llm.model.presets import load_model_config
+
+    target = account(load_model_config(f"parameternet-llama-{size}", **_moe("down_proj", 8))).total_params
+    base = load_model_config(f"llama-{size}")
+
+    def total(inter: int) -> int:
+        return account(load_model_config(f"llama-{size}", intermediate_size=inter)).total_params
+
+    per_unit = total(base.intermediate_size + 1) - total(base.intermediate_size)
+    guess = base.intermediate_size + round((target - total(base.intermediate_size)) / per_unit)
+    best = min((guess - 1, guess, guess + 1), key=lambda inter: abs(total(inter) - target))
+    return best, total(best), target
+
+
+PAPER_LLM: tuple[Arm, ...] = (
+    Arm(BASELINE, "llama", "LLaMA, dense SwiGLU MLP (the baseline)"),
+    Arm(HEADLINE, "parameternet", "ParameterNet: 8 experts on down_proj, top-1 (the headline)", _moe("down_proj", 8)),
+    Arm("pn-gate-e8", "parameternet", "ParameterNet: 8 experts on gate_proj, top-1", _moe("gate_proj", 8)),
+    Arm("pn-up-e8", "parameternet", "ParameterNet: 8 experts on up_proj, top-1", _moe("up_proj", 8)),
+    Arm("pn-down-e2", "parameternet", "ParameterNet: 2 experts on down_proj, top-1", _moe("down_proj", 2)),
+    Arm("pn-down-e4", "parameternet", "ParameterNet: 4 experts on down_proj, top-1", _moe("down_proj", 4)),
+    # intermediate_size is filled in per size (sized_arms): the one nearest to the headline's total parameters.
+    Arm(CEILING, "llama", f"LLaMA widened to {HEADLINE}'s total parameters: more FLOPs per token (the ceiling)"),
+)
+EXPERIMENTS: dict[str, tuple[Arm, ...]] = {"paper-llm": PAPER_LLM}
+
+
+def sized_arms(experiment: str, size: str) -> list[Arm]:
+    """The experiment's arms for the presets of `size`, the ceiling's intermediate_size computed for it."""
+    if experiment not in EXPERIMENTS:
+        raise ValueError(f"experiment {experiment!r} is not known; known: {', '.join(EXPERIMENTS)}")
+    arms = list(EXPERIMENTS[experiment])
+    for i, arm in enumerate(arms):
+        if arm.name == CEILING:
+            wide, _, _ = matched_intermediate_size(size)
+            arms[i] = Arm(arm.name, arm.kind, arm.what, {"intermediate_size": wide})
+    return arms
+
+
+def select_arms(experiment: str, size: str, names: str | None) -> list[Arm]:
+    """The experiment's arms, all of them or those named (comma-separated, kept in the experiment's order)."""
+    arms = sized_arms(experiment, size)
+    if names is None or names.strip() in ("", "all"):
+        return arms
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = {arm.name for arm in arms}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ValueError(f"ARMS: {', '.join(unknown)} not in {experiment}; its arms are {', '.join(known)} (or all)")
+    if BASELINE not in wanted:
+        raise ValueError(f"ARMS={names}: include {BASELINE!r}, the baseline every paired difference is taken against")
+    if len(set(wanted)) < 2:
+        raise ValueError(f"ARMS={names}: give at least two arms ({BASELINE} and one to compare with it)")
+    return [arm for arm in arms if arm.name in wanted]
+
+
+VISION_BASELINE = "static"  # the vision experiment's baseline: the twin with plain convolutions
+
+
+@dataclass(frozen=True)
+class VisionArm:
+    name: str
+    model: str  # a vision/models registry name
+    num_experts: int | None  # --num_experts (None: the static twin has none)
+    what: str
+
+    def train_args(self) -> str:
+        """The arm's vision.train flags, for launch/experiment.sh."""
+        args = f"{self.name} --model {self.model}"
+        return args + (f" --num_experts {self.num_experts}" if self.num_experts is not None else "")
+
+
+# The paper's premise at 28-32 px (issue 14): total stride 4, so the dynamic convolutions' kernel mixing stays within
+# ~6% of the twin's multiply-adds (python -m vision.summary --img-size 32 --breakdown).
+PAPER_VISION: tuple[VisionArm, ...] = (
+    VisionArm(VISION_BASELINE, "ghostnet_tiny_os4", None, "GhostNet, plain convolutions (the static twin)"),
+    *(
+        VisionArm(
+            f"pn-e{e}", "parameternet_tiny_os4", e, f"ParameterNet: dynamic convolutions with {e} expert{'s' * (e > 1)}"
+        )
+        for e in (1, 2, 4)
+    ),
+)
+VISION_EXPERIMENTS: dict[str, tuple[VisionArm, ...]] = {"paper-vision": PAPER_VISION}
+
+
+def select_vision_arms(experiment: str, names: str | None) -> list[VisionArm]:
+    """The vision experiment's arms, all of them or those named (comma-separated, in the experiment's order)."""
+    arms = list(VISION_EXPERIMENTS[experiment])
+    if names is None or names.strip() in ("", "all"):
+        return arms
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = [arm.name for arm in arms]
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ValueError(f"ARMS: {', '.join(unknown)} not in {experiment}; its arms are {', '.join(known)} (or all)")
+    if VISION_BASELINE not in wanted or len(set(wanted)) < 2:
+        raise ValueError(f"ARMS={names}: include {VISION_BASELINE!r}, the baseline, and at least one other arm")
+    return [arm for arm in arms if arm.name in wanted]
+
+
+@dataclass
+class ArmResult:
+    """One arm's finished and evaluated runs and what the report says about them."""
+
+    name: str
+    what: str
+    group: RunGroup
+    scores: GroupScores
+    loss: dict[int, float]  # seed -> final validation loss
+    accuracy: dict[int, float]  # seed -> average zero-shot accuracy over the tasks
+    tokens_per_s: dict[int, float]  # seed -> median of the run's train records
+    curves: dict[int, dict[float, float]]  # seed -> {training tokens: validation loss}
+    evaluations: dict[int, Path]  # seed -> the evaluation file reported (eval/results/<key>.json)
+    loss_diff: PairedDifference | None = None  # this arm - baseline
+    accuracy_diff: PairedDifference | None = None
+
+    def summary_value(self, key: str) -> float | None:
+        values = [run.summary.get(key) for run in self.group.runs]
+        numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return numbers[0] if numbers else None
+
+    @property
+    def model(self) -> str:
+        """The preset and overrides as trained (summary.json)."""
+        run = self.group.runs[0]
+        name = str(run.summary.get("model", "n/a"))
+        overrides = run.summary.get("model_overrides") or {}
+        if overrides:
+            name += " " + json.dumps(overrides, separators=(",", ":"))
+        return name

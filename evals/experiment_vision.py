@@ -1,0 +1,142 @@
+"""The report of the vision experiment (`bash launch/experiment.sh paper-vision`): OUT/report.md, report.json,
+accuracy.png and loss.png from the run directories OUT/<arm>/seed<N>/ that vision.train wrote.
+
+evals.vision_report gives the per-arm tables (top-1/top-5 mean ± std over seeds, parameters, MACs and their ratio to
+the static twin, images/s) and the plots; this module adds what an experiment needs on top: the paired difference of
+each arm's top-1 to the static twin's, seed by seed (same seed = same initialisation stream and data order), with its
+95% t interval, and a reading generated from those numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from evals.experiment_arms import VISION_BASELINE, VISION_EXPERIMENTS, VisionArm
+from evals.experiment_stats import CONFIDENCE, PairedDifference, interval_text, p_text, paired_difference
+from evals.runs import RunGroup, load_group
+from evals.vision_report import build_vision_report
+from runtime.fsutil import write_text_atomic
+
+HEADER = "# ParameterNet vision experiment"  # the first line of every report.md this module writes
+
+MACS_PREMISE = 1.10  # the paper's premise: the free parameters cost at most ~10% more multiply-adds
+
+
+def _top1_by_seed(group: RunGroup) -> dict[int, float]:
+    return {
+        run.seed: float(run.summary["top1"]) for run in group.runs if run.seed is not None and "top1" in run.summary
+    }
+
+
+def load_arms(out: Path, experiment: str) -> tuple[list[tuple[VisionArm, RunGroup]], list[str]]:
+    """The arms with finished runs, the static twin first, and the runs left out (unfinished), with why."""
+    if experiment not in VISION_EXPERIMENTS:
+        raise ValueError(
+            f"--experiment {experiment!r} is not a vision experiment; known: {', '.join(VISION_EXPERIMENTS)}"
+        )
+    arms: list[tuple[VisionArm, RunGroup]] = []
+    left_out: list[str] = []
+    for arm in VISION_EXPERIMENTS[experiment]:
+        if not (out / arm.name).is_dir():
+            continue
+        group = load_group(out / arm.name, label=arm.name)
+        finished = []
+        for run in group.runs:
+            if run.summary.get("top1") is None or run.seed is None:
+                left_out.append(f"`{run.path}`: not finished (no summary.json with top1 and seed)")
+            else:
+                finished.append(run)
+        if finished:
+            arms.append((arm, RunGroup(arm.name, group.path, finished)))
+    if not arms or arms[0][0].name != VISION_BASELINE:
+        raise ValueError(f"{out}: no finished {VISION_BASELINE!r} run (OUT/{VISION_BASELINE}/seed<N>/): the baseline")
+    if len(arms) < 2:
+        raise ValueError(f"{out}: no finished run besides {VISION_BASELINE}'s; {'; '.join(left_out)}")
+    return arms, left_out
+
+
+def paired_table(arms: list[tuple[VisionArm, RunGroup]], diffs: list[PairedDifference | None]) -> str:
+    base = arms[0][1]
+    lines = [
+        f"| Arm | What | Seeds | MACs vs {VISION_BASELINE} | Δ top-1 vs {VISION_BASELINE} (paired, points) "
+        f"[{100 * CONFIDENCE:.0f}% t interval] | p |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    base_macs = float(base.runs[0].summary["macs"])
+    for (arm, group), diff in zip(arms, diffs):
+        seeds = ", ".join(str(r.seed) for r in sorted(group.runs, key=lambda r: r.seed or 0))
+        macs = f"{float(group.runs[0].summary['macs']) / base_macs:.3f}x"
+        cells = ["(baseline)", ""] if diff is None else [interval_text(diff, 1.0, 2), p_text(diff)]
+        lines.append(f"| {arm.name} | {arm.what} | {seeds} | {macs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def reading(arms: list[tuple[VisionArm, RunGroup]], diffs: list[PairedDifference | None]) -> str:
+    base_macs = float(arms[0][1].runs[0].summary["macs"])
+    base_params = float(arms[0][1].runs[0].summary["total_params"])
+    sentences = []
+    for (arm, group), diff in zip(arms[1:], diffs[1:]):
+        assert diff is not None
+        summary = group.runs[0].summary
+        macs, params = float(summary["macs"]) / base_macs, float(summary["total_params"]) / base_params
+        text = f"{arm.name}: {interval_text(diff, 1.0, 2)} top-1 points over {diff.n} paired seeds"
+        if diff.n < 2:
+            text += " (one seed: no interval)"
+        elif diff.excludes_zero:
+            text += f", p = {p_text(diff)}: the interval excludes 0"
+        else:
+            text += f", p = {p_text(diff)}: the interval includes 0, not significant at the 5% level"
+        text += f"; {params:.2f}x the parameters at {macs:.3f}x the multiply-adds"
+        if macs > MACS_PREMISE:
+            text += f" (over the paper's premise of <= {MACS_PREMISE:.2f}x)"
+        sentences.append(text + ".")
+    return " ".join(sentences)
+
+
+def write_vision_report(out: Path, experiment: str = "paper-vision") -> Path:
+    """Writes OUT/report.md, report.json, accuracy.png and loss.png; returns the report's path."""
+    out = Path(out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out}: no such experiment directory (OUT/<arm>/seed<N>/ run directories)")
+    path = out / "report.md"
+    if path.is_file() and not path.read_text(encoding="utf-8").startswith(HEADER):
+        raise ValueError(f"{path} exists and was not written by evals.experiment; move it away first")
+    arms, left_out = load_arms(out, experiment)
+    groups = [group for _, group in arms]
+    body, _, data = build_vision_report(groups, out)
+    base = _top1_by_seed(groups[0])
+    diffs: list[PairedDifference | None] = [None, *[paired_difference(base, _top1_by_seed(g)) for g in groups[1:]]]
+    parts = [
+        f"{HEADER}: `{out}`",
+        "",
+        "## Reading",
+        "",
+        reading(arms, diffs),
+        "",
+        "## Top-1, paired by seed",
+        "",
+        f"Δ: the paired difference arm − {VISION_BASELINE} per seed, its mean and the {100 * CONFIDENCE:.0f}% Student "
+        "t interval over the seeds both arms have; p is the two-sided paired t-test. Uncorrected for the number of "
+        "arms.",
+        "",
+        paired_table(arms, diffs),
+        body.split("\n", 1)[1],  # evals.vision_report's tables and plots, without its title
+    ]
+    if left_out:
+        parts += ["Left out (not counted anywhere above):", "", *[f"- {why}" for why in left_out], ""]
+    data["experiment"] = experiment
+    data["paired_top1"] = {arm.name: None if diff is None else asdict(diff) for (arm, _), diff in zip(arms, diffs)}
+    write_text_atomic(out / "report.json", json.dumps(data, indent=2, default=_jsonable) + "\n")
+    write_text_atomic(path, "\n".join(parts))
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON: {type(value).__name__}")
