@@ -21,6 +21,8 @@
 #   SEEDS=3            seeds per arm: SEED, SEED+1, ...      SEED=1234 (paper-vision: 42)
 #   OUT=runs/experiment/<experiment>
 #   ARMS=all           or a comma-separated subset with the baseline, e.g. vanilla,pn-down-e8 or static,pn-e4
+# paper-vision only:
+#   JOBS=1             runs trained at once (JOBS=2 with OMP_NUM_THREADS=1: one 32-px run per core)
 # paper-llm only:
 #   TASKS=llama        zero-shot tasks (offline)             LIMIT=50    documents per task ("none": all of them)
 #   TRAIN_ITERS=N      overrides the preset's train_iters    CORPUS=NAME  --corpus NAME for the trainer
@@ -30,7 +32,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 source "$repo/launch/common.sh"
 
-usage() { sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "experiment.sh: error: $*" >&2; exit 2; }
 
 case "${1:-}" in
@@ -58,6 +60,8 @@ if [ "$experiment" = paper-vision ]; then
   [[ "$seed" =~ ^[0-9]+$ ]] || die "SEED='$seed': give a non-negative integer"
   arms="$("$PY" -m evals.experiment arms "$experiment" --arms "${ARMS:-all}")" || exit 2
   echo "=== $experiment: $(echo "$arms" | wc -l) arms x $seeds seeds -> $out" >&2
+  jobs="${JOBS:-1}"
+  [[ "$jobs" =~ ^[1-9][0-9]*$ ]] || die "JOBS='$jobs': give a positive integer (runs trained at once)"
   while IFS= read -r spec; do
     read -r -a words <<< "$spec"
     name="${words[0]}"
@@ -67,13 +71,16 @@ if [ "$experiment" = paper-vision ]; then
       if [ ${#force[@]} -gt 0 ] || [ ! -f "$run_dir/summary.json" ]; then
         echo "=== train $name (seed $s) -> $run_dir" >&2
         [ ${#force[@]} -gt 0 ] && rm -rf "$run_dir"
+        # At most JOBS runs at once; `wait -n` returns the status of a run that ended, so a failure stops here (set -e).
+        while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
         bash launch/train_vision.sh --config fashion_mnist_tiny "${words[@]:1}" \
-          "${trainer_args[@]+"${trainer_args[@]}"}" --seed "$s" --output_dir "$run_dir" --resume auto
+          "${trainer_args[@]+"${trainer_args[@]}"}" --seed "$s" --output_dir "$run_dir" --resume auto &
       else
         echo "=== $name (seed $s): done ($run_dir/summary.json), skipped" >&2
       fi
     done
   done <<< "$arms"
+  while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n; done
   exec "$PY" -m evals.experiment report "$out" --experiment "$experiment"
 fi
 

@@ -331,7 +331,7 @@ def test_vision_experiment_end_to_end_twice(tmp_path: Path) -> None:
     for arm in ("static", "pn-e2"):
         for seed in (42, 43):
             summary = json.loads((out / arm / f"seed{seed}" / "summary.json").read_text())
-            assert summary["seed"] == seed and summary["num_experts"] == (2 if arm == "pn-e2" else None)
+            assert summary["seed"] == seed and summary["num_experts"] == (2 if arm == "pn-e2" else 0)
             top1[arm, seed] = summary["top1"]
     diff = paired_difference({s: top1["static", s] for s in (42, 43)}, {s: top1["pn-e2", s] for s in (42, 43)})
     assert diff is not None
