@@ -1,6 +1,7 @@
 """launch/experiment.sh and its report (evals.experiment*): the paired statistics against hand computations and scipy,
 the arms (the ceiling's width against a hand count), the report on hand-written run directories, and the whole
-command end to end (slow) with 2 arms x 2 seeds x 2 iterations, run twice: the second call trains nothing."""
+command end to end with 2 arms x 2 seeds x 2 iterations, run twice: the second call trains nothing (paper-llm and
+paper-vision)."""
 
 from __future__ import annotations
 
@@ -243,7 +244,6 @@ FAST_TRAINER = ["--seq_len", "64", "--micro_batch_size", "2", "--global_batch_si
 FAST_TRAINER += ["--eval_iters", "1", "--log_interval", "1", "--progress_bar", "false", "--save_interval", "100"]
 
 
-@pytest.mark.slow
 def test_experiment_sh_end_to_end_twice(tmp_path: Path) -> None:
     out = tmp_path / "paper-llm"
     env = {

@@ -51,6 +51,8 @@ NOT_RUN = {
     "make run": "the main job (launch/main.sh = launch/compare.sh with --limit 40), covered by the compare.sh line",
     "bash launch/experiment.sh paper-llm": "21 trainings, about 2 hours as written; tests/test_experiment.py runs "
     "this command with 2 arms x 2 seeds x 2 iterations, twice",
+    "JOBS=2 OMP_NUM_THREADS=1 bash launch/experiment.sh paper-vision": "12 trainings (about 20 minutes); "
+    "tests/test_experiment.py runs this command with 2 arms x 2 seeds on 128 images, twice",
 }
 # README commands that take minutes as written here (make test-all runs them): compare.sh is pretrain_llama.sh +
 # evals.zero_shot + evals.compare, all run below; the vision demo and the two ImageNet stages (34.5M-parameter
