@@ -16,7 +16,7 @@ from typing import Any
 
 from evals.experiment_arms import VISION_BASELINE, VISION_EXPERIMENTS, VisionArm
 from evals.experiment_stats import CONFIDENCE, PairedDifference, interval_text, p_text, paired_difference
-from evals.runs import RunGroup, load_group
+from evals.runs import RunGroup, is_run_dir, load_run
 from evals.vision_report import build_vision_report
 from runtime.fsutil import write_text_atomic
 
@@ -42,15 +42,16 @@ def load_arms(out: Path, experiment: str) -> tuple[list[tuple[VisionArm, RunGrou
     for arm in VISION_EXPERIMENTS[experiment]:
         if not (out / arm.name).is_dir():
             continue
-        group = load_group(out / arm.name, label=arm.name)
         finished = []
-        for run in group.runs:
-            if run.summary.get("top1") is None or run.seed is None:
-                left_out.append(f"`{run.path}`: not finished (no summary.json with top1 and seed)")
-            else:
+        # Run by run, not load_group: an interrupted run (no summary.json, maybe no record yet) is left out, listed.
+        for path in sorted(p for p in (out / arm.name).iterdir() if is_run_dir(p)):
+            run = load_run(path)
+            if run.task == "vision" and run.summary.get("top1") is not None and run.seed is not None:
                 finished.append(run)
+            else:
+                left_out.append(f"`{path.relative_to(out)}`: not finished (no summary.json with top1 and seed)")
         if finished:
-            arms.append((arm, RunGroup(arm.name, group.path, finished)))
+            arms.append((arm, RunGroup(arm.name, out / arm.name, finished)))
     if not arms or arms[0][0].name != VISION_BASELINE:
         raise ValueError(f"{out}: no finished {VISION_BASELINE!r} run (OUT/{VISION_BASELINE}/seed<N>/): the baseline")
     if len(arms) < 2:

@@ -300,6 +300,9 @@ def test_experiment_sh_refuses_bad_settings(tmp_path: Path) -> None:
         ({"LIMIT": "x"}, ["paper-llm"], "LIMIT='x'"),
         ({"ARMS": "vanilla,pn-dwn-e8"}, ["paper-llm"], "pn-dwn-e8 not in paper-llm"),
         ({}, ["paper-llm", "--train_iters", "5"], "unknown option '--train_iters'"),
+        ({"JOBS": "0"}, ["paper-vision"], "JOBS='0'"),
+        ({"ARMS": "pn-e4"}, ["paper-vision"], "include 'static'"),
+        ({"SEEDS": "x"}, ["paper-vision"], "SEEDS='x'"),
     ):
         proc = subprocess.run(
             ["bash", "launch/experiment.sh", *args],
@@ -349,3 +352,64 @@ def test_vision_experiment_end_to_end_twice(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr[-4000:]
     assert "=== train " not in second.stderr and second.stderr.count("skipped") == 4
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def fake_vision_run(run: Path, model: str, experts: int, seed: int, top1: float, macs: int) -> None:
+    """A finished run directory as vision.train writes it (summary.json, metrics.jsonl, config.yaml)."""
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "model": model}))
+    summary = {
+        "task": "vision",
+        "model": model,
+        "total_params": 1_000_000 + 500_000 * experts,
+        "macs": macs,
+        "img_size": 32,
+        "num_classes": 10,
+        "num_experts": experts,
+        "iterations": 150,
+        "epochs": 1.0,
+        "seed": seed,
+        "world_size": 1,
+        "final_val_loss": 0.5,
+        "top1": top1,
+        "top5": 99.0,
+        "train_loss": 0.6,
+        "seconds": 60.0,
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    records = [
+        {"kind": "train", "iteration": 10, "loss": 1.0, "images_per_s": 100.0},
+        {"kind": "valid", "iteration": 150, "loss": 0.5, "top1": top1, "top5": 99.0, "images": 10000},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_vision_report_on_hand_written_runs(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "paper-vision"
+    static, experts = [80.0, 81.0, 79.5], [81.0, 81.8, 80.7]  # differences +1.0, +0.8, +1.2
+    for i, seed in enumerate((42, 43, 44)):
+        fake_vision_run(out / "static" / f"seed{seed}", "ghostnet_tiny_os4", 0, seed, static[i], 2_000_000)
+        fake_vision_run(out / "pn-e4" / f"seed{seed}", "parameternet_tiny_os4", 4, seed, experts[i], 2_120_000)
+    (out / "pn-e2" / "seed42").mkdir(parents=True)  # interrupted: metrics only, no summary.json
+    (out / "pn-e2" / "seed42" / "metrics.jsonl").write_text("")
+    assert main(["report", str(out), "--experiment", "paper-vision"]) == 0
+    report = (out / "report.md").read_text()
+    d = [1.0, 0.8, 1.2]
+    mean = sum(d) / 3
+    half = 4.302652729911275 * math.sqrt(sum((x - mean) ** 2 for x in d) / 2) / math.sqrt(3)
+    assert "| pn-e4 | ParameterNet: dynamic convolutions with 4 experts | 42, 43, 44 | 1.060x | " in report
+    assert f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]" in report
+    assert "the interval excludes 0" in report and "3.00x the parameters at 1.060x the multiply-adds" in report
+    assert "pn-e2/seed42`: not finished" in report
+    data = json.loads((out / "report.json").read_text())
+    assert data["paired_top1"]["pn-e4"]["per_seed"] == pytest.approx(d) and data["paired_top1"]["static"] is None
+    capsys.readouterr()
+    # refusals: a report.md someone else wrote is kept; no static twin, no report
+    (out / "report.md").write_text("my notes\n")
+    assert main(["report", str(out), "--experiment", "paper-vision"]) == 2
+    assert "was not written by evals.experiment" in capsys.readouterr().err
+    (out / "report.md").unlink()
+    other = tmp_path / "no-static"
+    fake_vision_run(other / "pn-e4" / "seed42", "parameternet_tiny_os4", 4, 42, 80.0, 2_120_000)
+    assert main(["report", str(other), "--experiment", "paper-vision"]) == 2
+    assert "no finished 'static' run" in capsys.readouterr().err
