@@ -94,7 +94,47 @@ def reading(arms: list[tuple[VisionArm, RunGroup]], diffs: list[PairedDifference
         if macs > MACS_PREMISE:
             text += f" (over the paper's premise of <= {MACS_PREMISE:.2f}x)"
         sentences.append(text + ".")
-    return " ".join(sentences)
+    return " ".join([_budget(arms[0][1]), *sentences, *_verdict(arms, diffs)])
+
+
+def _budget(group: RunGroup) -> str:
+    """What one run saw, from its summary.json and config.yaml: short runs are a caveat on every number below."""
+    run = group.runs[0]
+    iterations, epochs = run.summary.get("iterations"), run.summary.get("epochs")
+    batch = run.config.get("global_batch_size")
+    images = f" of {batch} images" if isinstance(batch, int) else ""
+    return (
+        f"Every run trained {iterations} iterations{images} ({epochs:g} epoch{'s' * (epochs != 1)}) and was "
+        f"validated on {run.valid[-1].get('images', 'all') if run.valid else 'all'} images."
+        if isinstance(epochs, (int, float))
+        else ""
+    )
+
+
+def _verdict(arms: list[tuple[VisionArm, RunGroup]], diffs: list[PairedDifference | None]) -> list[str]:
+    """Which arms separate from the twin, and whether top-1 follows the number of experts."""
+    paired = [(arm, diff) for (arm, _), diff in zip(arms[1:], diffs[1:]) if diff is not None and diff.n >= 2]
+    if not paired:
+        return []
+    better = [arm.name for arm, diff in paired if diff.excludes_zero and diff.mean > 0]
+    worse = [arm.name for arm, diff in paired if diff.excludes_zero and diff.mean < 0]
+    if not better and not worse:
+        out = [f"No ParameterNet arm separates from the static twin at the 5% level ({len(paired)} compared)."]
+    else:
+        out = [f"Above the twin at the 5% level: {', '.join(better) or 'none'}; below: {', '.join(worse) or 'none'}."]
+    by_experts = sorted((arm.num_experts, diff.mean) for arm, diff in paired if arm.num_experts is not None)
+    if len(by_experts) >= 3:
+        means = [mean for _, mean in by_experts]
+        trend = (
+            "rises"
+            if all(b > a for a, b in zip(means, means[1:]))
+            else "falls"
+            if all(b < a for a, b in zip(means, means[1:]))
+            else "is not monotone"
+        )
+        listing = ", ".join(f"{e} expert{'s' * (e > 1)} {m:+.2f}" for e, m in by_experts)
+        out.append(f"The mean paired difference {trend} with the number of experts ({listing} points).")
+    return out
 
 
 def write_vision_report(out: Path, experiment: str = "paper-vision") -> Path:

@@ -401,6 +401,8 @@ def test_vision_report_on_hand_written_runs(tmp_path: Path, capsys) -> None:
     assert f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]" in report
     assert "the interval excludes 0" in report and "3.00x the parameters at 1.060x the multiply-adds" in report
     assert "pn-e2/seed42`: not finished" in report
+    assert "Above the twin at the 5% level: pn-e4; below: none." in report
+    assert "Every run trained 150 iterations (1 epoch) and was validated on 10000 images." in report
     data = json.loads((out / "report.json").read_text())
     assert data["paired_top1"]["pn-e4"]["per_seed"] == pytest.approx(d) and data["paired_top1"]["static"] is None
     capsys.readouterr()
