@@ -379,7 +379,7 @@ def fake_vision_run(run: Path, model: str, experts: int, seed: int, top1: float,
     (run / "summary.json").write_text(json.dumps(summary))
     records = [
         {"kind": "train", "iteration": 10, "loss": 1.0, "images_per_s": 100.0},
-        {"kind": "valid", "iteration": 150, "loss": 0.5, "top1": top1, "top5": 99.0, "images": 10000},
+        {"kind": "valid", "iteration": 150, "val_loss": 0.5, "top1": top1, "top5": 99.0, "images": 10000},
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
