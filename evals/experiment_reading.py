@@ -75,6 +75,8 @@ def _ceiling(head: ArmResult, wide: ArmResult, base: ArmResult) -> list[str]:
     what += f"{params:.4f}x {HEADLINE}'s parameters, " if params is not None else ""
     what += f"{flops:.2f}x {BASELINE}'s FLOPs per token)" if flops is not None else "more FLOPs per token)"
     what += f" reached {interval_text(dw)} against {BASELINE}"
+    if dw.mean < 0 and dh.mean > 0:
+        return [f"{what}; {HEADLINE} reaches none of that gain: its loss is above {BASELINE}'s."]
     if dw.mean < 0:
         return [f"{what}; {HEADLINE}'s difference is {100 * dh.mean / dw.mean:.0f}% of the ceiling's gain."]
     return [f"{what}: no gain, so at this budget there is no ceiling for the free parameters to approach."]
