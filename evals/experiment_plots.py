@@ -3,7 +3,6 @@ deviation over seeds, and each arm's paired difference to the baseline with its 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -12,7 +11,7 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from evals.experiment_stats import band_curve, difference_curve  # noqa: E402
-from runtime.fsutil import temp_path_for  # noqa: E402
+from evals.plots import save_figure  # noqa: E402
 
 # arm -> seed -> {training tokens: validation loss}
 Curves = dict[str, dict[int, dict[float, float]]]
@@ -45,17 +44,4 @@ def plot_experiment_losses(curves: Curves, baseline: str, path: Path) -> None:
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend(fontsize=8)
-    _save(fig, path)
-
-
-def _save(fig: plt.Figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(path)  # the umask's mode, not mkstemp's 0600: teammates read the plots
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

@@ -18,7 +18,8 @@ from evals.scores import AVERAGE, GroupScores  # noqa: E402
 from runtime.fsutil import temp_path_for  # noqa: E402
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a PNG atomically (a reader never sees half a file) and close the figure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)  # the umask's mode, not mkstemp's 0600: teammates read the plots
     try:
@@ -51,7 +52,7 @@ def plot_accuracy(scores: list[GroupScores], tasks: list[str], path: Path) -> No
     ax.set_title("Zero-shot accuracy per task")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _curve(runs_points: list[list[tuple[float, float]]]) -> tuple[list[float], list[float], list[float]]:
@@ -112,7 +113,7 @@ def plot_losses(groups: list[RunGroup], path: Path) -> None:
     if drew:
         ax.legend()
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_val_accuracy(groups: list[RunGroup], path: Path) -> None:
@@ -142,4 +143,4 @@ def plot_val_accuracy(groups: list[RunGroup], path: Path) -> None:
     if drew:
         ax.legend()
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)

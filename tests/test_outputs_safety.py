@@ -454,7 +454,7 @@ def test_plots_and_unpacked_datasets_get_the_umask_mode(tmp_path: Path) -> None:
 
     import matplotlib.pyplot as plt
 
-    from evals.plots import _save
+    from evals.plots import save_figure
     from vision.data import FASHION_MNIST_FILES, prepare_fashion_mnist
 
     source = tmp_path / "debian"
@@ -464,7 +464,7 @@ def test_plots_and_unpacked_datasets_get_the_umask_mode(tmp_path: Path) -> None:
             f.write(b"\0\0\x08\x01\0\0\0\0")
     before = os.umask(0o027)
     try:
-        _save(plt.figure(), tmp_path / "plots" / "p.png")
+        save_figure(plt.figure(), tmp_path / "plots" / "p.png")
         root = prepare_fashion_mnist(tmp_path / "fm", source=source)
     finally:
         os.umask(before)
