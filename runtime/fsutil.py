@@ -1,5 +1,6 @@
 """Small file-system helpers shared by every tool that writes files: atomic publication with the permissions the
-user's umask gives, inter-process locks, and the one rule for claiming an output path (`claim_output`)."""
+user's umask gives, inter-process locks (`file_lock` to take turns, `ExclusiveLock` to refuse a second writer), and
+the one rule for claiming an output path (`claim_output`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -281,6 +284,75 @@ def file_lock(lock_path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+class LockBusy(ValueError):
+    """Another live process holds the exclusive lock of an output (see `ExclusiveLock`)."""
+
+
+class ExclusiveLock:
+    """An exclusive, non-blocking fcntl.flock on `path`, held until `release()` or until the process dies (the kernel
+    drops it then: a killed holder leaves no stale lock to clean up). Two commands writing into one place - a run
+    directory, a shard prefix - would delete or mix each other's files; the second one is refused at start instead.
+
+    The lock file holds the holder's host, PID and start time (shown to the refused command). `release()` removes the
+    file and the directories that `acquire` created for it when they are empty again, so a refused or failed command
+    leaves the file system as it found it; a holder that re-checks the file's inode after locking never holds a lock
+    on a file that a releasing holder just unlinked.
+    """
+
+    def __init__(self, path: Path, fd: int, created_dirs: list[Path]) -> None:
+        self.path = path
+        self._fd: int | None = fd
+        self._created_dirs = created_dirs
+
+    @classmethod
+    def acquire(cls, path: str | Path, what: str, fix: str) -> ExclusiveLock:
+        """Lock `path` or raise LockBusy: "`what` is in use by <holder> (lock file PATH); `fix`"."""
+        path = Path(path)
+        created = [p for p in path.parents if not p.exists()]  # deepest first
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise LockBusy(f"{what} is in use by {holder} (lock file {path}); {fix}") from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder released (and unlinked) it between our open and our lock: try again
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": started}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+        return cls(path, fd, created)
+
+    def release(self) -> None:
+        """Unlink the lock file (while still holding it), unlock, and remove the directories created for it if
+        they are empty. Idempotent."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self._fd)  # closing the last descriptor drops the flock
+        self._fd = None
+        for directory in self._created_dirs:  # deepest first
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        return f"host {record['host']}, PID {record['pid']}, started {record['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (it has not written its host and PID yet)"
 
 
 def writable_dir(path: str | Path) -> bool:

@@ -58,6 +58,10 @@ def vision(*args: str) -> list[str]:
     ]
 
 
+def prepare(source: str) -> list[str]:
+    return [PY, "-m", "llm.data.prepare", "--input", source, "--tokenizer", "{S}/tok", "--output-prefix", "{S}/new/x"]
+
+
 CASES = [
     # --- the training config (llm.pretrain): every value checked before anything is written
     Case("yaml-malformed", [PY, "-m", "llm.pretrain", "--config", "{S}/bad.yaml"], ("bad.yaml:3", "YAML")),
@@ -177,6 +181,16 @@ CASES = [
         ],
         ("--output-prefix", "user.json"),
     ),
+    # --- the corpus itself (issue 25): the file and line at fault, and the fix, instead of a datasets traceback
+    Case("prepare-invalid-json", prepare("{S}/bad.jsonl"), ("bad.jsonl:2", "not valid JSON", "fix or remove")),
+    Case("prepare-empty-input", prepare("{S}/empty.jsonl"), ("empty.jsonl", "is empty", "remove it from --input")),
+    Case(
+        "prepare-missing-text-field",
+        prepare("{S}/nokey.jsonl"),
+        ("nokey.jsonl:2", "no text in field 'text'", "--text-key", "--skip-missing-text"),
+    ),
+    Case("prepare-not-utf8-text", prepare("{S}/latin1.txt"), ("latin1.txt:3", "0xe9", "not UTF-8", "iconv")),
+    Case("prepare-not-utf8-jsonl", prepare("{S}/latin1.jsonl"), ("latin1.jsonl:2", "0xe9", "not UTF-8")),
     Case(
         "zero-shot-output-is-a-file",
         [PY, "-m", "evals.zero_shot", "--model", "{RUN}", "--offline", "--output_dir", "{S}/notes.txt"],
@@ -261,6 +275,12 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "user.png").write_bytes(b"\x89PNG not ours")
     write_run(root / "moe-run", [train_record(i, [[5, 3, 0, 8]] * 3) for i in (1, 2, 3)])  # routing logged
     (root / "bad.yaml").write_text("model: llama-tiny\nlr: [1, 2\nseed: 1\n")
+    # corpora with one fault each (issue 25)
+    (root / "bad.jsonl").write_text('{"text": "To be"}\n{"text": "or not", oops}\n{"text": "to be"}\n')
+    (root / "empty.jsonl").write_text("")
+    (root / "nokey.jsonl").write_text('{"text": "To be"}\n{"body": "or not to be"}\n')
+    (root / "latin1.txt").write_bytes("To be,\nor not\nto be: caf\u00e9\n".encode("latin-1"))
+    (root / "latin1.jsonl").write_bytes('{"text": "To be"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
     tiny_image_folder(root / "images")
     return root
 

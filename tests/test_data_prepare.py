@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +178,59 @@ def test_cli(tmp_path: Path, tokenizer_dir: Path, sp) -> None:
         timeout=300,
     )
     assert bad.returncode == 2 and "nope.jsonl" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_records_without_text_are_refused_or_skipped_and_counted_by_reason(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """Issue 25: a record without the text field used to vanish into "skipped_empty"; now it is an error naming
+    FILE:LINE, unless --skip-missing-text asks to leave such records out, and then it is counted as such."""
+    records = [{"text": "To be"}, {"body": "no text"}, {"text": "  "}, {"text": None}, {"text": "or not to be"}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ValueError, match=r"c\.jsonl:2: the record has no text in field 'text'.*--skip-missing-text"):
+        prepare_corpus([tmp_path / "c.jsonl"], tokenizer_dir, tmp_path / "out" / "c", show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]  # no shard, no lock file, no directory
+    stats = prepare_corpus_with_stats(
+        [tmp_path / "c.jsonl"], tokenizer_dir, tmp_path / "out" / "c", show_progress=False, skip_missing_text=True
+    )
+    assert stats.documents == 2 and stats.skipped == {"empty": 1, "missing_text": 2} and stats.skipped_empty == 1
+    assert json.loads((tmp_path / "out" / "c.json").read_text())["skipped"] == {"empty": 1, "missing_text": 2}
+
+
+def test_a_second_prepare_into_the_same_prefix_is_refused_while_the_first_runs(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    """Issue 25: two prepares into one --output-prefix both exited 0, the shard holding whichever finished last. The
+    first holds PREFIX.lock (an flock) until it ends; the second is refused at start, naming the holder."""
+    docs = _documents(40)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "another corpus"}) + "\n")
+    prefix = tmp_path / "out" / "corpus"
+    command = [sys.executable, "-m", "llm.data.prepare", "--tokenizer", str(tokenizer_dir), "--num-proc", "1"]
+    command += ["--output-prefix", str(prefix), "--input"]
+    first = subprocess.Popen(
+        [*command, str(tmp_path / "a.jsonl")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    lock = Path(f"{prefix}.lock")
+    try:
+        deadline = time.monotonic() + 120
+        while not (lock.is_file() and f'"pid": {first.pid}' in lock.read_text()):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)  # holds the lock, mid-way: the second prepare starts now
+        try:
+            second = subprocess.run(
+                [*command, str(tmp_path / "b.jsonl")], cwd=REPO, capture_output=True, text=True, timeout=300
+            )
+        finally:
+            first.send_signal(signal.SIGCONT)
+        out, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    [line] = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert f"--output-prefix {prefix} is in use by host {socket.gethostname()}, PID {first.pid}, started " in line
+    assert "or choose another --output-prefix" in line
+    assert first.returncode == 0, err[-3000:]
+    sidecar = json.loads(Path(f"{prefix}.json").read_text())
+    assert sidecar["inputs"] == [str(tmp_path / "a.jsonl")] and sidecar["documents"] == len(docs)
+    assert sorted(p.name for p in prefix.parent.iterdir()) == ["corpus.bin", "corpus.idx", "corpus.json"]

@@ -8,6 +8,7 @@ Shared by the tokenizer trainer (llm.data.tokenizer reads the text it learns fro
 from __future__ import annotations
 
 import glob
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -79,7 +80,80 @@ def check_local_inputs(inputs: Sequence[str | Path], text_unit: str = "document"
         )
     if text_unit not in TEXT_UNITS:
         raise ValueError(f"text_unit={text_unit!r}; use one of {TEXT_UNITS}")
+    empty = [p for p in paths if p.is_file() and p.stat().st_size == 0]
+    if empty:
+        raise ValueError(
+            f"--input {empty[0]} is empty (0 bytes): it holds no documents; remove it from --input or fill it"
+        )
     return paths, formats.pop()
+
+
+def _compressed(path: Path) -> bool:
+    return path.name.lower().endswith(COMPRESSION_SUFFIXES)
+
+
+def find_bad_line(paths: Sequence[Path], fmt: str) -> str | None:
+    """Why `datasets` could not read these text or JSON files, as one line naming the file, the line and the fix;
+    None when no line is at fault. Read only after a failure: the common path pays nothing."""
+    for path in paths:
+        if fmt not in ("text", "json") or path.is_dir() or _compressed(path):
+            continue
+        if fmt == "json" and path.suffix.lower() == ".json":
+            try:  # a .json file may be one JSON document over many lines rather than JSON lines
+                json.loads(path.read_bytes())
+                continue
+            except ValueError:
+                pass
+        blank = True
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    return (
+                        f"--input {path}:{number}: byte 0x{raw[err.start]:02x} at column {err.start + 1} is not "
+                        f"UTF-8; re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name} > "
+                        f"{path.stem}.utf8{path.suffix}) or fix that line"
+                    )
+                if fmt != "json" or not line.strip():
+                    continue
+                blank = False
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    return (
+                        f"--input {path}:{number}: not valid JSON ({err.msg}, column {err.colno}); fix or remove "
+                        f"that line (JSON lines: one object per line)"
+                    )
+                if not isinstance(record, dict):
+                    return (
+                        f"--input {path}:{number}: a JSON {type(record).__name__}, not an object; JSON lines hold "
+                        f'one object per line, e.g. {{"text": "..."}}'
+                    )
+        if fmt == "json" and blank:
+            return f"--input {path} holds only blank lines: no documents; remove it from --input or fill it"
+    return None
+
+
+def find_missing_text(paths: Sequence[Path], fmt: str, text_key: str) -> str | None:
+    """Where the first JSON record without a text field `text_key` is ("FILE:LINE"), or None (other formats: the
+    caller names the record by its position)."""
+    if fmt != "json":
+        return None
+    for path in paths:
+        if _compressed(path):
+            continue
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    return None  # a .json document over many lines: positions only
+                if isinstance(record, dict) and not isinstance(record.get(text_key), str):
+                    return f"{path}:{number}"
+    return None
 
 
 def load_corpus(
@@ -115,13 +189,20 @@ def load_corpus(
         else:
             files = [str(p) for p in paths]
             extra = {"sample_by": text_unit, "keep_linebreaks": True} if fmt == "text" else {}
-            corpus = datasets.load_dataset(
-                fmt,
-                data_files=files,
-                split="train",
-                cache_dir=None if cache_dir is None else str(cache_dir),
-                **extra,
-            )
+            try:
+                corpus = datasets.load_dataset(
+                    fmt,
+                    data_files=files,
+                    split="train",
+                    cache_dir=None if cache_dir is None else str(cache_dir),
+                    **extra,
+                )
+            except Exception as err:  # datasets wraps a bad line in a long DatasetGenerationError: find the line
+                found = find_bad_line(paths, fmt)
+                if found is None:
+                    cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    found = f"--input {', '.join(files)}: the {fmt} reader failed ({cause}); check these files"
+                raise ValueError(found) from err
             if fmt == "text" and text_key != "text":
                 corpus = corpus.rename_column("text", text_key)  # the text builder always names it 'text'
     if text_key not in corpus.column_names:

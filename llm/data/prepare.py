@@ -8,7 +8,10 @@ through the `datasets` library, tokenizes in `num_proc` processes, writes every 
 `<s> tokens </s>` (one sequence per document) and publishes `out/my_corpus.bin` + `.idx` only when complete.
 Plain-text files are one document each by default (`--text-unit paragraph|line` to cut them finer).
 Inputs and output are checked before anything is created; an existing shard at the prefix is replaced only with
---overwrite and only when its `PREFIX.json` shows that prepare wrote it (runtime.fsutil.claim_output).
+--overwrite and only when its `PREFIX.json` shows that prepare wrote it (runtime.fsutil.claim_output). One prepare
+at a time per prefix: `PREFIX.lock` (an flock held while it runs) refuses a second one at start, naming the holder.
+A record without the text field is an error naming its file and line, unless --skip-missing-text leaves such records
+out; skipped records are counted by reason ("skipped": {"empty": N, "missing_text": M}).
 """
 
 from __future__ import annotations
@@ -24,9 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from llm.data.documents import TEXT_UNITS, check_local_inputs, load_corpus
+from llm.data.documents import TEXT_UNITS, check_local_inputs, find_bad_line, find_missing_text, load_corpus
 from llm.data.indexed_dataset import IndexedDatasetBuilder, data_path, dtype_for_vocab, index_path, split_prefix
-from runtime.fsutil import claim_output, created_dirs_removed_on_error, read_owner, write_text_atomic
+from runtime.errors import print_error
+from runtime.fsutil import (
+    ExclusiveLock,
+    claim_output,
+    created_dirs_removed_on_error,
+    read_owner,
+    write_text_atomic,
+)
 
 TOOL = "llm.data.prepare"
 SHARD_FORMAT = "Megatron indexed dataset (MMIDIDX v1), one sequence per document"
@@ -34,8 +44,16 @@ SHARD_FORMAT = "Megatron indexed dataset (MMIDIDX v1), one sequence per document
 _WRITE_BATCH = 1024  # documents per arrow batch when copying tokens into the shard
 
 
+# Why a record was left out of the shard: only whitespace, or no text at all (the field missing, null, not a string).
+EMPTY, MISSING_TEXT = "empty", "missing_text"
+
+
 def sidecar_path(prefix: str | Path) -> Path:
     return Path(f"{split_prefix(prefix)}.json")
+
+
+def lock_path(prefix: str | Path) -> Path:
+    return Path(f"{split_prefix(prefix)}.lock")
 
 
 def claim_shard(prefix: str, overwrite: bool) -> bool:
@@ -60,6 +78,7 @@ class PrepareStats:
     prefix: str
     documents: int
     skipped_empty: int
+    skipped: dict[str, int]  # by reason: EMPTY, MISSING_TEXT
     tokens: int
     dtype: str
     vocab_size: int
@@ -87,6 +106,10 @@ class _Encoder:
         return tok
 
     def __call__(self, batch: dict[str, list], text_key: str) -> dict[str, list]:
+        reasons = [
+            "" if isinstance(t, str) and t.strip() else EMPTY if isinstance(t, str) else MISSING_TEXT
+            for t in batch[text_key]
+        ]
         texts = [t if isinstance(t, str) else "" for t in batch[text_key]]
         tok = self._tokenizer()
         if hasattr(tok, "encode_as_ids"):  # sentencepiece: the reference ids; special-token text stays text
@@ -103,7 +126,7 @@ class _Encoder:
                 + doc
                 + ([self.eos_id] if self.eos_id is not None else [])
             )
-        return {"input_ids": out}
+        return {"input_ids": out, "skip_reason": reasons}
 
 
 def _open_tokenizer(tokenizer_dir: Path):
@@ -153,15 +176,66 @@ def prepare_corpus_with_stats(
     batch_size: int = 16,
     show_progress: bool = True,
     overwrite: bool = False,
+    skip_missing_text: bool = False,
+) -> PrepareStats:
+    if num_proc < 1:
+        raise ValueError(f"num_proc={num_proc}; it must be >= 1")
+    prefix = split_prefix(output_prefix)
+    # One prepare per prefix at a time: a second one would publish over the first's shard (or it over ours). Held
+    # to the end; released (the file and any directory it created removed) on success and failure alike.
+    lock = ExclusiveLock.acquire(
+        lock_path(prefix),
+        f"--output-prefix {prefix}",
+        "wait for that prepare to end (or stop it), or choose another --output-prefix",
+    )
+    try:
+        return _prepare(
+            inputs,
+            tokenizer_dir,
+            prefix,
+            num_proc=num_proc,
+            text_key=text_key,
+            text_unit=text_unit,
+            prepend_bos=prepend_bos,
+            append_eos=append_eos,
+            dataset_name=dataset_name,
+            dataset_config=dataset_config,
+            dataset_split=dataset_split,
+            batch_size=batch_size,
+            show_progress=show_progress,
+            overwrite=overwrite,
+            skip_missing_text=skip_missing_text,
+        )
+    except UnicodeDecodeError as err:  # pyarrow's JSON reader passes bad bytes on; decoding them fails later
+        found = find_bad_line(*check_local_inputs(inputs)) if inputs else None
+        raise ValueError(found or f"the corpus holds bytes that are not UTF-8 ({err}); re-encode it as UTF-8") from err
+    finally:
+        lock.release()
+
+
+def _prepare(
+    inputs: Sequence[str | Path],
+    tokenizer_dir: str | Path,
+    prefix: str,
+    *,
+    num_proc: int,
+    text_key: str,
+    text_unit: str,
+    prepend_bos: bool,
+    append_eos: bool,
+    dataset_name: str | None,
+    dataset_config: str | None,
+    dataset_split: str,
+    batch_size: int,
+    show_progress: bool,
+    overwrite: bool,
+    skip_missing_text: bool,
 ) -> PrepareStats:
     import datasets
     from tqdm.auto import tqdm
 
-    if num_proc < 1:
-        raise ValueError(f"num_proc={num_proc}; it must be >= 1")
     started = time.perf_counter()
     # Everything that can be checked is checked before the first directory or file is created.
-    prefix = split_prefix(output_prefix)
     claim_shard(prefix, overwrite)
     vocab_size, bos_id, eos_id = tokenizer_info(tokenizer_dir)
     if dataset_name is None:
@@ -207,11 +281,14 @@ def prepare_corpus_with_stats(
             num_proc=workers if workers > 1 else None,
             remove_columns=corpus.column_names,
             # int32 ids: half the arrow bytes of the default int64 lists
-            features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}),
+            features=datasets.Features(
+                {"input_ids": datasets.Sequence(datasets.Value("int32")), "skip_reason": datasets.Value("string")}
+            ),
             cache_file_name=None if dataset_name is None else str(Path(scratch) / "tokenized.arrow"),
             desc=f"tokenizing ({workers} proc)",
         )
-        documents = skipped = tokens = 0
+        documents = tokens = position = 0
+        skipped = {EMPTY: 0, MISSING_TEXT: 0}
         dtype = dtype_for_vocab(vocab_size)
         with IndexedDatasetBuilder(prefix, dtype=dtype) as builder:
             bar = tqdm(
@@ -221,8 +298,14 @@ def prepare_corpus_with_stats(
                 column = table.column("input_ids").combine_chunks()
                 lengths = column.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
                 flat = column.flatten().to_numpy(zero_copy_only=False)
+                reasons = table.column("skip_reason").to_pylist()
+                if MISSING_TEXT in reasons and not skip_missing_text:
+                    bar.close()  # ends the bar's line: the error gets a line of its own
+                    _refuse_missing_text(inputs, text_key, position + reasons.index(MISSING_TEXT))
+                for reason in (EMPTY, MISSING_TEXT):
+                    skipped[reason] += reasons.count(reason)
+                position += len(reasons)
                 keep = lengths > 0
-                skipped += int((~keep).sum())
                 builder.add_documents(flat, lengths[keep])
                 documents += int(keep.sum())
                 tokens += int(flat.size)
@@ -237,6 +320,7 @@ def prepare_corpus_with_stats(
     stats = PrepareStats(
         prefix,
         documents,
+        skipped[EMPTY],
         skipped,
         tokens,
         np.dtype(dtype).name,
@@ -246,6 +330,22 @@ def prepare_corpus_with_stats(
     )
     _write_sidecar(prefix, stats, tokenizer_dir, inputs, dataset_name)
     return stats
+
+
+def _refuse_missing_text(inputs: Sequence[str | Path], text_key: str, position: int) -> None:
+    """Raise the one line for a record that has no text: where it is (FILE:LINE for JSON lines, else its position
+    in the corpus), and the two fixes."""
+    where = None
+    if inputs:
+        paths, fmt = check_local_inputs(inputs)
+        where = find_missing_text(paths, fmt, text_key)
+    if where is None:
+        where = f"record {position + 1} of the corpus"
+    raise ValueError(
+        f"--input {where}: the record has no text in field {text_key!r} (missing, null or not a string); fix the "
+        f"record, name the right field with --text-key, or pass --skip-missing-text to leave such records out "
+        f"(counted in the statistics)"
+    )
 
 
 def _write_sidecar(prefix: str, stats: PrepareStats, tokenizer_dir, inputs, dataset_name) -> None:
@@ -282,6 +382,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-bos", action="store_true", help="do not prepend <s> to each document")
     parser.add_argument("--no-eos", action="store_true", help="do not append </s> to each document")
     parser.add_argument(
+        "--skip-missing-text",
+        action="store_true",
+        help="leave out records without the text field (counted as skipped missing_text) instead of refusing",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace the shard at --output-prefix if prepare wrote it (never other files)",
@@ -303,9 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             dataset_config=args.dataset_config,
             dataset_split=args.dataset_split,
             overwrite=args.overwrite,
+            skip_missing_text=args.skip_missing_text,
         )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as err:  # LockBusy and OutputRefused are ValueErrors
+        print_error(str(err))
         return 2
     print(json.dumps(asdict(stats)))
     return 0
