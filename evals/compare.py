@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from evals.results import Evaluation, TaskScore, best, load_evaluations, task_scores
-from evals.runs import VISION, Run, RunGroup, check_one_task, load_group
+from evals.runs import VISION, Run, RunGroup, check_one_task, load_group, stale_evaluation, unfinished_runs
 from evals.scores import AVERAGE, GroupScores, Stat, delta, delta_text, human, stat_text
 from evals.vision_report import build_vision_report, check_vision_runs
 from evals.zero_shot import parse_batch_size
+from runtime.errors import print_error
 from runtime.fsutil import claim_output, publish_dir, temp_dir_for, write_owner, write_text_atomic
 
 TOOL = "evals.compare"
@@ -65,6 +66,12 @@ def choose_evaluations(groups: list[RunGroup]) -> Chosen:
                 f"{run.path} has not been evaluated (no {run.results_path}); run "
                 f"`python -m evals.zero_shot --model {run.path}` first, or pass --evaluate"
             )
+        stale = stale_evaluation(run, [e.step for e in found[run.path]])
+        if stale is not None:
+            raise ValueError(stale)
+        # Only evaluations of the final weights (or of an unknown step) are paired with the final loss.
+        final = run.final_iteration
+        found[run.path] = [e for e in found[run.path] if final is None or e.step is None or e.step == final]
     ref = runs[0]
     common = {(e.tasks, e.limit) for e in found[ref.path]}
     for run in runs[1:]:
@@ -296,6 +303,11 @@ def compare(
         if seen[group.label] > 1 and labels is None:
             group.label = f"{group.path.parent.name}/{group.path.name}"
     task = check_one_task(groups)
+    if task == VISION:
+        check_vision_runs(groups)  # refuses unfinished or incomparable runs before anything is created
+    unfinished = unfinished_runs(groups)
+    if unfinished is not None:  # its last validation loss is not a final one, nor its evaluation of final weights
+        raise ValueError(unfinished)
     if task == VISION and evaluate:
         raise ValueError(
             "--evaluate runs lm-eval on language models; vision runs were evaluated by vision.train "
@@ -305,7 +317,6 @@ def compare(
     # The report is a view of runs that stay on disk: an earlier report of ours is replaced, anything else refused.
     claim_output(out, overwrite=True, flag="--out", tool=TOOL, proof=REPORT_META)
     if task == VISION:
-        check_vision_runs(groups)  # refuses unfinished or incomparable runs before anything is created
         return _publish(out, lambda tmp: build_vision_report(groups, tmp))
     for group in groups:
         for run in group.runs:
@@ -381,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         out, table = compare(args.runs, args.out, labels, args.evaluate, eval_kwargs)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 2
     print(table)
     print(f"report: {out / 'report.md'} (plots: {out / 'accuracy.png'}, {out / 'loss.png'})")

@@ -21,9 +21,10 @@ from evals.experiment_arms import BASELINE, EXPERIMENTS, ArmResult
 from evals.experiment_reading import reading
 from evals.experiment_stats import CONFIDENCE, interval_text, p_text, paired_difference
 from evals.results import load_evaluations
-from evals.runs import Run, RunGroup, load_group
+from evals.runs import Run, RunGroup, load_group, stale_evaluation
 from evals.scores import AVERAGE, Stat, human, stat_text
 from runtime.fsutil import write_text_atomic
+from runtime.rundir import run_state
 
 HEADER = "# ParameterNet experiment"  # the first line of every report.md we write: proof we may replace it
 
@@ -46,12 +47,19 @@ def _arm_names(out: Path, experiment: str, names: str | None) -> list[str]:
 
 def _usable(run: Run) -> str | None:
     """Why a run cannot be reported yet (None: it can)."""
+    state = run_state(run.path)
+    if not state.finished:
+        return state.describe()
     if run.final_val_loss is None or "total_params" not in run.summary:
         return "not finished (no summary.json with final_val_loss)"
     if run.seed is None:
         return "no seed in summary.json"
-    if not load_evaluations(run.eval_dir):
+    evaluations = load_evaluations(run.eval_dir)
+    if not evaluations:
         return f"not evaluated (nothing in {run.eval_dir})"
+    stale = stale_evaluation(run, [e.step for e in evaluations])
+    if stale is not None:
+        return f"not evaluated at its final iteration {run.final_iteration} ({stale.split(': ', 1)[0]})"
     return None
 
 
@@ -225,6 +233,13 @@ def _corpus(run: Run) -> str:
     return f"data `{' '.join(map(str, data))}`" if data else "the embedded default corpus (llm.data.corpus)"
 
 
+def _left_out_sentence(left_out: list[str]) -> str:
+    """The reading names the runs it could not count (an unfinished one among them), not only the list below."""
+    if not left_out:
+        return ""
+    return f" Not counted anywhere in this report ({len(left_out)}): " + "; ".join(left_out) + "."
+
+
 def build_markdown(arms: list[ArmResult], tasks: list[str], left_out: list[str], limit: Any, out: Path) -> str:
     first = arms[0].group.runs[0]
     cfg = first.config
@@ -243,7 +258,7 @@ def build_markdown(arms: list[ArmResult], tasks: list[str], left_out: list[str],
         "",
         "## Reading",
         "",
-        reading(arms, tasks, limit),
+        reading(arms, tasks, limit) + _left_out_sentence(left_out),
         "",
         "## Final validation loss",
         "",

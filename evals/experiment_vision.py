@@ -19,6 +19,7 @@ from evals.experiment_stats import CONFIDENCE, PairedDifference, interval_text, 
 from evals.runs import RunGroup, is_run_dir, load_run
 from evals.vision_report import build_vision_report
 from runtime.fsutil import write_text_atomic
+from runtime.rundir import run_state
 
 HEADER = "# ParameterNet vision experiment"  # the first line of every report.md this module writes
 
@@ -46,10 +47,13 @@ def load_arms(out: Path, experiment: str) -> tuple[list[tuple[VisionArm, RunGrou
         # Run by run, not load_group: an interrupted run (no summary.json, maybe no record yet) is left out, listed.
         for path in sorted(p for p in (out / arm.name).iterdir() if is_run_dir(p)):
             run = load_run(path)
-            if run.task == "vision" and run.summary.get("top1") is not None and run.seed is not None:
+            finished_run = run_state(path).finished
+            if finished_run and run.task == "vision" and run.summary.get("top1") is not None and run.seed is not None:
                 finished.append(run)
             else:
-                left_out.append(f"`{path.relative_to(out)}`: not finished (no summary.json with top1 and seed)")
+                state = run_state(path)
+                why = state.describe() if not state.finished else "no summary.json with top1 and seed"
+                left_out.append(f"`{path.relative_to(out)}`: {why}")
         if finished:
             arms.append((arm, RunGroup(arm.name, out / arm.name, finished)))
     if not arms or arms[0][0].name != VISION_BASELINE:
@@ -155,7 +159,8 @@ def write_vision_report(out: Path, experiment: str = "paper-vision") -> Path:
         "",
         "## Reading",
         "",
-        reading(arms, diffs),
+        reading(arms, diffs)
+        + (f" Not counted anywhere in this report ({len(left_out)}): " + "; ".join(left_out) + "." if left_out else ""),
         "",
         "## Top-1, paired by seed",
         "",

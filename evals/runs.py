@@ -56,6 +56,12 @@ class Run:
         return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
     @property
+    def final_iteration(self) -> int | None:
+        """The iteration the run finished at (summary.json), None when unknown or not finished."""
+        value = self.summary.get("iterations")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    @property
     def final_val_loss(self) -> float | None:
         value = self.summary.get("final_val_loss")
         if isinstance(value, (int, float)):
@@ -173,3 +179,65 @@ def load_group(path: Path, label: str | None = None) -> RunGroup:
             "runs is one configuration repeated over seeds; pass each run directory on its own"
         )
     return group
+
+
+def stale_evaluation(run: Run, steps: list[int | None]) -> str | None:
+    """Why none of a finished run's evaluations (at `steps`) is of its final weights, or None when one is (or the
+    steps are unknown): an evaluation of an earlier checkpoint is never paired with the final loss."""
+    final = run.final_iteration
+    if final is None or not steps or any(step is None or step == final for step in steps):
+        return None
+    shown = ", ".join(str(step) for step in sorted({s for s in steps if s is not None}))
+    return (
+        f"{run.path} was evaluated at step {shown} but finished at iteration {final}: that evaluation is of earlier "
+        f"weights; evaluate it again (python -m evals.zero_shot --model {run.path}; launch/compare.sh does it)"
+    )
+
+
+def unfinished_runs(groups: list[RunGroup]) -> str | None:
+    """One line naming every run that has not finished and where it stopped, or None when all have."""
+    from runtime.rundir import run_state
+
+    stopped = []
+    for group in groups:
+        for run in group.runs:
+            state = run_state(run.path)
+            if not state.finished:
+                stopped.append(f"{run.path} is {state.describe()}")
+    if not stopped:
+        return None
+    return (
+        f"{'; '.join(stopped)}. Only finished runs are compared: finish each (the same training command with "
+        f"--resume auto continues it) or leave it out"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m evals.runs evaluated RUN`: exit 0 when RUN finished and holds an evaluation of its final iteration
+    (for launch/compare.sh, which evaluates again otherwise), else 1 with the reason."""
+    import sys
+
+    from evals.results import load_evaluations
+    from runtime.errors import print_error
+    from runtime.rundir import run_state
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2 or args[0] != "evaluated":
+        print_error("usage: python -m evals.runs evaluated RUN_DIR", prog="evals.runs")
+        return 2
+    path = Path(args[1])
+    state = run_state(path)
+    if not state.finished:
+        print_error(f"{path}: the training is {state.describe()}", prog="evals.runs")
+        return 1
+    run = load_run(path)
+    steps = [e.step for e in load_evaluations(run.eval_dir)]
+    why = stale_evaluation(run, steps) if steps else f"{path} has no evaluation in {run.eval_dir}"
+    if why is not None:
+        print_error(why, prog="evals.runs")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -239,6 +239,53 @@ def test_report_refusals(tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path / "missing")]) == 2
 
 
+def stop_at(run: Path, iteration: int, of: int) -> None:
+    """Make a hand-written run one that a signal stopped at `iteration` of `of`: a complete checkpoint there, no
+    summary.json (the trainer writes it only when the run finishes)."""
+    (run / "summary.json").unlink()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "train_iters": of}))
+    checkpoint = run / "checkpoints" / f"iter_{iteration:07d}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "complete.json").write_text(json.dumps({"iteration": iteration, "files": {}}))
+
+
+def test_unfinished_runs_and_evaluations_of_earlier_steps_are_never_reported(tmp_path: Path, capsys) -> None:
+    """Issue 25: evals.compare printed a stopped run's last validation loss as "Final validation loss" (exit 0), and
+    the experiment report paired a run's final loss with an evaluation of an earlier checkpoint."""
+    from evals.compare import main as compare_main
+    from evals.runs import main as runs_main
+
+    out = tmp_path / "exp"
+    fake_experiment(out, [2.90, 3.05, 2.78])
+    stopped = out / HEADLINE / "seed1236"
+    stop_at(stopped, 6, 12)
+    assert compare_main([str(out / BASELINE), str(out / HEADLINE), "--out", str(tmp_path / "cmp")]) == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert f"{stopped} is not finished (stopped at iteration 6 of 12, no final summary.json)" in line
+    assert "--resume auto" in line and not (tmp_path / "cmp").exists()
+    assert runs_main(["evaluated", str(stopped)]) == 1
+
+    # A finished run whose only evaluation is of an earlier step (3) than its final iteration (4).
+    stale = out / HEADLINE / "seed1235"
+    summary = json.loads((stale / "summary.json").read_text())
+    (stale / "summary.json").write_text(json.dumps({**summary, "iterations": 4}))
+    capsys.readouterr()
+    assert runs_main(["evaluated", str(stale)]) == 1
+    assert "was evaluated at step 3 but finished at iteration 4" in capsys.readouterr().err
+    assert runs_main(["evaluated", str(out / BASELINE / "seed1234")]) == 0
+    assert compare_main([str(out / BASELINE / "seed1234"), str(stale), "--out", str(tmp_path / "cmp")]) == 2
+    assert f"{stale} was evaluated at step 3 but finished at iteration 4" in capsys.readouterr().err
+
+    assert main(["report", str(out)]) == 0  # both left out, named, in the list and in the reading
+    report = (out / "report.md").read_text()
+    reading = report.split("## Reading")[1].split("##")[0]
+    for text in (reading, report.split("Left out")[1]):
+        assert f"`{HEADLINE}/seed1236`: not finished (stopped at iteration 6 of 12" in text
+        assert f"`{HEADLINE}/seed1235`: not evaluated at its final iteration 4" in text
+    assert json.loads((out / "report.json").read_text())["arms"][1]["final_val_loss"] == {"1234": 2.90}
+
+
 # ------------------------------------------------------------------------------------------- end to end
 FAST_TRAINER = ["--seq_len", "64", "--micro_batch_size", "2", "--global_batch_size", "2", "--eval_interval", "1"]
 FAST_TRAINER += ["--eval_iters", "1", "--log_interval", "1", "--progress_bar", "false", "--save_interval", "100"]
