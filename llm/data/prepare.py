@@ -183,11 +183,17 @@ def prepare_corpus_with_stats(
     prefix = split_prefix(output_prefix)
     # One prepare per prefix at a time: a second one would publish over the first's shard (or it over ours). Held
     # to the end; released (the file and any directory it created removed) on success and failure alike.
-    lock = ExclusiveLock.acquire(
-        lock_path(prefix),
-        f"--output-prefix {prefix}",
-        "wait for that prepare to end (or stop it), or choose another --output-prefix",
-    )
+    try:
+        lock = ExclusiveLock.acquire(
+            lock_path(prefix),
+            f"--output-prefix {prefix}",
+            "wait for that prepare to end (or stop it), or choose another --output-prefix",
+        )
+    except (FileExistsError, NotADirectoryError, PermissionError) as err:  # LockBusy is a ValueError: passed on
+        raise ValueError(
+            f"--output-prefix {prefix}: cannot create {lock_path(prefix)} ({err}); choose a prefix in a "
+            f"writable directory"
+        ) from err
     try:
         return _prepare(
             inputs,
