@@ -187,11 +187,29 @@ def sandbox(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("group", _params())
-def test_readme_command_runs_as_written(group: list[str], sandbox: Path, request) -> None:
-    command = group[0]
-    if command in NOT_RUN:
-        pytest.skip(f"{command!r}: {NOT_RUN[command]}")
+def trained_run(command: str) -> tuple[str, int, str] | None:
+    """For a training command: the run directory it writes, the number of ranks and the model kind it asked for."""
+    words = shlex.split(command)
+    script = next(
+        (
+            i
+            for i, w in enumerate(words)
+            if w in ("launch/pretrain_llama.sh", "llm.pretrain", "launch/slurm/pretrain_llama.sbatch")
+        ),
+        None,
+    )
+    if script is None:
+        return None
+    dirs = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--output_dir"]
+    model = words[script + 1] if script + 1 < len(words) and not words[script + 1].startswith("-") else "llama"
+    models = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--model"]  # llm.pretrain's own flag
+    kind = "parameternet" if "parameternet" in (models[-1] if models else model) else "llama"
+    two = ("NPROC=2", "--num_gpus 2", "--nproc_per_node 2", "NNODES=2", "--nodes=2")
+    return (dirs[-1] if dirs else f"runs/{model}-tiny"), 2 if any(t in command for t in two) else 1, kind
+
+
+def _run_group(group: list[str], sandbox: Path, request) -> None:
+    """Run the commands of one group at once (with stand-ins) in the sandbox; each must exit 0."""
     env = {
         **os.environ,
         "PNET_DATA_DIR": str(REPO / "data"),
@@ -201,7 +219,7 @@ def test_readme_command_runs_as_written(group: list[str], sandbox: Path, request
         "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}",
         "MASTER_PORT": str(free_port()),
     }  # the launch scripts' rendezvous port (DeepSpeed's default is 29500)
-    if "sbatch" in command:
+    if any("sbatch" in c for c in group):
         cluster: SlurmCluster = request.getfixturevalue("slurm_cluster")
         env.update({k: v for k, v in cluster.env.items() if k.startswith("SLURM_CONF")})
     procs = [
@@ -226,6 +244,71 @@ def test_readme_command_runs_as_written(group: list[str], sandbox: Path, request
             )
     finally:
         kill_leftovers()
+
+
+def writes(command: str) -> set[str]:
+    """What a README command (as run, with stand-ins) writes under the sandbox: a tokenizer, a shard prefix, a run."""
+    words = shlex.split(command)
+    out = {words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--out", "--output-prefix", "--output_dir")}
+    trained = trained_run(command)
+    if trained is not None:
+        out.add(trained[0])
+    configs = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--config"]
+    if "launch/train_vision.sh" in words and configs and "--output_dir" not in words:
+        out.add(f"runs/vision/{configs[-1]}")  # the vision presets' own output_dir
+    return out
+
+
+def _runnable() -> list[str]:
+    return [c for c in COMMANDS if c not in NOT_RUN]
+
+
+# Every product some README command makes, and the command that makes it.
+MAKERS = {product: c for c in reversed(_runnable()) for product in writes(with_stand_ins(c))}
+
+
+def reads(command: str) -> set[str]:
+    """The products of other README commands that this one reads (a tokenizer, shards, a trained run)."""
+    run = with_stand_ins(command)
+    found = {p for p in MAKERS if re.search(rf"(?<![\w/.-]){re.escape(p)}(?![\w/-])", run)}
+    return found - writes(run)
+
+
+def _remove(sandbox: Path, product: str) -> None:
+    """Drop a product that this test module made (a directory, or a shard prefix's files) from its sandbox."""
+    path = sandbox / product
+    if path.is_dir():
+        shutil.rmtree(path)
+    for file in path.parent.glob(path.name + ".*") if path.parent.is_dir() else []:
+        file.unlink()
+
+
+def _exists(sandbox: Path, product: str) -> bool:
+    path = sandbox / product
+    return path.is_dir() or (path.parent.is_dir() and any(path.parent.glob(path.name + ".*")))
+
+
+def ensure(product: str, sandbox: Path, request) -> None:
+    """Make `product` with the README command that makes it, unless an earlier test did: so that every command's
+    prerequisites hold whatever ran before it (-m slow, -k, one test id, any order)."""
+    if _exists(sandbox, product):
+        return
+    maker = MAKERS[product]
+    for needed in reads(maker):
+        ensure(needed, sandbox, request)
+    _run_group([maker], sandbox, request)
+
+
+@pytest.mark.parametrize("group", _params())
+def test_readme_command_runs_as_written(group: list[str], sandbox: Path, request) -> None:
+    command = group[0]
+    if command in NOT_RUN:
+        pytest.skip(f"{command!r}: {NOT_RUN[command]}")
+    for product in reads(command):
+        ensure(product, sandbox, request)
+    for product in writes(with_stand_ins(command)):  # as on a user's first run: not over an earlier test's output
+        _remove(sandbox, product)
+    _run_group(group, sandbox, request)
     trained = trained_run(with_stand_ins(command))
     if trained is not None:
         run_dir, world_size, kind = trained
@@ -233,22 +316,14 @@ def test_readme_command_runs_as_written(group: list[str], sandbox: Path, request
         assert summary["world_size"] == world_size and summary["model"].startswith(kind), (command, summary)
 
 
-def trained_run(command: str) -> tuple[str, int, str] | None:
-    """For a training command: the run directory it writes, the number of ranks and the model kind it asked for."""
-    words = shlex.split(command)
-    script = next(
-        (
-            i
-            for i, w in enumerate(words)
-            if w in ("launch/pretrain_llama.sh", "llm.pretrain", "launch/slurm/pretrain_llama.sbatch")
-        ),
-        None,
-    )
-    if script is None:
-        return None
-    dirs = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--output_dir"]
-    model = words[script + 1] if script + 1 < len(words) and not words[script + 1].startswith("-") else "llama"
-    models = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--model"]  # llm.pretrain's own flag
-    kind = "parameternet" if "parameternet" in (models[-1] if models else model) else "llama"
-    two = ("NPROC=2", "--num_gpus 2", "--nproc_per_node 2", "NNODES=2", "--nodes=2")
-    return (dirs[-1] if dirs else f"runs/{model}-tiny"), 2 if any(t in command for t in two) else 1, kind
+def test_every_prerequisite_has_a_maker() -> None:
+    """The commands that read another's product, and which: a README edit that renames one shows up here."""
+    needs = {c: sorted(reads(c)) for c in _runnable() if reads(c)}
+    assert needs["python -m evals.compare runs/llama-tiny runs/parameternet-tiny --evaluate --offline --limit 50"] == [
+        "runs/llama-tiny",
+        "runs/parameternet-tiny",
+    ]
+    data = ["shards/corpus", "tok32k"]
+    assert all(needs[c] == data for c in _runnable() if "--data_path 1.0 shards/corpus" in c)
+    assert "tok32k" in needs[next(c for c in _runnable() if c.startswith("python -m llm.data.prepare"))]
+    assert any("runs/vision/parameternet_600m_in22k" in n for n in needs.values())
