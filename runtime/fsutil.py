@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
 import socket
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -305,6 +307,10 @@ class ExclusiveLock:
         self.path = path
         self._fd: int | None = fd
         self._created_dirs = created_dirs
+        # A forked child (a DataLoader worker, a datasets.map process) shares the locked file description: were it
+        # to outlive a killed holder, the next run would be refused. The child closes its copy (never LOCK_UN, which
+        # would unlock the parent too); exec'd children do not get it (os.open's descriptors are non-inheritable).
+        os.register_at_fork(after_in_child=functools.partial(_forget_in_child, weakref.ref(self)))
 
     @classmethod
     def acquire(cls, path: str | Path, what: str, fix: str) -> ExclusiveLock:
@@ -345,6 +351,13 @@ class ExclusiveLock:
         for directory in self._created_dirs:  # deepest first
             with contextlib.suppress(OSError):
                 directory.rmdir()
+
+
+def _forget_in_child(ref: weakref.ReferenceType[ExclusiveLock]) -> None:
+    lock = ref()
+    if lock is not None and lock._fd is not None:
+        os.close(lock._fd)
+        lock._fd = None  # release() in the child does nothing: the lock and its file are the parent's
 
 
 def _read_holder(fd: int) -> str:
