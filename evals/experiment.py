@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from evals.experiment_arms import EXPERIMENTS, VISION_EXPERIMENTS, select_arms, select_vision_arms
+from runtime.errors import print_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
             path = write_report(args.out, args.experiment, args.arms)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 2
     print(path.read_text(encoding="utf-8"))
     print(f"report: {path} (plots: {path.parent / 'loss.png'}, {path.parent / 'accuracy.png'})")

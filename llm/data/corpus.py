@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from runtime.errors import print_error
 from runtime.fsutil import file_lock, write_text_atomic
 from runtime.paths import DATA_DIR_ENV, default_data_dir
 
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         corpus = ensure_corpus(args.corpus, args.data_dir, args.vocab_size)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 2
     print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(corpus).items()}))
     return 0

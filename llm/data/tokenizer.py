@@ -35,6 +35,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from runtime.errors import print_error
 from runtime.fsutil import claim_output, publish_dir, temp_dir_for
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -263,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
         )
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 2
     tokenizer = load_tokenizer(out)
     print(json.dumps({"tokenizer_dir": str(out), "vocab_size": len(tokenizer)}))
