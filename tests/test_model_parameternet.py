@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from llm.model import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM, build_model, load_model_config
+from llm.model.configuration_parameternet_llama import routing_recipe
 
 TINY = dict(
     hidden_size=64,
@@ -116,9 +117,14 @@ FRESH_LOAD = textwrap.dedent(
 )
 
 
-def test_save_load_round_trip_and_fresh_process_remote_code_load(tmp_path):
-    model = tiny_parameternet(moe_projections=["gate_proj", "down_proj"], num_experts=4)
+@pytest.mark.parametrize("router_input", ["raw", "centered"])
+def test_save_load_round_trip_and_fresh_process_remote_code_load(tmp_path, router_input):
+    model = tiny_parameternet(moe_projections=["gate_proj", "down_proj"], num_experts=4, router_input=router_input)
     x = torch.randint(3, 256, (1, 8))
+    if router_input == "centered":  # a training forward sets the running mean of the router inputs, saved with it
+        model.train()(input_ids=torch.randint(3, 256, (4, 8)))
+        model.eval()
+        assert model.model.layers[0].mlp.down_proj.router_input_mean.abs().sum() > 0
     with torch.no_grad():
         logits = model(input_ids=x).logits
         tokens = model.generate(x, max_new_tokens=8, do_sample=False)
@@ -152,7 +158,18 @@ def test_presets_build_the_right_classes():
     config = load_model_config("parameternet-llama-tiny")
     assert isinstance(config, ParameterNetLlamaConfig)
     assert (config.moe_projections, config.num_experts, config.top_k) == (["down_proj"], 8, 1)
-    assert config.router_aux_loss_coef == 0.01 and config.capacity_factor is None
+    assert config.capacity_factor is None
+    # The small presets train from scratch with the centred router; the paper's routing stays one override away.
+    assert routing_recipe(config) == "centered" and config.router_input == "centered"
+    paper = load_model_config("parameternet-llama-tiny", routing_recipe="paper")
+    assert routing_recipe(paper) == "paper"
+    assert (paper.router_input, paper.router_aux_loss_coef, paper.router_z_loss_coef) == ("raw", 0.01, 0.0)
+    assert load_model_config("parameternet-llama-tiny", routing_recipe="paper", router_z_loss_coef=0.001)
+    assert routing_recipe(load_model_config("parameternet-llama-1b")) == "paper"  # the released model's
+    with pytest.raises(ValueError, match="routing_recipe='nope'"):
+        load_model_config("parameternet-llama-tiny", routing_recipe="nope")
+    with pytest.raises(ValueError, match="routing_recipe.*only to ParameterNet"):
+        load_model_config("llama-tiny", routing_recipe="paper")
     one_line = load_model_config("parameternet-llama-tiny", moe_projections=["up_proj"])
     assert one_line.moe_projections == ["up_proj"]
     big = load_model_config("parameternet-llama-1b")
@@ -180,6 +197,7 @@ def test_presets_build_the_right_classes():
         (dict(router_aux_loss_coef=-0.1), "router_aux_loss_coef"),
         (dict(router_z_loss_coef=-1.0), "router_z_loss_coef"),
         (dict(capacity_factor=0.0), "capacity_factor"),
+        (dict(router_input="sinkhorn"), "router_input"),
     ],
 )
 def test_bad_configs_raise_value_error_naming_field_and_value(overrides, field):

@@ -137,6 +137,53 @@ def test_aux_loss_is_one_for_perfect_balance_and_uniform_router():
     torch.testing.assert_close(layer.last_stats.aux_loss, torch.tensor(1.0))
 
 
+def test_router_statistics_of_a_flat_router():
+    layer = MoELinear(8, 8, num_experts=4, top_k=1)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+    layer(torch.randn(16, 8))
+    torch.testing.assert_close(layer.last_stats.top1_prob, torch.tensor(0.25))
+    torch.testing.assert_close(layer.last_stats.entropy, torch.tensor(math.log(4.0)))
+
+
+def test_centered_router_ignores_a_shift_shared_by_all_tokens():
+    """The collapse the centred router input prevents: a large direction common to all tokens sends every token of a
+    raw router to one expert; the centred router routes the shifted tokens as the unshifted ones."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    shared = 20.0 * torch.randn(16)
+    raw = MoELinear(16, 8, num_experts=8)
+    raw(x + shared)
+    assert int(raw.last_stats.tokens_per_expert.max()) == 256  # all on one expert
+    centered = MoELinear(16, 8, num_experts=8, center_router_input=True).train()
+    with torch.no_grad():
+        centered.router.weight.copy_(raw.router.weight)
+    torch.testing.assert_close(centered.router_logits(x + shared), centered.router_logits(x), atol=1e-4, rtol=1e-4)
+    centered(x + shared)
+    assert int(centered.last_stats.tokens_per_expert.max()) < 256 / 4
+    # Eval mode routes with the running mean (BatchNorm's convention), so one token alone is routed as in a batch.
+    centered.eval()
+    running = torch.zeros(16)
+    for batch in (x + shared, x, x + shared):  # the three training forwards above
+        running += 0.1 * (batch.mean(0) - running)
+    torch.testing.assert_close(centered.router_input_mean, running)
+    one = centered.router_logits((x + shared)[:1])
+    torch.testing.assert_close(one, centered.router_logits(x + shared)[:1])
+
+
+def test_centered_router_balancing_gradient_reaches_its_bias():
+    """Centring zeroes the aux loss's gradient on the router weight's shared part; the bias carries it instead, with
+    the sign that moves tokens off the overloaded experts."""
+    torch.manual_seed(0)
+    layer = MoELinear(16, 8, num_experts=4, center_router_input=True).train()
+    with torch.no_grad():
+        layer.router.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))  # expert 0 overloaded
+    layer(torch.randn(128, 16))
+    layer.last_stats.aux_loss.backward()
+    grad = layer.router.bias.grad
+    assert grad[0] > 0 and (grad[1:] < 0).all()  # gradient descent lowers expert 0's offset, raises the others'
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [

@@ -12,6 +12,28 @@ from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
 MOE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+ROUTER_INPUTS = ("raw", "centered")
+
+# Named routing recipes: the fields each sets. A report names an arm's recipe with `routing_recipe(config)`; a run
+# picks one with the model override {"routing_recipe": NAME} (llm.model.presets.load_model_config expands it).
+# - paper: the ParameterNet paper's (Switch load-balancing loss 0.01, no z-loss, a linear router on the raw input).
+# - centered: for training small models from scratch. The router input is centred over the batch's tokens and
+#   RMS-normalised (router_input 'centered', see llm/model/moe.py for the measurements behind it), the router
+#   z-loss of ST-MoE (0.001), and a load-balancing weight of 0.1: this model averages the aux loss over its MoE
+#   layers, so 0.1 over the tiny/small presets' 4 layers is 0.025 per layer, the order of Switch's 0.01 per layer;
+#   0.01 (0.0025 per layer) let the language-model gradient on the gates win (CV 0.5-1.3 by step 8 vs 0.2-0.5).
+ROUTING_RECIPES: dict[str, dict[str, object]] = {
+    "paper": {"router_input": "raw", "router_aux_loss_coef": 0.01, "router_z_loss_coef": 0.0},
+    "centered": {"router_input": "centered", "router_aux_loss_coef": 0.1, "router_z_loss_coef": 0.001},
+}
+
+
+def routing_recipe(config: ParameterNetLlamaConfig) -> str:
+    """The name of the routing recipe whose fields the config has, or 'custom'."""
+    for name, fields in ROUTING_RECIPES.items():
+        if all(getattr(config, key) == value for key, value in fields.items()):
+            return name
+    return "custom"
 
 
 def _is_int(value: object) -> bool:
@@ -60,6 +82,11 @@ def validate_parameternet_fields(config: ParameterNetLlamaConfig) -> None:
             raise ValueError(f"{name}={value!r} must be a number >= 0 (0 disables the loss)")
     if not isinstance(config.expert_bias, bool):
         raise ValueError(f"expert_bias={config.expert_bias!r} must be true or false")
+    if config.router_input not in ROUTER_INPUTS:
+        raise ValueError(
+            f"router_input={config.router_input!r} must be one of {list(ROUTER_INPUTS)} ('raw': the paper's linear "
+            f"router on the projection's input; 'centered': centred and normalised, for training from scratch)"
+        )
 
 
 @strict
@@ -75,6 +102,12 @@ class ParameterNetLlamaConfig(LlamaConfig):
     router_aux_loss_coef: weight of the Switch-Transformer load-balancing loss.
     router_z_loss_coef: weight of the router z-loss (ST-MoE); 0 disables it.
     expert_bias: whether each expert has a bias vector (LLaMA's projections have none).
+    router_input: what the router reads. 'raw' (the paper's, and that of checkpoints saved before this field): a
+        linear router on the projection's input. 'centered': the input minus its mean over the micro-batch's tokens
+        (a running mean in eval mode), RMS-normalised per token, through a router with a bias. Without it the routers
+        of a small model trained from scratch send every token to one expert within a few steps: the hidden states
+        are then dominated by one direction shared by all tokens, so a linear router gives all of them the same
+        top-1 (see llm/model/moe.py). ROUTING_RECIPES names the combinations in use.
     """
 
     model_type = "parameternet_llama"
@@ -86,6 +119,7 @@ class ParameterNetLlamaConfig(LlamaConfig):
     router_aux_loss_coef: float | int = 0.01
     router_z_loss_coef: float | int = 0.0
     expert_bias: bool = False
+    router_input: str = "raw"
 
     def __post_init__(self, **kwargs):
         if isinstance(self.moe_projections, tuple):  # anything else is left for the validation to name
@@ -94,4 +128,11 @@ class ParameterNetLlamaConfig(LlamaConfig):
         super().__post_init__(**kwargs)
 
 
-__all__ = ["ParameterNetLlamaConfig", "MOE_PROJECTIONS", "validate_parameternet_fields"]
+__all__ = [
+    "MOE_PROJECTIONS",
+    "ROUTER_INPUTS",
+    "ROUTING_RECIPES",
+    "ParameterNetLlamaConfig",
+    "routing_recipe",
+    "validate_parameternet_fields",
+]

@@ -32,6 +32,11 @@ class ModelAccounting:
         return {**asdict(self), "train_flops_per_token": self.train_flops_per_token}
 
 
+def router_params(config: ParameterNetLlamaConfig, fan_in: int) -> int:
+    """One router: Linear(fan_in -> num_experts), with a bias when it routes on the centred input."""
+    return fan_in * config.num_experts + (config.num_experts if config.router_input == "centered" else 0)
+
+
 def _mlp_projections(config: LlamaConfig) -> dict[str, tuple[int, int]]:
     hidden, inner = config.hidden_size, config.intermediate_size
     return {"gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
@@ -55,8 +60,9 @@ def account(config: LlamaConfig, seq_len: int | None = None) -> ModelAccounting:
         if moe and name in config.moe_projections:
             experts, k = config.num_experts, config.top_k
             bias = fan_out if config.expert_bias else 0
-            mlp_total += experts * (fan_in * fan_out + bias) + fan_in * experts
-            mlp_active += k * (fan_in * fan_out + bias) + fan_in * experts
+            router = router_params(config, fan_in)
+            mlp_total += experts * (fan_in * fan_out + bias) + router
+            mlp_active += k * (fan_in * fan_out + bias) + router
             mlp_matmul += k * fan_in * fan_out + fan_in * experts
         else:
             bias = fan_out if config.mlp_bias else 0
@@ -76,4 +82,4 @@ def account(config: LlamaConfig, seq_len: int | None = None) -> ModelAccounting:
     return ModelAccounting(total, active, embedding, forward_flops, seq_len)
 
 
-__all__ = ["ModelAccounting", "account"]
+__all__ = ["ModelAccounting", "account", "router_params"]

@@ -33,6 +33,7 @@ keeps four f-wide tensors (gate, up, SiLU output, product); transformers' RMSNor
     MLP        b h (gate/up input) + 4 b f
     norms      2 x (4h + b h + 4)
     MoE        per MoE projection: top_k b (in + out) (expert-sorted input, expert output) + router (8E + 4 + k(24+b))
+               + with router_input 'centered', (8 - b) in + 4 (its fp32 centred input, normalised)
 Activation checkpointing keeps each layer's input (b h) plus one layer recomputed in the backward. The head adds the
 final norm and the lm_head input; logits + cross entropy take (b + 12) V per token: the logits the trainer holds,
 the fp32 log-probabilities log_softmax keeps, and the two fp32 gradients of its backward (`F.cross_entropy(
@@ -55,7 +56,7 @@ from dataclasses import asdict, dataclass, replace
 from transformers import LlamaConfig
 
 from .configuration_parameternet_llama import ParameterNetLlamaConfig
-from .flops import account
+from .flops import account, router_params
 
 GIB = 2**30
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -116,7 +117,7 @@ def parameter_split(config: LlamaConfig) -> ParameterSplit:
             # MoELinear holds [E, out, in] (+ [E, out] bias) itself; its router is a Linear submodule.
             experts = config.num_experts * (fan_in * fan_out + (fan_out if config.expert_bias else 0))
             expert_per_layer += experts
-            modules += [experts, fan_in * config.num_experts]
+            modules += [experts, router_params(config, fan_in)]
         else:
             modules.append(fan_in * fan_out + (fan_out if config.mlp_bias else 0))
     expert = config.num_hidden_layers * expert_per_layer
@@ -234,6 +235,10 @@ def layer_activation_bytes_per_token(config: LlamaConfig, precision: str) -> int
             # Expert-sorted input copy (grouped GEMM) and expert output (gate multiply), per assignment; the router:
             # fp32 logits and probabilities, z-loss log-sum-exp, top-k indices, two int64 permutations, the gate.
             mlp += k * b * (fan_in + fan_out) + 8 * experts + 4 + k * (24 + b)
+            if config.router_input == "centered":
+                # The fp32 centred, normalised router input and its 1/rms; in 16-bit also the fp32 upcast (measured
+                # with the autograd hooks of tests/test_model_summary.py: 4 fan_in + 4 in fp32, 6 fan_in + 4 in bf16).
+                mlp += (8 - b) * fan_in + 4
     return attention + mlp + 2 * norm
 
 

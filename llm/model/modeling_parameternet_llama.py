@@ -49,6 +49,7 @@ class ParameterNetLlamaMLP(nn.Module):
                     top_k=config.top_k,
                     capacity_factor=config.capacity_factor,
                     bias=config.expert_bias,
+                    center_router_input=config.router_input == "centered",
                 )
             else:
                 layer = nn.Linear(fan_in, fan_out, bias=config.mlp_bias)
@@ -167,6 +168,8 @@ class ParameterNetCausalLMOutput(CausalLMOutputWithPast):
     z_loss: torch.FloatTensor | None = None
     tokens_per_expert: torch.LongTensor | None = None  # [num_moe_layers, num_experts]
     dropped_tokens: torch.LongTensor | None = None  # [num_moe_layers]
+    router_top1_prob: torch.FloatTensor | None = None  # [num_moe_layers] mean largest router probability
+    router_entropy: torch.FloatTensor | None = None  # [num_moe_layers] mean router entropy (nats)
 
 
 class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, GenerationMixin):
@@ -235,6 +238,8 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, GenerationM
             z_loss=z_loss,
             tokens_per_expert=torch.stack([s.tokens_per_expert for s in stats]),
             dropped_tokens=torch.stack([s.dropped_tokens for s in stats]),
+            router_top1_prob=torch.stack([s.top1_prob for s in stats]),
+            router_entropy=torch.stack([s.entropy for s in stats]),
         )
 
 

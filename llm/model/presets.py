@@ -13,7 +13,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
-from .configuration_parameternet_llama import ParameterNetLlamaConfig
+from .configuration_parameternet_llama import ROUTING_RECIPES, ParameterNetLlamaConfig
 from .modeling_parameternet_llama import ParameterNetLlamaForCausalLM
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -28,9 +28,12 @@ LEGACY_KEYS = ("rope_theta", "rope_scaling")
 # Fields every transformers config has (bookkeeping, output flags, classification heads): none of them is a setting
 # of a causal LM to pretrain, so an override naming one is a mistake.
 NOT_OVERRIDABLE = tuple(f.name for f in dataclasses.fields(PretrainedConfig)) + ("model_type", "auto_map")
+# An override that is not a field: {"routing_recipe": NAME} sets the fields of ROUTING_RECIPES[NAME] (other overrides
+# given with it win), so a run can ask for the paper's routing by name and its config.json records the fields.
+ROUTING_RECIPE = "routing_recipe"
 PARAMETERNET_KEYS = tuple(
     f.name for f in dataclasses.fields(ParameterNetLlamaConfig) if f.name not in LlamaConfig.__dataclass_fields__
-)
+) + (ROUTING_RECIPE,)
 # Dimensions every LLaMA needs >= 1 (a 0 or a negative one fails deep inside the model, or divides by zero).
 POSITIVE_DIMENSIONS = (
     "vocab_size",
@@ -78,7 +81,8 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> LlamaConfi
 
 def overridable_keys(config_class: type[LlamaConfig]) -> list[str]:
     keys = [f.name for f in dataclasses.fields(config_class) if f.name not in NOT_OVERRIDABLE]
-    return keys + list(LEGACY_KEYS)
+    recipe = [ROUTING_RECIPE] if issubclass(config_class, ParameterNetLlamaConfig) else []
+    return keys + list(LEGACY_KEYS) + recipe
 
 
 def check_overrides(model: str, model_type: str, overrides: dict[str, Any]) -> None:
@@ -136,14 +140,30 @@ def _check_dimensions(data: dict[str, Any], source: str) -> None:
             raise ValueError(f"{source}: {key}={value!r} must be a finite number > 0")
 
 
+def expand_routing_recipe(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Overrides with {"routing_recipe": NAME} replaced by the recipe's fields (explicit fields given too win)."""
+    if ROUTING_RECIPE not in overrides:
+        return overrides
+    name = overrides[ROUTING_RECIPE]
+    if name not in ROUTING_RECIPES:
+        raise ValueError(
+            f"model_overrides: routing_recipe={name!r} is not one of {sorted(ROUTING_RECIPES)}; "
+            f'e.g. {{"routing_recipe": "paper"}} for the paper\'s routing'
+        )
+    rest = {k: v for k, v in overrides.items() if k != ROUTING_RECIPE}
+    return {**ROUTING_RECIPES[name], **rest}
+
+
 def load_model_config(name_or_path: str | Path, **overrides: Any) -> LlamaConfig:
     """A preset name (`llama-tiny`), a config.json path or an HF model directory -> LlamaConfig or
-    ParameterNetLlamaConfig. `overrides` replace fields, e.g. `moe_projections=["up_proj"]`, `num_experts=4`;
-    keys the model does not have are refused (they would otherwise be kept and saved, unused)."""
+    ParameterNetLlamaConfig. `overrides` replace fields, e.g. `moe_projections=["up_proj"]`, `num_experts=4`, or
+    name a routing recipe (`routing_recipe="paper"`); keys the model does not have are refused (they would otherwise
+    be kept and saved, unused)."""
     data, source = _read_config_dict(name_or_path)
     model_type = data.get("model_type", "llama")
     if model_type in CONFIG_CLASSES:
         check_overrides(str(name_or_path), model_type, overrides)
+    overrides = expand_routing_recipe(overrides)
     data.update(overrides)
     source = f"model={str(name_or_path)!r}"
     if overrides:

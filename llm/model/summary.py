@@ -33,6 +33,7 @@ MOE_FIELDS = (
     "router_aux_loss_coef",
     "router_z_loss_coef",
     "expert_bias",
+    "router_input",
 )
 
 

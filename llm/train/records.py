@@ -8,8 +8,17 @@ from typing import Any
 import torch
 
 
-def expert_load(tokens_per_expert: torch.Tensor, layer_names: list[str]) -> dict[str, float]:
-    """Per MoE layer: min and max share of the assignments, coefficient of variation of the counts."""
+def expert_load(
+    tokens_per_expert: torch.Tensor,
+    layer_names: list[str],
+    top1_prob: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Per MoE layer: min and max share of the assignments, coefficient of variation of the counts (population std
+    over mean: 0 is perfect balance, sqrt(E - 1) every token on one expert), and, when given, the mean top-1 router
+    probability (1/E: a flat router, 1: a one-hot one) and the mean router entropy in nats (log E: flat, 0: one-hot).
+    A collapsed router shows a CV near sqrt(E - 1) whatever its probabilities: a flat router whose tiny shared logit
+    offsets pick the same expert for every token has top-1 probability near 1/E and entropy near log E."""
     out: dict[str, float] = {}
     counts = tokens_per_expert.double()
     shares = counts / counts.sum(-1, keepdim=True).clamp(min=1)
@@ -18,6 +27,10 @@ def expert_load(tokens_per_expert: torch.Tensor, layer_names: list[str]) -> dict
         out[f"moe/{name}/min_share"] = float(shares[i].min())
         out[f"moe/{name}/max_share"] = float(shares[i].max())
         out[f"moe/{name}/cv"] = float(cv[i])
+        if top1_prob is not None:
+            out[f"moe/{name}/top1_prob"] = float(top1_prob[i])
+        if entropy is not None:
+            out[f"moe/{name}/entropy"] = float(entropy[i])
     return out
 
 

@@ -126,6 +126,7 @@ class Trainer:
         nonfinite = torch.zeros((), dtype=torch.float64, device=device)  # how many micro-batches were not finite
         counts: torch.Tensor | None = None
         dropped: torch.Tensor | None = None
+        router: torch.Tensor | None = None  # per MoE layer: sums of the mean top-1 probability and entropy
         for micro in range(ga):
             total, lm_loss, out = self._forward(next(batches))
             bad = torch.isfinite(total.detach()).logical_not()
@@ -137,12 +138,14 @@ class Trainer:
                 counts = c if counts is None else counts + c
                 d = out.dropped_tokens.detach().masked_fill(bad, 0)
                 dropped = d if dropped is None else dropped + d
+                r = torch.stack([out.router_top1_prob, out.router_entropy]).detach().double().masked_fill(bad, 0.0)
+                router = r if router is None else router + r
             # float64 sums in micro-batch order: the same numbers as adding Python floats of the fp32 losses.
             losses[: len(parts)] += torch.stack([p.double() for p in parts]).masked_fill(bad, 0.0)
             self.grad_guard.drop = bad
             self.engine.backward(total)
             if micro == ga - 1:
-                reduced = self._reduce_step(losses, nonfinite, counts, dropped)
+                reduced = self._reduce_step(losses, nonfinite, counts, dropped, router)
                 if reduced["skipped"]:
                     for group in self.optimizer.param_groups:
                         group["lr"] = 0.0  # skip the update
@@ -151,7 +154,12 @@ class Trainer:
         return reduced
 
     def _reduce_step(
-        self, losses: torch.Tensor, nonfinite: torch.Tensor, counts: torch.Tensor | None, dropped: torch.Tensor | None
+        self,
+        losses: torch.Tensor,
+        nonfinite: torch.Tensor,
+        counts: torch.Tensor | None,
+        dropped: torch.Tensor | None,
+        router: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """The step's one collective and one host sync. Returns host values: mean losses over the global batch, the
         skip and stop decisions, and the expert counts/dropped tokens summed over ranks (None without MoE layers, or
@@ -162,7 +170,7 @@ class Trainer:
         pieces = [losses / ga, nonfinite.reshape(1), stop]
         if counts is not None:
             # Token counts are integers far below 2**53: exact in float64, so one vector carries everything.
-            pieces += [counts.double().flatten(), dropped.double().flatten()]
+            pieces += [counts.double().flatten(), dropped.double().flatten(), router.flatten()]
         values = collectives.all_reduce(torch.cat(pieces)).tolist()
         n_nonfinite, stop_votes = values[3], values[4]
         # A skipped step has no loss: its sums leave out the non-finite micro-batches, so they would read as a
@@ -181,7 +189,12 @@ class Trainer:
         if counts is not None and n_nonfinite < ga * self.world:
             n = counts.numel()
             stats["counts"] = torch.tensor(values[5 : 5 + n], dtype=torch.float64).long().view(counts.shape)
-            stats["dropped"] = torch.tensor(values[5 + n :], dtype=torch.float64).long().view(dropped.shape)
+            m = dropped.numel()
+            stats["dropped"] = torch.tensor(values[5 + n : 5 + n + m], dtype=torch.float64).long().view(dropped.shape)
+            # Means over the micro-batches of every rank (the record is logged only when none was skipped).
+            stats["router"] = torch.tensor(values[5 + n + m :], dtype=torch.float64).view(router.shape) / (
+                ga * self.world
+            )
         return stats
 
     @torch.no_grad()
@@ -264,7 +277,7 @@ class Trainer:
                 dropped_tokens=int(stats["dropped"].sum()),
                 expert_counts=stats["counts"].tolist(),
             )
-            record.update(expert_load(stats["counts"], self.moe_names))
+            record.update(expert_load(stats["counts"], self.moe_names, *stats["router"]))
         flops = self.accounting.train_flops_per_token * tokens_per_s / self.world
         if self.peak is not None:
             record["tflops_per_device"] = flops / 1e12

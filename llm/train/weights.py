@@ -26,6 +26,13 @@ def full_state_dict(module: torch.nn.Module, ep_group: Any, rank: int) -> dict[s
             tensor = param.detach().cpu().clone()
         if rank == 0:
             state[name] = tensor
+    # Persistent buffers are model state too (the centred router's running mean of its input, which eval mode uses);
+    # ZeRO does not partition buffers. Rank 0's copy: as BatchNorm's running statistics without SyncBatchNorm, each
+    # data-parallel rank keeps the mean of its own micro-batches.
+    for prefix, submodule in module.named_modules():
+        for name, buffer in submodule.named_buffers(recurse=False):
+            if buffer is not None and name not in submodule._non_persistent_buffers_set and rank == 0:
+                state[f"{prefix}.{name}" if prefix else name] = buffer.detach().cpu().clone()
     if ep_group is not None:
         from llm.parallel import gather_experts
 
