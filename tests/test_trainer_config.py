@@ -435,6 +435,30 @@ def test_lr_schedule_warmup_cosine_linear_constant():
     assert lr_at(100, cfg) == 1.0
 
 
+def test_lr_schedule_warmup_stable_decay():
+    cfg = load_config(
+        "tiny",
+        cli_overrides=["--train_iters", "110", "--warmup_iters", "10", "--lr", "1.0", "--min_lr", "0.1"]
+        + ["--lr_decay_style", "wsd", "--wsd_decay_fraction", "0.2"],
+    )
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)  # the same warmup
+    # Stable at lr until the last ceil(0.2 x 110) = 22 steps, then linear to min_lr at step 110, then min_lr.
+    assert [lr_at(s, cfg) for s in (10, 50, 88)] == [1.0, 1.0, 1.0]
+    assert lr_at(99, cfg) == pytest.approx(1.0 - 0.9 * 11 / 22)
+    assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
+    cfg.lr_decay_iters = 60  # the span ends at lr_decay_iters: decay over steps 48-60
+    assert lr_at(48, cfg) == 1.0 and lr_at(54, cfg) == pytest.approx(0.55) and lr_at(80, cfg) == pytest.approx(0.1)
+    cfg.lr_decay_iters, cfg.wsd_decay_fraction = 100, 0.55  # 0.55 x 100 = 55.00000000000001: 55 steps, not 56
+    assert lr_at(45, cfg) == 1.0 and lr_at(46, cfg) < 1.0
+    cfg.lr_decay_iters, cfg.wsd_decay_fraction = 60, 1.0  # the whole span decays: linear decay from the end of warmup
+    assert lr_at(35, cfg) == pytest.approx(1.0 - 0.9 * 25 / 50)
+    for bad in ("0", "1.5", "nan"):
+        with pytest.raises(ValueError, match=f"wsd_decay_fraction={bad}"):
+            load_config("tiny", cli_overrides=["--wsd_decay_fraction", bad])
+    with pytest.raises(ValueError, match="lr_decay_style='wsdd'"):
+        load_config("tiny", cli_overrides=["--lr_decay_style", "wsdd"])
+
+
 def test_a_token_budget_on_the_command_line_replaces_the_presets_iterations():
     cfg = load_config("tiny", cli_overrides=["--train_tokens", "8192"])  # tiny.yaml sets train_iters: 60
     assert (cfg.train_iters, cfg.train_tokens, cfg.resolved_train_iters()) == (None, 8192, 2)

@@ -48,8 +48,9 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate (AdamW)
     min_lr: float = 1e-4  # the floor of the decay, in [0, lr]
     warmup_iters: int = 10  # linear warmup steps
-    lr_decay_style: str = "cosine"  # cosine | linear | constant
+    lr_decay_style: str = "cosine"  # cosine | linear | constant | wsd (warmup, stable at lr, then a linear decay)
     lr_decay_iters: int | None = None  # default: train_iters
+    wsd_decay_fraction: float = 0.2  # wsd: the final fraction of lr_decay_iters (or train_iters) spent decaying
     weight_decay: float = 0.1  # not applied to norms and biases
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -107,7 +108,7 @@ INT_MINIMUMS = {
 INT_MAXIMUMS = {"seed": (MAX_SEED, f"2**32 - 1 = {MAX_SEED}")}
 CHOICES = {
     "attn_implementation": ("sdpa", "flash_attention_2", "eager"),
-    "lr_decay_style": ("cosine", "linear", "constant"),
+    "lr_decay_style": ("cosine", "linear", "constant", "wsd"),
     "precision": ("fp32", "bf16", "fp16"),
     "zero_stage": (0, 1, 2, 3),
     "corpus": tuple(CORPORA),
@@ -120,6 +121,7 @@ FLOAT_RANGES = {
     "adam_beta2": FloatRange(0.0, True, 1.0, False, "e.g. 0.95"),
     "adam_eps": FloatRange(0.0, False, math.inf, False, "e.g. 1e-8"),
     "grad_clip": FloatRange(0.0, True, math.inf, False, "the max global gradient norm; 0 turns clipping off"),
+    "wsd_decay_fraction": FloatRange(0.0, False, 1.0, True, "the share of the run that decays, e.g. 0.2"),
 }
 EXAMPLES = {
     "train_iters": "1000",
@@ -176,6 +178,7 @@ RESUME_POLICY: dict[str, tuple[str, str]] = {
     "warmup_iters": (REFUSE, _HEAD),
     "lr_decay_style": (REFUSE, _HEAD),
     "lr_decay_iters": (ALLOW, "the tail of the LR schedule"),
+    "wsd_decay_fraction": (ALLOW, "the tail of the LR schedule (wsd: where the stable phase ends)"),
     "weight_decay": (REFUSE, _OPT),
     "adam_beta1": (REFUSE, _OPT),
     "adam_beta2": (REFUSE, _OPT),
