@@ -138,9 +138,11 @@ def case_zero_rows(target_expert: int, group, rank: int) -> Case:
     return case
 
 
-def case_model(top_k: int, capacity_factor: float | None, group, rank: int) -> Case:
+def case_model(top_k: int, capacity_factor: float | None, group, rank: int, mlp: bool = False) -> Case:
+    """ParameterNet (MoE up_proj and down_proj) or, with `mlp`, the standard MoE (whole SwiGLU MLP experts)."""
     case = Case()
     ep = dist.get_world_size(group)
+    experts = {"moe_mlp": True, "moe_projections": ["gate_proj", "up_proj", "down_proj"]} if mlp else {}
     config = ParameterNetLlamaConfig(
         hidden_size=64,
         intermediate_size=128,
@@ -151,19 +153,23 @@ def case_model(top_k: int, capacity_factor: float | None, group, rank: int) -> C
         num_experts=4,
         top_k=top_k,
         capacity_factor=capacity_factor,
-        moe_projections=["up_proj", "down_proj"],
+        **{"moe_projections": ["up_proj", "down_proj"], **experts},
         router_z_loss_coef=0.001,
     )
     torch.manual_seed(1234)
     ref = ParameterNetLlamaForCausalLM(config)
     torch.manual_seed(1234)  # built again from the seed, as every rank of a training run does, then sharded
     model = ParameterNetLlamaForCausalLM(config)
-    moe_names = [name for name, _ in ref.moe_layers()]
     ref_params = dict(ref.named_parameters())
     for name, param in model.named_parameters():
         case.check(torch.equal(param, ref_params[name]), f"initial {name} differs from the seed's")
     shard_experts(model, group)
-    expert_names = {f"{m}.weight" for m in moe_names}
+    expert_names = {
+        f"{m}.{attr}"
+        for m, layer in ref.moe_layers()
+        for attr in layer.expert_param_names
+        if attr in dict(layer.named_parameters())
+    }
     for name, param in model.named_parameters():
         if name in expert_names:
             case.check(torch.equal(param, expert_slice(ref_params[name], rank, ep)), f"shard of {name}")
@@ -257,6 +263,8 @@ def main() -> None:
                     k, c, b, group, rank
                 )
             cases[f"model_k{top_k}_cap{capacity}"] = lambda k=top_k, c=capacity: case_model(k, c, group, rank)
+    for top_k, capacity in ((1, None), (2, 1.0)):  # the standard MoE on the same machinery
+        cases[f"model_mlp_k{top_k}_cap{capacity}"] = lambda k=top_k, c=capacity: case_model(k, c, group, rank, mlp=True)
     cases["zero_rows_on_rank1"] = lambda: case_zero_rows(0, group, rank)
     cases["zero_rows_on_rank0"] = lambda: case_zero_rows(3, group, rank)
     cases["bad_ep"] = lambda: case_bad_ep(group, rank)

@@ -70,14 +70,18 @@ def test_layer_matches_single_rank(ep_results):
             assert (m["dropped"] > 0) == ("cap1.0" in name)  # the capacity factor really dropped tokens
 
 
-def test_model_matches_single_rank(ep_results):
-    names = _cases(ep_results, "model_")
-    assert len(names) == 4
+@pytest.mark.parametrize(
+    "kind, cases, expert_params",
+    [("model_k", 4, 4), ("model_mlp_k", 2, 6)],  # ParameterNet: 2 layers x up/down; standard MoE: x gate/up/down
+)
+def test_model_matches_single_rank(ep_results, kind, cases, expert_params):
+    names = _cases(ep_results, kind)
+    assert len(names) == cases
     for name in names:
         assert not _errors(ep_results, name), "\n".join([name, *_errors(ep_results, name)])
         ranks = ep_results[name]
         assert all(r["metrics"]["cross_rank_rows"] > 0 for r in ranks.values())
-        assert all(r["metrics"]["num_expert_params"] == 4 for r in ranks.values())  # 2 layers x up/down
+        assert all(r["metrics"]["num_expert_params"] == expert_params for r in ranks.values())
         assert ranks["0"]["metrics"]["loss"] != ranks["1"]["metrics"]["loss"]  # ranks fed different tokens
         assert all((r["metrics"]["dropped"] > 0) == ("cap1.0" in name) for r in ranks.values())
 

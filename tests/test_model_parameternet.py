@@ -63,11 +63,37 @@ def test_output_carries_losses_and_routing_statistics():
     torch.testing.assert_close(out.router_loss, 0.01 * out.aux_loss + 0.001 * out.z_loss)
 
 
+ALL_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
+STANDARD_MOE = dict(moe_mlp=True, moe_projections=ALL_PROJECTIONS)  # the control: whole SwiGLU MLPs as experts
+
+
 def test_moe_projection_is_one_line_of_config():
-    for projections in (["gate_proj"], ["up_proj"], ["gate_proj", "up_proj", "down_proj"]):
+    for projections in (["gate_proj"], ["up_proj"], ALL_PROJECTIONS):
         model = tiny_parameternet(moe_projections=projections)
         names = {name.split(".")[-1] for name, _ in model.moe_layers()}
         assert names == set(projections)
+    # The standard MoE: one router per layer over whole MLPs, no per-projection routers.
+    model = tiny_parameternet(**STANDARD_MOE)
+    assert [name for name, _ in model.moe_layers()] == [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    layer = model.model.layers[0].mlp.experts
+    assert (layer.gate_weight.shape, layer.down_weight.shape) == ((8, 128, 64), (8, 64, 128))
+    assert not hasattr(model.model.layers[0].mlp, "down_proj")
+
+
+def test_standard_moe_with_one_expert_is_the_vanilla_mlp():
+    """moe_mlp with one expert holding the vanilla MLP's weights: the vanilla logits, times the gate (1 here)."""
+    torch.manual_seed(0)
+    vanilla = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    moe = tiny_parameternet(**STANDARD_MOE, num_experts=1, router_aux_loss_coef=0.0)
+    state = vanilla.state_dict()
+    for key in list(state):
+        for proj, name in (("gate_proj", "gate_weight"), ("up_proj", "up_weight"), ("down_proj", "down_weight")):
+            if f"mlp.{proj}.weight" in key:
+                state[key.replace(f"mlp.{proj}.weight", f"mlp.experts.{name}")] = state.pop(key).unsqueeze(0)
+    missing, unexpected = moe.load_state_dict(state, strict=False)
+    assert not unexpected and all("router" in k for k in missing)
+    x = torch.randint(0, 256, (2, 16))
+    torch.testing.assert_close(moe(input_ids=x).logits, vanilla(input_ids=x).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_gradient_checkpointing_keeps_aux_loss_gradient():
@@ -86,8 +112,9 @@ def test_gradient_checkpointing_keeps_aux_loss_gradient():
         tiny_parameternet().activation_checkpointing_enable({"use_reentrant": True})
 
 
-def test_generate_with_kv_cache_equals_without():
-    model = tiny_parameternet()
+@pytest.mark.parametrize("overrides", [{}, {**STANDARD_MOE, "router_input": "centered"}])
+def test_generate_with_kv_cache_equals_without(overrides):
+    model = tiny_parameternet(**overrides)
     x = torch.randint(3, 256, (1, 6))
     with_cache = model.generate(x, max_new_tokens=10, do_sample=False, use_cache=True)
     without = model.generate(x, max_new_tokens=10, do_sample=False, use_cache=False)
@@ -117,14 +144,18 @@ FRESH_LOAD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("router_input", ["raw", "centered"])
-def test_save_load_round_trip_and_fresh_process_remote_code_load(tmp_path, router_input):
-    model = tiny_parameternet(moe_projections=["gate_proj", "down_proj"], num_experts=4, router_input=router_input)
+@pytest.mark.parametrize(
+    "router_input, experts",
+    [("raw", {"moe_projections": ["gate_proj", "down_proj"]}), ("centered", {"moe_projections": ["gate_proj"]})]
+    + [("centered", STANDARD_MOE)],
+)
+def test_save_load_round_trip_and_fresh_process_remote_code_load(tmp_path, router_input, experts):
+    model = tiny_parameternet(**experts, num_experts=4, router_input=router_input)
     x = torch.randint(3, 256, (1, 8))
     if router_input == "centered":  # a training forward sets the running mean of the router inputs, saved with it
         model.train()(input_ids=torch.randint(3, 256, (4, 8)))
         model.eval()
-        assert model.model.layers[0].mlp.down_proj.router_input_mean.abs().sum() > 0
+        assert all(layer.router_input_mean.abs().sum() > 0 for _, layer in model.moe_layers())
     with torch.no_grad():
         logits = model(input_ids=x).logits
         tokens = model.generate(x, max_new_tokens=8, do_sample=False)
@@ -198,6 +229,9 @@ def test_presets_build_the_right_classes():
         (dict(router_z_loss_coef=-1.0), "router_z_loss_coef"),
         (dict(capacity_factor=0.0), "capacity_factor"),
         (dict(router_input="sinkhorn"), "router_input"),
+        (dict(moe_mlp=True), "moe_mlp=True with moe_projections=\\['down_proj'\\]"),
+        (dict(moe_mlp="yes"), "moe_mlp"),
+        (dict(expert_bias=True, **STANDARD_MOE), "expert_bias=True with moe_mlp=True"),
     ],
 )
 def test_bad_configs_raise_value_error_naming_field_and_value(overrides, field):

@@ -57,6 +57,19 @@ def test_parameternet_1b_down_proj_x8():
     assert row["flops_vs_vanilla"] < 1.001
 
 
+def test_standard_moe_tiny_matches_hand_count():
+    """moe-mlp-llama-tiny: one router per layer over 8 whole SwiGLU MLPs (h 256, inner 688, 4 layers, vocab 8000)."""
+    h, inter, layers, experts = 256, 688, 4, 8
+    row = summarize("moe-mlp-llama-tiny", seq_len=256)
+    routers = layers * (h * experts + experts)  # Linear(h -> 8) with a bias (the centred router)
+    extra_experts = layers * (experts - 1) * 3 * h * inter  # 7 more whole MLPs per layer
+    vanilla = hand_count_llama(h=h, layers=layers, inter=inter, vocab=8000)
+    assert row["total_params"] == vanilla + extra_experts + routers == row["counted_params_meta"]
+    assert row["active_params"] == vanilla + routers  # one MLP per token, as the dense twin
+    twin = account(load_model_config("llama-tiny"), 256).forward_flops_per_token
+    assert row["forward_flops_per_token"] - twin == layers * 2 * h * experts  # the routers' matmuls only
+
+
 def test_forward_flops_formula_includes_attention():
     acc = account(load_model_config("llama-1b"), 2048)
     matmul_params = hand_count_llama() - 32000 * 2048 - 12 * 2 * 2048 - 2048  # minus embedding table and norms
@@ -85,6 +98,7 @@ PRESETS = [
     "parameternet-llama-tiny",
     "llama-small",
     "parameternet-llama-small",
+    "moe-mlp-llama-tiny",
 ]
 # (GPUs per node, nodes), as DeepSpeed's estimators take them; our --gpus is their product.
 CLUSTERS = [(1, 1), (8, 1), (8, 2), (4, 16)]
@@ -117,10 +131,12 @@ def test_parameter_split_and_largest_layer_match_deepspeed(name):
     assert model_to_params(model)[1] == split.largest_module
     assert split.total == account(config).total_params
     experts = sum(
-        m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+        getattr(m, attr).numel()
         for _, m in getattr(model, "moe_layers", lambda: [])()
+        for attr in m.expert_param_names
+        if getattr(m, attr) is not None
     )
-    assert split.expert == experts and (experts > 0) == name.startswith("parameternet")
+    assert split.expert == experts and (experts > 0) == (not name.startswith("llama"))
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -223,7 +239,7 @@ def test_activation_estimate_scales_and_checkpointing_shrinks_it():
     assert base.logits == 2 * 1024 * 14 * 32000  # bf16 logits + fp32 log-probs + two fp32 grads
 
 
-@pytest.mark.parametrize("name", ["llama-tiny", "parameternet-llama-tiny"])
+@pytest.mark.parametrize("name", ["llama-tiny", "parameternet-llama-tiny", "moe-mlp-llama-tiny"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_estimate_equals_what_autograd_saves(name, dtype, checkpointing, one_torch_thread):
@@ -265,7 +281,8 @@ def test_activation_estimate_equals_what_autograd_saves(name, dtype, checkpointi
     per_layer_bound = 16 * getattr(config, "num_experts", 0) * config.num_hidden_layers
     if getattr(config, "router_input", "raw") == "centered" and dtype != torch.float32:
         # and the fp32 copy of each 16-bit router weight, [E, fan_in], that the centred router multiplies by
-        per_layer_bound += 4 * config.num_experts * config.intermediate_size * config.num_hidden_layers
+        fan_in = config.hidden_size if config.moe_mlp else config.intermediate_size
+        per_layer_bound += 4 * config.num_experts * fan_in * config.num_hidden_layers
     assert 0 <= extra <= per_layer_bound, (saved_bytes(False), analytic)
     log_probs = saved_bytes(True) - saved_bytes(False)
     assert 4 * config.vocab_size * tokens <= log_probs <= 4 * config.vocab_size * tokens + 64

@@ -6,10 +6,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.model.moe import MoELinear, grouped_mm
+from llm.model.moe import MoELinear, MoEMLP, RoutedExperts, grouped_mm
 
 
-def naive_reference(layer: MoELinear, x: torch.Tensor) -> torch.Tensor:
+def one_expert(layer: RoutedExperts, e: int, token: torch.Tensor) -> torch.Tensor:
+    """Expert e of either layer kind on one token, written out."""
+    if isinstance(layer, MoEMLP):
+        hidden = layer.act_fn(F.linear(token, layer.gate_weight[e])) * F.linear(token, layer.up_weight[e])
+        return F.linear(hidden, layer.down_weight[e])
+    return F.linear(token, layer.weight[e], None if layer.bias is None else layer.bias[e])
+
+
+def make_layer(kind: str, in_features: int, out_features: int, **kwargs) -> RoutedExperts:
+    """ParameterNet's MoELinear, or the standard MoE's MoEMLP (hidden in_features, intermediate 2 x out_features)."""
+    if kind == "mlp":
+        kwargs.pop("bias", None)
+        return MoEMLP(in_features, 2 * out_features, act_fn=torch.nn.SiLU(), **kwargs)
+    return MoELinear(in_features, out_features, **kwargs)
+
+
+def naive_reference(layer: RoutedExperts, x: torch.Tensor) -> torch.Tensor:
     """One token at a time: route, skip assignments past an expert's capacity (first choices first), sum gate x
     expert."""
     tokens = x.reshape(-1, layer.in_features)
@@ -24,8 +40,7 @@ def naive_reference(layer: MoELinear, x: torch.Tensor) -> torch.Tensor:
             if capacity is not None and used[e] >= capacity:
                 continue
             used[e] += 1
-            bias = None if layer.bias is None else layer.bias[e]
-            rows[t] = rows[t] + gate[t, choice] * F.linear(tokens[t], layer.weight[e], bias)
+            rows[t] = rows[t] + gate[t, choice] * one_expert(layer, e, tokens[t])
     return torch.stack(rows).reshape(*x.shape[:-1], layer.out_features)
 
 
@@ -40,15 +55,19 @@ def _grads(layer: MoELinear, x: torch.Tensor, fn, upstream: torch.Tensor):
 
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
-@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(
+    "kind, bias", [("linear", False), ("linear", True), ("mlp", False)]
+)  # ParameterNet's projection experts; the standard MoE's whole SwiGLU experts
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # fp32: torch._grouped_mm; fp64: slice fallback
-def test_grouped_dispatch_matches_naive_reference(top_k, capacity_factor, bias, dtype):
+def test_grouped_dispatch_matches_naive_reference(top_k, capacity_factor, kind, bias, dtype):
     torch.manual_seed(0)
-    layer = MoELinear(32, 24, num_experts=8, top_k=top_k, capacity_factor=capacity_factor, bias=bias).to(dtype)
+    layer = make_layer(kind, 32, 24, num_experts=8, top_k=top_k, capacity_factor=capacity_factor, bias=bias)
+    layer = layer.to(dtype)
     if bias:
         torch.nn.init.normal_(layer.bias)
+    out_features = layer.out_features
     x = torch.randn(3, 20, 32, dtype=dtype)
-    upstream = torch.randn(3, 20, 24, dtype=dtype)
+    upstream = torch.randn(3, 20, out_features, dtype=dtype)
     out, gx, g = _grads(layer, x, lambda m, t: m(t), upstream)
     ref, rgx, rg = _grads(layer, x, naive_reference, upstream)
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else {}

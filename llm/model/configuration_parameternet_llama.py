@@ -80,8 +80,20 @@ def validate_parameternet_fields(config: ParameterNetLlamaConfig) -> None:
         value = getattr(config, name)
         if not _is_finite_number(value) or value < 0:
             raise ValueError(f"{name}={value!r} must be a number >= 0 (0 disables the loss)")
-    if not isinstance(config.expert_bias, bool):
-        raise ValueError(f"expert_bias={config.expert_bias!r} must be true or false")
+    for name in ("expert_bias", "moe_mlp"):
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{name}={getattr(config, name)!r} must be true or false")
+    if config.moe_mlp:
+        if sorted(projections) != sorted(MOE_PROJECTIONS):
+            raise ValueError(
+                f"moe_mlp={config.moe_mlp!r} with moe_projections={list(projections)!r}: an MLP expert holds all three "
+                f"projections; set moe_projections to {list(MOE_PROJECTIONS)} (or moe_mlp false for ParameterNet)"
+            )
+        if config.expert_bias:
+            raise ValueError(
+                f"expert_bias={config.expert_bias!r} with moe_mlp={config.moe_mlp!r}: MLP experts have no biases; "
+                f"set expert_bias false"
+            )
     if config.router_input not in ROUTER_INPUTS:
         raise ValueError(
             f"router_input={config.router_input!r} must be one of {list(ROUTER_INPUTS)} ('raw': the paper's linear "
@@ -102,6 +114,9 @@ class ParameterNetLlamaConfig(LlamaConfig):
     router_aux_loss_coef: weight of the Switch-Transformer load-balancing loss.
     router_z_loss_coef: weight of the router z-loss (ST-MoE); 0 disables it.
     expert_bias: whether each expert has a bias vector (LLaMA's projections have none).
+    moe_mlp: false (ParameterNet): each projection in moe_projections is its own MoE layer with its own router.
+        true (a standard MoE, the control): one router per layer chooses whole SwiGLU MLP experts, each with its
+        own gate, up and down weights; moe_projections must then name all three.
     router_input: what the router reads. 'raw' (the paper's, and that of checkpoints saved before this field): a
         linear router on the projection's input. 'centered': the input minus its mean over the micro-batch's tokens
         (a running mean in eval mode), RMS-normalised per token, through a router with a bias. Without it the routers
@@ -120,6 +135,7 @@ class ParameterNetLlamaConfig(LlamaConfig):
     router_z_loss_coef: float | int = 0.0
     expert_bias: bool = False
     router_input: str = "raw"
+    moe_mlp: bool = False
 
     def __post_init__(self, **kwargs):
         if isinstance(self.moe_projections, tuple):  # anything else is left for the validation to name

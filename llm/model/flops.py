@@ -4,7 +4,8 @@ Conventions (PaLM appendix B / Megatron): a matmul of an [m, k] by a [k, n] cost
 weighted sum cost 2 x 2 x seq_len x hidden per token per layer, counted over the full (non-causal) square as
 PaLM's MFU does; training costs 3x the forward. Embedding lookups, norms, activations and softmax are not counted.
 A MoE projection costs top_k experts plus its router per token: with top_k = 1 that is the dense projection plus
-2 x in x num_experts FLOPs, which is ParameterNet's point.
+2 x in x num_experts FLOPs, which is ParameterNet's point. A standard MoE layer (moe_mlp) likewise costs top_k whole
+SwiGLU MLPs plus its router (2 x hidden x num_experts).
 """
 
 from __future__ import annotations
@@ -56,19 +57,26 @@ def account(config: LlamaConfig, seq_len: int | None = None) -> ModelAccounting:
 
     moe = isinstance(config, ParameterNetLlamaConfig)
     mlp_total = mlp_active = mlp_matmul = 0
-    for name, (fan_in, fan_out) in _mlp_projections(config).items():
-        if moe and name in config.moe_projections:
-            experts, k = config.num_experts, config.top_k
-            bias = fan_out if config.expert_bias else 0
-            router = router_params(config, fan_in)
-            mlp_total += experts * (fan_in * fan_out + bias) + router
-            mlp_active += k * (fan_in * fan_out + bias) + router
-            mlp_matmul += k * fan_in * fan_out + fan_in * experts
-        else:
-            bias = fan_out if config.mlp_bias else 0
-            mlp_total += fan_in * fan_out + bias
-            mlp_active += fan_in * fan_out + bias
-            mlp_matmul += fan_in * fan_out
+    if moe and config.moe_mlp:
+        # A standard MoE: E whole SwiGLU experts (3 hidden x inner matrices each) and one router on the hidden state.
+        experts, k, expert = config.num_experts, config.top_k, 3 * hidden * config.intermediate_size
+        router = router_params(config, hidden)
+        mlp_total, mlp_active = experts * expert + router, k * expert + router
+        mlp_matmul = k * expert + hidden * experts
+    else:
+        for name, (fan_in, fan_out) in _mlp_projections(config).items():
+            if moe and name in config.moe_projections:
+                experts, k = config.num_experts, config.top_k
+                bias = fan_out if config.expert_bias else 0
+                router = router_params(config, fan_in)
+                mlp_total += experts * (fan_in * fan_out + bias) + router
+                mlp_active += k * (fan_in * fan_out + bias) + router
+                mlp_matmul += k * fan_in * fan_out + fan_in * experts
+            else:
+                bias = fan_out if config.mlp_bias else 0
+                mlp_total += fan_in * fan_out + bias
+                mlp_active += fan_in * fan_out + bias
+                mlp_matmul += fan_in * fan_out
 
     embedding = vocab * hidden
     lm_head = 0 if config.tie_word_embeddings else vocab * hidden

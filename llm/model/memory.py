@@ -34,6 +34,7 @@ keeps four f-wide tensors (gate, up, SiLU output, product); transformers' RMSNor
     norms      2 x (4h + b h + 4)
     MoE        per MoE projection: top_k b (in + out) (expert-sorted input, expert output) + router (8E + 4 + k(24+b))
                + with router_input 'centered', (8 - b) in + 4 (its fp32 centred input, normalised)
+    standard MoE (moe_mlp): b h + top_k (b h + 4 b f + b h) (sorted input, SwiGLU tensors, expert output) + router
 Activation checkpointing keeps each layer's input (b h) plus one layer recomputed in the backward. The head adds the
 final norm and the lm_head input; logits + cross entropy take (b + 12) V per token: the logits the trainer holds,
 the fp32 log-probabilities log_softmax keeps, and the two fp32 gradients of its backward (`F.cross_entropy(
@@ -112,6 +113,11 @@ def parameter_split(config: LlamaConfig) -> ParameterSplit:
     if not config.tie_word_embeddings:
         modules.append(vocab * hidden)
     expert_per_layer = 0
+    if isinstance(config, ParameterNetLlamaConfig) and config.moe_mlp:
+        # MoEMLP holds its three [E, ...] expert tensors itself; its router is a Linear submodule.
+        expert_per_layer = config.num_experts * 3 * hidden * config.intermediate_size
+        modules += [expert_per_layer, router_params(config, hidden)]
+        shapes = {}
     for name, (fan_in, fan_out) in shapes.items():
         if isinstance(config, ParameterNetLlamaConfig) and name in config.moe_projections:
             # MoELinear holds [E, out, in] (+ [E, out] bias) itself; its router is a Linear submodule.
@@ -227,7 +233,15 @@ def layer_activation_bytes_per_token(config: LlamaConfig, precision: str) -> int
     norm = 4 * h + b * h + 4  # fp32 input copy + normalised 16-bit x + fp32 1/rms
     attention = b * h + b * (q + 2 * kv) + b * q + 4 * heads  # flash/SDPA keeps Q, K, V, output, log-sum-exp
     mlp = b * h + 4 * b * f
-    if isinstance(config, ParameterNetLlamaConfig):
+    router_input = getattr(config, "router_input", "raw")
+    if isinstance(config, ParameterNetLlamaConfig) and config.moe_mlp:
+        # A standard MoE: per assignment the expert-sorted input, the four f-wide SwiGLU tensors and the expert
+        # output; the router's tensors once per layer (as below, on the hidden state).
+        k, experts = config.top_k, config.num_experts
+        mlp = b * h + k * (b * h + 4 * b * f + b * h) + 8 * experts + 4 + k * (24 + b)
+        if router_input == "centered":
+            mlp += (8 - b) * h + 4
+    elif isinstance(config, ParameterNetLlamaConfig):
         shapes = {"gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
         k, experts = config.top_k, config.num_experts
         for name in config.moe_projections:
@@ -235,7 +249,7 @@ def layer_activation_bytes_per_token(config: LlamaConfig, precision: str) -> int
             # Expert-sorted input copy (grouped GEMM) and expert output (gate multiply), per assignment; the router:
             # fp32 logits and probabilities, z-loss log-sum-exp, top-k indices, two int64 permutations, the gate.
             mlp += k * b * (fan_in + fan_out) + 8 * experts + 4 + k * (24 + b)
-            if config.router_input == "centered":
+            if router_input == "centered":
                 # The fp32 centred, normalised router input and its 1/rms; in 16-bit also the fp32 upcast (measured
                 # with the autograd hooks of tests/test_model_summary.py: 4 fan_in + 4 in fp32, 6 fan_in + 4 in bf16).
                 mlp += (8 - b) * fan_in + 4

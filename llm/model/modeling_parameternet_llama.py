@@ -25,7 +25,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_parameternet_llama import ParameterNetLlamaConfig, validate_parameternet_fields
-from .moe import MoELinear
+from .moe import MoELinear, MoEMLP, RoutedExperts
 
 # The KV cache's name in forward arguments and model outputs: transformers 5.2x renamed `past_key_values` to `cache`
 # (the old name warns until 5.40). Checkpoints carry this file to machines with other transformers 5.x versions, so
@@ -34,11 +34,25 @@ CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "
 
 
 class ParameterNetLlamaMLP(nn.Module):
-    """SwiGLU: down(act(gate(x)) * up(x)), where each projection named in `moe_projections` is a MoELinear."""
+    """SwiGLU: down(act(gate(x)) * up(x)), where each projection named in `moe_projections` is a MoELinear; or, with
+    `moe_mlp`, a standard MoE whose experts are whole SwiGLU MLPs (`experts`, one router for the layer)."""
 
     def __init__(self, config: ParameterNetLlamaConfig) -> None:
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.experts: MoEMLP | None = None
+        if config.moe_mlp:
+            self.experts = MoEMLP(
+                hidden,
+                inner,
+                num_experts=config.num_experts,
+                act_fn=self.act_fn,
+                top_k=config.top_k,
+                capacity_factor=config.capacity_factor,
+                center_router_input=config.router_input == "centered",
+            )
+            return
         shapes = {"gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
         for name, (fan_in, fan_out) in shapes.items():
             if name in config.moe_projections:
@@ -54,9 +68,10 @@ class ParameterNetLlamaMLP(nn.Module):
             else:
                 layer = nn.Linear(fan_in, fan_out, bias=config.mlp_bias)
             setattr(self, name, layer)
-        self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.experts is not None:
+            return self.experts(x)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -117,11 +132,16 @@ class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, MoELinear):
+        if isinstance(module, RoutedExperts):
             # transformers' init functions skip tensors already loaded from a checkpoint (_is_hf_initialized).
-            hf_init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-            if module.bias is not None:
-                hf_init.zeros_(module.bias)
+            for name in module.expert_param_names:
+                param = getattr(module, name)
+                if param is None:
+                    continue
+                if name == "bias":
+                    hf_init.zeros_(param)
+                else:
+                    hf_init.normal_(param, mean=0.0, std=self.config.initializer_range)
 
     def _activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
@@ -182,9 +202,9 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, GenerationM
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def moe_layers(self) -> list[tuple[str, MoELinear]]:
-        """(qualified name, layer) of every MoE projection, in forward order."""
-        return [(name, m) for name, m in self.named_modules() if isinstance(m, MoELinear)]
+    def moe_layers(self) -> list[tuple[str, RoutedExperts]]:
+        """(qualified name, layer) of every MoE layer (projections, or MLPs with moe_mlp), in forward order."""
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, RoutedExperts)]
 
     def forward(
         self,

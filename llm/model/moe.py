@@ -1,8 +1,10 @@
-"""The ParameterNet mixture-of-experts layer: a drop-in replacement for `nn.Linear(in_features, out_features)`.
-
-router Linear(in -> E) -> softmax -> top-k -> output = gate probability x expert_i(x), with the E experts held as one
-`[E, out, in]` parameter. Dispatch sorts the token-expert assignments by expert and runs one grouped matmul
-(`torch._grouped_mm` where the device has it, contiguous slices otherwise); no per-expert boolean masks.
+"""The mixture-of-experts layers of ParameterNet-LLaMA, on one routing core (`RoutedExperts`):
+- `MoELinear`, ParameterNet's drop-in replacement for `nn.Linear(in_features, out_features)`: the E experts of one
+  projection held as one `[E, out, in]` parameter;
+- `MoEMLP`, the standard MoE control: E whole SwiGLU MLPs (gate, up, down: three `[E, ...]` parameters).
+router Linear(in -> E) -> softmax -> top-k -> output = gate probability x expert_i(x). Dispatch sorts the
+token-expert assignments by expert and runs grouped matmuls (`torch._grouped_mm` where the device has it,
+contiguous slices otherwise); no per-expert boolean masks.
 
 Who computes the experts is a dispatcher object (`ExpertDispatcher`): `LocalExperts` (all experts on this rank) by
 default, or the all-to-all dispatcher for expert parallelism that llm/parallel/ installs after construction; the
@@ -97,21 +99,28 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, fol
 class ExpertDispatcher(Protocol):
     """Computes the experts for assignments already sorted by (global) expert id."""
 
-    def __call__(self, layer: MoELinear, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, layer: RoutedExperts, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor: ...
 
 
 class LocalExperts:
-    """Every expert lives on this rank: one grouped matmul."""
+    """Every expert lives on this rank: one grouped matmul per expert weight."""
 
-    def __call__(self, layer: MoELinear, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: RoutedExperts, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return layer.expert_forward(x_sorted, counts)
 
     def __repr__(self) -> str:
         return "LocalExperts()"
 
 
-class MoELinear(nn.Module):
-    """Top-k mixture of `num_experts` linear maps in_features -> out_features, with a learned softmax router."""
+class RoutedExperts(nn.Module):
+    """What every mixture of experts here shares: a learned softmax router over `num_experts` experts that map
+    in_features -> out_features, top-k routing, the capacity limit, sort-by-expert dispatch through the dispatcher,
+    the gated combine and the routing losses and statistics. A subclass holds the expert weights, each one
+    `[E, ...]` parameter named in `expert_param_names` (what expert parallelism shards), and computes
+    `expert_forward` on rows grouped by expert: `MoELinear` (ParameterNet: one projection) or `MoEMLP` (a standard
+    MoE: whole SwiGLU MLPs)."""
+
+    expert_param_names: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -120,7 +129,6 @@ class MoELinear(nn.Module):
         num_experts: int,
         top_k: int = 1,
         capacity_factor: float | None = None,
-        bias: bool = False,
         center_router_input: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -151,22 +159,10 @@ class MoELinear(nn.Module):
         self.router = nn.Linear(in_features, num_experts, bias=center_router_input, **factory)
         if center_router_input:
             self.register_buffer("router_input_mean", torch.zeros(in_features, device=device, dtype=torch.float32))
-        # Under expert parallelism this holds only this rank's experts: [num_local_experts, out, in].
-        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(num_experts, out_features, **factory)) if bias else None
         self.dispatcher: ExpertDispatcher = LocalExperts()
         self.last_stats: RoutingStats | None = None
-        self.reset_parameters()
 
-    def reset_parameters(self, std: float | None = None) -> None:
-        # Each expert starts like the nn.Linear it replaces (or from N(0, std) when the model gives one).
-        for expert in self.weight.data:
-            if std is None:
-                nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
-            else:
-                nn.init.normal_(expert, mean=0.0, std=std)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+    def reset_router(self, std: float | None = None) -> None:
         if std is None:
             self.router.reset_parameters()
         else:
@@ -174,12 +170,15 @@ class MoELinear(nn.Module):
         if self.router.bias is not None:
             nn.init.zeros_(self.router.bias)  # no expert preferred at the start
 
-    def extra_repr(self) -> str:
+    def routing_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
-            f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, bias={self.bias is not None}, "
+            f"num_experts={self.num_experts}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
             f"center_router_input={self.center_router_input}, dispatcher={self.dispatcher!r}"
         )
+
+    def expert_forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The local experts on rows grouped by local expert (`counts` has one entry per local expert)."""
+        raise NotImplementedError
 
     ROUTER_INPUT_MOMENTUM = 0.1
 
@@ -205,13 +204,6 @@ class MoELinear(nn.Module):
         if self.capacity_factor is None:
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
-
-    def expert_forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """The local experts on rows grouped by local expert (`counts` has one entry per local expert)."""
-        y = grouped_mm(x_sorted, self.weight, counts)
-        if self.bias is not None:
-            y = y + torch.repeat_interleave(self.bias, counts, dim=0, output_size=x_sorted.shape[0])
-        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         leading = x.shape[:-1]
@@ -267,4 +259,112 @@ class MoELinear(nn.Module):
         return out.reshape(*leading, self.out_features)
 
 
-__all__ = ["MoELinear", "RoutingStats", "LocalExperts", "ExpertDispatcher", "gather_rows", "grouped_mm"]
+class MoELinear(RoutedExperts):
+    """ParameterNet's layer: a top-k mixture of `num_experts` linear maps in_features -> out_features."""
+
+    expert_param_names = ("weight", "bias")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_experts: int,
+        top_k: int = 1,
+        capacity_factor: float | None = None,
+        bias: bool = False,
+        center_router_input: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_features, out_features, num_experts, top_k, capacity_factor, center_router_input, device, dtype
+        )
+        factory = {"device": device, "dtype": dtype}
+        # Under expert parallelism this holds only this rank's experts: [num_local_experts, out, in].
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(num_experts, out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        # Each expert starts like the nn.Linear it replaces (or from N(0, std) when the model gives one).
+        for expert in self.weight.data:
+            if std is None:
+                nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+            else:
+                nn.init.normal_(expert, mean=0.0, std=std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        self.reset_router(std)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            + self.routing_repr()
+        )
+
+    def expert_forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        y = grouped_mm(x_sorted, self.weight, counts)
+        if self.bias is not None:
+            y = y + torch.repeat_interleave(self.bias, counts, dim=0, output_size=x_sorted.shape[0])
+        return y
+
+
+class MoEMLP(RoutedExperts):
+    """A standard MoE layer: one router chooses, per token, top-k whole SwiGLU MLPs hidden -> hidden,
+    down(act(gate(x)) * up(x)), each expert with its own gate, up and down weights (the control that tells
+    ParameterNet's one-projection experts from an MoE whose experts are complete MLPs)."""
+
+    expert_param_names = ("gate_weight", "up_weight", "down_weight")
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        act_fn: nn.Module,
+        top_k: int = 1,
+        capacity_factor: float | None = None,
+        center_router_input: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            hidden_size, hidden_size, num_experts, top_k, capacity_factor, center_router_input, device, dtype
+        )
+        factory = {"device": device, "dtype": dtype}
+        self.intermediate_size = intermediate_size
+        self.act_fn = act_fn
+        # [E, out, in] each, as nn.Linear's weight per expert; sharded along dim 0 under expert parallelism.
+        self.gate_weight = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size, **factory))
+        self.up_weight = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size, **factory))
+        self.down_weight = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        for name in self.expert_param_names:
+            for expert in getattr(self, name).data:
+                if std is None:
+                    nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+                else:
+                    nn.init.normal_(expert, mean=0.0, std=std)
+        self.reset_router(std)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.in_features}, intermediate_size={self.intermediate_size}, " + self.routing_repr()
+
+    def expert_forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        gate = grouped_mm(x_sorted, self.gate_weight, counts)
+        up = grouped_mm(x_sorted, self.up_weight, counts)
+        return grouped_mm(self.act_fn(gate) * up, self.down_weight, counts)
+
+
+__all__ = [
+    "ExpertDispatcher",
+    "LocalExperts",
+    "MoELinear",
+    "MoEMLP",
+    "RoutedExperts",
+    "RoutingStats",
+    "gather_rows",
+    "grouped_mm",
+]

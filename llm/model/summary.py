@@ -34,6 +34,7 @@ MOE_FIELDS = (
     "router_z_loss_coef",
     "expert_bias",
     "router_input",
+    "moe_mlp",
 )
 
 

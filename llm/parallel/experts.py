@@ -1,9 +1,10 @@
-"""Expert parallelism for `MoELinear`: experts sharded over a process group, tokens exchanged with all-to-all.
+"""Expert parallelism for the MoE layers: experts sharded over a process group, tokens exchanged with all-to-all.
 
-`MoELinear` (llm/model/moe.py) routes, applies the capacity limit and sorts its assignments by global expert id; a
-dispatcher then computes the experts. The model only knows the dispatcher interface and its local default
-(`ExpertDispatcher`, `LocalExperts`); this file holds the distributed one. `AllToAllExperts` sends each block of rows
-to the rank that owns its expert, runs that rank's local experts as one grouped matmul, and sends the results back.
+The MoE layers (`MoELinear`, `MoEMLP`: llm/model/moe.py's `RoutedExperts`) route, apply the capacity limit and sort
+their assignments by global expert id; a dispatcher then computes the experts. The model only knows the dispatcher
+interface and its local default (`ExpertDispatcher`, `LocalExperts`); this file holds the distributed one.
+`AllToAllExperts` sends each block of rows to the rank that owns its expert, runs that rank's local experts (grouped
+matmuls: one for a projection, three for an MLP), and sends the results back.
 `shard_experts` turns a model built identically on every rank into its expert-parallel shard; `gather_experts`
 rebuilds the full expert tensors (for checkpoints) and `load_expert_shards` puts each rank's slice of them back (for
 resuming, at any expert-parallel size).
@@ -83,7 +84,7 @@ class AllToAllExperts:
     """Dispatcher for experts sharded over `ep_group`: all-to-all out, grouped matmul, all-to-all back.
 
     Expects the rows of `x_sorted` grouped by global expert id in order, `counts[e]` rows for expert e (what
-    `MoELinear` passes). Autograd flows through both exchanges, so the backward pass runs the reverse all-to-alls:
+    the MoE layers pass). Autograd flows through both exchanges, so the backward pass runs the reverse all-to-alls:
     every rank of `ep_group` must call each MoE layer the same number of times, as with any collective.
     """
 
@@ -149,16 +150,22 @@ class AllToAllExperts:
 
 
 def _moe_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    # Duck-typed on MoELinear's interface, so that this file needs no import of moe.py.
+    # Duck-typed on RoutedExperts' interface, so that this file needs no import of moe.py.
     for name, module in model.named_modules():
-        if hasattr(module, "expert_forward") and hasattr(module, "dispatcher") and hasattr(module, "num_experts"):
+        if (
+            hasattr(module, "expert_forward")
+            and hasattr(module, "expert_param_names")
+            and hasattr(module, "dispatcher")
+        ):
             yield name, module
 
 
 def _expert_params(layer: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    yield "weight", layer.weight
-    if getattr(layer, "bias", None) is not None:
-        yield "bias", layer.bias
+    # The layer names its [E, ...] expert tensors (MoELinear: weight, bias; MoEMLP: gate/up/down weights).
+    for name in layer.expert_param_names:
+        param = getattr(layer, name, None)
+        if param is not None:
+            yield name, param
 
 
 def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup | None) -> None:
@@ -176,9 +183,10 @@ def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup | None) -> None:
         )
     for name, layer in layers:
         _check_divisible(layer.num_experts, ep)
-        if layer.weight.shape[0] != layer.num_experts:
+        attr, first = next(_expert_params(layer))
+        if first.shape[0] != layer.num_experts:
             raise ValueError(
-                f"{name or type(layer).__name__}: weight holds {layer.weight.shape[0]} of {layer.num_experts} "
+                f"{name or type(layer).__name__}: {attr} holds {first.shape[0]} of {layer.num_experts} "
                 f"experts, already sharded; call shard_experts once, on the full model"
             )
     for _, layer in layers:

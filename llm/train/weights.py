@@ -69,7 +69,7 @@ def restore_expert_shards(module: torch.nn.Module, checkpoint_dir: Path) -> None
     expert_keys = {
         f"{name}.{attr}"
         for name, layer in module.moe_layers()
-        for attr in ("weight", "bias")
+        for attr in layer.expert_param_names
         if getattr(layer, attr, None) is not None
     }
     with safe_open(str(checkpoint_dir / WEIGHTS), framework="pt") as f:
