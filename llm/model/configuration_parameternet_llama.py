@@ -21,7 +21,8 @@ ROUTER_INPUTS = ("raw", "centered")
 #   RMS-normalised (router_input 'centered', see llm/model/moe.py for the measurements behind it), the router
 #   z-loss of ST-MoE (0.001), and a load-balancing weight of 0.1: this model averages the aux loss over its MoE
 #   layers, so 0.1 over the tiny/small presets' 4 layers is 0.025 per layer, the order of Switch's 0.01 per layer;
-#   0.01 (0.0025 per layer) let the language-model gradient on the gates win (CV 0.5-1.3 by step 8 vs 0.2-0.5).
+#   with 0.01 (0.0025 per layer) the language-model gradient through the gates won (load CV 0.5-1.5 at steps 6-8
+#   of 8 x 256-token batches, against 0.2-0.8 with 0.1; the paper's recipe: 2.3-2.65).
 ROUTING_RECIPES: dict[str, dict[str, object]] = {
     "paper": {"router_input": "raw", "router_aux_loss_coef": 0.01, "router_z_loss_coef": 0.0},
     "centered": {"router_input": "centered", "router_aux_loss_coef": 0.1, "router_z_loss_coef": 0.001},
@@ -107,7 +108,7 @@ class ParameterNetLlamaConfig(LlamaConfig):
 
     moe_projections: which SwiGLU projections become MoE layers (any non-empty subset of gate_proj, up_proj,
         down_proj). The paper's released LLaMA variant uses ["down_proj"].
-    num_experts: experts per MoE projection.
+    num_experts: experts per MoE layer (per projection; per MLP with moe_mlp).
     top_k: experts each token is sent to (1 in the paper: same FLOPs per token as the dense twin).
     capacity_factor: None routes every token (dropless, the paper's capacity 99999); a number caps each expert at
         ceil(capacity_factor * tokens * top_k / num_experts) tokens and drops the overflow (output zero), counted.
