@@ -10,7 +10,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run test test-all test-gpu clean-venv
+.PHONY: install run test test-fast test-gpu clean-venv
 
 $(STAMP): pyproject.toml constraints.txt requirements-data.txt scripts/install_system_data.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,15 +27,18 @@ install: $(STAMP)
 run: $(STAMP)
 	bash launch/main.sh
 
-# The test suite (CI runs exactly this): one style (ruff format, ruff check), then pytest. Slow end-to-end tests:
-# `make test-all`.
+# The test suite (CI runs exactly this, through .ci/run): one style (ruff format, ruff check), then every test - the
+# slow end-to-end ones, and the GPU tests' code on CPU (PN_GPU_TESTS_DEVICE=cpu: their launches, flags and assertions
+# run, so a change that breaks them fails here and not on the one GPU session; it does not test the GPU). A test that
+# CI never runs rots: two did. The ten slowest are listed at the end.
 test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow" -q
+	PN_GPU_TESTS_DEVICE=cpu $(BIN)/python -m pytest -q --durations=10
 
-test-all: $(STAMP)
-	$(BIN)/python -m pytest -q
+# A quicker subset for iteration (not what CI runs): no slow end-to-end tests, no GPU tests' code.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q
 
 # The GPU tests (tests/gpu): skipped, with the reason, on a machine without CUDA. On a GPU machine without registry
 # access, benchmarks/gpu_suite.sh runs them with the system python instead.

@@ -48,19 +48,26 @@ def readme_commands() -> list[str]:
 # Not run here, and why.
 NOT_RUN = {
     "make test": "the test suite itself (CI runs it through .ci/run)",
-    "make run": "the main job (launch/main.sh = launch/compare.sh with --limit 40), covered by the compare.sh line",
+    "make run": "the main job (launch/main.sh = launch/compare.sh with --limit 40); tests/test_evals_launch.py runs "
+    "launch/compare.sh end to end",
     "bash launch/experiment.sh paper-llm": "21 trainings, about 2 hours as written; tests/test_experiment.py runs "
     "this command with 2 arms x 2 seeds x 2 iterations, twice",
     "JOBS=2 OMP_NUM_THREADS=1 bash launch/experiment.sh paper-vision": "12 trainings (about 20 minutes); "
     "tests/test_experiment.py runs this command with 2 arms x 2 seeds on 128 images, twice",
+    # Run by another test with the same script and flags (here it would only repeat that proof at a larger cost:
+    # 6 minutes for the demo, 2 for compare.sh, of the whole suite's 45).
+    "bash launch/train_vision.sh": "the vision demo (two Fashion-MNIST trainings, about 6 minutes as written); "
+    "tests/test_vision_train.py::test_launcher_demo_prints_both_accuracies_side_by_side runs this very command, "
+    "its two trainings shortened through DEMO_ARGS, and checks the report",
+    "bash launch/compare.sh --offline --limit 50 --seeds 3 -- --train_iters 60": "tests/test_evals_launch.py::"
+    "test_compare_sh_end_to_end_and_checkpoint_export runs launch/compare.sh with these flags (--offline, 2 seeds, "
+    "a small --limit, 2 iterations) and checks its report, seeds and data order",
 }
-# README commands that take minutes as written here (make test-all runs them): compare.sh is pretrain_llama.sh +
-# evals.zero_shot + evals.compare, all run below; the vision demo and the two ImageNet stages (34.5M-parameter
-# models) are launch/train_vision.sh (its literal and 2-rank launches are fast tests in tests/test_launch_forms.py
-# and tests/test_vision_train.py) over vision.train stages that tests/test_vision_train.py also runs, slow there too.
+# README commands marked slow (`make test` runs them; `make test-fast` leaves them out): the two ImageNet stages
+# (34.5M-parameter models) are launch/train_vision.sh (its literal and 2-rank launches are fast tests in
+# tests/test_launch_forms.py and tests/test_vision_train.py) over vision.train stages that
+# tests/test_vision_train.py also runs.
 SLOW = (
-    "bash launch/compare.sh",
-    "bash launch/train_vision.sh",
     "NPROC=8 bash launch/train_vision.sh",
     # Forms another fast command here runs too, to keep `make test` short: the 1B ParameterNet line is the 1B LLaMA
     # line with the other model (both models train in the default and literal forms above); the 4-node sbatch line

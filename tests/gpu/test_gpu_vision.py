@@ -1,5 +1,6 @@
-"""ParameterNet (dynamic convolutions) trains bf16 steps on the device through DeepSpeed: `bash launch/train_vision.sh
---num-gpus 1 ...` as users run it. Mirrors tests/test_vision_train.py::test_bf16_zero1_trains_a_few_steps."""
+"""ParameterNet (dynamic convolutions) trains bf16 steps on the device through DeepSpeed: `NPROC=1 bash
+launch/train_vision.sh ...` as users run it (ranks and rendezvous come from NPROC/MASTER_PORT in the environment, as in
+launch/common.sh). Mirrors tests/test_vision_train.py::test_bf16_zero1_trains_a_few_steps."""
 
 from __future__ import annotations
 
@@ -23,10 +24,6 @@ def test_vision_bf16_steps_through_deepspeed_on_the_device(tmp_path: Path) -> No
     cmd = [
         "bash",
         str(REPO / "launch" / "train_vision.sh"),
-        "--num-gpus",
-        "1",
-        "--master-port",
-        str(free_port()),
         "--config",
         "fashion_mnist_tiny",
         "--model",
@@ -64,7 +61,8 @@ def test_vision_bf16_steps_through_deepspeed_on_the_device(tmp_path: Path) -> No
         "--output_dir",
         str(out),
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    env = subprocess_env(NPROC="1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     # vision.train describes its engine: the device it placed the model on and the precision.
     assert re.search(rf"on 1 rank\(s\), {TARGET.device}(:\d+)?, bf16, ZeRO-1", proc.stdout), proc.stdout[-2000:]
