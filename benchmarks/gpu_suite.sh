@@ -19,6 +19,8 @@
 # benchmarks/gpu_out/gpu_suite.jsonl, beside gpu_suite.log (all output) and gpu_tests.xml (pytest's JUnit report).
 # Environment: PYTHON (default python3: the interpreter that has torch), GPU_SUITE_SITE (default /tmp/pn-gpu-site),
 # GPU_SUITE_WHEELS (default benchmarks/wheels),
+# GPU_SUITE_STEPS (default "tests train moe vision": the steps after the pre-flight, e.g. GPU_SUITE_STEPS=tests to
+# rerun only the GPU tests in the device time a first run left),
 # GPU_SUITE_SMOKE=1 runs every step on CPU with tiny shapes: a check of this script's plumbing, not a measurement
 # (its lines say "smoke": true; never report them as GPU figures).
 set -uo pipefail
@@ -28,6 +30,13 @@ PY="${PYTHON:-python3}"
 SITE="${GPU_SUITE_SITE:-/tmp/pn-gpu-site}"
 WHEELS="${GPU_SUITE_WHEELS:-$repo/benchmarks/wheels}"
 SMOKE="${GPU_SUITE_SMOKE:-0}"
+STEPS=" ${GPU_SUITE_STEPS:-tests train moe vision} "
+for step in $STEPS; do
+  case "$step" in tests|train|moe|vision) ;; *)
+    echo "gpu_suite.sh: error: GPU_SUITE_STEPS has '$step': give some of tests train moe vision" >&2; exit 2 ;;
+  esac
+done
+wants() { [[ "$STEPS" == *" $1 "* ]]; }
 OUT_DIR="${OUT:-$repo/benchmarks/gpu_out}"
 mkdir -p "$OUT_DIR" || { echo "gpu_suite.sh: error: cannot create OUT=$OUT_DIR; set OUT to a writable folder" >&2; exit 2; }
 JSONL="$OUT_DIR/gpu_suite.jsonl"; LOG="$OUT_DIR/gpu_suite.log"; XML="$OUT_DIR/gpu_tests.xml"
@@ -209,52 +218,60 @@ if [ "$RC" != 0 ]; then
 fi
 
 # ----------------------------------------------------------------------------------------------- 2. the GPU tests
-if [ "$SMOKE" = 1 ]; then
-  export PN_GPU_TESTS_DEVICE=cpu  # the tests' own CPU check mode; only the quick MoE ones
-  run_step gpu_tests "$T_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_gpu_moe.py --junitxml "$XML"
-else
-  run_step gpu_tests "$T_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/gpu --junitxml "$XML"
+if wants tests; then
+  if [ "$SMOKE" = 1 ]; then
+    export PN_GPU_TESTS_DEVICE=cpu  # the tests' own CPU check mode; only the quick MoE ones
+    run_step gpu_tests "$T_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_gpu_moe.py --junitxml "$XML"
+  else
+    run_step gpu_tests "$T_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/gpu --junitxml "$XML"
+  fi
+  report gpu_tests "$XML"
 fi
-report gpu_tests "$XML"
 
 # ---------------------------------------------------------------------------------- 3. training throughput, 1B
-if [ "$SMOKE" = 1 ]; then
-  SIZE=tiny SEQ=64 PLAN_MEMORY=1 ROUNDS=(--rounds 1 --steps 1 --peak_tflops 1)
-else
-  SIZE=1b SEQ=2048 ROUNDS=(--rounds 3 --steps 3)
-  PLAN_MEMORY=$("$PY" -c 'import torch; print(f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f}")')
-fi
-run_step memory_plan "$T_PLAN" "$PY" -m llm.model.summary "llama-$SIZE" "parameternet-llama-$SIZE" --memory --gpus 1 \
-  --zero 1 --seq-len "$SEQ" --precision bf16 --gpu-memory "$PLAN_MEMORY" --json
-report memory_plan "$work/memory_plan.out" "$work/plan" "$([ "$SMOKE" = 1 ] && echo 2 || echo 16)"
-read -r MICRO CKPT < "$work/plan" || MICRO=0
-if [ "$SMOKE" = 1 ]; then MICRO=2 CKPT=0; fi  # the CPU plumbing check: the plan of a 1 GiB "GPU" means nothing
-train_args=(benchmarks/train_throughput.py --size "$SIZE" --precision bf16 --seq_len "$SEQ" --micro_batch_size "$MICRO"
-            --global_batch_size "$MICRO" --zero_stage 1 --no_bare "${ROUNDS[@]}")
-[ "${CKPT:-0}" = 1 ] && train_args+=(--activation_checkpointing)
-if [ "${MICRO:-0}" -ge 1 ]; then
-  run_step train_llama "$T_LLAMA" "$PY" "${train_args[@]}" --kinds llama
-  report train "llama-$SIZE" llama "$work/train_llama.out"
-  run_step train_parameternet "$T_PNET" "$PY" "${train_args[@]}" --kinds parameternet
-  report train "parameternet-llama-$SIZE" parameternet "$work/train_parameternet.out" "$work/train_llama.out"
-else
-  echo "== gpu_suite: no micro-batch fits at seq $SEQ (see the memory_plan line); training throughput skipped" | tee -a "$LOG" >&2
+if wants train; then
+  if [ "$SMOKE" = 1 ]; then
+    SIZE=tiny SEQ=64 PLAN_MEMORY=1 ROUNDS=(--rounds 1 --steps 1 --peak_tflops 1)
+  else
+    SIZE=1b SEQ=2048 ROUNDS=(--rounds 3 --steps 3)
+    PLAN_MEMORY=$("$PY" -c 'import torch; print(f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f}")')
+  fi
+  run_step memory_plan "$T_PLAN" "$PY" -m llm.model.summary "llama-$SIZE" "parameternet-llama-$SIZE" --memory --gpus 1 \
+    --zero 1 --seq-len "$SEQ" --precision bf16 --gpu-memory "$PLAN_MEMORY" --json
+  report memory_plan "$work/memory_plan.out" "$work/plan" "$([ "$SMOKE" = 1 ] && echo 2 || echo 16)"
+  read -r MICRO CKPT < "$work/plan" || MICRO=0
+  if [ "$SMOKE" = 1 ]; then MICRO=2 CKPT=0; fi  # the CPU plumbing check: the plan of a 1 GiB "GPU" means nothing
+  train_args=(benchmarks/train_throughput.py --size "$SIZE" --precision bf16 --seq_len "$SEQ" --micro_batch_size "$MICRO"
+              --global_batch_size "$MICRO" --zero_stage 1 --no_bare "${ROUNDS[@]}")
+  [ "${CKPT:-0}" = 1 ] && train_args+=(--activation_checkpointing)
+  if [ "${MICRO:-0}" -ge 1 ]; then
+    run_step train_llama "$T_LLAMA" "$PY" "${train_args[@]}" --kinds llama
+    report train "llama-$SIZE" llama "$work/train_llama.out"
+    run_step train_parameternet "$T_PNET" "$PY" "${train_args[@]}" --kinds parameternet
+    report train "parameternet-llama-$SIZE" parameternet "$work/train_parameternet.out" "$work/train_llama.out"
+  else
+    echo "== gpu_suite: no micro-batch fits at seq $SEQ (see the memory_plan line); training throughput skipped" | tee -a "$LOG" >&2
+  fi
 fi
 
 # ---------------------------------------------------------------------------------------------- 4. MoE layer, bf16
-if [ "$SMOKE" = 1 ]; then MOE_SHAPE=tiny_down_proj MOE_REPEATS=1; else MOE_SHAPE=1b_down_proj MOE_REPEATS=10; fi
-run_step moe_layer "$T_MOE" "$PY" benchmarks/moe_layer.py --device "$DEVICE" --dtype bfloat16 --shapes "$MOE_SHAPE" \
-  --repeats "$MOE_REPEATS"
-report moe_layer "$work/moe_layer.out"
+if wants moe; then
+  if [ "$SMOKE" = 1 ]; then MOE_SHAPE=tiny_down_proj MOE_REPEATS=1; else MOE_SHAPE=1b_down_proj MOE_REPEATS=10; fi
+  run_step moe_layer "$T_MOE" "$PY" benchmarks/moe_layer.py --device "$DEVICE" --dtype bfloat16 --shapes "$MOE_SHAPE" \
+    --repeats "$MOE_REPEATS"
+  report moe_layer "$work/moe_layer.out"
+fi
 
 # ------------------------------------------------------------------------------------------- 5. vision, batch 256
-if [ "$SMOKE" = 1 ]; then
-  vision_args=(--models ghostnet_100 --img-size 64 --infer-batch 2 --train-batch 2 --rounds 1 --iters 1)
-else
-  vision_args=(--infer-batch 256 --train-batch 256 --rounds 3 --iters 3)
+if wants vision; then
+  if [ "$SMOKE" = 1 ]; then
+    vision_args=(--models ghostnet_100 --img-size 64 --infer-batch 2 --train-batch 2 --rounds 1 --iters 1)
+  else
+    vision_args=(--infer-batch 256 --train-batch 256 --rounds 3 --iters 3)
+  fi
+  run_step vision "$T_VISION" "$PY" benchmarks/vision_throughput.py --device "$DEVICE" --dtype bfloat16 "${vision_args[@]}"
+  report vision "$work/vision.out"
 fi
-run_step vision "$T_VISION" "$PY" benchmarks/vision_throughput.py --device "$DEVICE" --dtype bfloat16 "${vision_args[@]}"
-report vision "$work/vision.out"
 
 # ----------------------------------------------------------------------------------------------------- summary
 RC=0 SECONDS_TAKEN=$(( $(date +%s) - suite_start ))
