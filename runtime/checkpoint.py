@@ -8,9 +8,13 @@ Layout under `<output_dir>/checkpoints/`:
                              and every file with its size and checksum
     latest                   the newest complete tag; moved (atomic rename) only after every rank finished
 
-Every rank writes into `.tmp-iter_0000100/`; after a barrier rank 0 reads every file back once to checksum it,
-renames the directory to its final name, writes `complete.json`, then moves `latest`. A crash at any point leaves
-either the previous state or a `.tmp-` directory that resume ignores and the next save removes.
+Every rank writes into `.tmp-iter_0000100-<run token>/` (runtime.rundir.claim_run_dir: the same on every rank of
+this run, another for every run); after a barrier rank 0 reads every file back once to checksum it, renames the
+directory to its final name, writes `complete.json`, then moves `latest`. A crash at any point leaves either the
+previous state or a `.tmp-` directory that resume ignores. A save removes only this run's own temporary directories:
+another process's `.tmp-` directory may be a save in progress (runtime.rundir's lock keeps a second run out, but a
+temporary directory is never taken on trust). A save that fails - the disk full, above all - removes its temporary
+directory and raises TrainingError naming the cause and what is kept (`latest` has not moved).
 
 Loading verifies sizes and checksums before the engine reads anything: a file that differs is corruption, and resume
 falls back to the previous checkpoint. A checkpoint of another shape (other model, seq_len, world size...) is not
@@ -20,6 +24,7 @@ corruption: runtime.resume names what differs, and the trainer refuses it accord
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -35,6 +40,7 @@ import torch
 
 from runtime.collectives import all_ranks
 from runtime.dist import barrier, rank, world_size
+from runtime.errors import TrainingError
 from runtime.fsutil import make_public, write_text_atomic
 
 TAG_RE = re.compile(r"^iter_(\d{7,})$")
@@ -159,52 +165,108 @@ def save_checkpoint(
     config: dict[str, Any],
     manifest_extra: dict[str, Any] | None = None,
     extra: ExtraFiles | None = None,
+    *,
+    run_token: str,
 ) -> Path:
     """Save, publish atomically, prune to the newest `keep_last`. Every rank must call this.
 
-    `config` (the resolved training config) and `manifest_extra` go into the manifest, where resume reads them."""
+    `config` (the resolved training config) and `manifest_extra` go into the manifest, where resume reads them.
+    `run_token` (RunClaim.token) names this run's temporary directory."""
     this_rank = rank()
     tag = tag_for(iteration)
-    tmp_tag = f".tmp-{tag}"
+    tmp_tag = f".tmp-{tag}-{run_token}"
     final = root / tag
     if this_rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-iter_*"):
+        for stale in root.glob(f".tmp-iter_*-{run_token}"):  # an earlier failed save of this run
             shutil.rmtree(stale, ignore_errors=True)
         if final.exists():  # a re-run of the same iteration after a resume: replace it
             shutil.rmtree(final)
     barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), root / tmp_tag / f"rng_rank{this_rank}.pt")
-    if extra is not None:
-        extra(root / tmp_tag)
-    barrier()
+    error: BaseException | None = None
+    try:
+        engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), root / tmp_tag / f"rng_rank{this_rank}.pt")
+        if extra is not None:
+            extra(root / tmp_tag)
+    except Exception as err:  # torch's writer says RuntimeError for a full disk, safetensors SafetensorError
+        error = err
+    if not all_ranks(error is None):  # also the barrier before publishing
+        if this_rank == 0:
+            shutil.rmtree(root / tmp_tag, ignore_errors=True)
+        if error is not None and not disk_full(error):
+            raise error  # a bug, not the user's to fix: its traceback
+        raise TrainingError(save_failure(root, tag, error))
+    failure: OSError | None = None
     if this_rank == 0:
-        # Read back once, right after writing (from the page cache, usually): the checksums of the bytes written.
-        # Published with the umask's mode (safetensors, for one, writes 0600 whatever the umask).
-        files = {}
-        for path in sorted((root / tmp_tag).rglob("*")):
-            if path.is_file():
-                make_public(path)
-                files[str(path.relative_to(root / tmp_tag))] = {
-                    "bytes": path.stat().st_size,
-                    CHECKSUM: file_checksum(path),
-                }
-        os.replace(root / tmp_tag, final)
-        manifest = {
-            "iteration": iteration,
-            "world_size": world_size(),
-            "checksum": CHECKSUM,
-            "files": files,
-            "config": config,
-            **(manifest_extra or {}),
-        }
-        write_text_atomic(final / MANIFEST, json.dumps(manifest, indent=1))
-        write_text_atomic(root / "latest", tag)
-        for _, old in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
+        manifest = {"iteration": iteration, "world_size": world_size(), "config": config, **(manifest_extra or {})}
+        try:
+            _publish(root / tmp_tag, final, manifest, keep_last)
+        except OSError as err:  # the manifest or `latest` could not be written: the disk is full, most likely
+            failure = err
+            shutil.rmtree(root / tmp_tag, ignore_errors=True)
+            if not (final / MANIFEST).is_file():
+                shutil.rmtree(final, ignore_errors=True)
+    if not all_ranks(failure is None):  # also the barrier that keeps the ranks together until `latest` moved
+        raise TrainingError(save_failure(root, tag, failure))
     return final
+
+
+def _publish(tmp: Path, final: Path, manifest: dict[str, Any], keep_last: int) -> None:
+    """Rank 0: checksum the files, rename the directory to its final name, write the manifest, move `latest`,
+    prune to the newest `keep_last`."""
+    root = final.parent
+    # Read back once, right after writing (from the page cache, usually): the checksums of the bytes written.
+    # Published with the umask's mode (safetensors, for one, writes 0600 whatever the umask).
+    files = {}
+    for path in sorted(tmp.rglob("*")):
+        if path.is_file():
+            make_public(path)
+            files[str(path.relative_to(tmp))] = {"bytes": path.stat().st_size, CHECKSUM: file_checksum(path)}
+    os.replace(tmp, final)
+    manifest = {**manifest, "checksum": CHECKSUM, "files": files}
+    write_text_atomic(final / MANIFEST, json.dumps(manifest, indent=1))
+    write_text_atomic(root / "latest", final.name)
+    for _, old in complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def disk_full(error: BaseException | None) -> bool:
+    """Is `error` (or an error it was raised from) a full disk? torch's zip writer loses the errno and says only
+    "unexpected pos" or "file write failed"."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(error)
+        if "No space left on device" in text or "unexpected pos" in text or "file write failed" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def kept_checkpoint(root: Path) -> str:
+    """What a failed save leaves to resume from, for its message."""
+    done = complete_checkpoints(root)
+    if not done:
+        return "no checkpoint of this run is kept yet"
+    return f"the newest complete checkpoint, {done[-1][1]}, is kept (--resume auto continues from it)"
+
+
+def save_failure(root: Path, tag: str, error: BaseException | None) -> str:
+    """The one line a failed save raises: the cause, where, what is kept, the fix."""
+    if error is None:
+        return f"saving checkpoint {tag} under {root} failed on another rank (see its message); {kept_checkpoint(root)}"
+    if disk_full(error):
+        free = shutil.disk_usage(root).free / 2**20
+        return (
+            f"No space left on device under {root} while saving checkpoint {tag} ({free:.0f} MiB free); its partial "
+            f"files were removed and {kept_checkpoint(root)}. Free some space (or lower --keep_last), then run the "
+            f"same command with --resume auto"
+        )
+    return (
+        f"saving checkpoint {tag} under {root} failed: {type(error).__name__}: {error}; its partial files were "
+        f"removed and {kept_checkpoint(root)}"
+    )
 
 
 # Compares a checkpoint's manifest with this run: (the refusal or None, the allowed changes). See resume_differences.

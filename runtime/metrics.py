@@ -56,9 +56,10 @@ def _json_safe(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def trim_jsonl(path: Path, last_iteration: int) -> int:
+def trim_jsonl(path: Path, last_iteration: int, redone: tuple[str, ...] = ()) -> int:
     """Keep the records of iterations <= `last_iteration` (a resumed run replays the ones after its checkpoint;
-    lines cut by a crash go too). Rewritten atomically; returns how many lines were dropped."""
+    lines cut by a crash go too), less those of a kind in `redone` at `last_iteration` itself (a run resumed at its
+    end evaluates again). Rewritten atomically; returns how many lines were dropped."""
     if not path.is_file():
         return 0
     kept: list[str] = []
@@ -68,7 +69,10 @@ def trim_jsonl(path: Path, last_iteration: int) -> int:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and record.get("iteration", 0) <= last_iteration:
+        if not isinstance(record, dict):
+            continue
+        iteration = record.get("iteration", 0)
+        if iteration < last_iteration or (iteration == last_iteration and record.get("kind") not in redone):
             kept.append(line)
     if len(kept) < len(lines):
         write_text_atomic(path, "".join(f"{line}\n" for line in kept))
@@ -80,15 +84,24 @@ class MetricsLogger:
 
     `start_iteration` is where this run starts (a resumed checkpoint's iteration, else 0): what a dead run logged
     after it is removed from metrics.jsonl and hidden from TensorBoard (`purge_step`), so every iteration appears
-    once. Records are keyed by "iteration" (runtime.rundir)."""
+    once. `reevaluated`: the run starts at its last iteration (a finished run resumed, e.g. after its export
+    failed), whose final evaluation it repeats: the validation record of that iteration goes too. Records are keyed by
+    "iteration" (runtime.rundir)."""
 
-    def __init__(self, output_dir: Path, enabled: bool, start_iteration: int = 0, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        enabled: bool,
+        start_iteration: int = 0,
+        tensorboard: bool = True,
+        reevaluated: bool = False,
+    ) -> None:
         self.enabled = enabled
         self.jsonl = None
         self.tb = None
         if enabled:
             output_dir.mkdir(parents=True, exist_ok=True)
-            dropped = trim_jsonl(output_dir / METRICS, start_iteration)
+            dropped = trim_jsonl(output_dir / METRICS, start_iteration, ("valid",) if reevaluated else ())
             if dropped:
                 print(
                     f"metrics.jsonl: dropped {dropped} records past iteration {start_iteration} (the steps this "

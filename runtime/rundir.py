@@ -39,8 +39,11 @@ SUMMARY_KEYS = ("task", "model", "total_params", "iterations", "seed", "world_si
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """Written when a run starts or resumes. A run under way has not finished: the summary.json of an earlier finish
+    (a finished run resumed to train further, say) goes, and the run writes a new one when it finishes."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
+    (run_dir / SUMMARY).unlink(missing_ok=True)
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
@@ -87,6 +90,11 @@ def claim_run_dir(run_dir: Path) -> RunClaim:
             )
         except LockBusy as err:
             refusal = str(err)
+        except OSError as err:  # not a directory, not writable: refused on every rank, not a hang on the others
+            refusal = (
+                f"output_dir={str(run_dir)!r}: cannot create the run's lock file {run_dir / RUN_LOCK} ({err}); "
+                f"choose a writable --output_dir"
+            )
     if not collectives.all_ranks(refusal is None):
         raise TrainingError(refusal or f"output_dir={str(run_dir)!r} is in use by another run (rank 0 names it)")
     # rank 0's random number, spread by a MAX reduction (the other ranks give 0)

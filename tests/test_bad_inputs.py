@@ -329,3 +329,34 @@ def test_bad_input_is_refused_with_one_clear_line_and_nothing_changes(case: Case
         assert _fill(needle, outcome.root) in errors[0], (needle, errors[0])
     changed = sorted(set(outcome.after.items()) ^ set(outcome.before.items()))
     assert not changed, f"the refused command changed files: {changed[:10]}"
+
+
+def test_an_unreadable_image_stops_the_run_naming_it_or_is_skipped_and_counted(tmp_path: Path) -> None:
+    """Issue 25: a truncated image in an ImageFolder was skipped by timm for its neighbour ("Skipped sample", no file
+    named, nothing in summary.json). Now it stops the run with one line naming the file and the fix - also when a
+    DataLoader worker process read it - or, with --skip_bad_images true, is skipped, named, and counted."""
+    images = tiny_image_folder(tmp_path / "images")
+    bad = sorted((images / "train" / "a").iterdir())[1]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # truncated: PIL opens it, decoding fails
+    base = [PY, "-m", "vision.train", "--config", "fashion_mnist_tiny", "--dataset", "folder", "--data_dir",
+            str(images), "--train_subset", "0", "--micro_batch_size", "4", "--global_batch_size", "4",
+            "--train_iters", "2", "--val_subset", "8", "--log_interval", "1", "--progress_bar", "false",
+            "--tensorboard", "false"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    refused = run("--num_workers", "1", "--output_dir", str(tmp_path / "refused"))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    [line] = [line for line in refused.stderr.splitlines() if ERROR_LINE.match(line)]
+    assert line.startswith(f"vision.train: error: {bad}: unreadable image (image file is truncated"), line
+    assert "replace or remove the file, or pass --skip_bad_images true" in line
+    assert not (tmp_path / "refused" / "summary.json").exists()
+
+    skipped = run("--num_workers", "0", "--skip_bad_images", "true", "--output_dir", str(tmp_path / "skipped"))
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert f"vision.train: warning: skipped unreadable image {bad}" in skipped.stderr
+    summary = json.loads((tmp_path / "skipped" / "summary.json").read_text())
+    # 2 steps of 4 of the 8 training images: every one is read once, the bad one skipped once
+    assert summary["skipped_images"] == 1

@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -342,3 +345,141 @@ def test_new_manifests_verify_without_warnings(base_run):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         verify_files(ckpt, read_manifest(ckpt))
+
+
+# ------------------------------------------------------------------------------- one run per directory (issue 25)
+def test_a_second_training_into_a_running_output_dir_is_refused_and_the_first_is_untouched(tmp_path):
+    """Two trainings into one --output_dir: the first holds RUN/.run.lock (an flock) for the whole run, the second is
+    refused at start with one line naming the holder. A temporary checkpoint directory that is not the run's own (an
+    other process's save in progress, as far as this run can tell) is never deleted."""
+    out = tmp_path / "run"
+    foreign = out / "checkpoints" / ".tmp-iter_0000004-0123456789ab"
+    foreign.mkdir(parents=True)
+    (foreign / "mp_rank_00_model_states.pt").write_bytes(b"another run's save in progress")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+    command = [sys.executable, "-m", "llm.pretrain", *ARGS, "--output_dir", str(out), "--train_iters", str(ITERS)]
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = out / ".run.lock"
+        deadline = time.monotonic() + 300
+        while not (lock.is_file() and f'"pid": {first.pid}' in lock.read_text()):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)  # it holds the lock: the second one starts while it is mid-run
+        try:
+            second = pretrain(out, "--train_iters", str(ITERS))
+        finally:
+            first.send_signal(signal.SIGCONT)
+        _, first_err = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-4000:]
+    [line] = error_lines(second)
+    assert f"output_dir='{out}' is in use by host {socket.gethostname()}, PID {first.pid}, started " in line
+    assert "or choose another --output_dir" in line
+    assert first.returncode == 0, first_err[-4000:]
+    assert [r["iteration"] for r in train_records(out)] == list(range(1, ITERS + 1))  # once each
+    assert foreign.is_dir() and sorted(p.name for p in foreign.iterdir()) == ["mp_rank_00_model_states.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").glob(".tmp-*")) == [foreign.name]  # ours were published
+    assert [it for it, _ in complete_checkpoints(out / "checkpoints")] == [SAVE, ITERS]
+    newest = out / "checkpoints" / tag_for(ITERS)
+    verify_files(newest, read_manifest(newest))  # every listed file exists, with its checksum
+    assert not lock.exists() and (out / "summary.json").is_file()
+
+
+DISK_FULL = r"""
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+
+disk, args = Path(sys.argv[1]), sys.argv[2:]
+run, filler = disk / "run", disk / "filler"
+env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def pretrain(*extra):
+    proc = subprocess.run([sys.executable, "-m", "llm.pretrain", *args, "--output_dir", str(run), *extra],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    return {"rc": proc.returncode, "errors": errors, "traceback": "Traceback" in proc.stderr,
+            "tail": proc.stderr[-3000:]}
+
+
+def size(path):
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def leave_free(nbytes):
+    filler.unlink(missing_ok=True)
+    free = shutil.disk_usage(disk).free
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, max(free - nbytes, 1))
+
+
+def state():
+    checkpoints = run / "checkpoints"
+    return {"latest": (checkpoints / "latest").read_text(), "tmp": sorted(p.name for p in checkpoints.glob(".tmp-*")),
+            "summary": (run / "summary.json").is_file()}
+
+
+out = {}
+out["first"] = pretrain("--train_iters", "2")  # a finished run: one checkpoint and hf/, to measure them
+ckpt, hf = size(run / "checkpoints" / "iter_0000002"), size(run / "hf")
+leave_free(ckpt // 2)  # iteration 4's checkpoint cannot be written
+out["save"] = {**pretrain("--train_iters", "4", "--resume", "auto"), **state()}
+leave_free(ckpt + hf // 2)  # the checkpoint fits, the export does not
+out["export"] = {**pretrain("--train_iters", "4", "--resume", "auto"), **state()}
+filler.unlink()
+out["resumed"] = {**pretrain("--train_iters", "4", "--resume", "auto"), **state()}
+out["records"] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+out["run"] = str(run)
+print(json.dumps(out))
+"""
+
+
+def test_disk_full_is_one_line_keeps_the_last_checkpoint_and_the_resumed_run_logs_each_record_once(tmp_path):
+    """A full disk (a 160 MiB tmpfs in a mount namespace of the test's own) while saving a checkpoint and while
+    exporting: one line naming the cause, the directory and what is kept; `latest` never moves to a partial
+    checkpoint; after space is freed, --resume auto finishes the run and every record is in metrics.jsonl once (the
+    validation record of the iteration it resumed at included)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = tmp_path / "disk_full.py"
+    script.write_text(DISK_FULL)
+    args = [*ARGS[: ARGS.index("--export")], *ARGS[ARGS.index("--export") + 2 :], "--export", "true"]
+    args += ["--save_interval", "100", "--eval_iters", "1"]
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(REPO / ".venv" / "torch_extensions")}
+    mount = f'mount -t tmpfs -o size=160m tmpfs {disk} && exec {sys.executable} {script} {disk} "$@"'
+    proc = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount, "sh", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if proc.returncode != 0 and "mount" in proc.stderr and "Traceback" not in proc.stderr:
+        pytest.skip(f"no tmpfs in a user namespace here: {proc.stderr.strip()[:300]}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    run = out["run"]
+    assert out["first"]["rc"] == 0, out["first"]["tail"]
+    save = out["save"]
+    assert save["rc"] == 2 and not save["traceback"] and len(save["errors"]) == 1, save["tail"]
+    assert (
+        f"error: No space left on device under {run}/checkpoints while saving checkpoint iter_0000004"
+        in (save["errors"][0])
+    )
+    assert f"the newest complete checkpoint, {run}/checkpoints/iter_0000002, is kept" in save["errors"][0]
+    assert "--resume auto" in save["errors"][0]
+    assert save["latest"] == "iter_0000002" and save["tmp"] == [] and save["summary"] is False
+    export = out["export"]
+    assert export["rc"] == 2 and not export["traceback"] and len(export["errors"]) == 1, export["tail"]
+    assert f"error: No space left on device under {run}/hf while exporting the final weights" in export["errors"][0]
+    assert export["latest"] == "iter_0000004" and export["tmp"] == [] and export["summary"] is False
+    resumed = out["resumed"]
+    assert resumed["rc"] == 0 and resumed["summary"] is True, resumed["tail"]
+    keys = [(r["kind"], r["iteration"]) for r in out["records"]]
+    assert sorted(set(keys)) == sorted(keys), keys  # no record twice
+    assert [i for kind, i in keys if kind == "train"] == [1, 2, 3, 4] and ("valid", 4) in keys

@@ -195,7 +195,7 @@ def build_inputs(
     mean, std = resolve_mean_std(cfg, pretrained_cfg)
     train_tf, val_tf = build_transforms(cfg, mean, std)
     img_mode = "L" if cfg.in_chans == 1 else "RGB"
-    train_ds = SeededTransformDataset(prep.splits.train, train_tf, img_mode)
-    val_ds = SeededTransformDataset(prep.splits.val, val_tf, img_mode)
+    train_ds = SeededTransformDataset(prep.splits.train, train_tf, img_mode, cfg.skip_bad_images)
+    val_ds = SeededTransformDataset(prep.splits.val, val_tf, img_mode, cfg.skip_bad_images)
     val_sampler = EvalBatchSampler(prep.val_indices, cfg.micro_batch_size * 2, world, rank)
     return train_ds, make_loader(val_ds, val_sampler, cfg.num_workers)

@@ -55,6 +55,7 @@ class TrainConfig:
     mixup_switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
     label_smoothing: float = 0.1  # also folded into Mixup's soft targets
     num_workers: int = 2  # data-loading processes per rank
+    skip_bad_images: bool = False  # false: an unreadable image file stops the run, named; true: skip it (counted)
 
     # --- optimisation ----------------------------------------------------------------------------------------------
     epochs: int = 90  # the LR schedule spans this many epochs
@@ -213,6 +214,7 @@ RESUME_POLICY: dict[str, tuple[str, str]] = {
     "mixup_switch_prob": (ALLOW, _AUG),
     "label_smoothing": (ALLOW, "the targets of the steps to come"),
     "num_workers": (ALLOW, "speed only: samples are functions of (seed, epoch, position)"),
+    "skip_bad_images": (ALLOW, "what to do with an unreadable image from now on; skipped ones are counted"),
     "epochs": (REFUSE, _SCHEDULE + " and the sample order of each epoch"),
     "train_iters": (ALLOW, "stopping earlier or later; the schedule spans epochs"),
     "global_batch_size": (REFUSE, _DATA),

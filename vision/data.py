@@ -29,6 +29,7 @@ from PIL import Image
 from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from runtime.errors import print_error
 from runtime.fsutil import temp_path_for
 from runtime.paths import default_data_dir
 from vision.config import TrainConfig
@@ -217,25 +218,71 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+class UnreadableImage(ValueError):
+    """An image file that PIL cannot decode (truncated, not an image): bad input, named by its path.
+
+    Raised in a DataLoader worker, it reaches the trainer re-raised by torch with the worker's traceback as its
+    message: the constructor keeps only our own line (the traceback's last)."""
+
+    def __init__(self, message: str) -> None:
+        if "Traceback" in message:
+            message = message.strip().splitlines()[-1].split("UnreadableImage: ", 1)[-1]
+        super().__init__(message)
+
+
 class SeededTransformDataset(Dataset):
     """Applies a transform under RNGs seeded per sample, so augmentation does not depend on worker or history.
 
-    Indexed by `(index, seed)` keys produced by the samplers below.
+    Indexed by `(index, seed)` keys produced by the samplers below. An image file that cannot be decoded raises
+    UnreadableImage naming it, or, with `skip_bad`, is replaced by the next readable image of the split and counted
+    in `skipped` (shared with the loader's worker processes, which fork from this one).
     """
 
-    def __init__(self, base: Dataset, transform: Any, img_mode: str) -> None:
+    def __init__(self, base: Dataset, transform: Any, img_mode: str, skip_bad: bool = False) -> None:
+        import multiprocessing
+
         self.base = base
         self.transform = transform
         self.img_mode = img_mode
+        self.skip_bad = skip_bad
+        self.skipped = multiprocessing.Value("q", 0)
         if hasattr(base, "transform"):
             base.transform = None  # type: ignore[attr-defined]
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
+    def _load(self, index: int) -> tuple[Any, int]:
+        """The image and target at `index`. An image folder is read here rather than by timm's dataset, which
+        skips an unreadable file to its neighbour with a log line that does not name it."""
+        reader = getattr(self.base, "reader", None)
+        if reader is None or not hasattr(reader, "filename"):
+            return self.base[index]  # type: ignore[index]  (torchvision datasets: decoded arrays in memory)
+        for attempt in range(len(self)):
+            position = (index + attempt) % len(self)
+            handle, target = reader[position][:2]
+            try:
+                with Image.open(handle) as opened:
+                    return opened.convert(self.img_mode), target  # convert decodes: a truncated file fails here
+            # PIL: UnidentifiedImageError and "image file is truncated" are OSErrors, "broken PNG file" a SyntaxError
+            except (OSError, SyntaxError) as err:
+                path = reader.filename(position, absolute=True)
+                if not self.skip_bad:
+                    raise UnreadableImage(
+                        f"{path}: unreadable image ({err}); replace or remove the file, or pass --skip_bad_images "
+                        f"true to train without such images (counted in summary.json)"
+                    ) from None
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+                print_error(f"skipped unreadable image {path} ({err})", kind="warning", prog="vision.train")
+            finally:
+                if hasattr(handle, "close"):
+                    handle.close()
+        raise UnreadableImage(f"{getattr(reader, 'root', 'the split')}: no image of the split can be read")
+
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key
-        img, target = self.base[index]
+        img, target = self._load(index)
         if isinstance(img, Image.Image) and img.mode != self.img_mode:
             img = img.convert(self.img_mode)
         # Save and restore: with num_workers=0 this runs in the training process.

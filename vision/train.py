@@ -37,7 +37,7 @@ from runtime.ds_config import gradient_accumulation_steps
 from runtime.errors import TrainingError, print_error
 from runtime.metrics import MetricsLogger
 from runtime.resume import resume_from
-from runtime.rundir import CHECKPOINTS, write_config, write_summary
+from runtime.rundir import CHECKPOINTS, claim_run_dir, write_config, write_summary
 from runtime.slurm import rank_env
 from vision.build import (
     Prepared,
@@ -54,6 +54,7 @@ from vision.build import (
 from vision.config import ENGINE, TrainConfig, load_config, to_dict
 from vision.data import (
     TrainBatchSampler,
+    UnreadableImage,
     make_loader,
 )
 from vision.evaluate import evaluate, sync_batchnorm
@@ -78,8 +79,6 @@ class Trainer:
     """One training run on the DeepSpeed engine: set-up and resume, the step loop, evaluation, checkpoints."""
 
     def __init__(self, cfg: TrainConfig, prep: Prepared) -> None:
-        import deepspeed
-
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.cfg, self.prep = cfg, prep
         self.out_dir = Path(cfg.output_dir)
@@ -88,6 +87,18 @@ class Trainer:
         set_cpu_threads()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
+        # One run per output_dir, held by rank 0 until the run ends (runtime.rundir): a second one is refused here.
+        self.claim = claim_run_dir(self.out_dir)
+        try:
+            self._set_up()
+        except BaseException:
+            self.claim.release()  # and the directory, if this run created it and left it empty
+            raise
+
+    def _set_up(self) -> None:
+        import deepspeed
+
+        cfg, prep = self.cfg, self.prep
         self.grad_accum = gradient_accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, self.world)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=prep.model,
@@ -105,9 +116,12 @@ class Trainer:
         self.stopped = False
         self.pos = Position()
         self.saved_iteration = -1
+        self.skipped_before = 0
         self._resume()
         # Records past the iteration this run starts from belong to a dead run's replayed steps: dropped.
-        self.metrics = MetricsLogger(self.out_dir, self.is_main, self.pos.iteration, cfg.tensorboard)
+        # A run resumed at its last iteration evaluates it again (fit): that validation record goes too.
+        at_end = self.pos.iteration >= (cfg.train_iters or cfg.epochs * prep.steps_per_epoch)
+        self.metrics = MetricsLogger(self.out_dir, self.is_main, self.pos.iteration, cfg.tensorboard, at_end)
         if self.is_main:
             write_config(self.out_dir, to_dict(cfg))
 
@@ -126,6 +140,7 @@ class Trainer:
         iteration, state, changes = loaded
         self.pos = Position(**state["position"])
         self.saved_iteration = iteration
+        self.skipped_before = int(state.get("skipped_images", 0))  # every rank's, when it saved
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"])
         if self.is_main:
@@ -133,6 +148,12 @@ class Trainer:
             for line in changes:
                 say(line)
             say(f"resumed from {where} (epoch {self.pos.epoch}, iteration {iteration})")
+
+    def skipped_images(self) -> int:
+        """Unreadable images skipped by every rank (--skip_bad_images), this run and those it resumed (a collective:
+        every rank calls it)."""
+        mine = self.train_ds.skipped.value + self.val_loader.dataset.skipped.value
+        return self.skipped_before + int(collectives.all_reduce_values([mine])[0])
 
     def _modules(self) -> list[torch.nn.Module]:
         return [self.engine.module] + ([self.ema.module] if self.ema is not None else [])
@@ -145,6 +166,7 @@ class Trainer:
         client_state = {
             "position": asdict(self.pos),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "skipped_images": self.skipped_images(),
         }
         position = {"epoch": self.pos.epoch, "step_in_epoch": self.pos.step_in_epoch}
         save_checkpoint(
@@ -155,6 +177,7 @@ class Trainer:
             self.cfg.keep_last,
             to_dict(self.cfg),
             manifest_extra=position,
+            run_token=self.claim.token,
         )
 
     def evaluate(self) -> dict[str, Any]:
@@ -297,6 +320,7 @@ class Trainer:
         summary = run_summary(
             cfg, self.prep, module, self.pos.iteration, last_eval, self.last_loss, seconds, self.world
         )
+        summary["skipped_images"] = self.skipped_images()
         if self.is_main:
             meta = {"model": cfg.model, "num_classes": str(self.prep.num_classes), "in_chans": str(cfg.in_chans)}
             save_weights(module.state_dict(), self.out_dir / WEIGHTS, meta)
@@ -314,6 +338,7 @@ def run(cfg: TrainConfig, prep: Prepared) -> dict[str, Any]:
         return trainer.fit()
     finally:
         trainer.metrics.close()
+        trainer.claim.release()
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -336,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(cfg, prep)
-    except TrainingError as err:  # found once training runs (a refused resume, a non-finite loss): every rank says
+    except (TrainingError, UnreadableImage) as err:  # found once training runs (a refused resume, a non-finite
+        # loss, an image that cannot be decoded): every rank says
         print_error(str(err), prog=PROG)
         return 2
     finally:

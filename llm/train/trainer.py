@@ -13,14 +13,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from runtime import collectives
-from runtime.checkpoint import complete_checkpoints, save_checkpoint, tag_for
+from runtime.checkpoint import complete_checkpoints, disk_full, kept_checkpoint, save_checkpoint, tag_for
 from runtime.dist import PreemptionFlag, init_distributed
 from runtime.ds_config import gradient_accumulation_steps
 from runtime.errors import TrainingError
 from runtime.metrics import MetricsLogger, memory_gib, peak_flops
 from runtime.nonfinite import NonFiniteGradGuard
 from runtime.resume import check_resume_settings, refuse_to_start_over, resume_differences, resume_from
-from runtime.rundir import CHECKPOINTS, write_config, write_summary
+from runtime.rundir import CHECKPOINTS, claim_run_dir, write_config, write_summary
 
 from .build import apply_schedule, build_engine, build_model
 from .config import RESUME_POLICY, TrainConfig
@@ -39,6 +39,17 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.ckpt_root = self.output_dir / CHECKPOINTS
         self.train_iters = cfg.resolved_train_iters()
+        # One run per output_dir, held by rank 0 until the run ends; a second one is refused here, before any check
+        # that reads the directory (it would not see a run that has not written anything yet).
+        self.claim = claim_run_dir(self.output_dir)
+        try:
+            self._set_up()
+        except BaseException:
+            self.claim.release()  # and the directory, if this run created it and left it empty
+            raise
+
+    def _set_up(self) -> None:
+        cfg = self.cfg
         # Everything is checked before anything is written to output_dir: a refused run leaves it as it was.
         refuse_to_start_over(self.ckpt_root, cfg.resume, cfg.output_dir)
         check_resume_settings(self.ckpt_root, cfg.resume, self._settings_check)
@@ -66,6 +77,7 @@ class Trainer:
             enabled=self.rank == 0,
             start_iteration=self.iteration,
             tensorboard=getattr(cfg, "tensorboard", True),
+            reevaluated=self.iteration >= self.train_iters,  # resumed at the end: the final evaluation is redone
         )
         if self.rank == 0:
             write_config(self.output_dir, cfg.to_dict())
@@ -252,6 +264,7 @@ class Trainer:
             self.cfg.keep_last,
             self.cfg.to_dict(),
             manifest,
+            run_token=self.claim.token,
             extra=lambda directory: save_full_weights(self.engine.module, self.ep_group, self.rank, directory),
         )
 
@@ -287,6 +300,13 @@ class Trainer:
         return record
 
     def train(self) -> dict[str, Any]:
+        """Train to train_iters (or a stop signal); the run directory's lock is released at the end, whatever it is."""
+        try:
+            return self._train()
+        finally:
+            self.claim.release()
+
+    def _train(self) -> dict[str, Any]:
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -350,7 +370,16 @@ class Trainer:
 
             result["dense_weights_identical"] = dense_weights_identical(self.engine.module)
         if cfg.export:
-            self.export()
+            try:
+                self.export()
+            except Exception as err:  # safetensors' SafetensorError is neither an OSError nor a RuntimeError
+                if not disk_full(err):
+                    raise
+                raise TrainingError(
+                    f"No space left on device under {self.output_dir / 'hf'} while exporting the final weights; "
+                    f"{kept_checkpoint(self.ckpt_root)}. Free some space, then run the same command with --resume "
+                    f"auto (it evaluates and exports again)"
+                ) from err
         self._write_summary(result)
         return result
 
