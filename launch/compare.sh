@@ -11,9 +11,10 @@
 #   --run "down parameternet" --run 'up parameternet --model_overrides {"moe_projections":["up_proj"]}'
 #   --run 'e4 parameternet --model_overrides {"num_experts":4}'
 # --seeds N trains every run with seeds S, S+1, ..., S+N-1 (default S=1234); run i of every model uses the same seed,
-# hence the same data order. Runs go to OUT/NAME/seedS/; a run with summary.json (trained) or eval/results.json
-# (evaluated) is reused unless --force; an interrupted run resumes. The report (OUT/compare/) covers every seed
-# directory under OUT/NAME/.
+# hence the same data order. Runs go to OUT/NAME/seedS/; a finished run (summary.json) is reused unless --force, and
+# so is an evaluation of its final iteration. A training stopped by a signal (Ctrl-C, SIGTERM: it checkpoints and
+# exits 0) has not finished: compare.sh stops there with exit 3, and the same command resumes it. The report
+# (OUT/compare/) covers every seed directory under OUT/NAME/.
 # Environment: SIZE, NPROC, CONFIG, DS_CONFIG, ... as in launch/pretrain_llama.sh.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -72,14 +73,21 @@ for spec in "${runs[@]}"; do
   for ((i = 0; i < seeds; i++)); do
     s=$((seed + i))
     run_dir="$out/$name/seed$s"
-    if [ "$force" = 1 ] || [ ! -f "$run_dir/summary.json" ]; then
+    if [ "$force" = 1 ] || ! "$PY" -m runtime.rundir finished "$run_dir" >/dev/null 2>&1; then
       echo "=== train $name (seed $s) -> $run_dir" >&2
       [ "$force" = 1 ] && rm -rf "$run_dir"
       # --resume auto: a run interrupted earlier continues from its last checkpoint instead of starting over.
       bash launch/pretrain_llama.sh "$kind" "${trainer_args[@]+"${trainer_args[@]}"}" \
         "${extra[@]+"${extra[@]}"}" --seed "$s" --output_dir "$run_dir" --resume auto
+      # A stop signal makes the trainer checkpoint and exit 0 without summary.json: not a finished run.
+      if ! state="$("$PY" -m runtime.rundir finished "$run_dir" 2>&1)"; then
+        echo "compare.sh: error: training of $name (seed $s) was stopped: ${state#*error: }; nothing is evaluated" \
+          "or reported from it: run the same command again to resume it" >&2
+        exit 3
+      fi
     fi
-    if [ "$force" = 1 ] || [ ! -f "$run_dir/eval/results.json" ]; then
+    # An evaluation is reused only when it is of the final iteration (an earlier one is of older weights).
+    if [ "$force" = 1 ] || ! "$PY" -m evals.runs evaluated "$run_dir" >/dev/null 2>&1; then
       echo "=== evaluate $name (seed $s)" >&2
       bash launch/eval_zero_shot.sh "$run_dir" "${eval_args[@]}"
     fi

@@ -14,8 +14,10 @@
 # paper-vision: the static twin ghostnet_tiny_os4 against parameternet_tiny_os4 with 1, 2 and 4 experts on
 # Fashion-MNIST at 32 px (vision/configs/fashion_mnist_tiny.yaml, one epoch), where the experts cost at most 1.06x the twin's
 # multiply-adds; runs to OUT/<arm>/seed<N>/ (vision.train), the report to OUT/report.md with paired top-1 differences.
-# Resumable: a finished run (summary.json; for paper-llm also eval/results.json) is skipped, an interrupted one
-# resumes from its last checkpoint (--resume auto); --force retrains and re-evaluates everything.
+# Resumable: a finished run (summary.json; for paper-llm also an evaluation of its final iteration) is skipped, an
+# interrupted one resumes from its last checkpoint (--resume auto); --force retrains and re-evaluates everything.
+# Ctrl-C (or SIGTERM) stops it: every training running checkpoints and stops, and the experiment exits non-zero
+# (3, or 130 for paper-vision's interrupt) without evaluating or reporting a stopped run; the same command resumes.
 # Environment:
 #   SIZE=small         the model and training presets (llama-$SIZE, parameternet-llama-$SIZE, llm/configs/$SIZE.yaml)
 #   SEEDS=3            seeds per arm: SEED, SEED+1, ...      SEED=1234 (paper-vision: 42)
@@ -32,7 +34,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 source "$repo/launch/common.sh"
 
-usage() { sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "experiment.sh: error: $*" >&2; exit 2; }
 
 case "${1:-}" in
@@ -62,13 +64,26 @@ if [ "$experiment" = paper-vision ]; then
   echo "=== $experiment: $(echo "$arms" | wc -l) arms x $seeds seeds -> $out" >&2
   jobs="${JOBS:-1}"
   [[ "$jobs" =~ ^[1-9][0-9]*$ ]] || die "JOBS='$jobs': give a positive integer (runs trained at once)"
+  # Background jobs of a script ignore SIGINT: on Ctrl-C (or TERM) this shell asks each training to checkpoint and
+  # stop (TERM to train_vision.sh), waits for them, and exits without a report.
+  stop_runs() {
+    trap - INT TERM
+    echo "experiment.sh: interrupted: every training running checkpoints and stops; the same command resumes" >&2
+    local p
+    for p in $(jobs -rp); do kill -TERM "$p" 2>/dev/null || true; done
+    wait || true
+    exit 130
+  }
+  trap stop_runs INT TERM
+  run_dirs=()
   while IFS= read -r spec; do
     read -r -a words <<< "$spec"
     name="${words[0]}"
     for ((i = 0; i < seeds; i++)); do
       s=$((seed + i))
       run_dir="$out/$name/seed$s"
-      if [ ${#force[@]} -gt 0 ] || [ ! -f "$run_dir/summary.json" ]; then
+      run_dirs+=("$run_dir")
+      if [ ${#force[@]} -gt 0 ] || ! "$PY" -m runtime.rundir finished "$run_dir" >/dev/null 2>&1; then
         echo "=== train $name (seed $s) -> $run_dir" >&2
         [ ${#force[@]} -gt 0 ] && rm -rf "$run_dir"
         # At most JOBS runs at once; `wait -n` returns the status of a run that ended, so a failure stops here (set -e).
@@ -82,6 +97,15 @@ if [ "$experiment" = paper-vision ]; then
     done
   done <<< "$arms"
   while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n; done
+  trap - INT TERM
+  # A training stopped by a signal exits 0 with a checkpoint but no summary.json: not finished, not reported.
+  for run_dir in "${run_dirs[@]}"; do
+    if ! state="$("$PY" -m runtime.rundir finished "$run_dir" 2>&1)"; then
+      echo "experiment.sh: error: ${state#*error: }; no report is written from a stopped run: run the same" \
+        "command again to resume it" >&2
+      exit 3
+    fi
+  done
   exec "$PY" -m evals.experiment report "$out" --experiment "$experiment"
 fi
 

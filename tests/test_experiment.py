@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -338,6 +339,96 @@ def test_experiment_sh_end_to_end_twice(tmp_path: Path) -> None:
     assert json.loads((out / "report.json").read_text()) == data
 
 
+INTERRUPTED_ITERS = 60  # long enough that Ctrl-C lands mid-run (the stop is seen within a second or two)
+
+
+def test_experiment_sh_stops_on_ctrl_c_and_the_next_call_resumes(tmp_path: Path) -> None:
+    """Issue 25: Ctrl-C (SIGINT to the process group) during a training made the trainer checkpoint and exit 0, and
+    the experiment carried on - it evaluated the partial checkpoint, trained the next arm, wrote a report. Now it
+    stops with exit 3 and one line saying where the training stopped; the same command resumes the run to its end,
+    evaluates the final weights and writes the report."""
+    out = tmp_path / "paper-llm"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "MASTER_PORT": str(free_port()),
+        "NPROC": "1",
+        "SIZE": "tiny",
+        "ARMS": f"{BASELINE},{HEADLINE}",
+        "SEEDS": "1",
+        "TRAIN_ITERS": str(INTERRUPTED_ITERS),
+        "TASKS": "piqa",
+        "LIMIT": "2",
+        "OUT": str(out),
+    }
+    command = ["bash", "launch/experiment.sh", "paper-llm", "--", *FAST_TRAINER]
+    run_dir = out / BASELINE / "seed1234"
+    log = tmp_path / "first.log"
+    with open(log, "w") as sink:
+        first = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=sink, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            while not any(r.get("iteration", 0) >= 2 for r in _metrics(run_dir)):
+                assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+                time.sleep(0.1)
+            os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground process group
+            rc = first.wait(timeout=600)
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert rc == 3, text[-4000:]
+    stopped = [r["iteration"] for r in _metrics(run_dir) if r["kind"] == "train"][-1]
+    assert 2 <= stopped < INTERRUPTED_ITERS
+    [line] = [line for line in text.splitlines() if "error:" in line]
+    assert line.startswith(f"compare.sh: error: training of {BASELINE} (seed 1234) was stopped: {run_dir}: the ")
+    assert f"is not finished (stopped at iteration {stopped} of {INTERRUPTED_ITERS}" in line
+    assert "run the same command again to resume it" in line
+    # nothing went on after the stop: no evaluation of the partial weights, no other arm, no report
+    assert not (run_dir / "eval").exists() and not (out / HEADLINE).exists() and not (out / "report.md").exists()
+    # What the old experiment.sh did next: an evaluation of the stopped run's checkpoint. It must not be reused.
+    early = subprocess.run(
+        ["bash", "launch/eval_zero_shot.sh", str(run_dir), "--tasks", "piqa", "--offline", "--limit", "2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert early.returncode == 0, early.stderr[-3000:]
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert f"resumed from iteration {stopped}" in second.stdout + second.stderr
+    assert f"=== evaluate {BASELINE} (seed 1234)" in second.stderr  # its step-{stopped} evaluation is redone
+    for arm in (BASELINE, HEADLINE):
+        run = out / arm / "seed1234"
+        assert json.loads((run / "summary.json").read_text())["iterations"] == INTERRUPTED_ITERS
+        steps = sorted(json.loads(p.read_text())["evals"]["step"] for p in (run / "eval" / "results").glob("*.json"))
+        assert steps == ([stopped] if arm == BASELINE else []) + [INTERRUPTED_ITERS]
+    reported = json.loads((out / "report.json").read_text())["arms"][0]["evaluations"]
+    assert [Path(p).name.split("_")[0] for p in reported.values()] == [f"step{INTERRUPTED_ITERS:08d}"]
+    for arm in (BASELINE, HEADLINE):
+        run = out / arm / "seed1234"
+        keys = [(r["kind"], r["iteration"]) for r in _metrics(run)]
+        assert len(keys) == len(set(keys))  # the replayed steps once each
+    assert [a["name"] for a in json.loads((out / "report.json").read_text())["arms"]] == [BASELINE, HEADLINE]
+
+
+def _metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # being written
+            continue
+    return records
+
+
 def test_experiment_sh_refuses_bad_settings(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path / "out"), "SIZE": "tiny"}
     for extra, args, message in (
@@ -399,6 +490,44 @@ def test_vision_experiment_end_to_end_twice(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr[-4000:]
     assert "=== train " not in second.stderr and second.stderr.count("skipped") == 4
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_vision_experiment_stops_on_ctrl_c_and_the_next_call_resumes(tmp_path: Path) -> None:
+    """paper-vision trains in background jobs, which a script's Ctrl-C does not reach: experiment.sh asks each to
+    checkpoint and stop, exits 130 without a report, and the next call resumes the stopped run."""
+    out = tmp_path / "paper-vision"
+    env = {**os.environ, "OUT": str(out), "SEEDS": "1", "ARMS": "static,pn-e2", "OMP_NUM_THREADS": "1"}
+    command = ["bash", "launch/experiment.sh", "paper-vision", "--"]
+    command += ["--train_subset", "1280", "--val_subset", "64", "--epochs", "1", "--log_interval", "1"]
+    command += ["--micro_batch_size", "16", "--global_batch_size", "16"]  # 80 steps: Ctrl-C lands mid-run
+    run_dir = out / "static" / "seed42"
+    log = tmp_path / "first.log"
+    with open(log, "w") as sink:
+        first = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=sink, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            while not any(r.get("iteration", 0) >= 2 for r in _metrics(run_dir)):
+                assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+                time.sleep(0.1)
+            os.killpg(first.pid, signal.SIGINT)
+            rc = first.wait(timeout=600)
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert rc == 130, text[-4000:]
+    assert "experiment.sh: interrupted: every training running checkpoints and stops" in text
+    stopped = [r["iteration"] for r in _metrics(run_dir) if r["kind"] == "train"][-1]
+    assert 2 <= stopped < 80 and not (run_dir / "summary.json").exists()
+    assert not (out / "pn-e2").exists() and not (out / "report.md").exists()
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-4000:]
+    for arm in ("static", "pn-e2"):
+        assert json.loads((out / arm / "seed42" / "summary.json").read_text())["iterations"] == 80
+    keys = [(r["kind"], r["iteration"]) for r in _metrics(run_dir)]
+    assert len(keys) == len(set(keys))
+    assert (out / "report.md").read_text().startswith("# ParameterNet vision experiment")
 
 
 def fake_vision_run(run: Path, model: str, experts: int, seed: int, top1: float, macs: int) -> None:
