@@ -4,7 +4,7 @@ The tiny preset's model (4 layers, 8 experts on down_proj) on the embedded corpu
 the real launcher and trainer. With the paper's routing (a linear router on the raw input) every MoE layer sends all
 tokens to one expert from iteration 4-5 on: mean load CV 2.51 over iterations 5-8, most layers at 2.6-2.65, where
 sqrt(E - 1) = 2.65 is every token on one expert (measured 2026-12-06 with this test and `{"routing_recipe":
-"paper"}`). With the preset's centred router the CV of iterations 4-8 was 0.32-1.36 (mean 0.74) in the same shape.
+"paper"}`). With the preset's centred router the CV of iterations 4-8 was 0.25-1.16 (mean 0.73) in the same shape.
 
 The bound: balanced top-1 routing of 2,048 tokens over 8 experts has a sampling CV of about sqrt(8 / 2048) = 0.06;
 a learned router early in training is allowed to prefer some experts, so the test asks for a mean CV over the layers

@@ -33,7 +33,7 @@ keeps four f-wide tensors (gate, up, SiLU output, product); transformers' RMSNor
     MLP        b h (gate/up input) + 4 b f
     norms      2 x (4h + b h + 4)
     MoE        per MoE projection: top_k b (in + out) (expert-sorted input, expert output) + router (8E + 4 + k(24+b))
-               + with router_input 'centered', (8 - b) in + 4 (its fp32 centred input, normalised)
+               + with router_input 'centered', (4 - b) in (its fp32 centred input instead of the b-byte one)
     standard MoE (moe_mlp): b h + top_k (b h + 4 b f + b h) (sorted input, SwiGLU tensors, expert output) + router
 Activation checkpointing keeps each layer's input (b h) plus one layer recomputed in the backward. The head adds the
 final norm and the lm_head input; logits + cross entropy take (b + 12) V per token: the logits the trainer holds,
@@ -240,7 +240,7 @@ def layer_activation_bytes_per_token(config: LlamaConfig, precision: str) -> int
         k, experts = config.top_k, config.num_experts
         mlp = b * h + k * (b * h + 4 * b * f + b * h) + 8 * experts + 4 + k * (24 + b)
         if router_input == "centered":
-            mlp += (8 - b) * h + 4
+            mlp += (4 - b) * h
     elif isinstance(config, ParameterNetLlamaConfig):
         shapes = {"gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
         k, experts = config.top_k, config.num_experts
@@ -250,9 +250,9 @@ def layer_activation_bytes_per_token(config: LlamaConfig, precision: str) -> int
             # fp32 logits and probabilities, z-loss log-sum-exp, top-k indices, two int64 permutations, the gate.
             mlp += k * b * (fan_in + fan_out) + 8 * experts + 4 + k * (24 + b)
             if router_input == "centered":
-                # The fp32 centred, normalised router input and its 1/rms; in 16-bit also the fp32 upcast (measured
-                # with the autograd hooks of tests/test_model_summary.py: 4 fan_in + 4 in fp32, 6 fan_in + 4 in bf16).
-                mlp += (8 - b) * fan_in + 4
+                # The router keeps its fp32 centred, normalised input instead of the b-byte input (which it reads
+                # detached): 4 - b bytes more per input value (autograd's saved tensors, tests/test_model_summary.py).
+                mlp += (4 - b) * fan_in
     return attention + mlp + 2 * norm
 
 

@@ -189,9 +189,12 @@ class RoutedExperts(nn.Module):
         tokens = x.reshape(-1, self.in_features)
         if not self.center_router_input:
             return self.router(tokens).float()
-        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        # The router learns from a statistic of the hidden states, not into them: with gradient, the normalisation
+        # of a near-zero centred vector (always the first position) multiplies it by up to 1/sqrt(eps), and the
+        # global gradient norm of the tiny preset reached 1e5-1e8 by step 20 (clipped to 1: the LM stopped learning).
+        x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
         positions = torch.arange(1, x.shape[-2] + 1, device=x.device, dtype=x.dtype).unsqueeze(-1)
-        x = x - (x.detach().cumsum(dim=-2) / positions)  # minus the causal mean: a statistic, no gradient
+        x = x - x.cumsum(dim=-2) / positions  # minus the causal mean
         x = x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + 1e-6)
         logits = nn.functional.linear(x, self.router.weight.to(x.dtype), self.router.bias.to(x.dtype))
         return logits.reshape(-1, self.num_experts).float()
