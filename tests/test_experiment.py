@@ -73,9 +73,10 @@ def test_curves_mean_std_and_paired_band() -> None:
 
 # ------------------------------------------------------------------------------------------------------ arms
 def hand_count(h: int, layers: int, inter: int, vocab: int, experts: int = 1) -> int:
-    """LLaMA (untied embeddings), with `experts` copies of down_proj and a router (inter -> experts) when > 1."""
+    """LLaMA (untied embeddings), with `experts` copies of down_proj and a router (inter -> experts, with a bias: the
+    presets' centred routing) when > 1."""
     per_layer = 4 * h * h + 3 * h * inter + 2 * h
-    moe = (experts - 1) * inter * h + inter * experts if experts > 1 else 0
+    moe = (experts - 1) * inter * h + inter * experts + experts if experts > 1 else 0
     return 2 * vocab * h + layers * (per_layer + moe) + h
 
 
