@@ -14,6 +14,7 @@ This file is saved next to ParameterNet checkpoints and imports only torch.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -112,7 +113,7 @@ class LocalExperts:
         return "LocalExperts()"
 
 
-class RoutedExperts(nn.Module):
+class RoutedExperts(nn.Module, abc.ABC):
     """What every mixture of experts here shares: a learned softmax router over `num_experts` experts that map
     in_features -> out_features, top-k routing, the capacity limit, sort-by-expert dispatch through the dispatcher,
     the gated combine and the routing losses and statistics. A subclass holds the expert weights, each one
@@ -177,9 +178,9 @@ class RoutedExperts(nn.Module):
             f"center_router_input={self.center_router_input}, dispatcher={self.dispatcher!r}"
         )
 
+    @abc.abstractmethod
     def expert_forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The local experts on rows grouped by local expert (`counts` has one entry per local expert)."""
-        raise NotImplementedError
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """[T, E] fp32 router logits for x [..., seq, in_features] (a 2-D x is one sequence). The raw router (the
