@@ -23,6 +23,7 @@ from evals.experiment_report import write_report
 from evals.experiment_stats import band_curve, difference_curve, paired_difference, t_quantile
 from evals.results import store_evaluation
 from runtime.dist import free_port
+from tests.trainer_utils import metric_records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -293,9 +294,9 @@ FAST_TRAINER = ["--seq_len", "64", "--micro_batch_size", "2", "--global_batch_si
 FAST_TRAINER += ["--eval_iters", "1", "--log_interval", "1", "--progress_bar", "false", "--save_interval", "100"]
 
 
-def test_experiment_sh_end_to_end_twice(tmp_path: Path) -> None:
-    out = tmp_path / "paper-llm"
-    env = {
+def paper_llm_env(out: Path, seeds: int, train_iters: int) -> dict[str, str]:
+    """`launch/experiment.sh paper-llm`'s environment for the tiny pair: vanilla and the headline, one rank, piqa."""
+    return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -303,12 +304,17 @@ def test_experiment_sh_end_to_end_twice(tmp_path: Path) -> None:
         "NPROC": "1",
         "SIZE": "tiny",
         "ARMS": f"{BASELINE},{HEADLINE}",
-        "SEEDS": "2",
-        "TRAIN_ITERS": "2",
+        "SEEDS": str(seeds),
+        "TRAIN_ITERS": str(train_iters),
         "TASKS": "piqa",
         "LIMIT": "2",
         "OUT": str(out),
     }
+
+
+def test_experiment_sh_end_to_end_twice(tmp_path: Path) -> None:
+    out = tmp_path / "paper-llm"
+    env = paper_llm_env(out, seeds=2, train_iters=2)
     command = ["bash", "launch/experiment.sh", "paper-llm", "--", *FAST_TRAINER]
 
     def run() -> subprocess.CompletedProcess[str]:
@@ -349,20 +355,7 @@ def test_experiment_sh_stops_on_ctrl_c_and_the_next_call_resumes(tmp_path: Path)
     stops with exit 3 and one line saying where the training stopped; the same command resumes the run to its end,
     evaluates the final weights and writes the report."""
     out = tmp_path / "paper-llm"
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "MASTER_PORT": str(free_port()),
-        "NPROC": "1",
-        "SIZE": "tiny",
-        "ARMS": f"{BASELINE},{HEADLINE}",
-        "SEEDS": "1",
-        "TRAIN_ITERS": str(INTERRUPTED_ITERS),
-        "TASKS": "piqa",
-        "LIMIT": "2",
-        "OUT": str(out),
-    }
+    env = paper_llm_env(out, seeds=1, train_iters=INTERRUPTED_ITERS)
     command = ["bash", "launch/experiment.sh", "paper-llm", "--", *FAST_TRAINER]
     run_dir = out / BASELINE / "seed1234"
     log = tmp_path / "first.log"
@@ -370,7 +363,7 @@ def test_experiment_sh_stops_on_ctrl_c_and_the_next_call_resumes(tmp_path: Path)
         first = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=sink, start_new_session=True)
         try:
             deadline = time.monotonic() + 600
-            while not any(r.get("iteration", 0) >= 2 for r in _metrics(run_dir)):
+            while not any(r.get("iteration", 0) >= 2 for r in metric_records(run_dir)):
                 assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
                 time.sleep(0.1)
             os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground process group
@@ -380,7 +373,7 @@ def test_experiment_sh_stops_on_ctrl_c_and_the_next_call_resumes(tmp_path: Path)
                 os.killpg(first.pid, signal.SIGKILL)
     text = log.read_text()
     assert rc == 3, text[-4000:]
-    stopped = [r["iteration"] for r in _metrics(run_dir) if r["kind"] == "train"][-1]
+    stopped = [r["iteration"] for r in metric_records(run_dir) if r["kind"] == "train"][-1]
     assert 2 <= stopped < INTERRUPTED_ITERS
     [line] = [line for line in text.splitlines() if "error:" in line]
     assert line.startswith(f"compare.sh: error: training of {BASELINE} (seed 1234) was stopped: {run_dir}: the ")
@@ -412,22 +405,9 @@ def test_experiment_sh_stops_on_ctrl_c_and_the_next_call_resumes(tmp_path: Path)
     assert [Path(p).name.split("_")[0] for p in reported.values()] == [f"step{INTERRUPTED_ITERS:08d}"]
     for arm in (BASELINE, HEADLINE):
         run = out / arm / "seed1234"
-        keys = [(r["kind"], r["iteration"]) for r in _metrics(run)]
+        keys = [(r["kind"], r["iteration"]) for r in metric_records(run)]
         assert len(keys) == len(set(keys))  # the replayed steps once each
     assert [a["name"] for a in json.loads((out / "report.json").read_text())["arms"]] == [BASELINE, HEADLINE]
-
-
-def _metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # being written
-            continue
-    return records
 
 
 def test_experiment_sh_refuses_bad_settings(tmp_path: Path) -> None:
@@ -507,7 +487,7 @@ def test_vision_experiment_stops_on_ctrl_c_and_the_next_call_resumes(tmp_path: P
         first = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=sink, start_new_session=True)
         try:
             deadline = time.monotonic() + 600
-            while not any(r.get("iteration", 0) >= 2 for r in _metrics(run_dir)):
+            while not any(r.get("iteration", 0) >= 2 for r in metric_records(run_dir)):
                 assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
                 time.sleep(0.1)
             os.killpg(first.pid, signal.SIGINT)
@@ -518,7 +498,7 @@ def test_vision_experiment_stops_on_ctrl_c_and_the_next_call_resumes(tmp_path: P
     text = log.read_text()
     assert rc == 130, text[-4000:]
     assert "experiment.sh: interrupted: every training running checkpoints and stops" in text
-    stopped = [r["iteration"] for r in _metrics(run_dir) if r["kind"] == "train"][-1]
+    stopped = [r["iteration"] for r in metric_records(run_dir) if r["kind"] == "train"][-1]
     assert 2 <= stopped < 80 and not (run_dir / "summary.json").exists()
     assert not (out / "pn-e2").exists() and not (out / "report.md").exists()
 
@@ -526,7 +506,7 @@ def test_vision_experiment_stops_on_ctrl_c_and_the_next_call_resumes(tmp_path: P
     assert second.returncode == 0, second.stderr[-4000:]
     for arm in ("static", "pn-e2"):
         assert json.loads((out / arm / "seed42" / "summary.json").read_text())["iterations"] == 80
-    keys = [(r["kind"], r["iteration"]) for r in _metrics(run_dir)]
+    keys = [(r["kind"], r["iteration"]) for r in metric_records(run_dir)]
     assert len(keys) == len(set(keys))
     assert (out / "report.md").read_text().startswith("# ParameterNet vision experiment")
 

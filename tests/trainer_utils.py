@@ -106,7 +106,8 @@ def read_log(output_dir: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def train_records(output_dir: Path) -> list[dict]:
+def metric_records(output_dir: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl so far (none before it exists)."""
     path = output_dir / "metrics.jsonl"
     if not path.exists():
         return []
@@ -114,9 +115,13 @@ def train_records(output_dir: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by SIGKILL
+        except json.JSONDecodeError:  # a line cut by SIGKILL, or being written
             continue
-    return [r for r in records if r.get("kind") == "train"]
+    return records
+
+
+def train_records(output_dir: Path) -> list[dict]:
+    return [r for r in metric_records(output_dir) if r.get("kind") == "train"]
 
 
 def losses_by_iteration(output_dir: Path) -> dict[int, float]:
