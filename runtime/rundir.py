@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,19 @@ def claim_run_dir(run_dir: Path) -> RunClaim:
     mine = secrets.randbits(48) if rank() == 0 else 0
     token = int(collectives.all_reduce_values([mine], dist.ReduceOp.MAX, dtype=torch.int64)[0])
     return RunClaim(lock, f"{token:012x}")
+
+
+def claim_and_set_up(run_dir: Path, set_up: Callable[[], None]) -> RunClaim:
+    """Both trainers' start: claim `run_dir` before any check that reads it (a run that has not written anything yet
+    is visible only through its lock), then `set_up()`; a set-up that fails or is refused releases the claim (and the
+    directory, if this run created it and left it empty)."""
+    claim = claim_run_dir(run_dir)
+    try:
+        set_up()
+    except BaseException:
+        claim.release()
+        raise
+    return claim
 
 
 @dataclass(frozen=True)

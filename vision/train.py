@@ -37,7 +37,7 @@ from runtime.ds_config import gradient_accumulation_steps
 from runtime.errors import TrainingError, print_error
 from runtime.metrics import MetricsLogger
 from runtime.resume import resume_from
-from runtime.rundir import CHECKPOINTS, claim_run_dir, write_config, write_summary
+from runtime.rundir import CHECKPOINTS, claim_and_set_up, write_config, write_summary
 from runtime.slurm import rank_env
 from vision.build import (
     Prepared,
@@ -88,12 +88,7 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         # One run per output_dir, held by rank 0 until the run ends (runtime.rundir): a second one is refused here.
-        self.claim = claim_run_dir(self.out_dir)
-        try:
-            self._set_up()
-        except BaseException:
-            self.claim.release()  # and the directory, if this run created it and left it empty
-            raise
+        self.claim = claim_and_set_up(self.out_dir, self._set_up)
 
     def _set_up(self) -> None:
         import deepspeed

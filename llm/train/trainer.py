@@ -20,7 +20,7 @@ from runtime.errors import TrainingError
 from runtime.metrics import MetricsLogger, memory_gib, peak_flops
 from runtime.nonfinite import NonFiniteGradGuard
 from runtime.resume import check_resume_settings, refuse_to_start_over, resume_differences, resume_from
-from runtime.rundir import CHECKPOINTS, claim_run_dir, write_config, write_summary
+from runtime.rundir import CHECKPOINTS, claim_and_set_up, write_config, write_summary
 
 from .build import apply_schedule, build_engine, build_model
 from .config import RESUME_POLICY, TrainConfig
@@ -39,14 +39,8 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.ckpt_root = self.output_dir / CHECKPOINTS
         self.train_iters = cfg.resolved_train_iters()
-        # One run per output_dir, held by rank 0 until the run ends; a second one is refused here, before any check
-        # that reads the directory (it would not see a run that has not written anything yet).
-        self.claim = claim_run_dir(self.output_dir)
-        try:
-            self._set_up()
-        except BaseException:
-            self.claim.release()  # and the directory, if this run created it and left it empty
-            raise
+        # One run per output_dir, held by rank 0 until the run ends; a second one is refused here.
+        self.claim = claim_and_set_up(self.output_dir, self._set_up)
 
     def _set_up(self) -> None:
         cfg = self.cfg
