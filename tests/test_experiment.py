@@ -346,6 +346,24 @@ def test_experiment_sh_end_to_end_twice(tmp_path: Path) -> None:
     assert json.loads((out / "report.json").read_text()) == data
 
 
+def ctrl_c_at_iteration_2(command: list[str], env: dict[str, str], run_dir: Path, log: Path) -> tuple[int, str]:
+    """Start `command` in a process group of its own, press Ctrl-C (SIGINT to the whole foreground group, as a
+    terminal does) once `run_dir` logged iteration 2, and return its exit code and output."""
+    with open(log, "w") as sink:
+        first = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=sink, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            while not any(r.get("iteration", 0) >= 2 for r in metric_records(run_dir)):
+                assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+                time.sleep(0.1)
+            os.killpg(first.pid, signal.SIGINT)
+            rc = first.wait(timeout=600)
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+    return rc, log.read_text()
+
+
 INTERRUPTED_ITERS = 60  # long enough that Ctrl-C lands mid-run (the stop is seen within a second or two)
 
 
@@ -358,20 +376,7 @@ def test_experiment_sh_stops_on_ctrl_c_and_the_next_call_resumes(tmp_path: Path)
     env = paper_llm_env(out, seeds=1, train_iters=INTERRUPTED_ITERS)
     command = ["bash", "launch/experiment.sh", "paper-llm", "--", *FAST_TRAINER]
     run_dir = out / BASELINE / "seed1234"
-    log = tmp_path / "first.log"
-    with open(log, "w") as sink:
-        first = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=sink, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 600
-            while not any(r.get("iteration", 0) >= 2 for r in metric_records(run_dir)):
-                assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-                time.sleep(0.1)
-            os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground process group
-            rc = first.wait(timeout=600)
-        finally:
-            if first.poll() is None:
-                os.killpg(first.pid, signal.SIGKILL)
-    text = log.read_text()
+    rc, text = ctrl_c_at_iteration_2(command, env, run_dir, tmp_path / "first.log")
     assert rc == 3, text[-4000:]
     stopped = [r["iteration"] for r in metric_records(run_dir) if r["kind"] == "train"][-1]
     assert 2 <= stopped < INTERRUPTED_ITERS
@@ -482,20 +487,7 @@ def test_vision_experiment_stops_on_ctrl_c_and_the_next_call_resumes(tmp_path: P
     command += ["--train_subset", "1280", "--val_subset", "64", "--epochs", "1", "--log_interval", "1"]
     command += ["--micro_batch_size", "16", "--global_batch_size", "16"]  # 80 steps: Ctrl-C lands mid-run
     run_dir = out / "static" / "seed42"
-    log = tmp_path / "first.log"
-    with open(log, "w") as sink:
-        first = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=sink, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 600
-            while not any(r.get("iteration", 0) >= 2 for r in metric_records(run_dir)):
-                assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-                time.sleep(0.1)
-            os.killpg(first.pid, signal.SIGINT)
-            rc = first.wait(timeout=600)
-        finally:
-            if first.poll() is None:
-                os.killpg(first.pid, signal.SIGKILL)
-    text = log.read_text()
+    rc, text = ctrl_c_at_iteration_2(command, env, run_dir, tmp_path / "first.log")
     assert rc == 130, text[-4000:]
     assert "experiment.sh: interrupted: every training running checkpoints and stops" in text
     stopped = [r["iteration"] for r in metric_records(run_dir) if r["kind"] == "train"][-1]
