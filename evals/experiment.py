@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "arms":
             for arm in select_arms(args.experiment, args.size, args.arms):
-                print(arm.run_spec())
+                print(arm.run_spec(args.size))
             return 0
         if args.experiment in VISION_EXPERIMENTS:
             from evals.experiment_vision import write_vision_report

@@ -30,10 +30,15 @@ class Arm:
     kind: str  # launch/pretrain_llama.sh's first argument: llama | parameternet (with SIZE: the preset)
     what: str  # one line for the report
     overrides: dict[str, Any] = field(default_factory=dict)  # --model_overrides
+    preset: str | None = (
+        None  # a model preset family instead of KIND's (e.g. moe-mlp-llama: --model moe-mlp-llama-SIZE)
+    )
 
-    def run_spec(self) -> str:
+    def run_spec(self, size: str) -> str:
         """launch/compare.sh's --run "NAME KIND [--key value ...]" (split on spaces: the JSON has none)."""
         spec = f"{self.name} {self.kind}"
+        if self.preset is not None:
+            spec += f" --model {self.preset}-{size}"
         if self.overrides:
             spec += " --model_overrides " + json.dumps(self.overrides, separators=(",", ":"))
         return spec
@@ -74,7 +79,27 @@ PAPER_LLM: tuple[Arm, ...] = (
     # intermediate_size is filled in per size (sized_arms): the one nearest to the headline's total parameters.
     Arm(CEILING, "llama", f"LLaMA widened to {HEADLINE}'s total parameters: more FLOPs per token (the ceiling)"),
 )
-EXPERIMENTS: dict[str, tuple[Arm, ...]] = {"paper-llm": PAPER_LLM}
+STANDARD_MOE = "moe-mlp-e8"
+# The token-scaling study (issue 20) at SIZE=micro: >= 2 tokens per non-embedding parameter, validated at 10
+# log-spaced budgets, with a conventional MoE as the control that tells a weak design from a regime where no MoE wins.
+PAPER_LLM_SCALING: tuple[Arm, ...] = (
+    PAPER_LLM[0],
+    PAPER_LLM[1],
+    Arm(
+        "pn-up-e8",
+        "parameternet",
+        "ParameterNet: 8 experts on up_proj, top-1 (the paper's best, Table 7)",
+        _moe("up_proj", 8),
+    ),
+    Arm(
+        STANDARD_MOE,
+        "parameternet",
+        "standard MoE: 8 whole SwiGLU MLP experts (gate, up, down), top-1 (the control)",
+        preset="moe-mlp-llama",
+    ),
+    PAPER_LLM[-1],
+)
+EXPERIMENTS: dict[str, tuple[Arm, ...]] = {"paper-llm": PAPER_LLM, "paper-llm-scaling": PAPER_LLM_SCALING}
 
 
 def sized_arms(experiment: str, size: str) -> list[Arm]:

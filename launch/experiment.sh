@@ -39,9 +39,9 @@ die() { echo "experiment.sh: error: $*" >&2; exit 2; }
 
 case "${1:-}" in
   -h|--help) usage; exit 0 ;;
-  paper-llm|paper-vision) experiment="$1"; shift ;;
+  paper-llm|paper-llm-scaling|paper-vision) experiment="$1"; shift ;;
   "") die "name the experiment: bash launch/experiment.sh paper-llm (see --help)" ;;
-  *) die "unknown experiment '$1'; known: paper-llm, paper-vision" ;;
+  *) die "unknown experiment '$1'; known: paper-llm, paper-llm-scaling, paper-vision" ;;
 esac
 force=()
 trainer_args=()
@@ -107,6 +107,44 @@ if [ "$experiment" = paper-vision ]; then
     fi
   done
   exec "$PY" -m evals.experiment report "$out" --experiment "$experiment"
+fi
+
+if [ "$experiment" = paper-llm-scaling ]; then
+  export SIZE="${SIZE:-micro}"
+  seeds="${SEEDS:-3}"
+  seed="${SEED:-1234}"
+  out="${OUT:-runs/experiment/$experiment}"
+  [[ "$seeds" =~ ^[1-9][0-9]*$ ]] || die "SEEDS='$seeds': give a positive integer (3 or more for intervals)"
+  [[ "$seed" =~ ^[0-9]+$ ]] || die "SEED='$seed': give a non-negative integer"
+  specs="$("$PY" -m evals.experiment arms "$experiment" --size "$SIZE" --arms "${ARMS:-all}")" || exit 2
+  echo "=== $experiment: $(echo "$specs" | wc -l) arms x $seeds seeds, SIZE=$SIZE -> $out" >&2
+  run_dirs=()
+  while IFS= read -r spec; do
+    read -r -a words <<< "$spec"
+    name="${words[0]}"
+    for ((i = 0; i < seeds; i++)); do
+      s=$((seed + i))
+      run_dir="$out/$name/seed$s"
+      run_dirs+=("$run_dir")
+      if [ ${#force[@]} -eq 0 ] && "$PY" -m runtime.rundir finished "$run_dir" >/dev/null 2>&1; then
+        echo "=== $name (seed $s): done ($run_dir/summary.json), skipped" >&2
+        continue
+      fi
+      echo "=== train $name (seed $s) -> $run_dir" >&2
+      [ ${#force[@]} -gt 0 ] && rm -rf "$run_dir"
+      # Validation loss is the measure here (zero-shot tasks sit at chance at this size): no export, no lm-eval.
+      # A signal stops the training with a checkpoint and exit 0; the check below then stops the experiment.
+      bash launch/pretrain_llama.sh "${words[@]:1}" "${trainer_args[@]+"${trainer_args[@]}"}" --seed "$s" \
+        --output_dir "$run_dir" --resume auto --export false --progress_bar false
+      if ! state="$("$PY" -m runtime.rundir finished "$run_dir" 2>&1)"; then
+        echo "experiment.sh: error: ${state#*error: }; no report is written from a stopped run: run the same" \
+          "command again to resume it" >&2
+        exit 3
+      fi
+    done
+  done <<< "$specs"
+  names="$(echo "$specs" | cut -d' ' -f1 | paste -sd, -)"
+  exec "$PY" -m evals.experiment report "$out" --experiment "$experiment" --arms "$names"
 fi
 
 export SIZE="${SIZE:-small}"

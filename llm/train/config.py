@@ -66,6 +66,7 @@ class TrainConfig:
     # evaluation, checkpoints, logging
     eval_interval: int = 50  # steps between validations
     eval_iters: int = 4  # validation batches per evaluation (0 = none)
+    eval_points: int = 0  # > 0: validate at this many log-spaced iterations from eval_interval to the end instead
     save_interval: int = 100  # steps between checkpoints
     keep_last: int = 2  # checkpoints kept
     log_interval: int = 10  # steps between metrics records
@@ -83,6 +84,20 @@ class TrainConfig:
         assert self.train_tokens is not None
         return math.ceil(self.train_tokens / (self.global_batch_size * self.seq_len))
 
+    def validation_iterations(self) -> frozenset[int]:
+        """The iterations after which the run validates (the last one always does).
+
+        Every eval_interval steps, or with eval_points > 0 that many iterations spaced evenly in log(iteration) from
+        eval_interval to the last one, so that one run's curve covers every scale of a token-scaling study."""
+        last = self.resolved_train_iters()
+        if self.eval_points == 0:
+            return frozenset(range(self.eval_interval, last + 1, self.eval_interval)) | {last}
+        first = min(self.eval_interval, last)
+        if self.eval_points == 1 or first == last:
+            return frozenset({last})
+        ratio = (last / first) ** (1 / (self.eval_points - 1))
+        return frozenset(round(first * ratio**i) for i in range(self.eval_points)) | {last}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -99,6 +114,7 @@ INT_MINIMUMS = {
     "expert_parallel_size": (1, " (1 = no expert parallelism)"),
     "eval_interval": (1, ""),
     "eval_iters": (0, " (0 = no evaluation)"),
+    "eval_points": (0, " (0 = every eval_interval)"),
     "save_interval": (1, ""),
     "keep_last": (1, ""),
     "log_interval": (1, ""),
@@ -190,6 +206,7 @@ RESUME_POLICY: dict[str, tuple[str, str]] = {
     "expert_parallel_size": (REFUSE, "how the experts and their optimizer state are sharded over the ranks"),
     "eval_interval": (ALLOW, "how often"),
     "eval_iters": (ALLOW, "how much validation"),
+    "eval_points": (ALLOW, "how often"),
     "save_interval": (ALLOW, "how often"),
     "keep_last": (ALLOW, "how many checkpoints stay"),
     "log_interval": (ALLOW, "how often"),

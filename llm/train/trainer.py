@@ -316,6 +316,7 @@ class Trainer:
         consecutive_bad = 0
         last_log_time, last_log_iter = time.perf_counter(), self.iteration
         last_eval: dict[str, float] = {}
+        validate_at = cfg.validation_iterations()
         preempted = False
         while self.iteration < self.train_iters:
             stats = self.train_step(batches)
@@ -339,7 +340,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['lm_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if self.rank == 0:
                     bar.write(console_line(record, self.train_iters, self.moe_names))
-            if self.iteration % cfg.eval_interval == 0 and self.iteration != self.train_iters:
+            if self.iteration in validate_at and self.iteration != self.train_iters:
                 last_eval = self._eval_and_log()
                 last_log_time = time.perf_counter()
             if stats["stop"]:  # a signal on any rank, gathered by the step's all-reduce
