@@ -45,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
             for arm in select_arms(args.experiment, args.size, args.arms):
                 print(arm.run_spec(args.size))
             return 0
-        if args.experiment in VISION_EXPERIMENTS:
+        if args.experiment == "paper-llm-scaling":
+            from evals.experiment_scaling import write_scaling_report
+
+            path = write_scaling_report(args.out, args.experiment, args.arms)
+        elif args.experiment in VISION_EXPERIMENTS:
             from evals.experiment_vision import write_vision_report
 
             path = write_vision_report(args.out, args.experiment)
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         print_error(str(exc))
         return 2
     print(path.read_text(encoding="utf-8"))
-    print(f"report: {path} (plots: {path.parent / 'loss.png'}, {path.parent / 'accuracy.png'})")
+    plots = sorted(p.name for p in path.parent.glob("*.png"))
+    print(f"report: {path} (plots: {', '.join(str(path.parent / p) for p in plots)})")
     return 0
 
 

@@ -17,7 +17,11 @@ from evals.plots import save_figure  # noqa: E402
 Curves = dict[str, dict[int, dict[float, float]]]
 
 
-def plot_experiment_losses(curves: Curves, baseline: str, path: Path) -> None:
+def plot_experiment_losses(
+    curves: Curves, baseline: str, path: Path, log_x: bool = False, per_param: float | None = None
+) -> None:
+    """log_x: tokens on a log axis (log-spaced validations); per_param: also label the axis in tokens per that many
+    parameters (a second axis on top)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (arm, per_seed) in enumerate(curves.items()):
@@ -42,6 +46,11 @@ def plot_experiment_losses(curves: Curves, baseline: str, path: Path) -> None:
     for ax in (left, right):
         ax.set_xlabel("training tokens")
         ax.grid(alpha=0.3)
+        if log_x:
+            ax.set_xscale("log")
+        if per_param:
+            top = ax.secondary_xaxis("top", functions=(lambda x: x / per_param, lambda x: x * per_param))
+            top.set_xlabel("tokens per non-embedding parameter")
         if ax.has_data():
             ax.legend(fontsize=8)
     save_figure(fig, path)
