@@ -25,7 +25,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_parameternet_llama import ParameterNetLlamaConfig, validate_parameternet_fields
-from .moe import MoELinear, MoEMLP, RoutedExperts
+from .moe import MoELinear, MoEMLP, RoutedExperts, track_loss_scale
 
 # The KV cache's name in forward arguments and model outputs: transformers 5.2x renamed `past_key_values` to `cache`
 # (the old name warns until 5.40). Checkpoints carry this file to machines with other transformers 5.x versions, so
@@ -147,20 +147,6 @@ class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
                 else:
                     hf_init.normal_(param, mean=0.0, std=self.config.initializer_range)
 
-    def _activation_checkpointing_enable(
-        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
-    ) -> None:
-        # Both activation_checkpointing_enable and the older gradient_checkpointing_enable land here. Reentrant
-        # checkpointing runs the first forward under no_grad, which would cut the routers' aux-loss gradient (the
-        # aux loss is read from the layers, not returned through the checkpointed call).
-        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
-        if kwargs["use_reentrant"]:
-            raise ValueError(
-                "activation checkpointing with use_reentrant=True would drop the MoE aux-loss gradient; "
-                "use the default use_reentrant=False"
-            )
-        super()._activation_checkpointing_enable(kwargs, every_n_layers, offload)
-
 
 class ParameterNetLlamaModel(ParameterNetLlamaPreTrainedModel):
     """LlamaModel with ParameterNet decoder layers; the forward is transformers' LlamaModel.forward."""
@@ -205,6 +191,20 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, GenerationM
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        # Each layer adds its router losses to the graph (moe.RouterLoss), weighted so that together they are
+        # router_aux_loss_coef * mean aux + router_z_loss_coef * mean z over the MoE layers.
+        layers = self.moe_layers()
+        for _, layer in layers:
+            layer.router_loss_weights = (
+                config.router_aux_loss_coef / len(layers),
+                config.router_z_loss_coef / len(layers),
+            )
+
+    def track_router_loss_scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """Mark `loss` as the training loss: however a backward scales it (gradient accumulation, fp16), the router
+        losses' gradients are scaled alike (moe.RouterLoss). The forward does it for its own loss (labels given); a
+        loss computed outside the model needs this call before its backward, or the router losses count at scale 1."""
+        return track_loss_scale(loss, [layer for _, layer in self.moe_layers()])
 
     def moe_layers(self) -> list[tuple[str, RoutedExperts]]:
         """(qualified name, layer) of every MoE layer (projections, or MLPs with moe_mlp), in forward order."""
@@ -229,6 +229,9 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, GenerationM
                 "router_input='centered' routes each token on the mean of its whole prefix, which a KV-cache step "
                 "does not see; run without the cache (generate(..., use_cache=False), the default of this model)"
             )
+        if torch.is_grad_enabled():  # scale 1 until a tracked loss's backward says otherwise (moe.RouterLoss)
+            for _, layer in self.moe_layers():
+                layer.router_loss_scale.fill_(1.0)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -245,6 +248,7 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, GenerationM
             hidden_states = hidden_states[:, logits_to_keep, :]
         logits = self.lm_head(hidden_states)
 
+        # The statistics of this forward, for logging: the router losses' gradients are already in the graph.
         stats = [m.last_stats for _, m in self.moe_layers() if m.last_stats is not None]
         aux_loss = torch.stack([s.aux_loss for s in stats]).mean()
         z_loss = torch.stack([s.z_loss for s in stats]).mean()
@@ -253,7 +257,7 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, GenerationM
         lm_loss = loss = None
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            loss = lm_loss + router_loss.to(lm_loss.dtype)
+            loss = self.track_router_loss_scale(lm_loss + router_loss.to(lm_loss.dtype))
 
         return ParameterNetCausalLMOutput(
             loss=loss,

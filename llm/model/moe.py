@@ -27,8 +27,8 @@ from torch import nn
 class RoutingStats:
     """What one MoE layer saw in its last forward."""
 
-    aux_loss: torch.Tensor  # Switch load-balancing loss, differentiable
-    z_loss: torch.Tensor  # router z-loss, differentiable
+    aux_loss: torch.Tensor  # Switch load-balancing loss (detached: for logging; the gradient goes by RouterLoss)
+    z_loss: torch.Tensor  # router z-loss (detached)
     tokens_per_expert: torch.Tensor  # [E] int64: assignments each expert was chosen for (before capacity drops)
     dropped_tokens: torch.Tensor  # [] int64: assignments dropped by the capacity limit
     top1_prob: torch.Tensor  # [] fp32: mean over tokens of the largest router probability (1/E: flat, 1: one-hot)
@@ -97,6 +97,55 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, fol
     return _GatherRows.apply(x, index, inverse, fold)
 
 
+def router_losses(logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """(aux, z) for one layer: Switch Transformer's load-balancing loss E * sum_e f_e * P_e (f_e = share of the
+    assignments to e, P_e = mean router probability of e) and ST-MoE's z-loss, mean logsumexp(logits)^2."""
+    num_tokens, num_experts = logits.shape
+    fraction = counts.to(probs.dtype) / (num_tokens * k)
+    aux = num_experts * torch.sum(fraction * probs.mean(dim=0))
+    z = torch.logsumexp(logits, dim=-1).square().mean()
+    return aux, z
+
+
+class RouterLoss(torch.autograd.Function):
+    """Megatron-Core's MoEAuxLossAutoScaler pattern: the identity on a layer's output in the forward; in the backward
+    the gradient of `loss` arrives as if `loss` had been added to the training loss. The router losses so live in the
+    autograd graph, not in module state read after the forward: a reentrant checkpoint's recompute re-attaches them,
+    and nothing depends on what an earlier forward left behind.
+
+    The backward cannot see how the training loss was scaled before its backward (divided by the gradient
+    accumulation steps, times an fp16 loss scale). `scale` is the layer's 0-dim buffer that holds that factor:
+    `track_loss_scale` hooks the training loss so that its backward first writes d(backward root)/d(loss) into it, in
+    place, on the device (no host sync), before any RouterLoss.backward reads it."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, loss: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(loss)
+        ctx.scale = scale  # not saved for backward: it is written in place after this forward, on purpose
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
+        (loss,) = ctx.saved_tensors
+        return grad_output, torch.ones_like(loss) * ctx.scale.to(loss.dtype), None
+
+
+def track_loss_scale(loss: torch.Tensor, layers: list[RoutedExperts]) -> torch.Tensor:
+    """Reset the layers' router-loss scale to 1 and hook `loss`, the training loss before anything scales it, so
+    that its backward records the scale first (the loss is the root's only path to every router loss). Returns
+    `loss`. Call it once per forward, on the loss that will be backpropagated."""
+    for layer in layers:
+        layer.router_loss_scale.fill_(1.0)
+    if loss.requires_grad and layers:
+
+        def record(grad: torch.Tensor) -> None:
+            for layer in layers:
+                layer.router_loss_scale.copy_(grad.detach())
+
+        loss.register_hook(record)
+    return loss
+
+
 class ExpertDispatcher(Protocol):
     """Computes the experts for assignments already sorted by (global) expert id."""
 
@@ -162,7 +211,11 @@ class RoutedExperts(nn.Module, abc.ABC):
         self.center_router_input = center_router_input
         self.router = nn.Linear(in_features, num_experts, bias=center_router_input, **factory)
         self.dispatcher: ExpertDispatcher = LocalExperts()
-        self.last_stats: RoutingStats | None = None
+        # The weights of this layer's aux and z losses in the training loss (the model sets them: its coefficients
+        # over its number of MoE layers); None: the layer adds no router loss (a bare layer in a test).
+        self.router_loss_weights: tuple[float, float] | None = None
+        self.register_buffer("router_loss_scale", torch.ones((), device=device), persistent=False)
+        self.last_stats: RoutingStats | None = None  # for logging only: the last forward's statistics, detached
 
     def reset_router(self, std: float | None = None) -> None:
         if std is None:
@@ -248,14 +301,16 @@ class RoutedExperts(nn.Module, abc.ABC):
             y = y * flat_gate[order].unsqueeze(-1).to(y.dtype)
             out = y.new_zeros(num_tokens, self.out_features).index_add_(0, token_index, y)
 
-        # Switch Transformer: E * sum_e f_e * P_e, f_e = share of assignments to e, P_e = mean router probability.
-        fraction = counts.to(probs.dtype) / (num_tokens * k)
-        aux_loss = num_experts * torch.sum(fraction * probs.mean(dim=0))
-        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        aux_loss, z_loss = router_losses(logits, probs, counts, k)
+        weights = self.router_loss_weights
+        if weights is not None and torch.is_grad_enabled() and logits.requires_grad:
+            out = RouterLoss.apply(out, weights[0] * aux_loss + weights[1] * z_loss, self.router_loss_scale)
         with torch.no_grad():
             top1 = gate[:, 0].mean()
             entropy = -(probs * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
-        self.last_stats = RoutingStats(aux_loss, z_loss, counts.detach(), dropped.detach(), top1, entropy)
+        self.last_stats = RoutingStats(
+            aux_loss.detach(), z_loss.detach(), counts.detach(), dropped.detach(), top1, entropy
+        )
         return out.reshape(*leading, self.out_features)
 
 

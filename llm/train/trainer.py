@@ -111,9 +111,10 @@ class Trainer:
         inputs, targets = batch[:, :-1], batch[:, 1:]
         out = self.engine(input_ids=inputs)
         lm_loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1))
-        router = getattr(out, "router_loss", None)
-        total = lm_loss if router is None else lm_loss + router.to(lm_loss.dtype)
-        return total, lm_loss, out
+        router = getattr(out, "router_loss", None)  # logged value; its gradient is in the graph (moe.RouterLoss)
+        if router is None:
+            return lm_loss, lm_loss, out
+        return self.engine.module.track_router_loss_scale(lm_loss + router.to(lm_loss.dtype)), lm_loss, out
 
     def train_step(self, batches) -> dict[str, Any]:
         """One global batch: grad_accum micro-batches through the engine, one optimizer step.
