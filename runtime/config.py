@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import json
 import math
-import re
 import sys
 import typing
 from collections.abc import Callable
@@ -39,6 +37,22 @@ from runtime.fields import FALSE_WORDS, NO_VALUE, TRUE_WORDS, canonical, field_s
 #   IGNORE: where the run is and how it was started, not what it is.
 REFUSE, ALLOW, IGNORE = "refuse", "allow", "ignore"
 ConfigT = TypeVar("ConfigT")
+
+
+def opt(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    factory: Callable[[], Any] | None = None,
+    choices: tuple[Any, ...] | None = None,
+    section: str | None = None,
+) -> Any:
+    """A config field that carries its --help text, its allowed values (checked, and listed in --help) and, on the
+    first field of a group, the group's heading: `lr: float = opt(1e-3, "peak learning rate")`."""
+    metadata = {"help": help, "choices": choices, "section": section}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 class ConfigEngine(Generic[ConfigT]):
@@ -76,7 +90,13 @@ class ConfigEngine(Generic[ConfigT]):
         self.shapes = {name: field_shape(hints[name]) for name in self.fields}
         self.hints = hints
         self.defaults = cls()
-        self.choices = choices or {}
+        missing = [name for name, f in self.fields.items() if not f.metadata.get("help")]
+        if missing:
+            raise KeyError(
+                f"{cls.__name__}: fields without help text (declare them with opt(default, help)): {missing}"
+            )
+        self.choices = {n: f.metadata["choices"] for n, f in self.fields.items() if f.metadata.get("choices")}
+        self.choices.update(choices or {})
         self.int_minimums = int_minimums or {}
         self.int_maximums = int_maximums or {}
         self.float_ranges = float_ranges or {}
@@ -324,19 +344,8 @@ class ConfigEngine(Generic[ConfigT]):
 
     # --- help ------------------------------------------------------------------------------------------------------
 
-    def field_comments(self) -> dict[str, str]:
-        """The `# ...` comment after each field of the dataclass: its --help text (one place to document a field)."""
-        comments = {}
-        for line in inspect.getsource(self.cls).splitlines():
-            match = re.match(r"\s+(\w+): [^#]+#\s*(.+)$", line)
-            if match and match.group(1) in self.fields:
-                comments[match.group(1)] = match.group(2).strip()
-        return comments
-
     def usage(self, doc: str) -> str:
-        """`doc`, then every field as a flag with its type, default and comment, under the dataclass's section
-        comments (`# --- data ---` or `# data`)."""
-        comments = self.field_comments()
+        """`doc`, then every field as a flag with its type, default, help and choices, under its group's heading."""
         lines = [
             doc.strip(),
             "",
@@ -344,18 +353,14 @@ class ConfigEngine(Generic[ConfigT]):
             f"presets in {self.preset_label}; --key value or --key=value, dashes or "
             f"underscores):",
         ]
-        for line in inspect.getsource(self.cls).splitlines():
-            section = re.match(r"\s+#[\s-]*([A-Za-z][^-]*?)[\s-]*$", line)
-            field_line = re.match(r"\s+(\w+):", line)
-            if section and not field_line:
-                lines.append(f"\n {section.group(1)}:")
-            elif field_line and field_line.group(1) in self.fields:
-                name = field_line.group(1)
-                default = flag_text(getattr(self.defaults, name))
-                text = f"  --{name} {self.shapes[name].metavar()}  (default: {default})"
-                if name in comments:
-                    text += f"\n        {comments[name]}"
-                lines.append(text)
+        for name, f in self.fields.items():
+            if f.metadata.get("section"):
+                lines.append(f"\n {f.metadata['section']}:")
+            default = flag_text(getattr(self.defaults, name))
+            lines.append(f"  --{name} {self.shapes[name].metavar()}  (default: {default})")
+            lines.append(f"        {f.metadata['help']}")
+            if name in self.choices:
+                lines.append(f"        choices: {' | '.join(flag_text(c) for c in self.choices[name])}")
         return "\n".join(lines) + "\n"
 
     # --- the command line ------------------------------------------------------------------------------------------

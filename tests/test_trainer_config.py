@@ -15,8 +15,8 @@ import pytest
 from llm.model.presets import load_model_config
 from llm.pretrain import main
 from llm.train.config import (
-    CHOICES,
     CONFIG_DIR,
+    ENGINE,
     FIELDS,
     FLOAT_RANGES,
     INT_MINIMUMS,
@@ -193,7 +193,7 @@ def test_every_numeric_field_has_a_checked_range():
     numeric = {name for name in FIELDS if {int, float} & {type_of(name), *typing.get_args(type_of(name))}}
     covered = set(INT_MINIMUMS) | set(FLOAT_RANGES) | {"zero_stage", "min_lr"}  # min_lr: within [0, lr]
     assert numeric == covered, numeric ^ covered
-    assert {"attn_implementation", "lr_decay_style", "precision", "zero_stage"} <= set(CHOICES)
+    assert {"attn_implementation", "lr_decay_style", "precision", "zero_stage", "corpus"} <= set(ENGINE.choices)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")

@@ -9,93 +9,95 @@ ds_config mean what they mean there. RESUME_POLICY says what a resume does when 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runtime.checks import MAX_SEED, FloatRange, check_directory_path, check_min_lr, check_resume
-from runtime.config import ALLOW, IGNORE, REFUSE, ConfigEngine
+from runtime.config import ALLOW, IGNORE, REFUSE, ConfigEngine, opt
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 
 @dataclass
 class TrainConfig:
-    # --- model -----------------------------------------------------------------------------------------------------
-    model: str = "parameternet_tiny"  # any timm name; ours: parameternet_{600m,300m,tiny}, ghostnet_{600m,300m,tiny}
-    num_experts: int | None = None  # override the experts of a parameternet_* model (None = its default, 4)
-    num_classes: int | None = None  # None = the number of classes in the training set
-    in_chans: int = 3  # 1 trains on grayscale images directly
-    img_size: int = 224  # training and evaluation resolution
-    drop_rate: float = 0.2  # dropout before the classifier
-    drop_path_rate: float = 0.0  # stochastic depth, linear over the blocks
-    init_from: str | None = None  # stage 2: a previous run dir or .safetensors file; the classifier is re-initialised
-    init_from_ema: bool = False  # with a run dir: start from its EMA weights
-    keep_classifier: bool = False  # with init_from: load its classifier too (same label set); default: a fresh one
+    model: str = opt(
+        "parameternet_tiny",
+        "any timm name; ours: parameternet_{600m,300m,tiny}, ghostnet_{600m,300m,tiny}",
+        section="model",
+    )
+    num_experts: int | None = opt(None, "override the experts of a parameternet_* model (None = its default, 4)")
+    num_classes: int | None = opt(None, "None = the number of classes in the training set")
+    in_chans: int = opt(3, "image channels; 1 trains on grayscale images directly", choices=(1, 3))
+    img_size: int = opt(224, "training and evaluation resolution")
+    drop_rate: float = opt(0.2, "dropout before the classifier")
+    drop_path_rate: float = opt(0.0, "stochastic depth, linear over the blocks")
+    init_from: str | None = opt(
+        None, "stage 2: a previous run dir or .safetensors file; the classifier is re-initialised"
+    )
+    init_from_ema: bool = opt(False, "with a run dir: start from its EMA weights")
+    keep_classifier: bool = opt(False, "with init_from: load its classifier too (same label set); default: a fresh one")
 
-    # --- data ------------------------------------------------------------------------------------------------------
-    dataset: str = "folder"  # "folder" (ImageFolder tree: data_dir/<split>/<class>/*.jpg) or torch/<name> (timm)
-    data_dir: str = ""  # for torch/fashion_mnist, "" = Debian's dataset-fashion-mnist, unpacked into $PNET_DATA_DIR
-    train_split: str = "train"  # the training split's folder (or torchvision split)
-    val_split: str = "validation"  # folder: also found as val/, valid/, eval/
-    train_subset: int = 0  # use a fixed, seeded subset of this many training images (0 = all)
-    val_subset: int = 0  # the same for the validation images (0 = all)
-    mean: list[float] | None = None  # per channel; None = the model's (ImageNet) statistics
-    std: list[float] | None = None  # per channel; None = the model's
-    interpolation: str = "bicubic"  # resize filter: bicubic | bilinear | nearest | box | hamming | lanczos
-    crop_pct: float = 0.875  # evaluation centre crop
-    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
-    hflip: float = 0.5  # horizontal flip probability
-    color_jitter: float = 0.4  # only used without auto_augment
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; None = off
-    re_prob: float = 0.25  # random erasing probability
-    mixup: float = 0.8  # Mixup alpha (0 = off)
-    cutmix: float = 1.0  # CutMix alpha (0 = off)
-    mixup_prob: float = 1.0  # probability of mixing a batch at all
-    mixup_switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
-    label_smoothing: float = 0.1  # also folded into Mixup's soft targets
-    num_workers: int = 2  # data-loading processes per rank
-    skip_bad_images: bool = False  # false: an unreadable image file stops the run, named; true: skip it (counted)
+    dataset: str = opt(
+        "folder", '"folder" (ImageFolder tree: data_dir/<split>/<class>/*.jpg) or torch/<name> (timm)', section="data"
+    )
+    data_dir: str = opt(
+        "", 'for torch/fashion_mnist, "" = Debian\'s dataset-fashion-mnist, unpacked into $PNET_DATA_DIR'
+    )
+    train_split: str = opt("train", "the training split's folder (or torchvision split)")
+    val_split: str = opt("validation", "folder: also found as val/, valid/, eval/")
+    train_subset: int = opt(0, "use a fixed, seeded subset of this many training images (0 = all)")
+    val_subset: int = opt(0, "the same for the validation images (0 = all)")
+    mean: list[float] | None = opt(None, "per channel; None = the model's (ImageNet) statistics")
+    std: list[float] | None = opt(None, "per channel; None = the model's")
+    interpolation: str = opt(
+        "bicubic", "the resize filter", choices=("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")
+    )
+    crop_pct: float = opt(0.875, "evaluation centre crop")
+    scale: list[float] = opt(help="RandomResizedCrop area range", factory=lambda: [0.08, 1.0])
+    hflip: float = opt(0.5, "horizontal flip probability")
+    color_jitter: float = opt(0.4, "only used without auto_augment")
+    auto_augment: str | None = opt("rand-m9-mstd0.5-inc1", "timm RandAugment spec; None = off")
+    re_prob: float = opt(0.25, "random erasing probability")
+    mixup: float = opt(0.8, "Mixup alpha (0 = off)")
+    cutmix: float = opt(1.0, "CutMix alpha (0 = off)")
+    mixup_prob: float = opt(1.0, "probability of mixing a batch at all")
+    mixup_switch_prob: float = opt(0.5, "probability of CutMix instead of Mixup when both are on")
+    label_smoothing: float = opt(0.1, "also folded into Mixup's soft targets")
+    num_workers: int = opt(2, "data-loading processes per rank")
+    skip_bad_images: bool = opt(False, "false: an unreadable image file stops the run, named; true: skip it (counted)")
 
-    # --- optimisation ----------------------------------------------------------------------------------------------
-    epochs: int = 90  # the LR schedule spans this many epochs
-    train_iters: int | None = None  # stop after this many steps (None = all epochs); the schedule spans the epochs
-    global_batch_size: int = 4096  # = micro_batch_size x ranks x gradient accumulation
-    micro_batch_size: int = 128  # per rank and forward pass
-    lr: float = 2e-3  # peak AdamW LR at global_batch_size (scaled per layer by layer_decay)
-    min_lr: float = 2e-5  # the floor of the cosine decay, in [0, lr] (with layer_decay: scaled per layer too)
-    warmup_epochs: float = 5.0  # linear warmup, then cosine
-    weight_decay: float = 0.05  # not applied to norms and biases
-    adam_beta1: float = 0.9  # AdamW
-    adam_beta2: float = 0.999  # AdamW
-    adam_eps: float = 1e-8  # AdamW
-    layer_decay: float | None = None  # layer-wise LR decay per depth of model.blocks (fine-tuning: 0.5)
-    grad_clip: float = 5.0  # max global grad norm (0 = off)
-    precision: str = "fp32"  # fp32 | bf16 (bf16 is ~30x slower on CPUs without native bf16)
-    zero_stage: int = 1  # 0, 1 or 2
-    ds_config: str | None = None  # base DeepSpeed JSON in runtime/ds_configs/ or a path; None = zero<zero_stage>
-    ema: bool = False  # keep an exponential moving average of the weights (evaluated and saved too)
-    ema_decay: float = 0.9998  # EMA decay per optimizer step
+    epochs: int = opt(90, "the LR schedule spans this many epochs", section="optimisation")
+    train_iters: int | None = opt(None, "stop after this many steps (None = all epochs); the schedule spans the epochs")
+    global_batch_size: int = opt(4096, "= micro_batch_size x ranks x gradient accumulation")
+    micro_batch_size: int = opt(128, "per rank and forward pass")
+    lr: float = opt(2e-3, "peak AdamW LR at global_batch_size (scaled per layer by layer_decay)")
+    min_lr: float = opt(2e-5, "the floor of the cosine decay, in [0, lr] (with layer_decay: scaled per layer too)")
+    warmup_epochs: float = opt(5.0, "linear warmup, then cosine")
+    weight_decay: float = opt(0.05, "not applied to norms and biases")
+    adam_beta1: float = opt(0.9, "AdamW's beta1")
+    adam_beta2: float = opt(0.999, "AdamW's beta2")
+    adam_eps: float = opt(1e-8, "AdamW's epsilon")
+    layer_decay: float | None = opt(None, "layer-wise LR decay per depth of model.blocks (fine-tuning: 0.5)")
+    grad_clip: float = opt(5.0, "max global grad norm (0 = off)")
+    precision: str = opt("fp32", "bf16 is ~30x slower on CPUs without native bf16", choices=("fp32", "bf16"))
+    zero_stage: int = opt(1, "the ZeRO stage: what is sharded over the ranks", choices=(0, 1, 2))
+    ds_config: str | None = opt(None, "base DeepSpeed JSON in runtime/ds_configs/ or a path; None = zero<zero_stage>")
+    ema: bool = opt(False, "keep an exponential moving average of the weights (evaluated and saved too)")
+    ema_decay: float = opt(0.9998, "EMA decay per optimizer step")
 
-    # --- run -------------------------------------------------------------------------------------------------------
-    output_dir: str = "runs/vision"  # the run directory: config, metrics, checkpoints, weights
-    seed: int = 42  # weights, sample order, augmentation: all functions of it
-    log_interval: int = 10  # steps between train records
-    eval_interval_epochs: int = 1  # epochs between validations (and always after the last one)
-    save_interval: int = 0  # steps between checkpoints (0 = only at epoch ends)
-    keep_last: int = 2  # checkpoints kept
-    resume: str = "auto"  # auto = continue output_dir's newest checkpoint if any | none | <checkpoint directory>
-    progress_bar: bool = True  # tqdm bar on rank 0
-    tensorboard: bool = True  # the metrics also as TensorBoard scalars in <output_dir>/tensorboard
+    output_dir: str = opt("runs/vision", "the run directory: config, metrics, checkpoints, weights", section="run")
+    seed: int = opt(42, "weights, sample order, augmentation: all functions of it")
+    log_interval: int = opt(10, "steps between train records")
+    eval_interval_epochs: int = opt(1, "epochs between validations (and always after the last one)")
+    save_interval: int = opt(0, "steps between checkpoints (0 = only at epoch ends)")
+    keep_last: int = opt(2, "checkpoints kept")
+    resume: str = opt("auto", "auto = continue output_dir's newest checkpoint if any | none | <checkpoint directory>")
+    progress_bar: bool = opt(True, "tqdm bar on rank 0")
+    tensorboard: bool = opt(True, "the metrics also as TensorBoard scalars in <output_dir>/tensorboard")
 
 
 _PROBABILITY = "a probability"
-CHOICES = {
-    "in_chans": (1, 3),
-    "precision": ("fp32", "bf16"),
-    "zero_stage": (0, 1, 2),
-    "interpolation": ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos"),
-}
 # The smallest valid value of each integer field (None, where allowed, means "not set"), and what the edge means.
 INT_MINIMUMS = {
     "num_experts": (1, " (for plain convolutions use the ghostnet_* twin)"),
@@ -166,7 +168,6 @@ ENGINE: ConfigEngine[TrainConfig] = ConfigEngine(
     TrainConfig,
     preset_dir=PRESET_DIR,
     prog="vision.train",
-    choices=CHOICES,
     int_minimums=INT_MINIMUMS,
     int_maximums=INT_MAXIMUMS,
     float_ranges=FLOAT_RANGES,

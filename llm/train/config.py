@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llm.data.corpus import CORPORA
 from runtime.checks import MAX_SEED, FloatRange, check_directory_path, check_min_lr, check_resume
-from runtime.config import ALLOW, IGNORE, REFUSE, ConfigEngine
+from runtime.config import ALLOW, IGNORE, REFUSE, ConfigEngine, opt
 from runtime.fields import canonical
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -25,58 +25,61 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 @dataclass
 class TrainConfig:
-    # model
-    model: str = "llama-tiny"  # preset name in llm/configs/, a config.json, or an HF model directory
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"moe_projections": ["up_proj"]}
-    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 | eager
-    activation_checkpointing: bool = False  # recompute activations in the backward pass: memory for compute
-    compile: bool = False  # torch.compile the model
-    # data
-    data_path: list[str] = field(
-        default_factory=list
-    )  # Megatron style: [PREFIX] or [W1, PREFIX1, W2, PREFIX2]; [] = embedded corpus
-    corpus: str = "shakespeare"  # the embedded corpus used when data_path is empty: shakespeare | pd-english
-    tokenizer: str | None = None  # HF tokenizer directory; None with the embedded corpus = its tokenizer
-    split: str | None = None  # train,valid,test by documents, e.g. "969,30,1"; None = the corpus default
-    data_cache_dir: str | None = None  # where index arrays are cached (default: next to the shards)
-    seq_len: int = 256  # tokens per sample
-    micro_batch_size: int = 8  # samples per rank and forward pass
-    global_batch_size: int = 16  # samples per optimizer step = micro_batch_size x ranks x gradient accumulation
-    train_iters: int | None = None  # optimizer steps; or train_tokens
-    train_tokens: int | None = None  # a token budget instead of train_iters
-    # optimizer and schedule
-    lr: float = 1e-3  # peak learning rate (AdamW)
-    min_lr: float = 1e-4  # the floor of the decay, in [0, lr]
-    warmup_iters: int = 10  # linear warmup steps
-    lr_decay_style: str = "cosine"  # cosine | linear | constant | wsd (warmup, stable at lr, then a linear decay)
-    lr_decay_iters: int | None = None  # default: train_iters
-    wsd_decay_fraction: float = 0.2  # wsd: the final fraction of lr_decay_iters (or train_iters) spent decaying
-    weight_decay: float = 0.1  # not applied to norms and biases
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    # engine
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    zero_stage: int = 1  # 0, 1, 2 or 3
-    ds_config: str | None = (
-        None  # runtime/ds_configs/<name>.json or a path; None = runtime/ds_configs/zero<zero_stage>.json
+    model: str = opt(
+        "llama-tiny", "preset name in llm/configs/, a config.json, or an HF model directory", section="model"
     )
-    expert_parallel_size: int = 1  # ranks that share one copy of the experts (1 = no expert parallelism)
-    # evaluation, checkpoints, logging
-    eval_interval: int = 50  # steps between validations
-    eval_iters: int = 4  # validation batches per evaluation (0 = none)
-    eval_points: int = 0  # > 0: validate at this many log-spaced iterations from eval_interval to the end instead
-    save_interval: int = 100  # steps between checkpoints
-    keep_last: int = 2  # checkpoints kept
-    log_interval: int = 10  # steps between metrics records
-    seed: int = 1234
-    output_dir: str = "runs/default"
-    resume: str = "none"  # none | auto | <checkpoint directory>
-    max_nonfinite_steps: int = 5  # consecutive skipped non-finite steps before the run stops
-    export: bool = True  # export a Hugging Face directory (with tokenizer) to <output_dir>/hf at the end
-    progress_bar: bool = True  # tqdm bar on rank 0
-    tensorboard: bool = True  # the metrics also as TensorBoard scalars in <output_dir>/tensorboard
+    model_overrides: dict[str, Any] = opt(help='e.g. {"moe_projections": ["up_proj"]}', factory=dict)
+    attn_implementation: str = opt("sdpa", "the attention kernel", choices=("sdpa", "flash_attention_2", "eager"))
+    activation_checkpointing: bool = opt(False, "recompute activations in the backward pass: memory for compute")
+    compile: bool = opt(False, "torch.compile the model")
+    data_path: list[str] = opt(
+        help="Megatron style: [PREFIX] or [W1, PREFIX1, W2, PREFIX2]; [] = the embedded corpus",
+        factory=list,
+        section="data",
+    )
+    corpus: str = opt("shakespeare", "the embedded corpus used when data_path is empty", choices=tuple(CORPORA))
+    tokenizer: str | None = opt(None, "HF tokenizer directory; None with the embedded corpus = its tokenizer")
+    split: str | None = opt(None, 'train,valid,test by documents, e.g. "969,30,1"; None = the corpus default')
+    data_cache_dir: str | None = opt(None, "where index arrays are cached (default: next to the shards)")
+    seq_len: int = opt(256, "tokens per sample")
+    micro_batch_size: int = opt(8, "samples per rank and forward pass")
+    global_batch_size: int = opt(16, "samples per optimizer step = micro_batch_size x ranks x gradient accumulation")
+    train_iters: int | None = opt(None, "optimizer steps; or train_tokens")
+    train_tokens: int | None = opt(None, "a token budget instead of train_iters")
+    lr: float = opt(1e-3, "peak learning rate (AdamW)", section="optimizer and schedule")
+    min_lr: float = opt(1e-4, "the floor of the decay, in [0, lr]")
+    warmup_iters: int = opt(10, "linear warmup steps")
+    lr_decay_style: str = opt(
+        "cosine",
+        "after the warmup; wsd: stable at lr, then a linear decay",
+        choices=("cosine", "linear", "constant", "wsd"),
+    )
+    lr_decay_iters: int | None = opt(None, "default: train_iters")
+    wsd_decay_fraction: float = opt(0.2, "wsd: the final fraction of lr_decay_iters (or train_iters) spent decaying")
+    weight_decay: float = opt(0.1, "not applied to norms and biases")
+    adam_beta1: float = opt(0.9, "AdamW's beta1")
+    adam_beta2: float = opt(0.95, "AdamW's beta2")
+    adam_eps: float = opt(1e-8, "AdamW's epsilon")
+    grad_clip: float = opt(1.0, "max global gradient norm (0 = off)")
+    precision: str = opt("fp32", "the compute precision", choices=("fp32", "bf16", "fp16"), section="engine")
+    zero_stage: int = opt(1, "the ZeRO stage: what is sharded over the ranks", choices=(0, 1, 2, 3))
+    ds_config: str | None = opt(
+        None, "a DeepSpeed JSON in runtime/ds_configs/ (by name) or a path; None = zero<zero_stage>.json"
+    )
+    expert_parallel_size: int = opt(1, "ranks that share one copy of the experts (1 = no expert parallelism)")
+    eval_interval: int = opt(50, "steps between validations", section="evaluation, checkpoints, logging")
+    eval_iters: int = opt(4, "validation batches per evaluation (0 = none)")
+    eval_points: int = opt(0, "> 0: validate at this many log-spaced iterations from eval_interval to the end instead")
+    save_interval: int = opt(100, "steps between checkpoints")
+    keep_last: int = opt(2, "checkpoints kept")
+    log_interval: int = opt(10, "steps between metrics records")
+    seed: int = opt(1234, "weights, sample order and dropout are functions of it")
+    output_dir: str = opt("runs/default", "the run directory: config, metrics, checkpoints, the exported model")
+    resume: str = opt("none", "none | auto | <checkpoint directory>")
+    max_nonfinite_steps: int = opt(5, "consecutive skipped non-finite steps before the run stops")
+    export: bool = opt(True, "export a Hugging Face directory (with tokenizer) to <output_dir>/hf at the end")
+    progress_bar: bool = opt(True, "tqdm bar on rank 0")
+    tensorboard: bool = opt(True, "the metrics also as TensorBoard scalars in <output_dir>/tensorboard")
 
     def resolved_train_iters(self) -> int:
         if self.train_iters is not None:
@@ -122,13 +125,6 @@ INT_MINIMUMS = {
     "max_nonfinite_steps": (1, ""),
 }
 INT_MAXIMUMS = {"seed": (MAX_SEED, f"2**32 - 1 = {MAX_SEED}")}
-CHOICES = {
-    "attn_implementation": ("sdpa", "flash_attention_2", "eager"),
-    "lr_decay_style": ("cosine", "linear", "constant", "wsd"),
-    "precision": ("fp32", "bf16", "fp16"),
-    "zero_stage": (0, 1, 2, 3),
-    "corpus": tuple(CORPORA),
-}
 # Each float field's valid range and the fix that goes with it (min_lr: within [0, lr], checked after lr).
 FLOAT_RANGES = {
     "lr": FloatRange(0.0, False, math.inf, False, "the peak learning rate, e.g. 3e-4"),
@@ -153,7 +149,6 @@ EXAMPLES = {
 ENGINE: ConfigEngine[TrainConfig] = ConfigEngine(
     TrainConfig,
     preset_dir=CONFIG_DIR,
-    choices=CHOICES,
     int_minimums=INT_MINIMUMS,
     int_maximums=INT_MAXIMUMS,
     float_ranges=FLOAT_RANGES,
