@@ -1,4 +1,4 @@
-"""launch/experiment.sh and its report (evals.experiment*): the paired statistics against hand computations and scipy,
+"""launch/experiment.sh and its report (evals.experiment): the paired statistics against hand computations and scipy,
 the arms (the ceiling's width against a hand count), the report on hand-written run directories, and the whole
 command end to end with 2 arms x 2 seeds x 2 iterations, run twice: the second call trains nothing (paper-llm and
 paper-vision)."""
@@ -18,9 +18,9 @@ import yaml
 from scipy import stats as scipy_stats
 
 from evals.experiment import main
-from evals.experiment_arms import BASELINE, HEADLINE, matched_intermediate_size, select_arms
-from evals.experiment_report import write_report
-from evals.experiment_stats import band_curve, difference_curve, paired_difference, t_quantile
+from evals.experiment.arms import BASELINE, HEADLINE, matched_intermediate_size, select_arms
+from evals.experiment.report import write_report
+from evals.experiment.stats import band_curve, difference_curve, paired_difference, t_quantile
 from evals.results import store_evaluation
 from runtime.dist import free_port
 from tests.trainer_utils import metric_records

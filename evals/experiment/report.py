@@ -5,7 +5,7 @@ Every number comes from the runs' own files, read with evals.runs and evals.resu
 parameters, active parameters, FLOPs per token and tokens from summary.json; validation curves and tokens/s from
 metrics.jsonl; zero-shot accuracy from the evaluation evals.compare would choose in eval/results/. A run that has not
 finished (no summary.json) or has not been evaluated is left out and listed. Paired differences are taken per seed
-against the baseline arm (evals.experiment_stats); the reading paragraph is generated from those numbers.
+against the baseline arm (evals.experiment.stats); the reading paragraph is generated from those numbers.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from evals.compare import check_comparable, choose_evaluations, group_scores
-from evals.experiment_arms import BASELINE, EXPERIMENTS, ArmResult
-from evals.experiment_reading import reading
-from evals.experiment_stats import CONFIDENCE, interval_text, p_text, paired_difference
+from evals.experiment.arms import BASELINE, EXPERIMENTS, ArmResult
+from evals.experiment.reading import reading
+from evals.experiment.stats import CONFIDENCE, interval_text, p_text, paired_difference
 from evals.results import load_evaluations
 from evals.runs import Run, RunGroup, load_group, stale_evaluation
 from evals.scores import AVERAGE, Stat, human, stat_text
@@ -329,7 +329,7 @@ def _check_ours(out: Path) -> None:
 
 def write_report(out: Path, experiment: str = "paper-llm", names: str | None = None) -> Path:
     """Writes OUT/report.md, report.json, loss.png and accuracy.png; returns the report's path."""
-    from evals.experiment_plots import plot_experiment_losses
+    from evals.experiment.plots import plot_experiment_losses
     from evals.plots import plot_accuracy
 
     out = Path(out)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evals.experiment_stats import PairedDifference
+from evals.experiment.stats import PairedDifference
 from evals.runs import RunGroup
 from evals.scores import GroupScores
 

@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evals.experiment_arms import BASELINE, CEILING, EXPERIMENTS, HEADLINE, STANDARD_MOE
-from evals.experiment_report import HEADER, _tokens_per_s
-from evals.experiment_stats import CONFIDENCE, PairedDifference, interval_text, p_text, paired_difference
+from evals.experiment.arms import BASELINE, CEILING, EXPERIMENTS, HEADLINE, STANDARD_MOE
+from evals.experiment.report import HEADER, _tokens_per_s
+from evals.experiment.stats import CONFIDENCE, PairedDifference, interval_text, p_text, paired_difference
 from evals.runs import Run, load_group
 from evals.scores import Stat, human
 from runtime.fsutil import write_text_atomic
@@ -338,7 +338,7 @@ def plot_routing(arms: list[ScalingArm], path: Path) -> None:
 
 
 def write_scaling_report(out: Path, experiment: str = "paper-llm-scaling", names: str | None = None) -> Path:
-    from evals.experiment_plots import plot_experiment_losses
+    from evals.experiment.plots import plot_experiment_losses
 
     out = Path(out)
     if not out.is_dir():

@@ -14,8 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from evals.experiment_arms import VISION_BASELINE, VISION_EXPERIMENTS, VisionArm
-from evals.experiment_stats import CONFIDENCE, PairedDifference, interval_text, p_text, paired_difference
+from evals.experiment.arms import VISION_BASELINE, VISION_EXPERIMENTS, VisionArm
+from evals.experiment.stats import CONFIDENCE, PairedDifference, interval_text, p_text, paired_difference
 from evals.runs import RunGroup, is_run_dir, load_run
 from evals.vision_report import build_vision_report
 from runtime.fsutil import write_text_atomic

@@ -8,8 +8,8 @@ import math
 import statistics
 from typing import Any
 
-from evals.experiment_arms import BASELINE, CEILING, HEADLINE, ArmResult
-from evals.experiment_stats import PairedDifference, difference_curve, interval_text, p_text
+from evals.experiment.arms import BASELINE, CEILING, HEADLINE, ArmResult
+from evals.experiment.stats import PairedDifference, difference_curve, interval_text, p_text
 from evals.scores import human
 
 PROJECTION_ARMS = ("pn-gate-e8", "pn-up-e8", HEADLINE)  # 8 experts on each projection (the paper's Table 7)

@@ -1,4 +1,4 @@
-"""The statistics of an experiment report (evals.experiment_report): paired differences over seeds.
+"""The statistics of an experiment report (evals.experiment.report): paired differences over seeds.
 
 Arm A and arm B trained with the same seed see the same data in the same order (the sample order is a pure function
 of the seed), so the run-to-run noise they share cancels in the per-seed difference d_s = B_s - A_s. The mean of the

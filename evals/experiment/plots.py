@@ -1,4 +1,4 @@
-"""The experiment report's loss figure (evals.experiment_report): validation loss per arm with a band of one standard
+"""The experiment report's loss figure (evals.experiment.report): validation loss per arm with a band of one standard
 deviation over seeds, and each arm's paired difference to the baseline with its 95% t interval as the band."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from evals.experiment_stats import band_curve, difference_curve  # noqa: E402
+from evals.experiment.stats import band_curve, difference_curve  # noqa: E402
 from evals.plots import save_figure  # noqa: E402
 
 # arm -> seed -> {training tokens: validation loss}
