@@ -20,8 +20,9 @@ from scipy import stats as scipy_stats
 from evals.experiment import main
 from evals.experiment.arms import BASELINE, HEADLINE, matched_intermediate_size, select_arms
 from evals.experiment.report import write_report
-from evals.experiment.stats import band_curve, difference_curve, paired_difference, t_quantile
+from evals.experiment.stats import difference_curve, paired_difference
 from evals.results import store_evaluation
+from evals.scores import band
 from runtime.dist import free_port
 from tests.trainer_utils import metric_records
 
@@ -29,14 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------- statistics
-def test_t_quantile_matches_the_table() -> None:
-    # Student t, two-sided 95%: the printed table's 12.706 (1 df), 4.303 (2 df), 2.776 (4 df), 2.262 (9 df).
-    for n, table in ((2, 12.706), (3, 4.303), (5, 2.776), (10, 2.262)):
-        assert t_quantile(n) == pytest.approx(table, abs=5e-4)
-    with pytest.raises(ValueError, match="at least 2 paired seeds"):
-        t_quantile(1)
-
-
 def test_paired_difference_by_hand_and_against_scipy() -> None:
     base = {1: 3.00, 2: 3.10, 3: 2.90}
     other = {1: 2.90, 2: 3.05, 3: 2.78, 4: 1.0}  # seed 4 has no partner: left out
@@ -58,13 +51,15 @@ def test_paired_difference_by_hand_and_against_scipy() -> None:
     assert straddles is not None and straddles.excludes_zero is False and straddles.p_value > 0.05
     one = paired_difference({7: 3.0}, {7: 2.5})
     assert one is not None and (one.mean, one.low, one.p_value, one.excludes_zero) == (-0.5, None, None, None)
+    equal = paired_difference({1: 0.0, 2: 1.0}, {1: 1.0, 2: 2.0})  # scipy: t = inf, p = 0 (precision loss)
+    assert equal is not None and (equal.std, equal.low, equal.high, equal.p_value) == (0.0, 1.0, 1.0, None)
     assert paired_difference({1: 3.0}, {2: 3.0}) is None
 
 
 def test_curves_mean_std_and_paired_band() -> None:
     base = {1: {10.0: 5.0, 20.0: 4.0}, 2: {10.0: 5.2, 20.0: 4.2, 30.0: 3.0}}  # x=30 only in one seed: dropped
     other = {1: {10.0: 4.9, 20.0: 3.8}, 2: {10.0: 5.0, 20.0: 4.1}}
-    xs, means, stds = band_curve(base)
+    xs, means, stds = band(list(base.values()))
     assert xs == [10.0, 20.0] and means == pytest.approx([5.1, 4.1]) and stds == pytest.approx([0.1414214, 0.1414214])
     xs, means, lows, highs = difference_curve(base, other)
     assert xs == [10.0, 20.0] and means == pytest.approx([-0.15, -0.15])

@@ -10,8 +10,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from evals.experiment.stats import band_curve, difference_curve  # noqa: E402
+from evals.experiment.stats import difference_curve  # noqa: E402
 from evals.plots import save_figure  # noqa: E402
+from evals.scores import band  # noqa: E402
 
 # arm -> seed -> {training tokens: validation loss}
 Curves = dict[str, dict[int, dict[float, float]]]
@@ -26,7 +27,7 @@ def plot_experiment_losses(
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (arm, per_seed) in enumerate(curves.items()):
         color = colors[i % len(colors)]
-        xs, ys, sd = band_curve(per_seed)
+        xs, ys, sd = band(list(per_seed.values()))
         if not xs:
             continue
         label = f"{arm} ({len(per_seed)} seed{'s' if len(per_seed) > 1 else ''})"
