@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import yaml
 from scipy import stats as scipy_stats
 
 from evals.experiment import main
-from evals.experiment.arms import BASELINE, HEADLINE, matched_intermediate_size, select_arms
+from evals.experiment.arms import BASELINE, EXPERIMENTS, HEADLINE, PAPER_LLM, matched_intermediate_size, select_arms
 from evals.experiment.report import write_report
 from evals.experiment.stats import difference_curve, paired_difference
 from evals.results import store_evaluation
@@ -221,6 +222,27 @@ def test_report_says_not_significant_when_the_interval_holds_zero(tmp_path: Path
     report = (out / "report.md").read_text()
     assert "the 95% interval includes 0: not significant at the 5% level" in report
     assert "excludes 0" not in report.split("## Final validation loss")[0]
+
+
+def test_reading_takes_the_roles_from_the_arm_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reading names no arm itself: rename every arm but the baseline and it follows the table's roles."""
+    renamed = tuple(arm if arm.role == "baseline" else replace(arm, name=arm.name.upper()) for arm in PAPER_LLM)
+    monkeypatch.setitem(EXPERIMENTS, "paper-llm", renamed)
+    out = tmp_path / "exp"
+    losses = {BASELINE: 3.0, "PN-DOWN-E8": 2.95, "PN-GATE-E8": 2.90, "PN-DOWN-E2": 2.99, "PN-DOWN-E4": 2.97}
+    for arm, loss in losses.items():
+        for i, seed in enumerate((1, 2, 3)):
+            value = loss + 0.01 * i * (arm != BASELINE)
+            fake_run(out / arm / f"seed{seed}", arm, seed, value, 0.5, 10, [4.0, value], 1.0)
+    write_report(out)
+    reading = (out / "report.md").read_text().split("## Reading")[1].split("##")[0]
+    assert "ParameterNet (PN-DOWN-E8) ended with a lower final validation loss than vanilla" in reading
+    assert "95% intervals): PN-GATE-E8 " in reading and "; PN-DOWN-E8 " in reading
+    assert (
+        "the lowest mean loss is PN-GATE-E8's. The 2- and 4-expert arms ran on down_proj, not on PN-GATE-E8" in reading
+    )
+    assert "Experts on down_proj: 2 experts " in reading and "the mean loss falls steadily" in reading
+    assert "These 3 ablation intervals" in reading and "pn-" not in reading
 
 
 def test_report_refusals(tmp_path: Path, capsys) -> None:

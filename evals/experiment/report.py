@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from evals.compare import check_comparable, choose_evaluations, group_scores
-from evals.experiment.arms import BASELINE, EXPERIMENTS, ArmResult
+from evals.experiment.arms import BASELINE, EXPERIMENTS, Arm, ArmResult
 from evals.experiment.reading import reading
 from evals.experiment.stats import CONFIDENCE, interval_text, p_text, paired_difference
 from evals.results import load_evaluations
@@ -240,7 +241,9 @@ def _left_out_sentence(left_out: list[str]) -> str:
     return f" Not counted anywhere in this report ({len(left_out)}): " + "; ".join(left_out) + "."
 
 
-def build_markdown(arms: list[ArmResult], tasks: list[str], left_out: list[str], limit: Any, out: Path) -> str:
+def build_markdown(
+    arms: list[ArmResult], tasks: list[str], left_out: list[str], limit: Any, out: Path, table: Sequence[Arm]
+) -> str:
     first = arms[0].group.runs[0]
     cfg = first.config
     docs = f"{limit:g} documents per task" if isinstance(limit, (int, float)) else "every document"
@@ -258,7 +261,7 @@ def build_markdown(arms: list[ArmResult], tasks: list[str], left_out: list[str],
         "",
         "## Reading",
         "",
-        reading(arms, tasks, limit) + _left_out_sentence(left_out),
+        reading(arms, tasks, limit, table) + _left_out_sentence(left_out),
         "",
         "## Final validation loss",
         "",
@@ -340,5 +343,5 @@ def write_report(out: Path, experiment: str = "paper-llm", names: str | None = N
     plot_experiment_losses({arm.name: arm.curves for arm in arms}, BASELINE, out / "loss.png")
     plot_accuracy([arm.scores for arm in arms], tasks, out / "accuracy.png")
     write_text_atomic(out / "report.json", json.dumps(report_data(arms, tasks, left_out, limit), indent=2) + "\n")
-    write_text_atomic(out / "report.md", build_markdown(arms, tasks, left_out, limit, out))
+    write_text_atomic(out / "report.md", build_markdown(arms, tasks, left_out, limit, out, EXPERIMENTS[experiment]))
     return out / "report.md"
