@@ -323,11 +323,15 @@ def report_data(arms: list[ArmResult], tasks: list[str], left_out: list[str], li
     }
 
 
-def _check_ours(out: Path) -> None:
-    """Replace only a report we wrote (its first line is HEADER); never someone else's report.md."""
+def report_path(out: Path, header: str = HEADER) -> Path:
+    """OUT/report.md, once OUT is an experiment directory and any report.md there is one we wrote (its first line is
+    `header`): never someone else's report.md is replaced."""
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out}: no such experiment directory (OUT/<arm>/seed<N>/ run directories)")
     path = out / "report.md"
-    if path.is_file() and not path.read_text(encoding="utf-8").startswith(HEADER):
+    if path.is_file() and not path.read_text(encoding="utf-8").startswith(header):
         raise ValueError(f"{path} exists and was not written by evals.experiment; move it away first")
+    return path
 
 
 def write_report(out: Path, experiment: str = "paper-llm", names: str | None = None) -> Path:
@@ -336,12 +340,10 @@ def write_report(out: Path, experiment: str = "paper-llm", names: str | None = N
     from evals.plots import plot_accuracy
 
     out = Path(out)
-    if not out.is_dir():
-        raise FileNotFoundError(f"{out}: no such experiment directory (OUT/<arm>/seed<N>/ run directories)")
-    _check_ours(out)
+    path = report_path(out)
     arms, tasks, left_out, limit = collect(out, experiment, names)
     plot_experiment_losses({arm.name: arm.curves for arm in arms}, BASELINE, out / "loss.png")
     plot_accuracy([arm.scores for arm in arms], tasks, out / "accuracy.png")
     write_text_atomic(out / "report.json", json.dumps(report_data(arms, tasks, left_out, limit), indent=2) + "\n")
-    write_text_atomic(out / "report.md", build_markdown(arms, tasks, left_out, limit, out, EXPERIMENTS[experiment]))
-    return out / "report.md"
+    write_text_atomic(path, build_markdown(arms, tasks, left_out, limit, out, EXPERIMENTS[experiment]))
+    return path

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.experiment.arms import BASELINE, EXPERIMENTS, ROLES
-from evals.experiment.report import HEADER, _tokens_per_s
+from evals.experiment.report import HEADER, _tokens_per_s, report_path
 from evals.experiment.stats import CONFIDENCE, PairedDifference, interval_text, p_text, paired_difference
 from evals.runs import Run, load_group
 from evals.scores import Stat, human
@@ -345,11 +345,7 @@ def write_scaling_report(out: Path, experiment: str = "paper-llm-scaling", names
     from evals.experiment.plots import plot_experiment_losses
 
     out = Path(out)
-    if not out.is_dir():
-        raise FileNotFoundError(f"{out}: no such experiment directory (OUT/<arm>/seed<N>/ run directories)")
-    report = out / "report.md"
-    if report.is_file() and not report.read_text(encoding="utf-8").startswith(HEADER):
-        raise ValueError(f"{report} exists and was not written by evals.experiment; move it away first")
+    report = report_path(out)
     arms, left_out = load_scaling_arms(out, experiment, names)
     per_param = float(non_embedding_params(arms[0].first))
     curves = {arm.name: {s: {float(t): v for t, v in c.items()} for s, c in arm.curves.items()} for arm in arms}
