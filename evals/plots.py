@@ -54,6 +54,11 @@ def plot_accuracy(scores: list[GroupScores], tasks: list[str], path: Path) -> No
     save_figure(fig, path)
 
 
+def fill_std(ax: Any, xs: list[float], ys: list[float], sd: list[float], color: str) -> None:
+    """The band mean ± std (evals.scores.band's) around a curve."""
+    ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=color, alpha=0.15)
+
+
 # Where each task's curves run along: LLM runs by training tokens, vision runs by optimizer step.
 X_AXIS = {LLM: ("tokens", "training tokens"), VISION: ("iteration", "training iterations")}
 
@@ -77,9 +82,7 @@ def plot_losses(groups: list[RunGroup], path: Path) -> None:
             xs, ys, sd = band(train)
             ax.plot(xs, ys, color=color, alpha=0.5, linewidth=1, label=f"{group.label} train")
             if len(train) > 1:
-                ax.fill_between(
-                    xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=color, alpha=0.15
-                )
+                fill_std(ax, xs, ys, sd, color)
             drew = True
         if valid:
             xs, ys, sd = band(valid)
@@ -120,9 +123,7 @@ def plot_val_accuracy(groups: list[RunGroup], path: Path) -> None:
             xs, ys, sd = band(curves)
             ax.plot(xs, ys, style, color=color, marker="o", linewidth=2, label=f"{group.label} {key}")
             if len(curves) > 1:
-                ax.fill_between(
-                    xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=color, alpha=0.15
-                )
+                fill_std(ax, xs, ys, sd, color)
             drew = True
     if not drew:
         ax.text(0.5, 0.5, "no validation records in these runs", ha="center", va="center", transform=ax.transAxes)

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from evals.experiment.stats import difference_curve  # noqa: E402
-from evals.plots import save_figure  # noqa: E402
+from evals.plots import fill_std, save_figure  # noqa: E402
 from evals.scores import band  # noqa: E402
 
 # arm -> seed -> {training tokens: validation loss}
@@ -32,7 +32,7 @@ def plot_experiment_losses(
             continue
         label = f"{arm} ({len(per_seed)} seed{'s' if len(per_seed) > 1 else ''})"
         left.plot(xs, ys, color=color, marker="o", markersize=3, linewidth=1.5, label=label)
-        left.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=color, alpha=0.15)
+        fill_std(left, xs, ys, sd, color)
         if arm == baseline:
             continue
         xs, means, lows, highs = difference_curve(curves[baseline], per_seed)
