@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.errors import print_error
 from runtime.fsutil import claim_output, temp_path_for
 
 TOOL = "evals.plot_routing"
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = plot_routing(args.run_dir, args.out)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 2
     print(path)
     return 0

@@ -4,7 +4,6 @@ loss curves (both; bands over seeds)."""
 from __future__ import annotations
 
 import os
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from evals.runs import LLM, VISION, RunGroup  # noqa: E402
-from evals.scores import AVERAGE, GroupScores  # noqa: E402
+from evals.scores import AVERAGE, GroupScores, band  # noqa: E402
 from runtime.fsutil import temp_path_for  # noqa: E402
 
 
@@ -55,22 +54,17 @@ def plot_accuracy(scores: list[GroupScores], tasks: list[str], path: Path) -> No
     save_figure(fig, path)
 
 
-def _curve(runs_points: list[list[tuple[float, float]]]) -> tuple[list[float], list[float], list[float]]:
-    """Mean and std over runs at the x values every run has (seeds of one configuration log at the same steps)."""
-    common = set.intersection(*(set(x for x, _ in pts) for pts in runs_points)) if runs_points else set()
-    xs = sorted(common)
-    lookup = [dict(pts) for pts in runs_points]
-    means = [statistics.fmean(d[x] for d in lookup) for x in xs]
-    stds = [statistics.stdev(d[x] for d in lookup) if len(lookup) > 1 else 0.0 for x in xs]
-    return xs, means, stds
+def fill_std(ax: Any, xs: list[float], ys: list[float], sd: list[float], color: str) -> None:
+    """The band mean ± std (evals.scores.band's) around a curve."""
+    ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=color, alpha=0.15)
 
 
 # Where each task's curves run along: LLM runs by training tokens, vision runs by optimizer step.
 X_AXIS = {LLM: ("tokens", "training tokens"), VISION: ("iteration", "training iterations")}
 
 
-def _points(records: list[dict[str, Any]], x_key: str, y_key: str) -> list[tuple[float, float]]:
-    return [(float(r.get(x_key, r.get("iteration", 0))), float(r[y_key])) for r in records if r.get(y_key) is not None]
+def _points(records: list[dict[str, Any]], x_key: str, y_key: str) -> dict[float, float]:
+    return {float(r.get(x_key, r.get("iteration", 0))): float(r[y_key]) for r in records if r.get(y_key) is not None}
 
 
 def plot_losses(groups: list[RunGroup], path: Path) -> None:
@@ -85,15 +79,13 @@ def plot_losses(groups: list[RunGroup], path: Path) -> None:
         train = [_points(run.train, x_key, run.train_loss_key) for run in group.runs if run.train]
         valid = [_points(run.valid, x_key, "val_loss") for run in group.runs if run.valid]
         if train:
-            xs, ys, sd = _curve(train)
+            xs, ys, sd = band(train)
             ax.plot(xs, ys, color=color, alpha=0.5, linewidth=1, label=f"{group.label} train")
             if len(train) > 1:
-                ax.fill_between(
-                    xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=color, alpha=0.15
-                )
+                fill_std(ax, xs, ys, sd, color)
             drew = True
         if valid:
-            xs, ys, sd = _curve(valid)
+            xs, ys, sd = band(valid)
             ax.errorbar(
                 xs,
                 ys,
@@ -128,12 +120,10 @@ def plot_val_accuracy(groups: list[RunGroup], path: Path) -> None:
             curves = [c for c in curves if c]
             if not curves:
                 continue
-            xs, ys, sd = _curve(curves)
+            xs, ys, sd = band(curves)
             ax.plot(xs, ys, style, color=color, marker="o", linewidth=2, label=f"{group.label} {key}")
             if len(curves) > 1:
-                ax.fill_between(
-                    xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=color, alpha=0.15
-                )
+                fill_std(ax, xs, ys, sd, color)
             drew = True
     if not drew:
         ax.text(0.5, 0.5, "no validation records in these runs", ha="center", va="center", transform=ax.transAxes)

@@ -30,6 +30,18 @@ class Stat:
         return Stat(values[0], None, single_stderr, 1)
 
 
+def common_x(curves: list[dict[float, float]]) -> list[float]:
+    """The x values every curve has ({x: y} each; the seeds of one arm log at the same steps)."""
+    return sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+
+
+def band(curves: list[dict[float, float]]) -> tuple[list[float], list[float], list[float]]:
+    """common_x and, at each, Stat.of's mean and sample std (0 for one curve) over the curves."""
+    xs = common_x(curves)
+    stats = [Stat.of([c[x] for c in curves]) for x in xs]
+    return xs, [s.mean for s in stats], [s.std or 0.0 for s in stats]
+
+
 @dataclass(frozen=True)
 class GroupScores:
     label: str

@@ -22,6 +22,7 @@ from typing import Any
 
 from evals.results import check_eval_dir, store_evaluation, summary_markdown, task_scores
 from evals.suite import TASKS_DIR, canonical_name, enter_offline_mode, hub_reachable, resolve_tasks
+from runtime.errors import print_error
 
 log = logging.getLogger("evals.zero_shot")
 
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 2
     print(summary_markdown(task_scores(out.results)))
     print(f"wrote {out.results_json} and {out.results_md}; headline: {out.headline_json}")

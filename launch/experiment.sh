@@ -162,7 +162,7 @@ if [ -n "${TRAIN_ITERS:-}" ]; then
 fi
 [ -z "${CORPUS:-}" ] || trainer_args=(--corpus "$CORPUS" "${trainer_args[@]+"${trainer_args[@]}"}")
 
-# The arms as compare.sh --run specifications (evals/experiment.py holds the table; it refuses unknown names).
+# The arms as compare.sh --run specifications (evals/experiment/arms.py holds the table; it refuses unknown names).
 specs="$("$PY" -m evals.experiment arms "$experiment" --size "$SIZE" --arms "${ARMS:-all}")" || exit 2
 runs=()
 names=()

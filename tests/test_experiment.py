@@ -1,4 +1,4 @@
-"""launch/experiment.sh and its report (evals.experiment*): the paired statistics against hand computations and scipy,
+"""launch/experiment.sh and its report (evals.experiment): the paired statistics against hand computations and scipy,
 the arms (the ceiling's width against a hand count), the report on hand-written run directories, and the whole
 command end to end with 2 arms x 2 seeds x 2 iterations, run twice: the second call trains nothing (paper-llm and
 paper-vision)."""
@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,11 @@ import yaml
 from scipy import stats as scipy_stats
 
 from evals.experiment import main
-from evals.experiment_arms import BASELINE, HEADLINE, matched_intermediate_size, select_arms
-from evals.experiment_report import write_report
-from evals.experiment_stats import band_curve, difference_curve, paired_difference, t_quantile
+from evals.experiment.arms import BASELINE, EXPERIMENTS, HEADLINE, PAPER_LLM, matched_intermediate_size, select_arms
+from evals.experiment.report import write_report
+from evals.experiment.stats import difference_curve, paired_difference
 from evals.results import store_evaluation
+from evals.scores import band
 from runtime.dist import free_port
 from tests.trainer_utils import metric_records
 
@@ -29,14 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------- statistics
-def test_t_quantile_matches_the_table() -> None:
-    # Student t, two-sided 95%: the printed table's 12.706 (1 df), 4.303 (2 df), 2.776 (4 df), 2.262 (9 df).
-    for n, table in ((2, 12.706), (3, 4.303), (5, 2.776), (10, 2.262)):
-        assert t_quantile(n) == pytest.approx(table, abs=5e-4)
-    with pytest.raises(ValueError, match="at least 2 paired seeds"):
-        t_quantile(1)
-
-
 def test_paired_difference_by_hand_and_against_scipy() -> None:
     base = {1: 3.00, 2: 3.10, 3: 2.90}
     other = {1: 2.90, 2: 3.05, 3: 2.78, 4: 1.0}  # seed 4 has no partner: left out
@@ -58,13 +52,15 @@ def test_paired_difference_by_hand_and_against_scipy() -> None:
     assert straddles is not None and straddles.excludes_zero is False and straddles.p_value > 0.05
     one = paired_difference({7: 3.0}, {7: 2.5})
     assert one is not None and (one.mean, one.low, one.p_value, one.excludes_zero) == (-0.5, None, None, None)
+    equal = paired_difference({1: 0.0, 2: 1.0}, {1: 1.0, 2: 2.0})  # scipy: t = inf, p = 0 (precision loss)
+    assert equal is not None and (equal.std, equal.low, equal.high, equal.p_value) == (0.0, 1.0, 1.0, None)
     assert paired_difference({1: 3.0}, {2: 3.0}) is None
 
 
 def test_curves_mean_std_and_paired_band() -> None:
     base = {1: {10.0: 5.0, 20.0: 4.0}, 2: {10.0: 5.2, 20.0: 4.2, 30.0: 3.0}}  # x=30 only in one seed: dropped
     other = {1: {10.0: 4.9, 20.0: 3.8}, 2: {10.0: 5.0, 20.0: 4.1}}
-    xs, means, stds = band_curve(base)
+    xs, means, stds = band(list(base.values()))
     assert xs == [10.0, 20.0] and means == pytest.approx([5.1, 4.1]) and stds == pytest.approx([0.1414214, 0.1414214])
     xs, means, lows, highs = difference_curve(base, other)
     assert xs == [10.0, 20.0] and means == pytest.approx([-0.15, -0.15])
@@ -226,6 +222,27 @@ def test_report_says_not_significant_when_the_interval_holds_zero(tmp_path: Path
     report = (out / "report.md").read_text()
     assert "the 95% interval includes 0: not significant at the 5% level" in report
     assert "excludes 0" not in report.split("## Final validation loss")[0]
+
+
+def test_reading_takes_the_roles_from_the_arm_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reading names no arm itself: rename every arm but the baseline and it follows the table's roles."""
+    renamed = tuple(arm if arm.role == "baseline" else replace(arm, name=arm.name.upper()) for arm in PAPER_LLM)
+    monkeypatch.setitem(EXPERIMENTS, "paper-llm", renamed)
+    out = tmp_path / "exp"
+    losses = {BASELINE: 3.0, "PN-DOWN-E8": 2.95, "PN-GATE-E8": 2.90, "PN-DOWN-E2": 2.99, "PN-DOWN-E4": 2.97}
+    for arm, loss in losses.items():
+        for i, seed in enumerate((1, 2, 3)):
+            value = loss + 0.01 * i * (arm != BASELINE)
+            fake_run(out / arm / f"seed{seed}", arm, seed, value, 0.5, 10, [4.0, value], 1.0)
+    write_report(out)
+    reading = (out / "report.md").read_text().split("## Reading")[1].split("##")[0]
+    assert "ParameterNet (PN-DOWN-E8) ended with a lower final validation loss than vanilla" in reading
+    assert "95% intervals): PN-GATE-E8 " in reading and "; PN-DOWN-E8 " in reading
+    assert (
+        "the lowest mean loss is PN-GATE-E8's. The 2- and 4-expert arms ran on down_proj, not on PN-GATE-E8" in reading
+    )
+    assert "Experts on down_proj: 2 experts " in reading and "the mean loss falls steadily" in reading
+    assert "These 3 ablation intervals" in reading and "pn-" not in reading
 
 
 def test_report_refusals(tmp_path: Path, capsys) -> None:

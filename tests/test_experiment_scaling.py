@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from evals.experiment import main
-from evals.experiment_arms import BASELINE, CEILING, STANDARD_MOE, select_arms
-from evals.experiment_scaling import crossover, non_embedding_params, write_scaling_report
-from evals.experiment_stats import paired_difference
+from evals.experiment.arms import BASELINE, CEILING, STANDARD_MOE, select_arms
+from evals.experiment.scaling import crossover, non_embedding_params, write_scaling_report
+from evals.experiment.stats import paired_difference
 from evals.runs import load_run
 from llm.train.config import TrainConfig, load_config
 from runtime.dist import free_port

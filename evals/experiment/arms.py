@@ -11,17 +11,25 @@ afterwards, and the report says whether it was down_proj.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from evals.experiment_stats import PairedDifference
+from evals.experiment.stats import PairedDifference
 from evals.runs import RunGroup
 from evals.scores import GroupScores
 
 BASELINE = "vanilla"  # every paired difference is against this arm
 HEADLINE = "pn-down-e8"
 CEILING = "vanilla-wide"
+# The roles an arm plays in the generated reading (evals.experiment.reading, .scaling), named in the arm tables below.
+ROLES = {
+    "baseline": "the baseline",
+    "headline": "the headline",
+    "ceiling": "the ceiling",
+    "control": "the standard MoE control",
+}
 
 
 @dataclass(frozen=True)
@@ -30,9 +38,9 @@ class Arm:
     kind: str  # launch/pretrain_llama.sh's first argument: llama | parameternet (with SIZE: the preset)
     what: str  # one line for the report
     overrides: dict[str, Any] = field(default_factory=dict)  # --model_overrides
-    preset: str | None = (
-        None  # a model preset family instead of KIND's (e.g. moe-mlp-llama: --model moe-mlp-llama-SIZE)
-    )
+    preset: str | None = None  # a model preset family instead of KIND's (moe-mlp-llama: --model moe-mlp-llama-SIZE)
+    role: str | None = None  # what the generated reading makes of it: one of ROLES
+    ablations: tuple[str, ...] = ()  # the ablation groups it is compared within: "projection", "experts"
 
     def run_spec(self, size: str) -> str:
         """launch/compare.sh's --run "NAME KIND [--key value ...]" (split on spaces: the JSON has none)."""
@@ -69,15 +77,25 @@ def matched_intermediate_size(size: str) -> tuple[int, int, int]:
     return best, total(best), target
 
 
+def _pn(name: str, projection: str, experts: int, *ablations: str, what: str = "", role: str | None = None) -> Arm:
+    text = f"ParameterNet: {experts} experts on {projection}, top-1{what}"
+    return Arm(name, "parameternet", text, _moe(projection, experts), role=role, ablations=ablations)
+
+
 PAPER_LLM: tuple[Arm, ...] = (
-    Arm(BASELINE, "llama", "LLaMA, dense SwiGLU MLP (the baseline)"),
-    Arm(HEADLINE, "parameternet", "ParameterNet: 8 experts on down_proj, top-1 (the headline)", _moe("down_proj", 8)),
-    Arm("pn-gate-e8", "parameternet", "ParameterNet: 8 experts on gate_proj, top-1", _moe("gate_proj", 8)),
-    Arm("pn-up-e8", "parameternet", "ParameterNet: 8 experts on up_proj, top-1", _moe("up_proj", 8)),
-    Arm("pn-down-e2", "parameternet", "ParameterNet: 2 experts on down_proj, top-1", _moe("down_proj", 2)),
-    Arm("pn-down-e4", "parameternet", "ParameterNet: 4 experts on down_proj, top-1", _moe("down_proj", 4)),
+    Arm(BASELINE, "llama", "LLaMA, dense SwiGLU MLP (the baseline)", role="baseline"),
+    _pn(HEADLINE, "down_proj", 8, "projection", "experts", what=" (the headline)", role="headline"),
+    _pn("pn-gate-e8", "gate_proj", 8, "projection"),  # which projection gets the experts: the paper's Table 7
+    _pn("pn-up-e8", "up_proj", 8, "projection"),
+    _pn("pn-down-e2", "down_proj", 2, "experts"),  # how many experts
+    _pn("pn-down-e4", "down_proj", 4, "experts"),
     # intermediate_size is filled in per size (sized_arms): the one nearest to the headline's total parameters.
-    Arm(CEILING, "llama", f"LLaMA widened to {HEADLINE}'s total parameters: more FLOPs per token (the ceiling)"),
+    Arm(
+        CEILING,
+        "llama",
+        f"LLaMA widened to {HEADLINE}'s total parameters: more FLOPs per token (the ceiling)",
+        role="ceiling",
+    ),
 )
 STANDARD_MOE = "moe-mlp-e8"
 # The token-scaling study (issue 20) at SIZE=micro: >= 2 tokens per non-embedding parameter, validated at 10
@@ -85,17 +103,13 @@ STANDARD_MOE = "moe-mlp-e8"
 PAPER_LLM_SCALING: tuple[Arm, ...] = (
     PAPER_LLM[0],
     PAPER_LLM[1],
-    Arm(
-        "pn-up-e8",
-        "parameternet",
-        "ParameterNet: 8 experts on up_proj, top-1 (the paper's best, Table 7)",
-        _moe("up_proj", 8),
-    ),
+    _pn("pn-up-e8", "up_proj", 8, what=" (the paper's best, Table 7)"),
     Arm(
         STANDARD_MOE,
         "parameternet",
         "standard MoE: 8 whole SwiGLU MLP experts (gate, up, down), top-1 (the control)",
         preset="moe-mlp-llama",
+        role="control",
     ),
     PAPER_LLM[-1],
 )
@@ -108,10 +122,17 @@ def sized_arms(experiment: str, size: str) -> list[Arm]:
         raise ValueError(f"experiment {experiment!r} is not known; known: {', '.join(EXPERIMENTS)}")
     arms = list(EXPERIMENTS[experiment])
     for i, arm in enumerate(arms):
-        if arm.name == CEILING:
+        if arm.role == "ceiling":
             wide, _, _ = matched_intermediate_size(size)
-            arms[i] = Arm(arm.name, arm.kind, arm.what, {"intermediate_size": wide})
+            arms[i] = replace(arm, overrides={"intermediate_size": wide})
     return arms
+
+
+def role(table: Sequence[Arm], name: str) -> Arm | None:
+    """The arm of `table` that plays the role `name` (one of ROLES), if it has one."""
+    if name not in ROLES:
+        raise ValueError(f"role {name!r} is not one of {', '.join(ROLES)}")
+    return next((arm for arm in table if arm.role == name), None)
 
 
 def select_arms(experiment: str, size: str, names: str | None) -> list[Arm]:

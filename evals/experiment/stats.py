@@ -1,20 +1,22 @@
-"""The statistics of an experiment report (evals.experiment_report): paired differences over seeds.
+"""The statistics of an experiment report (evals.experiment.report): paired differences over seeds.
 
 Arm A and arm B trained with the same seed see the same data in the same order (the sample order is a pure function
 of the seed), so the run-to-run noise they share cancels in the per-seed difference d_s = B_s - A_s. The mean of the
 n differences gets Student's t interval with n - 1 degrees of freedom, mean +- t(0.975, n-1) * sd / sqrt(n), and the
-two-sided paired t-test's p-value (scipy.stats.ttest_rel computes the same). Nothing here assumes more than the
-differences being independent over seeds and roughly normal; with 3 seeds t(0.975, 2) = 4.30, so only differences
-large against their spread come out significant.
+two-sided paired t-test's p-value, both from scipy.stats.ttest_rel. Nothing here assumes more than the differences
+being independent over seeds and roughly normal; with 3 seeds t(0.975, 2) = 4.30, so only differences large against
+their spread come out significant.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
+import warnings
 from dataclasses import dataclass
 
 from scipy import stats as scipy_stats
+
+from evals.scores import common_x
 
 CONFIDENCE = 0.95
 
@@ -43,13 +45,6 @@ class PairedDifference:
         return self.low > 0 or self.high < 0
 
 
-def t_quantile(n: int, confidence: float = CONFIDENCE) -> float:
-    """The two-sided Student t critical value for the mean of n paired differences (n - 1 degrees of freedom)."""
-    if n < 2:
-        raise ValueError(f"a t interval needs at least 2 paired seeds, got n={n}")
-    return float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1))
-
-
 def paired_difference(
     baseline: dict[int, float], other: dict[int, float], confidence: float = CONFIDENCE
 ) -> PairedDifference | None:
@@ -62,12 +57,13 @@ def paired_difference(
     if len(diffs) < 2:
         return PairedDifference(seeds, diffs, mean, None, None, None, None)
     std = statistics.stdev(diffs)
-    half = t_quantile(len(diffs), confidence) * std / math.sqrt(len(diffs))
-    p_value = None
-    if std > 0:
-        t_stat = mean / (std / math.sqrt(len(diffs)))
-        p_value = float(2 * scipy_stats.t.sf(abs(t_stat), len(diffs) - 1))
-    return PairedDifference(seeds, diffs, mean, std, mean - half, mean + half, p_value)
+    if std == 0:  # every difference equal: an interval of zero width, and no test (scipy: t = +-inf or nan)
+        return PairedDifference(seeds, diffs, mean, std, mean, mean, None)
+    with warnings.catch_warnings():  # differences nearly equal: scipy warns of precision loss, p is ~0 all the same
+        warnings.simplefilter("ignore", RuntimeWarning)
+        test = scipy_stats.ttest_rel([other[s] for s in seeds], [baseline[s] for s in seeds])
+        interval = test.confidence_interval(confidence_level=confidence)
+    return PairedDifference(seeds, diffs, mean, std, float(interval.low), float(interval.high), float(test.pvalue))
 
 
 def interval_text(diff: PairedDifference | None, scale: float = 1.0, digits: int = 4) -> str:
@@ -86,26 +82,12 @@ def p_text(diff: PairedDifference | None) -> str:
     return f"{diff.p_value:.3g}"
 
 
-def _common_x(per_seed: list[dict[float, float]]) -> list[float]:
-    """The x values every seed logged (seeds of one arm validate at the same steps)."""
-    return sorted(set.intersection(*(set(points) for points in per_seed))) if per_seed else []
-
-
-def band_curve(curves: dict[int, dict[float, float]]) -> tuple[list[float], list[float], list[float]]:
-    """xs, mean and sample std over seeds (0 for one seed) at the x values every seed has."""
-    per_seed = list(curves.values())
-    xs = _common_x(per_seed)
-    means = [statistics.fmean(c[x] for c in per_seed) for x in xs]
-    stds = [statistics.stdev(c[x] for c in per_seed) if len(per_seed) > 1 else 0.0 for x in xs]
-    return xs, means, stds
-
-
 def difference_curve(
     baseline: dict[int, dict[float, float]], other: dict[int, dict[float, float]]
 ) -> tuple[list[float], list[float], list[float | None], list[float | None]]:
     """xs, mean paired difference other - baseline and its 95% t interval at every x both arms' shared seeds have."""
     seeds = sorted(set(baseline) & set(other))
-    xs = _common_x([baseline[s] for s in seeds] + [other[s] for s in seeds])
+    xs = common_x([baseline[s] for s in seeds] + [other[s] for s in seeds])
     means: list[float] = []
     lows: list[float | None] = []
     highs: list[float | None] = []

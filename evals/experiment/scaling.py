@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evals.experiment_arms import BASELINE, CEILING, EXPERIMENTS, HEADLINE, STANDARD_MOE
-from evals.experiment_report import HEADER, _tokens_per_s
-from evals.experiment_stats import CONFIDENCE, PairedDifference, interval_text, p_text, paired_difference
+from evals.experiment.arms import BASELINE, EXPERIMENTS, ROLES
+from evals.experiment.report import HEADER, _tokens_per_s, report_path
+from evals.experiment.stats import CONFIDENCE, PairedDifference, interval_text, p_text, paired_difference
 from evals.runs import Run, load_group
 from evals.scores import Stat, human
 from runtime.fsutil import write_text_atomic
@@ -34,6 +34,7 @@ class ScalingArm:
     name: str
     what: str
     runs: dict[int, Run]  # seed -> finished run
+    role: str | None = None  # its role in the arm table (evals.experiment.arms.ROLES)
     curves: dict[int, dict[int, float]] = field(default_factory=dict)  # seed -> {training tokens: validation loss}
     diffs: dict[int, PairedDifference] = field(default_factory=dict)  # tokens -> arm - baseline over seeds
 
@@ -85,7 +86,7 @@ def load_scaling_arms(out: Path, experiment: str, names: str | None) -> tuple[li
     """The arms with finished runs (the baseline first) and the runs left out, with why."""
     if experiment not in EXPERIMENTS:
         raise ValueError(f"--experiment {experiment!r} is not known; known: {', '.join(EXPERIMENTS)}")
-    what = {arm.name: arm.what for arm in EXPERIMENTS[experiment]}
+    table = {arm.name: arm for arm in EXPERIMENTS[experiment]}
     wanted = [n.strip() for n in names.split(",") if n.strip()] if names else [a.name for a in EXPERIMENTS[experiment]]
     wanted = [BASELINE, *[n for n in wanted if n != BASELINE]]
     arms, left_out = [], []
@@ -101,7 +102,10 @@ def load_scaling_arms(out: Path, experiment: str, names: str | None) -> tuple[li
                 continue
             runs[run.seed] = run
         if runs:
-            arm = ScalingArm(name, what.get(name, "(not an arm of this experiment)"), runs)
+            spec = table.get(name)
+            arm = ScalingArm(
+                name, spec.what if spec else "(not an arm of this experiment)", runs, spec.role if spec else None
+            )
             arm.curves = {s: {int(r["tokens"]): float(r["val_loss"]) for r in run.valid} for s, run in runs.items()}
             arms.append(arm)
     if not arms or arms[0].name != BASELINE:
@@ -215,23 +219,23 @@ def router_table(arms: list[ScalingArm]) -> str:
 
 
 def reading(arms: list[ScalingArm], per_param: float) -> str:
-    by_name = {arm.name: arm for arm in arms}
-    last = max(arms[0].curves[min(arms[0].curves)])
+    """arms: the baseline first; what each other arm is (headline, control, ceiling) comes from its role."""
+    base = arms[0]
+    last = max(base.curves[min(base.curves)])
     sentences = [
-        f"Every arm read {human(last)} tokens, {last / per_param:.2f} per non-embedding parameter of {BASELINE} "
+        f"Every arm read {human(last)} tokens, {last / per_param:.2f} per non-embedding parameter of {base.name} "
         f"({per_param:,.0f})."
     ]
     for arm in arms[1:]:
         final = arm.diffs[max(arm.diffs)] if arm.diffs else None
-        role = {HEADLINE: " (the headline)", STANDARD_MOE: " (the standard MoE control)", CEILING: " (the ceiling)"}
         sentences.append(
-            f"{arm.name}{role.get(arm.name, '')} ended at {interval_text(final)} nats against {BASELINE} "
-            f"(n = {final.n if final else 0} seeds, p = {p_text(final)}); {crossover_text(arm, per_param)}."
+            f"{arm.name}{f' ({ROLES[arm.role]})' if arm.role else ''} ended at {interval_text(final)} nats against "
+            f"{base.name} (n = {final.n if final else 0} seeds, p = {p_text(final)}); {crossover_text(arm, per_param)}."
         )
-    control = by_name.get(STANDARD_MOE)
+    control = next((arm for arm in arms if arm.role == "control"), None)
     if control is not None and control.diffs and crossover(control.diffs) is None:
         sentences.append(
-            f"The control {STANDARD_MOE} never beat {BASELINE} with confidence here, so this budget does not yet show "
+            f"The control {control.name} never beat {base.name} with confidence here, so this budget does not yet show "
             "where a conventional mixture of experts wins; a ParameterNet arm that loses here is not evidence "
             "against the design."
         )
@@ -338,14 +342,10 @@ def plot_routing(arms: list[ScalingArm], path: Path) -> None:
 
 
 def write_scaling_report(out: Path, experiment: str = "paper-llm-scaling", names: str | None = None) -> Path:
-    from evals.experiment_plots import plot_experiment_losses
+    from evals.experiment.plots import plot_experiment_losses
 
     out = Path(out)
-    if not out.is_dir():
-        raise FileNotFoundError(f"{out}: no such experiment directory (OUT/<arm>/seed<N>/ run directories)")
-    report = out / "report.md"
-    if report.is_file() and not report.read_text(encoding="utf-8").startswith(HEADER):
-        raise ValueError(f"{report} exists and was not written by evals.experiment; move it away first")
+    report = report_path(out)
     arms, left_out = load_scaling_arms(out, experiment, names)
     per_param = float(non_embedding_params(arms[0].first))
     curves = {arm.name: {s: {float(t): v for t, v in c.items()} for s, c in arm.curves.items()} for arm in arms}

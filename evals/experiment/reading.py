@@ -1,19 +1,18 @@
 """The one-paragraph reading of an experiment report, generated from its numbers (never a fixed sentence): whether
 the headline's paired difference is significant, from when on the gap was stable, how much of the ceiling's gain the
-free parameters reach, what the ablations show, and what the zero-shot accuracies can and cannot say."""
+free parameters reach, what the ablations show, and what the zero-shot accuracies can and cannot say. Which arm is the
+headline, the ceiling or in an ablation group comes from the experiment's arm table (Arm.role, Arm.ablations)."""
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from typing import Any
 
-from evals.experiment_arms import BASELINE, CEILING, HEADLINE, ArmResult
-from evals.experiment_stats import PairedDifference, difference_curve, interval_text, p_text
+from evals.experiment.arms import Arm, ArmResult, role
+from evals.experiment.stats import PairedDifference, difference_curve, interval_text, p_text
 from evals.scores import human
-
-PROJECTION_ARMS = ("pn-gate-e8", "pn-up-e8", HEADLINE)  # 8 experts on each projection (the paper's Table 7)
-EXPERT_ARMS = ((2, "pn-down-e2"), (4, "pn-down-e4"), (8, HEADLINE))  # experts on down_proj
 
 
 def _verdict(diff: PairedDifference) -> str:
@@ -34,7 +33,7 @@ def _headline(head: ArmResult, base: ArmResult) -> list[str]:
     assert d is not None
     direction = "lower" if d.mean < 0 else "higher" if d.mean > 0 else "the same"
     text = (
-        f"ParameterNet ({HEADLINE}) ended with a {direction} final validation loss than {BASELINE}: "
+        f"ParameterNet ({head.name}) ended with a {direction} final validation loss than {base.name}: "
         f"{interval_text(d)} nats (mean paired difference over {d.n} seed{'s' if d.n > 1 else ''}"
     )
     text += f" [95% t interval], paired t-test p = {p_text(d)}); {_verdict(d)}." if d.n > 1 else f"); {_verdict(d)}."
@@ -71,36 +70,53 @@ def _ceiling(head: ArmResult, wide: ArmResult, base: ArmResult) -> list[str]:
     assert dw is not None and dh is not None
     flops = _ratio(wide, base, "flops_per_token")
     params = _ratio(wide, head, "total_params")
-    what = f"The ceiling {CEILING} ("
-    what += f"{params:.4f}x {HEADLINE}'s parameters, " if params is not None else ""
-    what += f"{flops:.2f}x {BASELINE}'s FLOPs per token)" if flops is not None else "more FLOPs per token)"
-    what += f" reached {interval_text(dw)} against {BASELINE}"
+    what = f"The ceiling {wide.name} ("
+    what += f"{params:.4f}x {head.name}'s parameters, " if params is not None else ""
+    what += f"{flops:.2f}x {base.name}'s FLOPs per token)" if flops is not None else "more FLOPs per token)"
+    what += f" reached {interval_text(dw)} against {base.name}"
     if dw.mean < 0 and dh.mean > 0:
-        return [f"{what}; {HEADLINE} reaches none of that gain: its loss is above {BASELINE}'s."]
+        return [f"{what}; {head.name} reaches none of that gain: its loss is above {base.name}'s."]
     if dw.mean < 0:
-        return [f"{what}; {HEADLINE}'s difference is {100 * dh.mean / dw.mean:.0f}% of the ceiling's gain."]
+        return [f"{what}; {head.name}'s difference is {100 * dh.mean / dw.mean:.0f}% of the ceiling's gain."]
     return [f"{what}: no gain, so at this budget there is no ceiling for the free parameters to approach."]
 
 
-def _ablations(by: dict[str, ArmResult]) -> list[str]:
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # the SwiGLU MLP's order, the order the ablation is listed in
+
+
+def _group(table: Sequence[Arm], by: dict[str, ArmResult], name: str) -> list[tuple[Arm, ArmResult]]:
+    """The arms of ablation group `name` (Arm.ablations) with a paired difference, by projection, then experts."""
+    arms = [(a, by[a.name]) for a in table if name in a.ablations and a.name in by and by[a.name].loss_diff is not None]
+    projection = PROJECTIONS.index
+    return sorted(arms, key=lambda p: (projection(p[0].overrides["moe_projections"][0]), p[0].overrides["num_experts"]))
+
+
+def _ablations(table: Sequence[Arm], by: dict[str, ArmResult], base: ArmResult, head: ArmResult) -> list[str]:
     out = []
-    projections = [by[n] for n in PROJECTION_ARMS if n in by and by[n].loss_diff is not None]
+    projections = _group(table, by, "projection")  # the same experts on each projection (the paper's Table 7)
+    counts = _group(table, by, "experts")  # the number of experts on one projection
     if len(projections) >= 2:
-        best = min(projections, key=lambda a: statistics.fmean(a.loss.values()))
-        listing = "; ".join(f"{a.name} {interval_text(a.loss_diff)}" for a in projections)
-        text = f"Which projection gets the experts (differences to {BASELINE}, 95% intervals): {listing}; the lowest "
+        best = min((a for _, a in projections), key=lambda a: statistics.fmean(a.loss.values()))
+        listing = "; ".join(f"{a.name} {interval_text(a.loss_diff)}" for _, a in projections)
+        text = f"Which projection gets the experts (differences to {base.name}, 95% intervals): {listing}; the lowest "
         text += f"mean loss is {best.name}'s."
-        if best.name != HEADLINE and any(name in by for _, name in EXPERT_ARMS[:2]):
-            text += f" The 2- and 4-expert arms ran on down_proj, not on {best.name}: a follow-up there is the test."
+        others = [spec for spec, a in counts if a is not head]
+        if best is not head and others:
+            where = others[0].overrides["moe_projections"][0]
+            experts = "- and ".join(str(spec.overrides["num_experts"]) for spec in others)
+            text += f" The {experts}-expert arm{'s' * (len(others) > 1)} ran on {where}, not on {best.name}: a "
+            text += "follow-up there is the test."
         out.append(text)
-    counts = [(e, by[n]) for e, n in EXPERT_ARMS if n in by and by[n].loss_diff is not None]
     if len(counts) >= 2:
         means = [statistics.fmean(a.loss.values()) for _, a in counts]
-        listing = "; ".join(f"{e} experts {interval_text(a.loss_diff)}" for e, a in counts)
+        listing = "; ".join(
+            f"{spec.overrides['num_experts']} experts {interval_text(a.loss_diff)}" for spec, a in counts
+        )
         monotone = all(later < earlier for earlier, later in zip(means, means[1:]))
-        text = f"Experts on down_proj: {listing}; the mean loss {'falls' if monotone else 'does not fall'} "
+        where = counts[0][0].overrides["moe_projections"][0]
+        text = f"Experts on {where}: {listing}; the mean loss {'falls' if monotone else 'does not fall'} "
         out.append(text + "steadily with the number of experts.")
-    comparisons = sum(1 for a in by.values() if a.loss_diff is not None and a.name != HEADLINE)
+    comparisons = sum(1 for a in by.values() if a.loss_diff is not None and a is not head)
     if comparisons:
         out.append(
             f"These {comparisons} ablation intervals are per comparison, not corrected for multiplicity: "
@@ -109,14 +125,14 @@ def _ablations(by: dict[str, ArmResult]) -> list[str]:
     return out
 
 
-def _accuracy(head: ArmResult, tasks: list[str], limit: Any) -> list[str]:
+def _accuracy(head: ArmResult, base: ArmResult, tasks: list[str], limit: Any) -> list[str]:
     a = head.accuracy_diff
     if a is None:
         return []
     docs = f"{limit:g} documents each" if isinstance(limit, (int, float)) else "every document"
     text = (
         f"On zero-shot accuracy (the average of {len(tasks)} task{'s' if len(tasks) > 1 else ''}, {docs}) "
-        f"{HEADLINE} − {BASELINE} is {interval_text(a, 100, 2)} points; {_verdict(a)}."
+        f"{head.name} − {base.name} is {interval_text(a, 100, 2)} points; {_verdict(a)}."
     )
     if isinstance(limit, (int, float)) and limit >= 1:
         text += (
@@ -126,19 +142,23 @@ def _accuracy(head: ArmResult, tasks: list[str], limit: Any) -> list[str]:
     return [text]
 
 
-def reading(arms: list[ArmResult], tasks: list[str], limit: Any) -> str:
+def reading(arms: list[ArmResult], tasks: list[str], limit: Any, table: Sequence[Arm]) -> str:
+    """arms: the baseline first; table: the experiment's arms (evals.experiment.arms), whose roles say which is what."""
     by = {arm.name: arm for arm in arms}
     base = arms[0]
-    head = by.get(HEADLINE)
+    headline = role(table, "headline")
+    head = by.get(headline.name) if headline is not None else None
     if head is None or head.loss_diff is None:
         return (
-            f"The headline arm {HEADLINE} has no finished, evaluated run paired by seed with {BASELINE}, so this "
-            "report does not answer the question; the tables below show what there is."
+            f"The headline arm {headline.name if headline else '(none in this experiment)'} has no finished, "
+            f"evaluated run paired by seed with {base.name}, so this report does not answer the question; the tables "
+            "below show what there is."
         )
     sentences = _headline(head, base)
-    wide = by.get(CEILING)
+    ceiling = role(table, "ceiling")
+    wide = by.get(ceiling.name) if ceiling is not None else None
     if wide is not None and wide.loss_diff is not None:
         sentences += _ceiling(head, wide, base)
-    sentences += _ablations(by)
-    sentences += _accuracy(head, tasks, limit)
+    sentences += _ablations(table, by, base, head)
+    sentences += _accuracy(head, base, tasks, limit)
     return " ".join(sentences)

@@ -14,8 +14,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from evals.experiment_arms import VISION_BASELINE, VISION_EXPERIMENTS, VisionArm
-from evals.experiment_stats import CONFIDENCE, PairedDifference, interval_text, p_text, paired_difference
+from evals.experiment.arms import VISION_BASELINE, VISION_EXPERIMENTS, VisionArm
+from evals.experiment.report import report_path
+from evals.experiment.stats import CONFIDENCE, PairedDifference, interval_text, p_text, paired_difference
 from evals.runs import RunGroup, is_run_dir, load_run
 from evals.vision_report import build_vision_report
 from runtime.fsutil import write_text_atomic
@@ -144,11 +145,7 @@ def _verdict(arms: list[tuple[VisionArm, RunGroup]], diffs: list[PairedDifferenc
 def write_vision_report(out: Path, experiment: str = "paper-vision") -> Path:
     """Writes OUT/report.md, report.json, accuracy.png and loss.png; returns the report's path."""
     out = Path(out)
-    if not out.is_dir():
-        raise FileNotFoundError(f"{out}: no such experiment directory (OUT/<arm>/seed<N>/ run directories)")
-    path = out / "report.md"
-    if path.is_file() and not path.read_text(encoding="utf-8").startswith(HEADER):
-        raise ValueError(f"{path} exists and was not written by evals.experiment; move it away first")
+    path = report_path(out, HEADER)
     arms, left_out = load_arms(out, experiment)
     groups = [group for _, group in arms]
     body, _, data = build_vision_report(groups, out)

@@ -1,4 +1,4 @@
-"""The experiment report's loss figure (evals.experiment_report): validation loss per arm with a band of one standard
+"""The experiment report's loss figure (evals.experiment.report): validation loss per arm with a band of one standard
 deviation over seeds, and each arm's paired difference to the baseline with its 95% t interval as the band."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from evals.experiment_stats import band_curve, difference_curve  # noqa: E402
-from evals.plots import save_figure  # noqa: E402
+from evals.experiment.stats import difference_curve  # noqa: E402
+from evals.plots import fill_std, save_figure  # noqa: E402
+from evals.scores import band  # noqa: E402
 
 # arm -> seed -> {training tokens: validation loss}
 Curves = dict[str, dict[int, dict[float, float]]]
@@ -26,12 +27,12 @@ def plot_experiment_losses(
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (arm, per_seed) in enumerate(curves.items()):
         color = colors[i % len(colors)]
-        xs, ys, sd = band_curve(per_seed)
+        xs, ys, sd = band(list(per_seed.values()))
         if not xs:
             continue
         label = f"{arm} ({len(per_seed)} seed{'s' if len(per_seed) > 1 else ''})"
         left.plot(xs, ys, color=color, marker="o", markersize=3, linewidth=1.5, label=label)
-        left.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=color, alpha=0.15)
+        fill_std(left, xs, ys, sd, color)
         if arm == baseline:
             continue
         xs, means, lows, highs = difference_curve(curves[baseline], per_seed)

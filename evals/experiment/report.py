@@ -5,21 +5,22 @@ Every number comes from the runs' own files, read with evals.runs and evals.resu
 parameters, active parameters, FLOPs per token and tokens from summary.json; validation curves and tokens/s from
 metrics.jsonl; zero-shot accuracy from the evaluation evals.compare would choose in eval/results/. A run that has not
 finished (no summary.json) or has not been evaluated is left out and listed. Paired differences are taken per seed
-against the baseline arm (evals.experiment_stats); the reading paragraph is generated from those numbers.
+against the baseline arm (evals.experiment.stats); the reading paragraph is generated from those numbers.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from evals.compare import check_comparable, choose_evaluations, group_scores
-from evals.experiment_arms import BASELINE, EXPERIMENTS, ArmResult
-from evals.experiment_reading import reading
-from evals.experiment_stats import CONFIDENCE, interval_text, p_text, paired_difference
+from evals.experiment.arms import BASELINE, EXPERIMENTS, Arm, ArmResult
+from evals.experiment.reading import reading
+from evals.experiment.stats import CONFIDENCE, interval_text, p_text, paired_difference
 from evals.results import load_evaluations
 from evals.runs import Run, RunGroup, load_group, stale_evaluation
 from evals.scores import AVERAGE, Stat, human, stat_text
@@ -240,7 +241,9 @@ def _left_out_sentence(left_out: list[str]) -> str:
     return f" Not counted anywhere in this report ({len(left_out)}): " + "; ".join(left_out) + "."
 
 
-def build_markdown(arms: list[ArmResult], tasks: list[str], left_out: list[str], limit: Any, out: Path) -> str:
+def build_markdown(
+    arms: list[ArmResult], tasks: list[str], left_out: list[str], limit: Any, out: Path, table: Sequence[Arm]
+) -> str:
     first = arms[0].group.runs[0]
     cfg = first.config
     docs = f"{limit:g} documents per task" if isinstance(limit, (int, float)) else "every document"
@@ -258,7 +261,7 @@ def build_markdown(arms: list[ArmResult], tasks: list[str], left_out: list[str],
         "",
         "## Reading",
         "",
-        reading(arms, tasks, limit) + _left_out_sentence(left_out),
+        reading(arms, tasks, limit, table) + _left_out_sentence(left_out),
         "",
         "## Final validation loss",
         "",
@@ -320,25 +323,27 @@ def report_data(arms: list[ArmResult], tasks: list[str], left_out: list[str], li
     }
 
 
-def _check_ours(out: Path) -> None:
-    """Replace only a report we wrote (its first line is HEADER); never someone else's report.md."""
+def report_path(out: Path, header: str = HEADER) -> Path:
+    """OUT/report.md, once OUT is an experiment directory and any report.md there is one we wrote (its first line is
+    `header`): never someone else's report.md is replaced."""
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out}: no such experiment directory (OUT/<arm>/seed<N>/ run directories)")
     path = out / "report.md"
-    if path.is_file() and not path.read_text(encoding="utf-8").startswith(HEADER):
+    if path.is_file() and not path.read_text(encoding="utf-8").startswith(header):
         raise ValueError(f"{path} exists and was not written by evals.experiment; move it away first")
+    return path
 
 
 def write_report(out: Path, experiment: str = "paper-llm", names: str | None = None) -> Path:
     """Writes OUT/report.md, report.json, loss.png and accuracy.png; returns the report's path."""
-    from evals.experiment_plots import plot_experiment_losses
+    from evals.experiment.plots import plot_experiment_losses
     from evals.plots import plot_accuracy
 
     out = Path(out)
-    if not out.is_dir():
-        raise FileNotFoundError(f"{out}: no such experiment directory (OUT/<arm>/seed<N>/ run directories)")
-    _check_ours(out)
+    path = report_path(out)
     arms, tasks, left_out, limit = collect(out, experiment, names)
     plot_experiment_losses({arm.name: arm.curves for arm in arms}, BASELINE, out / "loss.png")
     plot_accuracy([arm.scores for arm in arms], tasks, out / "accuracy.png")
     write_text_atomic(out / "report.json", json.dumps(report_data(arms, tasks, left_out, limit), indent=2) + "\n")
-    write_text_atomic(out / "report.md", build_markdown(arms, tasks, left_out, limit, out))
-    return out / "report.md"
+    write_text_atomic(path, build_markdown(arms, tasks, left_out, limit, out, EXPERIMENTS[experiment]))
+    return path

@@ -7,16 +7,16 @@
     python -m evals.experiment report OUT [--experiment paper-llm] [--arms ...]            OUT/report.md, loss.png,
                                                                                           accuracy.png, report.json
 
-The arms are in evals.experiment_arms; the reports in evals.experiment_report (LLM) and evals.experiment_vision.
+The arms are in evals.experiment.arms; the reports in evals.experiment.report (LLM), .scaling (token scaling) and
+.vision; `python -m` runs this module's main (__main__.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from evals.experiment_arms import EXPERIMENTS, VISION_EXPERIMENTS, select_arms, select_vision_arms
+from evals.experiment.arms import EXPERIMENTS, VISION_EXPERIMENTS, select_arms, select_vision_arms
 from runtime.errors import print_error
 
 
@@ -46,15 +46,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(arm.run_spec(args.size))
             return 0
         if args.experiment == "paper-llm-scaling":
-            from evals.experiment_scaling import write_scaling_report
+            from evals.experiment.scaling import write_scaling_report
 
             path = write_scaling_report(args.out, args.experiment, args.arms)
         elif args.experiment in VISION_EXPERIMENTS:
-            from evals.experiment_vision import write_vision_report
+            from evals.experiment.vision import write_vision_report
 
             path = write_vision_report(args.out, args.experiment)
         else:
-            from evals.experiment_report import write_report
+            from evals.experiment.report import write_report
 
             path = write_report(args.out, args.experiment, args.arms)
     except (ValueError, FileNotFoundError) as exc:
@@ -64,7 +64,3 @@ def main(argv: list[str] | None = None) -> int:
     plots = sorted(p.name for p in path.parent.glob("*.png"))
     print(f"report: {path} (plots: {', '.join(str(path.parent / p) for p in plots)})")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
