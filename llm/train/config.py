@@ -59,9 +59,7 @@ class TrainConfig:
     # engine
     precision: str = "fp32"  # fp32 | bf16 | fp16
     zero_stage: int = 1  # 0, 1, 2 or 3
-    ds_config: str | None = (
-        None  # runtime/ds_configs/<name>.json or a path; None = runtime/ds_configs/zero<zero_stage>.json
-    )
+    ds_config: str | None = None  # ds_configs/<name>.json, its name or a path; None = ds_configs/zero<zero_stage>.json
     expert_parallel_size: int = 1  # ranks that share one copy of the experts (1 = no expert parallelism)
     # evaluation, checkpoints, logging
     eval_interval: int = 50  # steps between validations
