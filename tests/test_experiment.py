@@ -22,6 +22,7 @@ from evals.experiment_arms import BASELINE, HEADLINE, matched_intermediate_size,
 from evals.experiment_report import write_report
 from evals.experiment_stats import band_curve, difference_curve, paired_difference, t_quantile
 from evals.results import store_evaluation
+from llm.model.presets import load_model_config
 from runtime.dist import free_port
 from tests.trainer_utils import metric_records
 
@@ -83,8 +84,9 @@ def hand_count(h: int, layers: int, inter: int, vocab: int, experts: int = 1) ->
 
 @pytest.mark.parametrize("size", ["tiny", "small"])
 def test_ceiling_matches_parameternet_total_by_hand_count(size: str) -> None:
-    dims = json.loads((REPO / "llm" / "configs" / f"llama-{size}.json").read_text())
-    h, layers, inter, vocab = (dims[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"))
+    dims = load_model_config(f"llama-{size}")  # resolved: llama-small is llama-tiny under another name
+    keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+    h, layers, inter, vocab = (getattr(dims, k) for k in keys)
     target = hand_count(h, layers, inter, vocab, experts=8)
     nearest = min(range(inter, 5 * inter), key=lambda n: abs(hand_count(h, layers, n, vocab) - target))
     assert matched_intermediate_size(size) == (nearest, hand_count(h, layers, nearest, vocab), target)
