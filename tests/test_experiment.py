@@ -24,7 +24,7 @@ from evals.experiment_stats import band_curve, difference_curve, paired_differen
 from evals.results import store_evaluation
 from llm.model.presets import load_model_config
 from runtime.dist import free_port
-from tests.trainer_utils import metric_records
+from tests.trainer_utils import metric_records, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -292,8 +292,9 @@ def test_unfinished_runs_and_evaluations_of_earlier_steps_are_never_reported(tmp
 
 
 # ------------------------------------------------------------------------------------------- end to end
-FAST_TRAINER = ["--seq_len", "64", "--micro_batch_size", "2", "--global_batch_size", "2", "--eval_interval", "1"]
-FAST_TRAINER += ["--eval_iters", "1", "--log_interval", "1", "--progress_bar", "false", "--save_interval", "100"]
+FAST_TRAINER = tiny_args(
+    seq_len=64, global_batch_size=2, eval_interval=1, warmup_iters=None, model_overrides=None, save_interval=100
+)
 
 
 def paper_llm_env(out: Path, seeds: int, train_iters: int) -> dict[str, str]:

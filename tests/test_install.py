@@ -22,7 +22,7 @@ import pytest
 
 from llm.model.presets import list_presets
 from llm.train.config import load_config
-from tests.trainer_utils import TINY_MODEL, tiny_image_folder
+from tests.trainer_utils import tiny_args, tiny_image_folder, tiny_vision_args
 
 pytestmark = pytest.mark.slow
 
@@ -185,26 +185,7 @@ def test_tiny_parameternet_trains_exports_and_evaluates_from_the_install(install
         "tiny",
         "--model",
         "parameternet-llama-tiny",
-        "--train_iters",
-        "2",
-        "--seq_len",
-        "32",
-        "--micro_batch_size",
-        "2",
-        "--global_batch_size",
-        "2",
-        "--eval_interval",
-        "1000",
-        "--eval_iters",
-        "1",
-        "--warmup_iters",
-        "1",
-        "--progress_bar",
-        "false",
-        "--export",
-        "true",
-        "--model_overrides",
-        json.dumps(TINY_MODEL),
+        *tiny_args(train_iters=2, global_batch_size=2, warmup_iters=1, log_interval=None, export=True),
         "--output_dir",
         str(out),
     )
@@ -248,30 +229,7 @@ def test_tiny_vision_model_trains_from_the_install(installed: dict[str, Path]) -
         installed,
         "-m",
         "vision.train",
-        "--config",
-        "fashion_mnist_tiny",
-        "--dataset",
-        "folder",
-        "--data_dir",
-        str(images),
-        "--train_subset",
-        "0",
-        "--micro_batch_size",
-        "4",
-        "--global_batch_size",
-        "4",
-        "--train_iters",
-        "2",
-        "--val_subset",
-        "8",
-        "--num_workers",
-        "0",
-        "--progress_bar",
-        "false",
-        "--tensorboard",
-        "false",
-        "--output_dir",
-        str(out),
+        *tiny_vision_args(data_dir=images, log_interval=None, output_dir=out),
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
