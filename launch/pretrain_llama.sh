@@ -22,7 +22,7 @@
 #   NPROC=N            ranks per node (default: the visible GPUs, or 1 CPU rank without a GPU)
 #   HOSTFILE=FILE      several nodes over ssh/pdsh (see launch/hostfile.example)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   one launcher per node without ssh (set for you inside an srun step)
-#   DS_CONFIG=NAME     runtime/ds_configs/NAME.json (must agree with --zero_stage)
+#   DS_CONFIG=NAME     ds_configs/NAME.json (must agree with --zero_stage)
 #   EP=N               expert_parallel_size
 #   DRY_RUN=1          print the launcher command instead of running it
 # Extra --key value pairs override any training-config field (e.g. --train_iters 100 --output_dir runs/x).

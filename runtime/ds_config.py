@@ -1,4 +1,4 @@
-"""Complete a DeepSpeed JSON from `runtime/ds_configs/` with the numbers that live in the training config.
+"""Complete a DeepSpeed JSON from the top-level `ds_configs/` with the numbers that live in the training config.
 
 The JSON files only say *how* to shard (ZeRO stage, buckets, offload). Batch sizes, precision, clipping, the optimizer
 and the LR schedule come from the training config, so there is exactly one place to edit each number. A base file that
@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-# Shipped inside the package (package data): found the same from a checkout and from a non-editable install.
-DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
+# The top-level ds_configs/ next to this package: in a checkout the repository root, in an install site-packages (the
+# wheel ships it as package data of a namespace package, pyproject.toml), so one expression finds it in both.
+DS_CONFIG_ROOT = Path(__file__).resolve().parents[1]
+DS_CONFIG_DIR = DS_CONFIG_ROOT / "ds_configs"
 
 # Keys owned by the training config; a ds_config that sets them would be a second source of truth.
 OWNED_KEYS = (
@@ -31,17 +33,17 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def resolve_ds_config_path(name_or_path: str) -> Path:
-    """`zero2` -> runtime/ds_configs/zero2.json; any existing path is taken as is."""
+    """`zero2` -> ds_configs/zero2.json; an existing path is taken as is, and `ds_configs/zero2.json` is also found
+    relative to the repository root (or site-packages) from any working directory."""
     path = Path(name_or_path)
-    if path.is_file():
-        return path
-    candidate = DS_CONFIG_DIR / f"{name_or_path}.json"
-    if candidate.is_file():
-        return candidate
+    candidates = [path, DS_CONFIG_DIR / f"{name_or_path}.json"]
+    if not path.is_absolute() and path.parts[:1] == (DS_CONFIG_DIR.name,):
+        candidates.insert(1, DS_CONFIG_ROOT / path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
     known = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
-    raise ValueError(
-        f"ds_config: {name_or_path!r} is neither a file nor one of runtime/ds_configs/{{{','.join(known)}}}.json"
-    )
+    raise ValueError(f"ds_config: {name_or_path!r} is neither a file nor one of ds_configs/{{{','.join(known)}}}.json")
 
 
 def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, data_parallel_size: int) -> int:

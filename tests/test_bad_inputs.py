@@ -25,7 +25,7 @@ from llm.data.corpus import shakespeare_files
 from llm.data.tokenizer import train_tokenizer
 from tests.test_outputs_safety import make_run, tree
 from tests.test_plot_routing import train_record, write_run
-from tests.trainer_utils import REPO, tiny_image_folder
+from tests.trainer_utils import REPO, tiny_image_folder, tiny_vision_args
 
 PY = sys.executable
 ERROR_LINE = re.compile(r"^([\w./-]+: )?error: \S")
@@ -338,10 +338,7 @@ def test_an_unreadable_image_stops_the_run_naming_it_or_is_skipped_and_counted(t
     images = tiny_image_folder(tmp_path / "images")
     bad = sorted((images / "train" / "a").iterdir())[1]
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # truncated: PIL opens it, decoding fails
-    base = [PY, "-m", "vision.train", "--config", "fashion_mnist_tiny", "--dataset", "folder", "--data_dir",
-            str(images), "--train_subset", "0", "--micro_batch_size", "4", "--global_batch_size", "4",
-            "--train_iters", "2", "--val_subset", "8", "--log_interval", "1", "--progress_bar", "false",
-            "--tensorboard", "false"]  # fmt: skip
+    base = [PY, "-m", "vision.train", *tiny_vision_args(data_dir=images, num_workers=None)]  # each run sets num_workers
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def run(*extra: str) -> subprocess.CompletedProcess[str]:

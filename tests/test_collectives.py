@@ -323,11 +323,10 @@ for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", 
 from llm.train.config import load_config
 from llm.train.trainer import Trainer
 
-overrides = ["--seq_len", "32", "--micro_batch_size", "2", "--global_batch_size", "6", "--warmup_iters", "0",
-             "--progress_bar", "false", "--export", "false", "--train_iters", "4", "--log_interval", "1",
-             "--model", "parameternet-llama-tiny", "--output_dir", sys.argv[1], "--model_overrides",
-             '{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, '
-             '"num_key_value_heads": 4}']
+from tests.trainer_utils import tiny_args
+
+overrides = tiny_args(global_batch_size=6, warmup_iters=0, eval_interval=None, eval_iters=None, export=False,
+                      train_iters=4, model="parameternet-llama-tiny", output_dir=sys.argv[1])
 trainer = Trainer(load_config("tiny", cli_overrides=overrides))
 batches = trainer._batches()
 per_step = []

@@ -29,6 +29,7 @@ from llm.data.gpt_dataset import build_datasets
 from llm.data.indexed_dataset import IndexedDataset
 from llm.data.tokenizer import load_tokenizer
 from runtime.dist import free_port
+from tests.trainer_utils import tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN, MICRO, CONSUMED, STEPS, SEED = 64, 4, 8, 3, 1234
@@ -226,9 +227,8 @@ def test_two_iterations_of_training_on_pd_english(pd_english, tmp_path: Path) ->
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
     command = [sys.executable, "-m", "llm.pretrain", "--config", "tiny", "--corpus", "pd-english"]
-    command += ["--train_iters", "2", "--seq_len", "64", "--micro_batch_size", "2", "--global_batch_size", "4"]
-    command += ["--eval_interval", "2", "--eval_iters", "1", "--warmup_iters", "1", "--log_interval", "1"]
-    command += ["--progress_bar", "false", "--export", "false", "--tensorboard", "false", "--output_dir", str(out)]
+    shape = dict(train_iters=2, seq_len=64, global_batch_size=4, eval_interval=2, warmup_iters=1, model_overrides=None)
+    command += tiny_args(**shape, export=False, tensorboard=False, output_dir=out)
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -15,6 +15,7 @@ import yaml
 
 from evals.zero_shot import run_zero_shot
 from runtime.dist import free_port
+from tests.trainer_utils import tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -64,22 +65,9 @@ def test_compare_sh_end_to_end_and_checkpoint_export(tmp_path: Path) -> None:
         "--limit",
         "3",
         "--",
-        "--train_iters",
-        "2",
-        "--seq_len",
-        "64",
-        "--micro_batch_size",
-        "2",
-        "--global_batch_size",
-        "2",
-        "--eval_interval",
-        "1",
-        "--eval_iters",
-        "1",
-        "--log_interval",
-        "1",
-        "--progress_bar",
-        "false",
+        *tiny_args(
+            train_iters=2, seq_len=64, global_batch_size=2, eval_interval=1, warmup_iters=None, model_overrides=None
+        ),
         timeout=1500,
         env=env,
     )

@@ -18,7 +18,7 @@ import pytest
 from evals.compare import compare, main
 from runtime.metrics import MetricsLogger
 from runtime.rundir import write_config, write_summary
-from tests.trainer_utils import REPO, tiny_image_folder
+from tests.trainer_utils import REPO, tiny_image_folder, tiny_vision_args
 
 IMAGES = 400  # validation images
 STEPS_PER_EPOCH = 10
@@ -286,14 +286,15 @@ def test_report_of_two_real_vision_runs_equals_their_summaries(tmp_path: Path) -
     runs = {}
     for model in ("ghostnet_tiny", "parameternet_tiny"):
         runs[model] = tmp_path / "runs" / model
+        args = tiny_vision_args(model=model, data_dir=images, output_dir=runs[model])
         proc = subprocess.run(
-            [sys.executable, "-m", "vision.train", "--config", "fashion_mnist_tiny", "--model", model,
-             "--dataset", "folder", "--data_dir", str(images), "--train_subset", "0", "--micro_batch_size", "4",
-             "--global_batch_size", "4", "--train_iters", "2", "--val_subset", "8", "--num_workers", "0",
-             "--log_interval", "1", "--progress_bar", "false", "--tensorboard", "false",
-             "--output_dir", str(runs[model])],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+            [sys.executable, "-m", "vision.train", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = tmp_path / "compare"
     proc = subprocess.run(

@@ -24,8 +24,9 @@ from evals.experiment.report import write_report
 from evals.experiment.stats import difference_curve, paired_difference
 from evals.results import store_evaluation
 from evals.scores import band
+from llm.model.presets import load_model_config
 from runtime.dist import free_port
-from tests.trainer_utils import metric_records
+from tests.trainer_utils import metric_records, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,8 +80,9 @@ def hand_count(h: int, layers: int, inter: int, vocab: int, experts: int = 1) ->
 
 @pytest.mark.parametrize("size", ["tiny", "small"])
 def test_ceiling_matches_parameternet_total_by_hand_count(size: str) -> None:
-    dims = json.loads((REPO / "llm" / "configs" / f"llama-{size}.json").read_text())
-    h, layers, inter, vocab = (dims[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"))
+    dims = load_model_config(f"llama-{size}")  # resolved: llama-small is llama-tiny under another name
+    keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+    h, layers, inter, vocab = (getattr(dims, k) for k in keys)
     target = hand_count(h, layers, inter, vocab, experts=8)
     nearest = min(range(inter, 5 * inter), key=lambda n: abs(hand_count(h, layers, n, vocab) - target))
     assert matched_intermediate_size(size) == (nearest, hand_count(h, layers, nearest, vocab), target)
@@ -307,8 +309,9 @@ def test_unfinished_runs_and_evaluations_of_earlier_steps_are_never_reported(tmp
 
 
 # ------------------------------------------------------------------------------------------- end to end
-FAST_TRAINER = ["--seq_len", "64", "--micro_batch_size", "2", "--global_batch_size", "2", "--eval_interval", "1"]
-FAST_TRAINER += ["--eval_iters", "1", "--log_interval", "1", "--progress_bar", "false", "--save_interval", "100"]
+FAST_TRAINER = tiny_args(
+    seq_len=64, global_batch_size=2, eval_interval=1, warmup_iters=None, model_overrides=None, save_interval=100
+)
 
 
 def paper_llm_env(out: Path, seeds: int, train_iters: int) -> dict[str, str]:

@@ -20,6 +20,7 @@ from evals.experiment.stats import paired_difference
 from evals.runs import load_run
 from llm.train.config import TrainConfig, load_config
 from runtime.dist import free_port
+from tests.trainer_utils import tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,9 +162,8 @@ def test_scaling_experiment_sh_end_to_end_twice(tmp_path: Path) -> None:
         "SEEDS": "2",
         "OUT": str(out),
     }
-    tiny = ["--train_iters", "4", "--seq_len", "32", "--micro_batch_size", "2", "--global_batch_size", "2"]
-    tiny += ["--eval_interval", "1", "--eval_points", "3", "--eval_iters", "1", "--log_interval", "1"]
-    tiny += ["--warmup_iters", "1", "--save_interval", "100"]
+    changes = dict(global_batch_size=2, eval_interval=1, warmup_iters=1, progress_bar=None, model_overrides=None)
+    tiny = tiny_args(train_iters=4, eval_points=3, save_interval=100, **changes)
     command = ["bash", "launch/experiment.sh", "paper-llm-scaling", "--", *tiny]
 
     def run() -> subprocess.CompletedProcess[str]:

@@ -22,17 +22,17 @@ import pytest
 
 from llm.model.presets import list_presets
 from llm.train.config import load_config
-from tests.trainer_utils import TINY_MODEL, tiny_image_folder
+from tests.trainer_utils import tiny_args, tiny_image_folder, tiny_vision_args
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("runtime", "llm", "vision", "evals")
-# What the build reads (pyproject.toml names README.md as the long description).
-SOURCES = ("pyproject.toml", "README.md", *PACKAGES)
+# What the build reads (pyproject.toml names README.md as the long description; ds_configs/ is data only).
+SOURCES = ("pyproject.toml", "README.md", *PACKAGES, "ds_configs")
 # Package data the installed code must find: (package directory, glob) -> the checkout's files are the expected set.
 PACKAGE_DATA = (
-    ("runtime/ds_configs", "*.json"),
+    ("ds_configs", "*.json"),
     ("llm/configs", "*.json"),
     ("llm/configs", "*.yaml"),
     ("vision/configs", "*.yaml"),
@@ -43,7 +43,7 @@ PACKAGE_DATA = (
 PROBE = r"""
 import importlib, json, sys
 import runtime, llm, vision, evals
-from runtime.ds_config import DS_CONFIG_DIR
+from runtime.ds_config import DS_CONFIG_DIR, resolve_ds_config_path
 from llm.model.presets import list_presets, load_model_config
 from llm.train.config import CONFIG_DIR, load_config
 from runtime.paths import default_data_dir
@@ -54,9 +54,10 @@ modules = ["llm.pretrain", "llm.train.trainer", "llm.model.modeling_parameternet
 print(json.dumps({
     "files": {name: importlib.import_module(name).__file__ for name in ["runtime", "llm", "vision", "evals", *modules]},
     "sys_path": sys.path,
-    "dirs": {"runtime/ds_configs": str(DS_CONFIG_DIR), "llm/configs": str(CONFIG_DIR),
+    "dirs": {"ds_configs": str(DS_CONFIG_DIR), "llm/configs": str(CONFIG_DIR),
              "vision/configs": str(PRESET_DIR), "evals/tasks": str(TASKS_DIR)},
     "presets": list_presets(),
+    "ds_config_forms": [str(resolve_ds_config_path(form)) for form in ("zero2", "ds_configs/zero2.json")],
     "tiny_model_type": load_model_config("parameternet-llama-tiny").model_type,
     "tiny_train_iters": load_config("tiny").train_iters,
     "data_dir": str(default_data_dir()),
@@ -164,6 +165,8 @@ def test_the_installed_code_runs_from_the_install_and_finds_its_data(installed: 
     assert str(REPO) not in probe["sys_path"] and "" not in probe["sys_path"][1:]
     for directory, found in probe["dirs"].items():
         assert Path(found).resolve() == site / directory
+    # --ds_config by name and by its repository path (relative to the install, not the working directory) both work.
+    assert {Path(found).resolve() for found in probe["ds_config_forms"]} == {site / "ds_configs" / "zero2.json"}
     # The installed package lists the presets the checkout ships (its own list, not a copy that rots when one is added).
     assert probe["presets"] == list_presets() and "parameternet-llama-tiny" in probe["presets"]
     assert probe["tiny_model_type"] == "parameternet_llama"
@@ -182,26 +185,7 @@ def test_tiny_parameternet_trains_exports_and_evaluates_from_the_install(install
         "tiny",
         "--model",
         "parameternet-llama-tiny",
-        "--train_iters",
-        "2",
-        "--seq_len",
-        "32",
-        "--micro_batch_size",
-        "2",
-        "--global_batch_size",
-        "2",
-        "--eval_interval",
-        "1000",
-        "--eval_iters",
-        "1",
-        "--warmup_iters",
-        "1",
-        "--progress_bar",
-        "false",
-        "--export",
-        "true",
-        "--model_overrides",
-        json.dumps(TINY_MODEL),
+        *tiny_args(train_iters=2, global_batch_size=2, warmup_iters=1, log_interval=None, export=True),
         "--output_dir",
         str(out),
     )
@@ -245,30 +229,7 @@ def test_tiny_vision_model_trains_from_the_install(installed: dict[str, Path]) -
         installed,
         "-m",
         "vision.train",
-        "--config",
-        "fashion_mnist_tiny",
-        "--dataset",
-        "folder",
-        "--data_dir",
-        str(images),
-        "--train_subset",
-        "0",
-        "--micro_batch_size",
-        "4",
-        "--global_batch_size",
-        "4",
-        "--train_iters",
-        "2",
-        "--val_subset",
-        "8",
-        "--num_workers",
-        "0",
-        "--progress_bar",
-        "false",
-        "--tensorboard",
-        "false",
-        "--output_dir",
-        str(out),
+        *tiny_vision_args(data_dir=images, log_interval=None, output_dir=out),
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())

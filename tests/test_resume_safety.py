@@ -20,38 +20,11 @@ import pytest
 from llm.train.config import RESUME_POLICY
 from runtime.checkpoint import CHECKSUM, MANIFEST, complete_checkpoints, read_manifest, tag_for, verify_files
 from runtime.resume import resume_differences
-from tests.trainer_utils import REPO, TINY_MODEL, train_records
+from tests.trainer_utils import REPO, TINY_MODEL, tiny_args, train_records
 
 ITERS, SAVE = 6, 4
 # One rank, two micro-batches of 2 per step: start-up dominates.
-ARGS = [
-    "--config",
-    "tiny",
-    "--model",
-    "llama-tiny",
-    "--seq_len",
-    "32",
-    "--micro_batch_size",
-    "2",
-    "--global_batch_size",
-    "4",
-    "--log_interval",
-    "1",
-    "--eval_interval",
-    "1000",
-    "--eval_iters",
-    "1",
-    "--warmup_iters",
-    "2",
-    "--progress_bar",
-    "false",
-    "--export",
-    "false",
-    "--save_interval",
-    str(SAVE),
-    "--model_overrides",
-    json.dumps(TINY_MODEL),
-]
+ARGS = ["--config", "tiny", "--model", "llama-tiny", *tiny_args(global_batch_size=4, export=False, save_interval=SAVE)]
 
 
 def pretrain(out: Path, *extra: str) -> subprocess.CompletedProcess:

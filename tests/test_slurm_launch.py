@@ -12,7 +12,7 @@ import pytest
 
 from runtime.checkpoint import complete_checkpoints
 from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture, found by name)
-from tests.trainer_utils import REPO, TINY_ARGS, losses_by_iteration, tiny_image_folder, train_records
+from tests.trainer_utils import REPO, TINY_ARGS, losses_by_iteration, tiny_image_folder, tiny_vision_args, train_records
 
 pytestmark = pytest.mark.distributed
 # The header asks for 8 GPUs and 64 CPUs per node; these nodes have one CPU and no GPU (the README's CPU form).
@@ -101,26 +101,15 @@ def test_srun_one_task_per_rank_trains_vision_too(slurm_cluster: SlurmCluster, t
             "--overcommit",
             "bash",
             "launch/train_vision.sh",
-            "--config",
-            "fashion_mnist_tiny",
-            "--dataset",
-            "folder",
-            "--data_dir",
-            str(tmp_path / "images"),
-            "--micro_batch_size",
-            "2",
-            "--global_batch_size",
-            "4",
-            "--train_iters",
-            "2",
-            "--num_workers",
-            "0",
-            "--progress_bar",
-            "false",
-            "--tensorboard",
-            "false",
-            "--output_dir",
-            str(out),
+            # the preset's train_subset and val_subset, as this test always ran
+            *tiny_vision_args(
+                data_dir=tmp_path / "images",
+                train_subset=None,
+                val_subset=None,
+                micro_batch_size=2,
+                log_interval=None,
+                output_dir=out,
+            ),
         ],
         timeout=300,
         cwd=REPO,

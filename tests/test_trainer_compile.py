@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.trainer_utils import REPO, TINY_ARGS, losses_by_iteration
+from tests.trainer_utils import REPO, losses_by_iteration, tiny_args
 
 
 def _pretrain(out: Path, compile_: bool) -> subprocess.CompletedProcess:
@@ -20,15 +20,7 @@ def _pretrain(out: Path, compile_: bool) -> subprocess.CompletedProcess:
         "tiny",
         "--model",
         "parameternet-llama-tiny",
-        *TINY_ARGS,
-        "--train_iters",
-        "3",
-        "--global_batch_size",
-        "2",
-        "--export",
-        "false",
-        "--compile",
-        str(compile_).lower(),
+        *tiny_args(train_iters=3, global_batch_size=2, export=False, compile=compile_),
         "--output_dir",
         str(out),
     ]

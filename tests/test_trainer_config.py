@@ -26,7 +26,7 @@ from llm.train.config import (
     warnings_for,
 )
 from llm.train.optim import lr_at
-from runtime.ds_config import complete_ds_config
+from runtime.ds_config import complete_ds_config, resolve_ds_config_path
 from runtime.errors import first_rank_on_node, print_error
 from runtime.slurm import expand_nodelist, node_env, rank_env
 
@@ -166,7 +166,7 @@ def test_yaml_with_wrong_type_is_refused(tmp_path):
         (["--data_path", "[1, a"], "--data_path '[1, a': not valid JSON"),
         (["--tokenizer", "/nonexistent/tok"], "tokenizer='/nonexistent/tok': no tokenizer.json there"),
         (["--resume", "/nonexistent/ckpt"], "an existing checkpoint directory; use --resume auto to continue"),
-        (["--ds_config", "zero9"], "ds_config: 'zero9' is neither a file nor one of runtime/ds_configs/"),
+        (["--ds_config", "zero9"], "ds_config: 'zero9' is neither a file nor one of ds_configs/"),
         (["--model", "llama-7b"], "model='llama-7b' is neither a preset"),
         (["--expert_parallel_size", "2"], "expert_parallel_size=2 needs a ParameterNet model"),
         (
@@ -420,6 +420,31 @@ def test_ds_config_is_completed_from_the_training_config_and_refuses_duplicates(
         complete_ds_config({"train_batch_size": 8}, micro_batch_size=4, global_batch_size=8, data_parallel_size=1)
     for name in ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"):
         assert complete_ds_config(name, micro_batch_size=1, global_batch_size=1, data_parallel_size=1)
+
+
+@pytest.mark.parametrize("cwd", ["repo", "elsewhere"])
+def test_ds_config_by_name_and_by_its_path_is_the_same_file_in_both_trainers(cwd, tmp_path, monkeypatch):
+    """--ds_config zero2 and --ds_config ds_configs/zero2.json (relative to the cwd, or to the repository root from
+    anywhere else) name the top-level ds_configs/zero2.json, and both trainers build the same engine config from it."""
+    import vision.build
+    import vision.config
+    from llm.train.build import ds_config as llm_ds_config
+
+    monkeypatch.chdir(REPO if cwd == "repo" else tmp_path)
+    forms = ("zero2", "ds_configs/zero2.json")
+    assert {resolve_ds_config_path(form).resolve() for form in forms} == {REPO / "ds_configs" / "zero2.json"}
+    llm = [
+        llm_ds_config(load_config("tiny", cli_overrides=["--ds_config", form, "--zero_stage", "2"]), 1)
+        for form in forms
+    ]
+    assert llm[0] == llm[1] and llm[0]["zero_optimization"]["stage"] == 2
+    cfgs = [vision.config.TrainConfig(data_dir="x", ds_config=form, zero_stage=2) for form in forms]
+    for cfg in cfgs:
+        vision.config.validate(cfg)
+    built = [vision.build.ds_config(cfg, 1, 10) for cfg in cfgs]
+    assert built[0] == built[1] and built[0]["zero_optimization"]["stage"] == 2
+    with pytest.raises(ValueError, match=re.escape("'runtime/ds_configs/zero2.json' is neither a file nor one of")):
+        resolve_ds_config_path("runtime/ds_configs/zero2.json")  # the old place is gone, not silently found
 
 
 def test_lr_schedule_warmup_cosine_linear_constant():

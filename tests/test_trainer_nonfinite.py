@@ -26,11 +26,10 @@ class PoisonedTrainer(Trainer):
 def weights(trainer):
     return {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
 
-overrides = ["--seq_len", "32", "--micro_batch_size", "2", "--global_batch_size", "4", "--warmup_iters", "0",
-             "--progress_bar", "false", "--export", "false", "--save_interval", "100", "--log_interval", "1",
-             "--model", "parameternet-llama-tiny", "--model_overrides",
-             '{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, '
-             '"num_key_value_heads": 4}']
+from tests.trainer_utils import tiny_args
+
+overrides = tiny_args(global_batch_size=4, warmup_iters=0, eval_interval=None, eval_iters=None, export=False,
+                      save_interval=100, model="parameternet-llama-tiny")
 result = {}
 PoisonedTrainer.poison = {2}
 trainer = PoisonedTrainer(load_config("tiny", cli_overrides=overrides + ["--train_iters", "3",

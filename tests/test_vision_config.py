@@ -290,7 +290,7 @@ def test_augmentation_is_a_function_of_the_sample_seed(tmp_path: Path) -> None:
         (dict(img_size=0), "img_size=0 must be >= 1"),
         (dict(keep_classifier=True), "keep_classifier=true needs init_from"),
         (dict(init_from_ema=True), "init_from_ema=true needs init_from"),
-        (dict(ds_config="zero9"), "ds_config: 'zero9' is neither a file nor one of runtime/ds_configs/"),
+        (dict(ds_config="zero9"), "ds_config: 'zero9' is neither a file nor one of ds_configs/"),
         (dict(output_dir=""), "output_dir='' is empty"),
     ],
 )

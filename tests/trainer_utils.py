@@ -21,26 +21,57 @@ TINY_MODEL = {
     "num_attention_heads": 4,
     "num_key_value_heads": 4,
 }
-TINY_ARGS = [
-    "--seq_len",
-    "32",
-    "--micro_batch_size",
-    "2",
-    "--global_batch_size",
-    "8",
-    "--log_interval",
-    "1",
-    "--eval_interval",
-    "1000",
-    "--eval_iters",
-    "1",
-    "--warmup_iters",
-    "2",
-    "--progress_bar",
-    "false",
-    "--model_overrides",
-    json.dumps(TINY_MODEL),
-]
+# The tiny LLM run of the launch tests, as {field: value}; tiny_args(**changes) makes the flags of a variant.
+TINY_RUN: dict[str, object] = {
+    "seq_len": 32,
+    "micro_batch_size": 2,
+    "global_batch_size": 8,
+    "log_interval": 1,
+    "eval_interval": 1000,
+    "eval_iters": 1,
+    "warmup_iters": 2,
+    "progress_bar": False,
+    "model_overrides": TINY_MODEL,
+}
+# The tiny vision run on tiny_image_folder() (its data_dir and output_dir are the test's): tiny_vision_args(...).
+TINY_VISION_RUN: dict[str, object] = {
+    "config": "fashion_mnist_tiny",
+    "dataset": "folder",
+    "train_subset": 0,
+    "val_subset": 8,
+    "micro_batch_size": 4,
+    "global_batch_size": 4,
+    "train_iters": 2,
+    "num_workers": 0,
+    "log_interval": 1,
+    "progress_bar": False,
+    "tensorboard": False,
+}
+
+
+def as_flags(fields: dict[str, object]) -> list[str]:
+    """{field: value} -> ["--field", "value", ...]: booleans as true/false, dicts as JSON; None leaves a field out."""
+
+    def text(value: object) -> str:
+        if isinstance(value, bool):
+            return str(value).lower()
+        return json.dumps(value) if isinstance(value, dict) else str(value)
+
+    return [item for key, value in fields.items() if value is not None for item in (f"--{key}", text(value))]
+
+
+def tiny_args(**changes: object) -> list[str]:
+    """TINY_RUN's flags with `changes` applied: a new value replaces a field's (in place), None drops it, a field
+    TINY_RUN lacks is added after the others."""
+    return as_flags({**TINY_RUN, **changes})
+
+
+def tiny_vision_args(**changes: object) -> list[str]:
+    """TINY_VISION_RUN's flags with `changes` applied, as tiny_args does (data_dir=..., output_dir=... among them)."""
+    return as_flags({**TINY_VISION_RUN, **changes})
+
+
+TINY_ARGS = tiny_args()
 
 
 # Every process group a test started: the conftest kills what is left of them after each test, so a failed test

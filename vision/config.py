@@ -82,7 +82,7 @@ class TrainConfig:
     grad_clip: float = opt(5.0, "max global grad norm (0 = off)")
     precision: str = opt("fp32", "bf16 is ~30x slower on CPUs without native bf16", choices=("fp32", "bf16"))
     zero_stage: int = opt(1, "the ZeRO stage: what is sharded over the ranks", choices=(0, 1, 2))
-    ds_config: str | None = opt(None, "base DeepSpeed JSON in runtime/ds_configs/ or a path; None = zero<zero_stage>")
+    ds_config: str | None = opt(None, "base DeepSpeed JSON in ds_configs/ or a path; None = zero<zero_stage>")
     ema: bool = opt(False, "keep an exponential moving average of the weights (evaluated and saved too)")
     ema_decay: float = opt(0.9998, "EMA decay per optimizer step")
 
@@ -329,7 +329,7 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def ds_config_name(cfg: TrainConfig) -> str:
-    """The base DeepSpeed JSON: --ds_config, or runtime/ds_configs/zero<zero_stage>.json."""
+    """The base DeepSpeed JSON: --ds_config, or ds_configs/zero<zero_stage>.json."""
     return cfg.ds_config or f"zero{cfg.zero_stage}"
 
 

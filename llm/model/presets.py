@@ -1,4 +1,8 @@
-"""Model presets (`llm/configs/<name>.json`, Hugging Face config.json style) and the model factory."""
+"""Model presets (`llm/configs/<name>.json`, Hugging Face config.json style) and the model factory.
+
+A preset may name another as its `"base"` and give only what differs: a ParameterNet preset is its vanilla preset plus
+the MoE fields (and its model_type), `llama-small` is `llama-tiny` under the name the CPU experiment uses. The resolved
+dict (base first, the preset's own keys over it, no `"base"`) is what the model and its exported config.json get."""
 
 from __future__ import annotations
 
@@ -49,6 +53,9 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
+BASE = "base"
+
+
 def _read_config_dict(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
     path = Path(name_or_path)
     if path.is_dir():
@@ -60,10 +67,32 @@ def _read_config_dict(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
             f"model={str(name_or_path)!r} is neither a preset ({', '.join(list_presets())}) "
             f"nor a config.json file or directory"
         )
+    return _resolve_base(_read_json(path), str(path), chain=(path.resolve(),)), str(path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text()), str(path)
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"model config {path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"model config {path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _resolve_base(data: dict[str, Any], source: str, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """`data` with its `"base"` preset (resolved the same way, in turn) under it: the base's keys, then data's."""
+    if BASE not in data:
+        return data
+    name = data[BASE]
+    path = (CONFIG_DIR / f"{name}.json").resolve() if isinstance(name, str) else None
+    if path is None or not path.is_file():
+        raise ValueError(f"model config {source}: base={name!r} is not a preset ({', '.join(list_presets())})")
+    if path in chain:
+        cycle = " -> ".join(p.stem for p in (*chain, path))
+        raise ValueError(f"model config {source}: base={name!r} makes a cycle ({cycle}); a base must not lead back")
+    base = _resolve_base(_read_json(path), str(path), (*chain, path))
+    return {**base, **{k: v for k, v in data.items() if k != BASE}}
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> LlamaConfig:

@@ -47,13 +47,13 @@ def build_model(cfg: TrainConfig, model_config: Any, world: int, rank: int) -> t
 
 
 def ds_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
-    """runtime/ds_configs/<ds_config or zero<stage>>.json completed from the training config."""
+    """ds_configs/<ds_config or zero<stage>>.json completed from the training config."""
     ds_path = resolve_ds_config_path(cfg.ds_config or f"zero{cfg.zero_stage}")
     file_stage = json.loads(ds_path.read_text()).get("zero_optimization", {}).get("stage", 0)
     if cfg.ds_config is not None and file_stage != cfg.zero_stage:
         raise TrainingError(
             f"ds_config {ds_path} has ZeRO stage {file_stage} but zero_stage={cfg.zero_stage}; "
-            f"make them agree (or drop --ds_config to use runtime/ds_configs/zero{cfg.zero_stage}.json)"
+            f"make them agree (or drop --ds_config to use ds_configs/zero{cfg.zero_stage}.json)"
         )
     return complete_ds_config(
         ds_path,

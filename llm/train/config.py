@@ -64,7 +64,7 @@ class TrainConfig:
     precision: str = opt("fp32", "the compute precision", choices=("fp32", "bf16", "fp16"), section="engine")
     zero_stage: int = opt(1, "the ZeRO stage: what is sharded over the ranks", choices=(0, 1, 2, 3))
     ds_config: str | None = opt(
-        None, "a DeepSpeed JSON in runtime/ds_configs/ (by name) or a path; None = zero<zero_stage>.json"
+        None, "ds_configs/<name>.json, its name or a path; None = ds_configs/zero<zero_stage>.json"
     )
     expert_parallel_size: int = opt(1, "ranks that share one copy of the experts (1 = no expert parallelism)")
     eval_interval: int = opt(50, "steps between validations", section="evaluation, checkpoints, logging")

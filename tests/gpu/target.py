@@ -9,7 +9,6 @@ no tensor cores, no Hopper grouped GEMM. Only a run on a GPU tests the GPU.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer_utils import REPO, TINY_MODEL, free_port, read_log, spawn
+from tests.trainer_utils import REPO, TINY_MODEL, free_port, read_log, spawn, tiny_args
 
 MODE_ENV = "PN_GPU_TESTS_DEVICE"
 MODES = ("cuda", "cpu")
@@ -33,43 +32,18 @@ class Target:
         return self.device == "cpu"
 
     def llm_args(self) -> list[str]:
-        """Trainer flags on top of the `tiny` preset (launch/pretrain_llama.sh's default SIZE=tiny).
+        """Trainer flags on top of the `tiny` preset (launch/pretrain_llama.sh's default SIZE=tiny): the tiny run of the
+        CPU launch tests (tests/trainer_utils.TINY_RUN) in bf16, ZeRO-1, lr 3e-3.
 
         On the GPU: the tiny presets as they are (hidden 256, 4 layers), seq_len 64 - one key block of the fused
         attention kernels, so their backward has no atomics whose order could vary and the resume can be bitwise.
         In the CPU check: the 2-layer width-64 model of the CPU tests (bf16 is ~30x slower than fp32 on CPUs without
         native bf16)."""
-        common = [
-            "--precision",
-            "bf16",
-            "--zero_stage",
-            "1",
-            "--lr",
-            "3e-3",
-            "--warmup_iters",
-            "2",
-            "--log_interval",
-            "1",
-            "--eval_interval",
-            "1000",
-            "--eval_iters",
-            "1",
-            "--progress_bar",
-            "false",
-        ]
         if self.check_mode:
-            return [
-                *common,
-                "--seq_len",
-                "32",
-                "--micro_batch_size",
-                "2",
-                "--global_batch_size",
-                "4",
-                "--model_overrides",
-                json.dumps(TINY_MODEL),
-            ]
-        return [*common, "--seq_len", "64", "--micro_batch_size", "8", "--global_batch_size", "16"]
+            shape = dict(global_batch_size=4)
+        else:
+            shape = dict(seq_len=64, micro_batch_size=8, global_batch_size=16, model_overrides=None)
+        return tiny_args(precision="bf16", zero_stage=1, lr="3e-3", **shape)
 
     def model_overrides(self) -> dict[str, int]:
         return dict(TINY_MODEL) if self.check_mode else {}

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 from tests.gpu.target import TARGET, gpu, needs_device, subprocess_env
-from tests.trainer_utils import REPO, free_port, tiny_image_folder
+from tests.trainer_utils import REPO, free_port, tiny_image_folder, tiny_vision_args
 
 pytestmark = [gpu, needs_device]
 
@@ -24,42 +24,17 @@ def test_vision_bf16_steps_through_deepspeed_on_the_device(tmp_path: Path) -> No
     cmd = [
         "bash",
         str(REPO / "launch" / "train_vision.sh"),
-        "--config",
-        "fashion_mnist_tiny",
-        "--model",
-        "parameternet_tiny",
-        "--dataset",
-        "folder",
-        "--data_dir",
-        str(data),
-        "--train_subset",
-        "0",
-        "--val_subset",
-        "0",
-        "--micro_batch_size",
-        "4",
-        "--global_batch_size",
-        "4",
-        "--precision",
-        "bf16",
-        "--zero_stage",
-        "1",
-        "--ds_config",
-        "zero1",
-        "--ema",
-        "true",
-        "--train_iters",
-        str(STEPS),
-        "--num_workers",
-        "0",
-        "--log_interval",
-        "1",
-        "--progress_bar",
-        "false",
-        "--tensorboard",
-        "false",
-        "--output_dir",
-        str(out),
+        *tiny_vision_args(
+            model="parameternet_tiny",
+            data_dir=data,
+            val_subset=0,
+            precision="bf16",
+            zero_stage=1,
+            ds_config="zero1",
+            ema=True,
+            train_iters=STEPS,
+            output_dir=out,
+        ),
     ]
     env = subprocess_env(NPROC="1", MASTER_PORT=str(free_port()))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
