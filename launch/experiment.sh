@@ -3,6 +3,7 @@
 # and write one report (markdown + PNG) with mean ± std over seeds and paired differences with 95% t intervals.
 #
 #   bash launch/experiment.sh paper-llm [--force] [-- TRAINER ARGS...]
+#   bash launch/experiment.sh paper-llm-scaling [--force] [-- TRAINER ARGS...]
 #   bash launch/experiment.sh paper-vision [--force] [-- VISION.TRAIN ARGS...]
 #
 # paper-llm: vanilla LLaMA vs ParameterNet-LLaMA (8 experts, top-1, down_proj: the headline); experts on gate_proj,
@@ -11,6 +12,11 @@
 # Runs go to OUT/<arm>/seed<N>/ (launch/compare.sh does the training and evaluation: same seed = same data order in
 # every arm); the report to OUT/report.md, OUT/loss.png, OUT/accuracy.png (and OUT/compare/, evals.compare's
 # per-task table).
+# paper-llm-scaling: where in tokens a mixture of experts beats dense (issue 20): vanilla, ParameterNet with 8 experts on
+# down_proj (the headline) and on up_proj, a standard MoE of 8 whole SwiGLU MLPs (the control), and the widened dense
+# ceiling, at SIZE=micro (>= 2 tokens per non-embedding parameter), each validated at 10 log-spaced token counts on
+# the same held-out tokens (eval_points, a wsd schedule); no zero-shot evaluation. The report (paired differences at
+# every validation, the crossover, router diagnostics) goes to OUT/report.md, loss.png, routing.png.
 # paper-vision: the static twin ghostnet_tiny_os4 against parameternet_tiny_os4 with 1, 2 and 4 experts on
 # Fashion-MNIST at 32 px (vision/configs/fashion_mnist_tiny.yaml, one epoch), where the experts cost at most 1.06x the twin's
 # multiply-adds; runs to OUT/<arm>/seed<N>/ (vision.train), the report to OUT/report.md with paired top-1 differences.
@@ -19,7 +25,8 @@
 # Ctrl-C (or SIGTERM) stops it: every training running checkpoints and stops, and the experiment exits non-zero
 # (3, or 130 for paper-vision's interrupt) without evaluating or reporting a stopped run; the same command resumes.
 # Environment:
-#   SIZE=small         the model and training presets (llama-$SIZE, parameternet-llama-$SIZE, llm/configs/$SIZE.yaml)
+#   SIZE=small         the model and training presets (llama-$SIZE, parameternet-llama-$SIZE, llm/configs/$SIZE.yaml);
+#                      paper-llm-scaling: SIZE=micro
 #   SEEDS=3            seeds per arm: SEED, SEED+1, ...      SEED=1234 (paper-vision: 42)
 #   OUT=runs/experiment/<experiment>
 #   ARMS=all           or a comma-separated subset with the baseline, e.g. vanilla,pn-down-e8 or static,pn-e4
@@ -34,7 +41,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 source "$repo/launch/common.sh"
 
-usage() { sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,37p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "experiment.sh: error: $*" >&2; exit 2; }
 
 case "${1:-}" in
