@@ -25,7 +25,7 @@ from llm.train.config import (
     type_of,
     warnings_for,
 )
-from llm.train.optim import lr_at
+from llm.train.optim import schedule
 from runtime.ds_config import complete_ds_config
 from runtime.errors import first_rank_on_node, print_error
 from runtime.slurm import expand_nodelist, node_env, rank_env
@@ -420,6 +420,10 @@ def test_ds_config_is_completed_from_the_training_config_and_refuses_duplicates(
         complete_ds_config({"train_batch_size": 8}, micro_batch_size=4, global_batch_size=8, data_parallel_size=1)
     for name in ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"):
         assert complete_ds_config(name, micro_batch_size=1, global_batch_size=1, data_parallel_size=1)
+
+
+def lr_at(step: int, cfg) -> float:
+    return schedule(cfg).lr_at(step)
 
 
 def test_lr_schedule_warmup_cosine_linear_constant():

@@ -38,6 +38,7 @@ from runtime.errors import TrainingError, print_error
 from runtime.metrics import MetricsLogger
 from runtime.resume import resume_from
 from runtime.rundir import CHECKPOINTS, claim_and_set_up, write_config, write_summary
+from runtime.schedule import apply_schedule
 from runtime.slurm import rank_env
 from vision.build import (
     Prepared,
@@ -46,6 +47,7 @@ from vision.build import (
     derived_seed,
     ds_config,
     loss_fn,
+    lr_schedule,
     param_groups,
     prepare,
     seed_all,
@@ -95,10 +97,12 @@ class Trainer:
 
         cfg, prep = self.cfg, self.prep
         self.grad_accum = gradient_accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, self.world)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
+        self.schedule = lr_schedule(cfg, prep.steps_per_epoch)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=prep.model,
             model_parameters=param_groups(prep.model, cfg),
-            config=ds_config(cfg, self.world, prep.steps_per_epoch),
+            config=ds_config(cfg, self.world),
+            lr_scheduler=self.schedule.scheduler,
         )
         self.device = self.engine.device
         self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -133,6 +137,7 @@ class Trainer:
         if loaded is None:
             return
         iteration, state, changes = loaded
+        apply_schedule(self.scheduler, self.optimizer)
         self.pos = Position(**state["position"])
         self.saved_iteration = iteration
         self.skipped_before = int(state.get("skipped_images", 0))  # every rank's, when it saved
@@ -261,7 +266,6 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
             if pos.iteration % cfg.log_interval == 0:
-                lr = max(self.scheduler.get_last_lr()) if self.scheduler is not None else cfg.lr
                 rate = window_images / max(time.time() - window_start, 1e-9)
                 self.metrics.log(
                     {
@@ -269,7 +273,7 @@ class Trainer:
                         "iteration": pos.iteration,
                         "epoch": pos.epoch,
                         "loss": self.last_loss,
-                        "lr": lr,
+                        "lr": self.schedule.lr_at(pos.iteration - 1),  # the LR this step used (lr_scale 1)
                         "images_per_s": rate,
                     }
                 )
