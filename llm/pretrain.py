@@ -23,7 +23,7 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from llm.train.config import ENGINE, load_config, warnings_for
-    from runtime.errors import first_rank_on_node, print_error
+    from runtime.errors import first_rank_on_node, print_error, run_trainer
 
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, code = ENGINE.parse_command_line(
@@ -35,29 +35,15 @@ def main(argv: list[str] | None = None) -> int:
         for note in warnings_for(cfg):
             print_error(note, kind="warning")
 
-    import torch.distributed as dist
+    from llm.train.trainer import Trainer
 
-    from llm.train.trainer import Trainer, TrainingError
-
-    try:
+    def body() -> None:
         trainer = Trainer(cfg)
         result = trainer.train()
-    except (TrainingError, ValueError, FileNotFoundError) as err:
-        print_error(str(err))  # every rank: these may differ between ranks
-        code = 2
-    else:
         if trainer.rank == 0:
             print(f"done: {result}")
-        code = 0
-    # The launch script repeats its stop request until the ranks exit; Python restores the default (fatal) action for
-    # handled signals while it shuts down, so stop listening before then.
-    import signal
 
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return code
+    return run_trainer(body, argv)
 
 
 if __name__ == "__main__":

@@ -224,6 +224,8 @@ class UnreadableImage(ValueError):
     Raised in a DataLoader worker, it reaches the trainer re-raised by torch with the worker's traceback as its
     message: the constructor keeps only our own line (the traceback's last)."""
 
+    rank_specific = True  # met by the rank whose loader read the file: that rank prints it (runtime.errors.run_trainer)
+
     def __init__(self, message: str) -> None:
         if "Traceback" in message:
             message = message.strip().splitlines()[-1].split("UnreadableImage: ", 1)[-1]

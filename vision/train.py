@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -34,12 +33,11 @@ from runtime import collectives
 from runtime.checkpoint import save_checkpoint, tag_for
 from runtime.dist import PreemptionFlag, init_distributed, launcher_world_size, set_cpu_threads
 from runtime.ds_config import gradient_accumulation_steps
-from runtime.errors import TrainingError, print_error
+from runtime.errors import TrainingError, run_trainer
 from runtime.metrics import MetricsLogger
 from runtime.resume import resume_from
 from runtime.rundir import CHECKPOINTS, claim_and_set_up, write_config, write_summary
 from runtime.schedule import apply_schedule
-from runtime.slurm import rank_env
 from vision.build import (
     Prepared,
     build_inputs,
@@ -56,7 +54,6 @@ from vision.build import (
 from vision.config import ENGINE, TrainConfig, load_config, to_dict
 from vision.data import (
     TrainBatchSampler,
-    UnreadableImage,
     make_loader,
 )
 from vision.evaluate import evaluate, sync_batchnorm
@@ -351,24 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if cfg is None:
         return code
-    try:
-        prep = prepare(cfg, launcher_world_size())
-    except (ValueError, FileNotFoundError, TrainingError) as err:
-        # Bad input: a message, not a traceback, from the first rank (every rank refuses the same input).
-        if {**os.environ, **rank_env(os.environ)}.get("RANK", "0") == "0":
-            print_error(str(err), prog=PROG)  # one line in one write: ranks share the terminal
-        return 2
-    try:
-        run(cfg, prep)
-    except (TrainingError, UnreadableImage) as err:  # found once training runs (a refused resume, a non-finite
-        # loss, an image that cannot be decoded): every rank says
-        print_error(str(err), prog=PROG)
-        return 2
-    finally:
-        PreemptionFlag.stop_listening()
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_trainer(lambda: train(cfg), argv, PROG)
 
 
 if __name__ == "__main__":
