@@ -23,27 +23,17 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from llm.train.config import ENGINE, load_config, warnings_for
-    from runtime.errors import first_rank_on_node, print_error, run_trainer
+    from runtime.errors import trainer_main
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, code = ENGINE.parse_command_line(
-        argv, lambda path, pairs: load_config(path, cli_overrides=pairs), __doc__ or ""
-    )
-    if cfg is None:
-        return code
-    if first_rank_on_node(argv):  # warnings: the same on every rank, printed once per node
-        for note in warnings_for(cfg):
-            print_error(note, kind="warning")
+    def body(cfg) -> None:
+        from llm.train.trainer import Trainer
 
-    from llm.train.trainer import Trainer
-
-    def body() -> None:
         trainer = Trainer(cfg)
         result = trainer.train()
         if trainer.rank == 0:
             print(f"done: {result}")
 
-    return run_trainer(body, argv)
+    return trainer_main(ENGINE, load_config, __doc__ or "", body, argv, warnings_for)
 
 
 if __name__ == "__main__":

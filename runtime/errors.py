@@ -1,11 +1,13 @@
 """Errors the user must fix: the one error type a trainer raises once running, how every CLI prints an error (one
-line, once per node), and the trainers' entry-point wrapper (`run_trainer`) that applies that rule to a whole run."""
+line, once per node), and both trainers' entry point (`trainer_main`, whose `run_trainer` applies that rule to a whole
+run)."""
 
 from __future__ import annotations
 
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 
 class TrainingError(RuntimeError):
@@ -72,3 +74,24 @@ def run_trainer(body: Callable[[], object], argv: list[str], prog: str | None = 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return code
+
+
+def trainer_main(
+    engine: Any,
+    load_config: Callable[..., Any],
+    doc: str,
+    body: Callable[[Any], object],
+    argv: list[str] | None = None,
+    warnings: Callable[[Any], list[str]] | None = None,
+) -> int:
+    """Both trainers' `main`: the command line through `engine` (a runtime.config.ConfigEngine; `load_config(path,
+    cli_overrides=...)` builds and checks the config; --help and a bad command line return here), the config's
+    `warnings` once per node, then `body(config)` under `run_trainer`, errors prefixed with `engine.prog`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, code = engine.parse_command_line(argv, lambda path, pairs: load_config(path, cli_overrides=pairs), doc)
+    if cfg is None:
+        return code
+    if warnings is not None and first_rank_on_node(argv):  # the same on every rank: once per node
+        for note in warnings(cfg):
+            print_error(note, kind="warning", prog=engine.prog)
+    return run_trainer(lambda: body(cfg), argv, engine.prog)

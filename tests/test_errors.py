@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from runtime.errors import TrainingError, run_trainer
+from runtime.errors import TrainingError, run_trainer, trainer_main
 from vision.data import UnreadableImage
 
 
@@ -50,3 +50,21 @@ def test_a_run_that_ends_exits_0_and_a_bug_keeps_its_traceback(monkeypatch) -> N
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # stop requests while shutting down are ignored
     with pytest.raises(KeyError):
         run_trainer(_raise(KeyError("a bug")), [])
+
+
+def test_trainer_main_parses_warns_once_per_node_and_runs_the_body(monkeypatch, capsys) -> None:
+    class Engine:
+        prog = "demo.train"
+
+        def parse_command_line(self, argv, load, doc):
+            return (None, 2) if argv == ["--bad"] else (load(None, argv), 0)
+
+    ran = []
+    body = ran.append
+    args = (Engine(), lambda path, cli_overrides: {"overrides": cli_overrides}, "doc", body)
+    assert trainer_main(*args, ["--bad"]) == 2 and ran == []  # the engine printed why
+    for local_rank, expected in (("0", "demo.train: warning: short run\n"), ("1", "")):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert trainer_main(*args, ["--lr", "1"], lambda cfg: ["short run"]) == 0
+        assert capsys.readouterr().err == expected
+    assert ran == [{"overrides": ["--lr", "1"]}] * 2

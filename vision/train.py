@@ -33,7 +33,7 @@ from runtime import collectives
 from runtime.checkpoint import save_checkpoint, tag_for
 from runtime.dist import PreemptionFlag, init_distributed, launcher_world_size, set_cpu_threads
 from runtime.ds_config import gradient_accumulation_steps
-from runtime.errors import TrainingError, run_trainer
+from runtime.errors import TrainingError, trainer_main
 from runtime.metrics import MetricsLogger
 from runtime.resume import resume_from
 from runtime.rundir import CHECKPOINTS, claim_and_set_up, write_config, write_summary
@@ -342,13 +342,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, code = ENGINE.parse_command_line(
-        argv, lambda path, pairs: load_config(path, cli_overrides=pairs), __doc__ or ""
-    )
-    if cfg is None:
-        return code
-    return run_trainer(lambda: train(cfg), argv, PROG)
+    return trainer_main(ENGINE, load_config, __doc__ or "", train, argv)
 
 
 if __name__ == "__main__":
