@@ -117,3 +117,78 @@ def test_a_vision_checkpoint_of_deepspeeds_warmup_cosine_lr_resumes_on_the_sched
     scheduler.load_state_dict({"last_batch_iteration": 8})  # 9 steps taken
     apply_schedule(scheduler, optimizer)
     assert [(g.get("lr_scale", 1.0), g["lr"]) for g in optimizer.param_groups] == seen[9]
+
+
+ENGINE_RUN = r"""
+import json, os, socket, sys
+import torch
+torch.set_num_threads(1)
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+import deepspeed, timm
+deepspeed.init_distributed(dist_backend="gloo")
+from runtime.schedule import apply_schedule
+from vision.build import ds_config, lr_schedule, param_groups
+from vision.config import TrainConfig
+
+cfg = TrainConfig(lr=2e-3, min_lr=2e-5, warmup_epochs=1.5, epochs=4, layer_decay=0.5, weight_decay=0.05,
+                  micro_batch_size=2, global_batch_size=2, zero_stage=int(sys.argv[2]))
+
+def engine():
+    torch.manual_seed(0)
+    model = timm.create_model("parameternet_tiny", num_classes=3)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg), config=ds_config(cfg, 1),
+        lr_scheduler=lr_schedule(cfg, 4).scheduler)
+    return engine, optimizer, scheduler
+
+def steps(engine, optimizer, first, last):
+    seen = {}
+    for step in range(first, last):
+        seen[step] = [(g.get("lr_scale", 1.0), g["lr"]) for g in optimizer.param_groups]
+        torch.manual_seed(step)
+        loss = engine(torch.randn(2, 3, 32, 32)).logsumexp(-1).mean()
+        engine.backward(loss)
+        engine.step()
+    return seen
+
+straight = engine()
+seen = steps(straight[0], straight[1], 0, 6)
+straight[0].save_checkpoint(sys.argv[1], tag="six")
+seen.update(steps(straight[0], straight[1], 6, 20))
+resumed = engine()
+resumed[0].load_checkpoint(sys.argv[1], tag="six", load_optimizer_states=True, load_lr_scheduler_states=True)
+apply_schedule(resumed[2], resumed[1])
+print(json.dumps({"straight": seen, "resumed": steps(resumed[0], resumed[1], 6, 20)}))
+"""
+
+
+@pytest.mark.slow
+def test_vision_lr_on_deepspeeds_engine_follows_the_schedule_and_a_resume_lands_on_it(tmp_path) -> None:
+    """What the engine's optimizer groups hold at each of 20 steps (warmup, cosine, floor) of the vision set-up with
+    layer decay, and after a checkpoint of step 6 is loaded into a fresh engine (ZeRO 0, one gloo rank; slow: ~5 min
+    on a busy 2-core machine, most of it importing and starting DeepSpeed)."""
+    zero_stage = 0
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.run(
+        [sys.executable, "-c", ENGINE_RUN, str(tmp_path / "ckpt"), str(zero_stage)],
+        capture_output=True, text=True, cwd=repo, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    sched = lr_schedule(VisionConfig(lr=2e-3, min_lr=2e-5, warmup_epochs=1.5, epochs=4), 4)
+    straight = {int(step): groups for step, groups in out["straight"].items()}
+    assert sorted(straight) == list(range(20)) and len({scale for scale, _ in straight[0]}) > 2  # layer decay
+    for step, groups in straight.items():
+        for scale, lr in groups:
+            assert lr == pytest.approx(scale * sched.lr_at(step), rel=1e-12, abs=0), (step, scale)
+    assert out["resumed"] == {str(step): straight[step] for step in range(6, 20)}
