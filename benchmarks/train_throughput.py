@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from llm.train.config import load_config
-from llm.train.optim import lr_at, parameter_groups
+from llm.train.optim import parameter_groups, schedule
 from llm.train.trainer import Trainer
 from runtime.metrics import peak_flops
 
@@ -61,7 +61,7 @@ class BareLoop:
 
     def train_step(self, batches) -> None:
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.step_no, self.cfg)
+            group["lr"] = schedule(self.cfg).lr_at(self.step_no)
         for _ in range(self.accum):
             batch = next(batches).to(self.device)
             out = self.model(input_ids=batch[:, :-1])

@@ -3,7 +3,6 @@ loss curves (both; bands over seeds)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +13,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from evals.runs import LLM, VISION, RunGroup  # noqa: E402
 from evals.scores import AVERAGE, GroupScores, band  # noqa: E402
-from runtime.fsutil import temp_path_for  # noqa: E402
+from runtime.fsutil import atomic_path  # noqa: E402
 
 
 def save_figure(fig: Any, path: Path) -> None:
     """Write a PNG atomically (a reader never sees half a file) and close the figure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(path)  # the umask's mode, not mkstemp's 0600: teammates read the plots
     try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:  # the umask's mode, not mkstemp's 0600: teammates read the plots
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from runtime.errors import print_error
+
 
 def find_checkpoint(path: str | Path) -> Path:
     """A run directory (newest complete checkpoint), its checkpoints/ directory, or one checkpoint directory."""
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir, args.tokenizer, overwrite=args.overwrite)
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 2
     print(f"exported {out}")
     return 0

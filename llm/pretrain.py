@@ -23,41 +23,17 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from llm.train.config import ENGINE, load_config, warnings_for
-    from runtime.errors import first_rank_on_node, print_error
+    from runtime.errors import trainer_main
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, code = ENGINE.parse_command_line(
-        argv, lambda path, pairs: load_config(path, cli_overrides=pairs), __doc__ or ""
-    )
-    if cfg is None:
-        return code
-    if first_rank_on_node(argv):  # warnings: the same on every rank, printed once per node
-        for note in warnings_for(cfg):
-            print_error(note, kind="warning")
+    def body(cfg) -> None:
+        from llm.train.trainer import Trainer
 
-    import torch.distributed as dist
-
-    from llm.train.trainer import Trainer, TrainingError
-
-    try:
         trainer = Trainer(cfg)
         result = trainer.train()
-    except (TrainingError, ValueError, FileNotFoundError) as err:
-        print_error(str(err))  # every rank: these may differ between ranks
-        code = 2
-    else:
         if trainer.rank == 0:
             print(f"done: {result}")
-        code = 0
-    # The launch script repeats its stop request until the ranks exit; Python restores the default (fatal) action for
-    # handled signals while it shuts down, so stop listening before then.
-    import signal
 
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return code
+    return trainer_main(ENGINE, load_config, __doc__ or "", body, argv, warnings_for)
 
 
 if __name__ == "__main__":

@@ -70,13 +70,13 @@ def complete_ds_config(
     precision: str = "fp32",
     gradient_clipping: float = 1.0,
     optimizer: dict[str, Any] | None = None,
-    scheduler: dict[str, Any] | None = None,
     zero_stage: int | None = None,
 ) -> dict[str, Any]:
     """Return a full DeepSpeed config dict.
 
-    `optimizer` / `scheduler` are DeepSpeed's own {"type": ..., "params": {...}} blocks, built by the trainer from its
-    config; `zero_stage`, when given, overrides the file's stage (the training config's `zero_stage` field).
+    `optimizer` is DeepSpeed's own {"type": ..., "params": {...}} block, built by the trainer from its config (the LR
+    schedule is runtime.schedule's, given to deepspeed.initialize); `zero_stage`, when given, overrides the file's
+    stage (the training config's `zero_stage` field).
     """
     if isinstance(base, dict):
         cfg = copy.deepcopy(base)
@@ -110,8 +110,6 @@ def complete_ds_config(
         cfg.setdefault("zero_optimization", {})["stage"] = zero_stage
     if optimizer is not None:
         cfg["optimizer"] = optimizer
-    if scheduler is not None:
-        cfg["scheduler"] = scheduler
     return cfg
 
 

@@ -5,6 +5,7 @@ the one rule for claiming an output path (`claim_output`)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import json
@@ -82,20 +83,46 @@ def fsync_file(path: str | Path) -> None:
         os.fsync(handle.fileno())
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, rename: readers see the old file or the new one, never half of one."""
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename in directory `path` durable (file systems that cannot fsync a directory are left as they are)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def publish_file(tmp: str | Path, path: str | Path) -> None:
+    """Publish the finished temporary sibling `tmp` as `path`: the umask's mode (writers such as safetensors'
+    save_file recreate the file 0600), fsync, rename, fsync of the directory."""
+    os.chmod(tmp, file_mode())
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """The one atomic write: a temporary sibling of `path` for the block to write (by any writer: open, savefig,
+    save_file), published by `publish_file` when the block succeeds and removed when it fails. Readers see the old
+    file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        yield tmp
+        publish_file(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -103,20 +130,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def save_safetensors_atomic(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """`safetensors.torch.save_file` through a temporary sibling, published with the umask's mode (not 0600)."""
+    """`safetensors.torch.save_file` through `atomic_path` (published with the umask's mode, not 0600)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(path)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.chmod(tmp, file_mode())  # save_file recreates the file 0600
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def publish_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:

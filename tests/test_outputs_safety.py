@@ -449,6 +449,37 @@ def test_atomic_writers_get_the_umask_mode(tmp_path: Path) -> None:
     }
 
 
+def test_the_one_atomic_write_fsyncs_renames_and_fsyncs_the_directory(tmp_path: Path, monkeypatch) -> None:
+    """runtime.fsutil.atomic_path, under every writer of ours: a temporary sibling, fsync, os.replace, fsync of the
+    parent directory; a failed block leaves the old file and no temporary file."""
+    import stat
+
+    from runtime import fsutil
+
+    target = tmp_path / "d" / "a.txt"
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        assert Path(src).parent == Path(dst).parent == target.parent and Path(src).name.startswith(".a.txt.")
+        events.append(("replace", Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    fsutil.write_text_atomic(target, "new")
+    assert events == [("fsync", "file"), ("replace", "a.txt"), ("fsync", "dir")]
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with fsutil.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("writer failed")
+    assert target.read_text() == "new" and sorted(p.name for p in target.parent.iterdir()) == ["a.txt"]
+
+
 def test_plots_and_unpacked_datasets_get_the_umask_mode(tmp_path: Path) -> None:
     import gzip
 

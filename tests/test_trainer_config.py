@@ -25,7 +25,7 @@ from llm.train.config import (
     type_of,
     warnings_for,
 )
-from llm.train.optim import lr_at
+from llm.train.optim import schedule
 from runtime.ds_config import complete_ds_config, resolve_ds_config_path
 from runtime.errors import first_rank_on_node, print_error
 from runtime.slurm import expand_nodelist, node_env, rank_env
@@ -445,6 +445,10 @@ def test_ds_config_by_name_and_by_its_path_is_the_same_file_in_both_trainers(cwd
     assert built[0] == built[1] and built[0]["zero_optimization"]["stage"] == 2
     with pytest.raises(ValueError, match=re.escape("'runtime/ds_configs/zero2.json' is neither a file nor one of")):
         resolve_ds_config_path("runtime/ds_configs/zero2.json")  # the old place is gone, not silently found
+
+
+def lr_at(step: int, cfg) -> float:
+    return schedule(cfg).lr_at(step)
 
 
 def test_lr_schedule_warmup_cosine_linear_constant():

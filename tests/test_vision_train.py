@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from runtime.checkpoint import complete_checkpoints
+from runtime.schedule import Schedule
 from tests.trainer_utils import free_port, track, train_records
 from vision.data import (
     DEBIAN_FASHION_MNIST,
@@ -125,6 +126,10 @@ def _train_losses(out_dir: Path) -> dict[int, float]:
     return {r["iteration"]: r["loss"] for r in train_records(out_dir)}
 
 
+def _train_lrs(out_dir: Path) -> dict[int, float]:
+    return {r["iteration"]: r["lr"] for r in train_records(out_dir)}
+
+
 def _valid_record(out_dir: Path, iteration: int) -> dict[str, float]:
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     (record,) = [r for r in records if r["kind"] == "valid" and r["iteration"] == iteration]
@@ -166,6 +171,9 @@ def test_two_rank_training_loss_falls_and_resumes_exactly_after_sigkill(image_tr
     losses = _train_losses(straight_dir)
     steps = EPOCHS * (len(CLASSES) * TRAIN_PER_CLASS // 16)
     assert sorted(losses) == list(range(1, steps + 1))
+    # The LR each step used is runtime.schedule's: warmup over 0.25 epoch, cosine to min_lr over the epochs.
+    schedule = Schedule(lr=3e-3, min_lr=3e-4, warmup_iters=4, decay_iters=steps)
+    assert _train_lrs(straight_dir) == {s: schedule.lr_at(s - 1) for s in range(1, steps + 1)}
     first, last = np.mean([losses[s] for s in range(1, 5)]), np.mean([losses[s] for s in range(steps - 7, steps + 1)])
     assert last < first - 0.1, losses
     summary = json.loads((straight_dir / "summary.json").read_text())
@@ -180,6 +188,7 @@ def test_two_rank_training_loss_falls_and_resumes_exactly_after_sigkill(image_tr
     # Every step's loss equals the uninterrupted run's, bit for bit, and so does the evaluation at the end of
     # epoch 1 (step 16, after the resume): weights, BatchNorm statistics and EMA all came back exactly.
     assert _train_losses(killed_dir) == {s: losses[s] for s in range(1, stop + 1)}
+    assert _train_lrs(killed_dir) == {s: schedule.lr_at(s - 1) for s in range(1, stop + 1)}
     assert _valid_record(killed_dir, 16) == _valid_record(straight_dir, 16)
 
 

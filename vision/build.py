@@ -21,6 +21,7 @@ import vision  # noqa: F401  (registers the ParameterNet models in timm)
 from runtime.ds_config import adamw_block, complete_ds_config, gradient_accumulation_steps
 from runtime.resume import check_resume_settings, refuse_to_start_over, resume_differences
 from runtime.rundir import CHECKPOINTS
+from runtime.schedule import Schedule
 from vision.config import RESUME_POLICY, TrainConfig, ds_config_name, to_dict, validate
 from vision.data import (
     EvalBatchSampler,
@@ -63,10 +64,10 @@ def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """timm's weight-decay / layer-decay groups, with each group's LR made explicit for DeepSpeed's scheduler.
+    """timm's weight-decay / layer-decay groups, with each group's LR made explicit for the schedule.
 
-    DeepSpeed's WarmupCosineLR scales every group's initial LR by the same factor, so `lr * lr_scale` per group gives
-    layer-wise decay under warmup + cosine.
+    runtime.schedule scales every group's initial LR by the same factor, so `lr * lr_scale` per group gives
+    layer-wise decay under warmup + cosine (the floor scales too).
     """
     from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
@@ -80,9 +81,20 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any
     return groups
 
 
-def ds_config(cfg: TrainConfig, world_size: int, steps_per_epoch: int) -> dict[str, Any]:
-    """The DeepSpeed config, completed from the training config: batches, precision, AdamW, warmup + cosine."""
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
+    """Linear warmup over warmup_epochs, then cosine to min_lr at the end of the configured epochs (train_iters stops
+    early, on this schedule)."""
+    return Schedule(
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        warmup_iters=int(round(cfg.warmup_epochs * steps_per_epoch)),
+        decay_iters=max(1, cfg.epochs * steps_per_epoch),
+    )
+
+
+def ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config, completed from the training config: batches, precision, AdamW (the LR schedule is
+    `lr_schedule`'s, given to deepspeed.initialize)."""
     config = complete_ds_config(
         ds_config_name(cfg),
         micro_batch_size=cfg.micro_batch_size,
@@ -92,16 +104,6 @@ def ds_config(cfg: TrainConfig, world_size: int, steps_per_epoch: int) -> dict[s
         gradient_clipping=cfg.grad_clip,
         zero_stage=cfg.zero_stage,
         optimizer=adamw_block(cfg.lr, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay),
-        scheduler={
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": max(1, cfg.epochs * steps_per_epoch),  # train_iters stops early, on this schedule
-                "warmup_num_steps": max(1, warmup),
-                "warmup_min_ratio": 0.0,
-                "warmup_type": "linear",
-                "cos_min_ratio": cfg.min_lr / cfg.lr,  # a ratio per group: layer decay scales the floor too
-            },
-        },
     )
     if cfg.precision == "bf16":
         # DeepSpeed casts parameters only; BatchNorm then sees bf16 weights beside fp32 running statistics, which

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import random
 import shutil
 from collections.abc import Iterator, Sequence
@@ -30,7 +29,7 @@ from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from runtime.errors import print_error
-from runtime.fsutil import temp_path_for
+from runtime.fsutil import atomic_path
 from runtime.paths import default_data_dir
 from vision.config import TrainConfig
 
@@ -84,10 +83,9 @@ def prepare_fashion_mnist(root: Path | None = None, source: Path = DEBIAN_FASHIO
         target = raw / name
         if target.is_file():
             continue
-        tmp = temp_path_for(target)  # the umask's mode, not mkstemp's 0600 (a shared cache other users read)
-        with open(tmp, "wb") as out, gzip.open(source / f"{name}.gz", "rb") as src:
+        # the umask's mode, not mkstemp's 0600 (a shared cache other users read)
+        with atomic_path(target) as tmp, open(tmp, "wb") as out, gzip.open(source / f"{name}.gz", "rb") as src:
             shutil.copyfileobj(src, out)
-        os.replace(tmp, target)
     return root
 
 
@@ -223,6 +221,8 @@ class UnreadableImage(ValueError):
 
     Raised in a DataLoader worker, it reaches the trainer re-raised by torch with the worker's traceback as its
     message: the constructor keeps only our own line (the traceback's last)."""
+
+    rank_specific = True  # met by the rank whose loader read the file: that rank prints it (runtime.errors.run_trainer)
 
     def __init__(self, message: str) -> None:
         if "Traceback" in message:

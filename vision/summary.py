@@ -25,6 +25,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from runtime.errors import print_error
 from vision.models import MODEL_NAMES, DynamicConv, check_input_size
 
 
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             model_cost(name, args.img_size, args.num_classes, args.in_chans, args.breakdown) for name in args.models
         ]
     except ValueError as err:
-        print(f"vision.summary: {err}", file=sys.stderr)
+        print_error(str(err), prog="vision.summary")
         return 2
     if args.json:
         for cost in costs:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -34,11 +33,11 @@ from runtime import collectives
 from runtime.checkpoint import save_checkpoint, tag_for
 from runtime.dist import PreemptionFlag, init_distributed, launcher_world_size, set_cpu_threads
 from runtime.ds_config import gradient_accumulation_steps
-from runtime.errors import TrainingError, print_error
+from runtime.errors import TrainingError, trainer_main
 from runtime.metrics import MetricsLogger
 from runtime.resume import resume_from
 from runtime.rundir import CHECKPOINTS, claim_and_set_up, write_config, write_summary
-from runtime.slurm import rank_env
+from runtime.schedule import apply_schedule
 from vision.build import (
     Prepared,
     build_inputs,
@@ -46,6 +45,7 @@ from vision.build import (
     derived_seed,
     ds_config,
     loss_fn,
+    lr_schedule,
     param_groups,
     prepare,
     seed_all,
@@ -54,7 +54,6 @@ from vision.build import (
 from vision.config import ENGINE, TrainConfig, load_config, to_dict
 from vision.data import (
     TrainBatchSampler,
-    UnreadableImage,
     make_loader,
 )
 from vision.evaluate import evaluate, sync_batchnorm
@@ -95,10 +94,12 @@ class Trainer:
 
         cfg, prep = self.cfg, self.prep
         self.grad_accum = gradient_accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, self.world)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
+        self.schedule = lr_schedule(cfg, prep.steps_per_epoch)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=prep.model,
             model_parameters=param_groups(prep.model, cfg),
-            config=ds_config(cfg, self.world, prep.steps_per_epoch),
+            config=ds_config(cfg, self.world),
+            lr_scheduler=self.schedule.scheduler,
         )
         self.device = self.engine.device
         self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -133,6 +134,7 @@ class Trainer:
         if loaded is None:
             return
         iteration, state, changes = loaded
+        apply_schedule(self.scheduler, self.optimizer)
         self.pos = Position(**state["position"])
         self.saved_iteration = iteration
         self.skipped_before = int(state.get("skipped_images", 0))  # every rank's, when it saved
@@ -261,7 +263,6 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
             if pos.iteration % cfg.log_interval == 0:
-                lr = max(self.scheduler.get_last_lr()) if self.scheduler is not None else cfg.lr
                 rate = window_images / max(time.time() - window_start, 1e-9)
                 self.metrics.log(
                     {
@@ -269,7 +270,7 @@ class Trainer:
                         "iteration": pos.iteration,
                         "epoch": pos.epoch,
                         "loss": self.last_loss,
-                        "lr": lr,
+                        "lr": self.schedule.lr_at(pos.iteration - 1),  # the LR this step used (lr_scale 1)
                         "images_per_s": rate,
                     }
                 )
@@ -341,30 +342,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, code = ENGINE.parse_command_line(
-        argv, lambda path, pairs: load_config(path, cli_overrides=pairs), __doc__ or ""
-    )
-    if cfg is None:
-        return code
-    try:
-        prep = prepare(cfg, launcher_world_size())
-    except (ValueError, FileNotFoundError, TrainingError) as err:
-        # Bad input: a message, not a traceback, from the first rank (every rank refuses the same input).
-        if {**os.environ, **rank_env(os.environ)}.get("RANK", "0") == "0":
-            print_error(str(err), prog=PROG)  # one line in one write: ranks share the terminal
-        return 2
-    try:
-        run(cfg, prep)
-    except (TrainingError, UnreadableImage) as err:  # found once training runs (a refused resume, a non-finite
-        # loss, an image that cannot be decoded): every rank says
-        print_error(str(err), prog=PROG)
-        return 2
-    finally:
-        PreemptionFlag.stop_listening()
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return trainer_main(ENGINE, load_config, __doc__ or "", train, argv)
 
 
 if __name__ == "__main__":

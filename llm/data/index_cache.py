@@ -29,7 +29,7 @@ import numpy as np
 
 from llm.data.data_path import SPLIT_NAMES
 from llm.data.indexed_dataset import IndexedDataset
-from runtime.fsutil import file_lock, temp_path_for, writable_dir
+from runtime.fsutil import atomic_path, file_lock, writable_dir
 
 INDEX_CACHE_VERSION = 1
 CACHE_ENV = "PNET_INDEX_CACHE"
@@ -108,17 +108,14 @@ def resolve_cache_dir(prefix: str, cache_dir: str | Path | None = None) -> Path:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = temp_path_for(path)
-    with open(tmp, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, array)
-    tmp.replace(path)
 
 
 def write_json(path: Path, data: dict) -> None:
     """Publish a small JSON file by rename (readers never see half of it)."""
-    tmp = temp_path_for(path)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.fsutil import fsync_file, temp_path_for
+from runtime.fsutil import atomic_path, publish_file, temp_path_for
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -164,32 +164,28 @@ class IndexedDatasetBuilder:
             raise RuntimeError(f"shard {self.prefix} was already finalized or aborted")
         if self._last_doc_end != self._num_sequences:
             self.end_document()  # sequences added after the last end_document() form the final document
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
-        self._bin.close()
+        self._bin.close()  # publish_file fsyncs it
         sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, dtype=np.int32)
         pointers = np.zeros(sizes.size, dtype=np.int64)
         if sizes.size > 1:
             np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
         doc_index = np.concatenate(self._doc_ends)
-        idx_tmp = temp_path_for(index_path(self.prefix))
         try:
-            with open(idx_tmp, "wb") as out:
-                out.write(INDEX_MAGIC)
-                out.write(struct.pack("<Q", INDEX_VERSION))
-                out.write(struct.pack("<B", CODE_OF_DTYPE[self.dtype]))
-                out.write(struct.pack("<Q", sizes.size))
-                out.write(struct.pack("<Q", doc_index.size))
-                out.write(sizes.astype("<i4").tobytes())
-                out.write(pointers.astype("<i8").tobytes())
-                out.write(doc_index.astype("<i8").tobytes())
-            fsync_file(idx_tmp)
-            # Drop the old index first: a crash between the renames leaves no .idx, never a new .bin + old .idx.
-            index_path(self.prefix).unlink(missing_ok=True)
-            os.replace(self._bin_tmp, data_path(self.prefix))
-            os.replace(idx_tmp, index_path(self.prefix))
+            with atomic_path(index_path(self.prefix)) as idx_tmp:
+                with open(idx_tmp, "wb") as out:
+                    out.write(INDEX_MAGIC)
+                    out.write(struct.pack("<Q", INDEX_VERSION))
+                    out.write(struct.pack("<B", CODE_OF_DTYPE[self.dtype]))
+                    out.write(struct.pack("<Q", sizes.size))
+                    out.write(struct.pack("<Q", doc_index.size))
+                    out.write(sizes.astype("<i4").tobytes())
+                    out.write(pointers.astype("<i8").tobytes())
+                    out.write(doc_index.astype("<i8").tobytes())
+                # Drop the old index first, then publish the .bin; the block's end publishes the .idx: a crash
+                # between the renames leaves no .idx, never a new .bin + old .idx.
+                index_path(self.prefix).unlink(missing_ok=True)
+                publish_file(self._bin_tmp, data_path(self.prefix))
         except BaseException:
-            idx_tmp.unlink(missing_ok=True)
             self._bin_tmp.unlink(missing_ok=True)
             raise
         self._done = True

@@ -20,6 +20,8 @@ import sys
 import torch
 from transformers import LlamaConfig
 
+from runtime.errors import print_error
+
 from .configuration_parameternet_llama import ParameterNetLlamaConfig
 from .flops import account
 from .memory import GIB, MemoryEstimate, TrainingLayout, estimate, layer_activation_bytes_per_token
@@ -197,7 +199,7 @@ def _memory_main(args: argparse.Namespace, models: list[str]) -> int:
                 json.dumps({"model": name, **est.as_dict()}) if args.json else format_memory(name, config, est)
             )
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 2
     print(("\n" if args.json else "\n\n").join(blocks))
     return 0
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = [summarize(m, args.seq_len) for m in models]
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 2
     if args.json:
         for row in rows:

@@ -12,7 +12,7 @@ from runtime.ds_config import adamw_block, complete_ds_config, resolve_ds_config
 from runtime.errors import TrainingError
 
 from .config import TrainConfig
-from .optim import lr_at, parameter_groups
+from .optim import parameter_groups, schedule
 
 
 def build_model(cfg: TrainConfig, model_config: Any, world: int, rank: int) -> tuple[torch.nn.Module, Any, list[str]]:
@@ -68,7 +68,7 @@ def ds_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
 
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, ep_group: Any, world: int) -> tuple[Any, Any, Any]:
     """(engine, optimizer, LR scheduler): DeepSpeed around the model, AdamW with weight decay on matrices only, the
-    LR schedule of optim.lr_at as a LambdaLR."""
+    LR schedule of optim.schedule as a LambdaLR."""
     import deepspeed
 
     groups = parameter_groups(model, cfg.weight_decay)
@@ -77,23 +77,9 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, ep_group: Any, world:
 
         groups = split_optimizer_groups(groups)
 
-    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, [lambda step, c=cfg: lr_at(step, c) / c.lr] * len(optimizer.param_groups)
-        )
-
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=groups, config=ds_config(cfg, world), lr_scheduler=schedule
+        model=model, model_parameters=groups, config=ds_config(cfg, world), lr_scheduler=schedule(cfg).scheduler
     )
     if cfg.compile:
         engine.compile()
     return engine, optimizer, scheduler
-
-
-def apply_schedule(scheduler: Any, optimizer: Any) -> None:
-    """Set the next step's LR from this run's schedule after a resume. The optimizer state restored the LR the saved
-    run's schedule gave; the two differ when an allowed schedule setting changed (train_iters, min_lr,
-    lr_decay_iters). The same expression as LambdaLR's, so an unchanged schedule gives the same bits."""
-    lrs = [base * schedule(scheduler.last_epoch) for base, schedule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime.errors import TrainingError
+from runtime.errors import TrainingError, print_error
 
 from .config import TrainConfig
 
@@ -99,9 +98,8 @@ def _without_validation(cfg: TrainConfig, prefixes: list[str], split: str, rank:
     message = f"split={split!r} gives the validation split none of {where}"
     if cfg.eval_iters == 0:
         if rank == 0:
-            print(
-                f"warning: {message}; evaluation is off (eval_iters=0), so this run reports no validation loss",
-                file=sys.stderr,
+            print_error(
+                f"{message}; evaluation is off (eval_iters=0), so this run reports no validation loss", "warning"
             )
         return
     raise TrainingError(

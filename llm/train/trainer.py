@@ -21,11 +21,12 @@ from runtime.metrics import MetricsLogger, memory_gib, peak_flops
 from runtime.nonfinite import NonFiniteGradGuard
 from runtime.resume import check_resume_settings, refuse_to_start_over, resume_differences, resume_from
 from runtime.rundir import CHECKPOINTS, claim_and_set_up, write_config, write_summary
+from runtime.schedule import apply_schedule
 
-from .build import apply_schedule, build_engine, build_model
+from .build import build_engine, build_model
 from .config import RESUME_POLICY, TrainConfig
 from .inputs import build_inputs, loader
-from .optim import lr_at
+from .optim import schedule
 from .records import console_line, expert_load, run_summary
 from .weights import full_state_dict, restore_expert_shards, save_full_weights, weights_finite
 
@@ -271,7 +272,7 @@ class Trainer:
             "iteration": self.iteration,
             "tokens": self.consumed_samples * cfg.seq_len,
             "lm_loss": stats["lm_loss"],
-            "lr": lr_at(self.iteration - 1, cfg),  # the LR this step used
+            "lr": schedule(cfg).lr_at(self.iteration - 1),  # the LR this step used
             "grad_norm": None if stats["grad_norm"] is None else float(stats["grad_norm"]),
             "tokens_per_s": tokens_per_s,
             "skipped": stats["skipped"],
