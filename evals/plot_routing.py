@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import print_error
-from runtime.fsutil import claim_output, temp_path_for
+from runtime.fsutil import atomic_path, claim_output
 
 TOOL = "evals.plot_routing"
 # Plots written before the tool moved from llm/ to evals/ name it so; they are ours too, so replaced as well.
@@ -159,14 +158,11 @@ def plot_routing(run_dir: Path, out: Path | None = None) -> Path:
     )
     fig.suptitle(f"Expert load: {run_dir.name} ({num_layers} MoE layers x {num_experts} experts)")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(out)
     try:
-        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": TOOL})
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, metadata={"Software": TOOL})
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return out
 
 
