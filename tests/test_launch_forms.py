@@ -1,4 +1,4 @@
-"""Launch forms, for real on tiny shapes, beyond what running the README's commands checks
+"""Launch forms, for real on tiny shapes, beyond what running the commands of docs/training.md checks
 (tests/test_readme_commands.py runs every form once - the literal `deepspeed launch/pretrain_llama.sh`, --no_python,
 torchrun, two nodes, sbatch - and checks each run's model and world size): a script inside a launcher starts none,
 the vision launcher's literal form, and two nodes on this machine (two launcher

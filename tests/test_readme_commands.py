@@ -1,9 +1,13 @@
-"""Every command in the README's ```bash blocks runs as written, in README order, in a copy of the repository.
+"""Every command in the ```bash blocks of README.md and docs/*.md runs as written, in a copy of the repository.
+
+The commands are read from README.md, then from the pages of docs/ in DOC_PAGES' order; a command shown on two pages
+(the README's quickstarts repeat some of the docs') is run once. A command is known by its text alone (NOT_RUN, SLOW,
+the test ids), so moving it from one page to another changes nothing here.
 
 Stand-ins replace only what this machine cannot have - GPUs, a 1B model, ImageNet, our users' corpus, 8 cores - and
 are listed in STAND_INS: 8 GPUs become 2 CPU ranks, SIZE=1b becomes tiny, token budgets become two iterations, a few
 Shakespeare plays stand in for `my/*.txt`, a 4-image ImageFolder for ImageNet, sbatch runs on the test's real
-2-node SLURM cluster. Anything else in a command is run verbatim: a README edit that breaks a command fails here.
+2-node SLURM cluster. Anything else in a command is run verbatim: a page edit that breaks a command fails here.
 """
 
 from __future__ import annotations
@@ -24,11 +28,19 @@ from tests.trainer_utils import REPO, free_port, kill_leftovers, tiny_image_fold
 pytestmark = pytest.mark.distributed
 
 
-def readme_commands() -> list[str]:
-    """The commands of the README's bash blocks, as typed: continuation lines joined, trailing comments dropped."""
+# The pages whose commands run here, in this order (README.md first): every page of docs/ is one of them.
+DOC_PAGES = ("training", "data", "moe", "evaluation", "vision", "reliability", "gpu")
+
+
+def pages() -> list[Path]:
+    return [REPO / "README.md", *(REPO / "docs" / f"{name}.md" for name in DOC_PAGES)]
+
+
+def page_commands(text: str) -> list[str]:
+    """The commands of a page's bash blocks, as typed: continuation lines joined, trailing comments dropped."""
     commands: list[str] = []
     in_block, pending = False, ""
-    for line in (REPO / "README.md").read_text().splitlines():
+    for line in text.splitlines():
         if line.startswith("```"):
             in_block = line.strip() == "```bash"
             continue
@@ -43,6 +55,11 @@ def readme_commands() -> list[str]:
         if command:
             commands.append(command)
     return commands
+
+
+def readme_commands() -> list[str]:
+    """The commands of README.md and docs/*.md, in page order, each once (its first place)."""
+    return list(dict.fromkeys(c for page in pages() for c in page_commands(page.read_text())))
 
 
 # Not run here, and why.
@@ -247,7 +264,7 @@ def _run_group(group: list[str], sandbox: Path, request) -> None:
         for c, proc in zip(group, procs):
             out, _ = proc.communicate(timeout=900)
             assert proc.returncode == 0, (
-                f"README command failed ({proc.returncode}):\n  {c}\nas run:\n  {with_stand_ins(c)}\n{out[-4000:]}"
+                f"README/docs command failed ({proc.returncode}):\n  {c}\nas run:\n  {with_stand_ins(c)}\n{out[-4000:]}"
             )
     finally:
         kill_leftovers()
@@ -321,6 +338,17 @@ def test_readme_command_runs_as_written(group: list[str], sandbox: Path, request
         run_dir, world_size, kind = trained
         summary = json.loads((sandbox / run_dir / "summary.json").read_text())
         assert summary["world_size"] == world_size and summary["model"].startswith(kind), (command, summary)
+
+
+def test_every_doc_page_is_read() -> None:
+    """A new page of docs/ has its commands run too: it must be named in DOC_PAGES (which fixes their order)."""
+    assert sorted(p.stem for p in (REPO / "docs").glob("*.md")) == sorted(DOC_PAGES)
+    assert all(page.is_file() for page in pages())
+
+
+def test_page_commands_joins_continuations_and_drops_comments() -> None:
+    text = "```bash\nA=1 run \\\n    --flag x  # why\nmake test\n```\n```\nnot bash\n```\n"
+    assert page_commands(text) == ["A=1 run  --flag x", "make test"]  # as before: the continuation keeps its space
 
 
 def test_every_prerequisite_has_a_maker() -> None:

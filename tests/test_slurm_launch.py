@@ -1,6 +1,7 @@
 """SLURM for real (tests/slurm_cluster.py: one slurmctld, two slurmd on this machine): USR1 makes every rank on both
 nodes checkpoint, the job requeues and resumes; `srun` starting one task per rank runs the trainer directly with ranks
-from SLURM. (The README's sbatch commands, run by tests/test_readme_commands.py, train on two nodes to the end.)"""
+from SLURM. (The sbatch commands of README.md and docs/training.md, run by tests/test_readme_commands.py, train on
+two nodes to the end.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the 
 from tests.trainer_utils import REPO, TINY_ARGS, losses_by_iteration, tiny_image_folder, tiny_vision_args, train_records
 
 pytestmark = pytest.mark.distributed
-# The header asks for 8 GPUs and 64 CPUs per node; these nodes have one CPU and no GPU (the README's CPU form).
+# The header asks for 8 GPUs and 64 CPUs per node; these nodes have one CPU and no GPU (docs/training.md's CPU form).
 CPU_NODES = ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1"]
 
 
