@@ -22,6 +22,7 @@ from llm.model.memory import (
 )
 from llm.model.presets import build_model, load_model_config
 from llm.model.summary import main, summarize
+from tests.trainer_utils import ONE_RANK_ENGINE_PREAMBLE
 
 
 def hand_count_llama(h=2048, layers=12, inter=8192, vocab=32000):
@@ -371,17 +372,10 @@ def test_memory_estimate_largest_micro_batch_is_the_boundary():
     assert estimate(config, TrainingLayout(gpus=1, zero_stage=0), gpu_memory_gib=40).largest_micro_batch == 0
 
 
-ENGINE_PROBE = r"""
-import json, os, socket, sys
-import torch
+ENGINE_PROBE = (
+    ONE_RANK_ENGINE_PREAMBLE
+    + r"""
 import torch.nn.functional as F
-torch.set_num_threads(1)
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-import deepspeed
-deepspeed.init_distributed(dist_backend="gloo")
 from llm.model.presets import build_model, load_model_config
 from runtime.ds_config import complete_ds_config
 from llm.train.optim import parameter_groups
@@ -421,6 +415,7 @@ for precision, stage in (("bf16", 0), ("bf16", 1), ("bf16", 2), ("fp32", 0), ("f
                       "module_grads": grads, **seen}), flush=True)
     engine.destroy()
 """
+)
 
 
 @pytest.mark.slow

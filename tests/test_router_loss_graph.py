@@ -9,19 +9,14 @@ import torch
 
 from llm.model import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM
 from llm.model.moe import MoELinear, RoutedExperts, router_losses, track_loss_scale
+from tests.test_model_parameternet import TINY as LLAMA_TINY
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=256,
-    max_position_embeddings=64,
-    moe_projections=["up_proj", "down_proj"],
-    router_aux_loss_coef=0.5,  # large, so that a missing or doubled router gradient shows
-    router_z_loss_coef=0.05,
-)
+TINY = {
+    **LLAMA_TINY,
+    "moe_projections": ["up_proj", "down_proj"],
+    "router_aux_loss_coef": 0.5,  # large, so that a missing or doubled router gradient shows
+    "router_z_loss_coef": 0.05,
+}
 
 
 def model(**overrides) -> ParameterNetLlamaForCausalLM:

@@ -12,6 +12,7 @@ import torch
 from llm.train.config import load_config as load_llm_config
 from llm.train.optim import schedule
 from runtime.schedule import STYLES, apply_schedule
+from tests.trainer_utils import ONE_RANK_ENGINE_PREAMBLE
 from vision.build import lr_schedule, param_groups
 from vision.config import TrainConfig as VisionConfig
 
@@ -119,16 +120,10 @@ def test_a_vision_checkpoint_of_deepspeeds_warmup_cosine_lr_resumes_on_the_sched
     assert [(g.get("lr_scale", 1.0), g["lr"]) for g in optimizer.param_groups] == seen[9]
 
 
-ENGINE_RUN = r"""
-import json, os, socket, sys
-import torch
-torch.set_num_threads(1)
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-import deepspeed, timm
-deepspeed.init_distributed(dist_backend="gloo")
+ENGINE_RUN = (
+    ONE_RANK_ENGINE_PREAMBLE
+    + r"""
+import timm
 from runtime.schedule import apply_schedule
 from vision.build import ds_config, lr_schedule, param_groups
 from vision.config import TrainConfig
@@ -163,6 +158,7 @@ resumed[0].load_checkpoint(sys.argv[1], tag="six", load_optimizer_states=True, l
 apply_schedule(resumed[2], resumed[1])
 print(json.dumps({"straight": seen, "resumed": steps(resumed[0], resumed[1], 6, 20)}))
 """
+)
 
 
 @pytest.mark.slow

@@ -196,3 +196,17 @@ def tiny_image_folder(root: Path, splits: tuple[str, ...] = ("train", "validatio
             for k in range(per_class):
                 Image.new("RGB", (32, 32), colour).save(root / split / label / f"{k}.png")
     return root
+
+
+# The start of a `python -c` script that builds a DeepSpeed engine on one CPU rank (gloo, a free port, one thread).
+ONE_RANK_ENGINE_PREAMBLE = r"""
+import json, os, socket, sys
+import torch
+torch.set_num_threads(1)
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+import deepspeed
+deepspeed.init_distributed(dist_backend="gloo")
+"""
