@@ -2,6 +2,11 @@
 the logits of a packed sample equal to those of each of its documents run alone (vanilla LLaMA, ParameterNet-LLaMA
 with the raw and the centred router), which they are not without the mask."""
 
+import json
+import math
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +14,7 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
 from llm.model import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM
 from llm.train.packing import attention_inputs, document_mask, document_positions, varlen_lengths
+from tests.trainer_utils import REPO
 
 EOS = 2
 TINY = dict(
@@ -181,3 +187,42 @@ def test_centred_router_mean_restarts_per_document():
     alone = torch.cat([layer.router_logits(x[:, a:b]) for a, b in ((0, 3), (3, 5), (5, 7))])
     torch.testing.assert_close(packed, alone, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer.router_logits(x, torch.arange(7)), layer.router_logits(x))  # one document
+
+
+TRAINER_STEP = """
+import json, sys, torch
+from llm.train.config import load_config
+from llm.train.trainer import Trainer
+from tests.trainer_utils import TINY_MODEL, tiny_args
+
+overrides = tiny_args(global_batch_size=2, warmup_iters=0, eval_iters=0, export=False, train_iters=1, seq_len=64,
+                      model="parameternet-llama-tiny", output_dir=sys.argv[1], model_overrides=TINY_MODEL,
+                      document_mask=True)
+trainer = Trainer(load_config("tiny", cli_overrides=overrides))
+batch = next(trainer._batches()).clone()
+batch[0, 10] = batch[1, 40] = trainer.eos_id  # a document boundary in each row (the plays are long)
+kwargs = trainer._document_inputs(batch, batch)
+stats = trainer.train_step(iter([batch]))
+print(json.dumps({"eos": trainer.eos_id, "tokens": batch[:, :-1].tolist(),
+                  "positions": kwargs["position_ids"].tolist(), "mask": list(kwargs["attention_mask"].shape),
+                  "flags": [kwargs["document_mask"], kwargs["use_cache"]], "lm_loss": stats["lm_loss"]}))
+"""
+
+
+def test_trainer_passes_document_inputs_built_from_its_batch(tmp_path):
+    """One step of the real trainer (a tiny centred ParameterNet, the embedded corpus) under --document_mask: the
+    inputs it passes come from its own batch and the step trains."""
+    proc = subprocess.run(
+        [sys.executable, "-c", TRAINER_STEP, str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["eos"] == EOS and result["flags"] == [True, False] and result["mask"] == [2, 1, 64, 64]
+    expected, _ = document_positions(torch.tensor(result["tokens"]), EOS)
+    assert result["positions"] == expected.tolist()
+    assert result["positions"][0][11] == 0 and result["positions"][1][41] == 0
+    assert math.isfinite(result["lm_loss"])
