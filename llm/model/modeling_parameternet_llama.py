@@ -69,10 +69,17 @@ class ParameterNetLlamaMLP(nn.Module):
                 layer = nn.Linear(fan_in, fan_out, bias=config.mlp_bias)
             setattr(self, name, layer)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`positions`: each token's position within its document, under document-masked packing (a centred router's
+        causal mean restarts per document; moe.RoutedExperts.router_logits); None: one sequence per row."""
         if self.experts is not None:
-            return self.experts(x)
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+            return self.experts(x, positions)
+        gate, up = (self._project(self.gate_proj, x, positions), self._project(self.up_proj, x, positions))
+        return self._project(self.down_proj, self.act_fn(gate) * up, positions)
+
+    @staticmethod
+    def _project(layer: nn.Module, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        return layer(x, positions) if positions is not None and isinstance(layer, RoutedExperts) else layer(x)
 
 
 class ParameterNetLlamaDecoderLayer(GradientCheckpointingLayer):
@@ -97,6 +104,9 @@ class ParameterNetLlamaDecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         # The KV cache travels in kwargs under whatever name this transformers' LlamaModel passes it (see CACHE):
         # naming it here would hand LlamaAttention both the old and the new name.
+        # document_mask=True (a forward keyword, from the trainer's --document_mask): position_ids restart per packed
+        # document, and the MLP's centred routers restart their causal mean with them. Not passed on to attention.
+        documents = kwargs.pop("document_mask", False)
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
@@ -107,7 +117,8 @@ class ParameterNetLlamaDecoderLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        positions = position_ids if documents else None
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), positions)
 
 
 class ParameterNetGenerationConfig(GenerationConfig):

@@ -107,6 +107,19 @@ def router_losses(logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tenso
     return aux, z
 
 
+def _document_causal_mean(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The mean of x [..., seq, d] over this and the earlier positions of the same document, where `positions`
+    [..., seq] counts from 0 at each document's first token: a prefix sum minus the prefix sum before the document's
+    start. A document's first token is its own mean exactly (as when the document runs alone)."""
+    positions = positions.to(x.device).expand(x.shape[:-1])
+    sums = x.cumsum(dim=-2)
+    before = torch.cat([torch.zeros_like(sums[..., :1, :]), sums], dim=-2)  # before[i] = sum of x[:i]
+    index = torch.arange(x.shape[-2], device=x.device) - positions  # each token's document start
+    start_sums = before.gather(-2, index.unsqueeze(-1).expand_as(x))
+    mean = (sums - start_sums) / (positions + 1).unsqueeze(-1).to(x.dtype)
+    return torch.where((positions == 0).unsqueeze(-1), x, mean)
+
+
 class RouterLoss(torch.autograd.Function):
     """Megatron-Core's MoEAuxLossAutoScaler pattern: the identity on a layer's output in the forward; in the backward
     the gradient of `loss` arrives as if `loss` had been added to the training loss. The router losses so live in the
@@ -235,11 +248,15 @@ class RoutedExperts(nn.Module, abc.ABC):
     def expert_forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The local experts on rows grouped by local expert (`counts` has one entry per local expert)."""
 
-    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def router_logits(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """[T, E] fp32 router logits for x [..., seq, in_features] (a 2-D x is one sequence). The raw router (the
         paper's) multiplies in the compute dtype and takes its softmax in fp32; the centred one runs in fp32 (or the
         input's wider dtype) from its input on, as ST-MoE's selective precision: a 16-bit subtraction of the shared
-        part would round away the token-to-token part."""
+        part would round away the token-to-token part.
+
+        `positions` ([..., seq] int, the token's position within its document; given under document-masked packing
+        only): the centred router's causal mean restarts at every position 0, so that each document of a packed
+        sequence routes as it would alone. The raw router reads each token alone and ignores it."""
         tokens = x.reshape(-1, self.in_features)
         if not self.center_router_input:
             return self.router(tokens).float()
@@ -247,8 +264,11 @@ class RoutedExperts(nn.Module, abc.ABC):
         # of a near-zero centred vector (always the first position) multiplies it by up to 1/sqrt(eps), and the
         # global gradient norm of the tiny preset reached 1e5-1e8 by step 20 (clipped to 1: the LM stopped learning).
         x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
-        positions = torch.arange(1, x.shape[-2] + 1, device=x.device, dtype=x.dtype).unsqueeze(-1)
-        x = x - x.cumsum(dim=-2) / positions  # minus the causal mean
+        if positions is None:
+            counts = torch.arange(1, x.shape[-2] + 1, device=x.device, dtype=x.dtype).unsqueeze(-1)
+            x = x - x.cumsum(dim=-2) / counts  # minus the causal mean
+        else:
+            x = x - _document_causal_mean(x, positions)
         x = x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + 1e-6)
         logits = nn.functional.linear(x, self.router.weight.to(x.dtype), self.router.bias.to(x.dtype))
         return logits.reshape(-1, self.num_experts).float()
@@ -258,13 +278,14 @@ class RoutedExperts(nn.Module, abc.ABC):
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., in_features]; `positions`: see router_logits (None: today's routing)."""
         leading = x.shape[:-1]
         tokens = x.reshape(-1, self.in_features)
         num_tokens = tokens.shape[0]
         k, num_experts = self.top_k, self.num_experts
 
-        logits = self.router_logits(x)
+        logits = self.router_logits(x, positions)
         probs = torch.softmax(logits, dim=-1)
         gate, expert = torch.topk(probs, k, dim=-1)  # [T, k]
 

@@ -42,6 +42,11 @@ class TrainConfig:
     split: str | None = opt(None, 'train,valid,test by documents, e.g. "969,30,1"; None = the corpus default')
     data_cache_dir: str | None = opt(None, "where index arrays are cached (default: next to the shards)")
     seq_len: int = opt(256, "tokens per sample")
+    document_mask: bool = opt(
+        False,
+        "each token of a packed sample attends only within its document (split at EOS), positions restart per "
+        "document; off = attention across the whole sample (the paper's)",
+    )
     micro_batch_size: int = opt(8, "samples per rank and forward pass")
     global_batch_size: int = opt(16, "samples per optimizer step = micro_batch_size x ranks x gradient accumulation")
     train_iters: int | None = opt(None, "optimizer steps; or train_tokens")
@@ -180,6 +185,10 @@ RESUME_POLICY: dict[str, tuple[str, str]] = {
     "split": (REFUSE, _DATA),
     "data_cache_dir": (ALLOW, "where index arrays are cached"),
     "seq_len": (REFUSE, _DATA),
+    # Nothing saved is read differently under it (weights, optimizer state, sample order): what changes is what each
+    # new step's tokens attend to, a change of regime made on purpose (e.g. a switch to document masking later in a
+    # run), logged like grad_clip's.
+    "document_mask": (ALLOW, "what each new step's tokens attend to; the weights, optimizer state and data read alike"),
     "micro_batch_size": (ALLOW, "gradient accumulation changes, the global batches stay the same"),
     "global_batch_size": (REFUSE, _DATA),
     "train_iters": (ALLOW, "extending or shortening the run"),

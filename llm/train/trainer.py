@@ -54,6 +54,13 @@ class Trainer:
         self.grad_accum = gradient_accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, self.world)
         self.inputs = build_inputs(cfg, self.model_config, self.train_iters, self.rank)
         self.tokenizer_dir = self.inputs.tokenizer_dir
+        self.eos_id = self.inputs.tokenizer.eos_token_id
+        if cfg.document_mask and self.eos_id is None:
+            raise TrainingError(
+                f"document_mask=True splits packed samples into documents at the EOS token, but tokenizer "
+                f"{self.tokenizer_dir} has no eos_token; use a tokenizer with one (llm.data.tokenizer's has id 2) "
+                f"or turn document_mask off"
+            )
         from llm.model.flops import account
 
         self.model, self.ep_group, self.moe_names = build_model(cfg, self.model_config, self.world, self.rank)
@@ -107,10 +114,27 @@ class Trainer:
             )
         )
 
+    def _document_inputs(self, cpu_batch: torch.Tensor, batch: torch.Tensor) -> dict[str, Any]:
+        """--document_mask: the forward's attention inputs that keep each token in its document (llm.train.packing).
+        The sdpa/eager mask is built on the device from the device batch (no copy of a [batch, seq, seq] mask, no
+        sync); flash-attn's segment lengths from the CPU batch (their maximum is a host int)."""
+        from .packing import attention_inputs
+
+        cfg = self.cfg
+        source = cpu_batch if cfg.attn_implementation == "flash_attention_2" else batch
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        kwargs = attention_inputs(source[:, :-1], self.eos_id, cfg.attn_implementation, dtype)
+        kwargs = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        if hasattr(self.engine.module, "moe_layers"):  # ParameterNet: centred routers restart their mean too
+            kwargs["document_mask"] = True
+        return kwargs
+
     def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        cpu_batch = batch
         batch = batch.to(self.device, non_blocking=True)  # pinned on CUDA (inputs.loader); a no-op on CPU
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        out = self.engine(input_ids=inputs)
+        extra = self._document_inputs(cpu_batch, batch) if self.cfg.document_mask else {}
+        out = self.engine(input_ids=inputs, **extra)
         lm_loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1))
         router = getattr(out, "router_loss", None)  # logged value; its gradient is in the graph (moe.RouterLoss)
         if router is None:
