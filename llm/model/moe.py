@@ -348,7 +348,7 @@ class RoutedExperts(nn.Module, abc.ABC):
         if weights is not None and torch.is_grad_enabled() and logits.requires_grad:
             out = RouterLoss.apply(out, weights[0] * aux_loss + weights[1] * z_loss, self.router_loss_scale)
         with torch.no_grad():
-            top1 = probs.amax(dim=-1).mean()
+            top1 = (gate[:, 0] if self.score_correction_bias is None else probs.amax(dim=-1)).mean()
             entropy = -(probs * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
         self.last_stats = RoutingStats(
             aux_loss.detach(), z_loss.detach(), counts.detach(), dropped.detach(), top1, entropy
