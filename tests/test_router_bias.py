@@ -187,7 +187,23 @@ def test_bad_update_rate_is_a_clear_error(value):
 
 
 TRAINER_SCRIPT = r"""
-import json, sys, torch
+import json, sys, torch, torch.distributed as dist
+from pathlib import Path
+
+# As tests/test_collectives.py's host-sync test: host reads and collectives asked for by the trainer code.
+OURS = (str(Path("llm/train").resolve()), str(Path("runtime").resolve()))
+syncs = {"host_reads": 0, "collectives": 0}
+def counted(fn, key):
+    def wrapper(*args, **kwargs):
+        if sys._getframe(1).f_code.co_filename.startswith(OURS):
+            syncs[key] += 1
+        return fn(*args, **kwargs)
+    return wrapper
+for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+    setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name), "host_reads"))
+for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "all_to_all_single", "barrier"):
+    setattr(dist, name, counted(getattr(dist, name), "collectives"))
+
 from llm.train.config import load_config
 from llm.train.trainer import Trainer
 from tests.trainer_utils import TINY_MODEL, tiny_args
@@ -202,17 +218,19 @@ def biases():
 batches = trainer._batches()
 steps = []
 for _ in range(2):
-    before = biases()
+    before, counted_before = biases(), dict(syncs)
     stats = trainer.train_step(batches)
+    step_syncs = {k: syncs[k] - counted_before[k] for k in syncs}
     steps.append({"before": before.tolist(), "after": biases().tolist(), "counts": stats["counts"].tolist(),
-                  "dtype": str(biases().dtype)})
+                  "dtype": str(biases().dtype), "syncs": step_syncs})
 print(json.dumps({"grad_accum": trainer.grad_accum, "steps": steps}))
 """
 
 
 def test_trainer_step_moves_the_bias_by_the_steps_counts(tmp_path):
     """The real trainer (DeepSpeed engine, 2 micro-batches a step): after each step every MoE layer's bias moved by
-    0.01 * sign(mean - load) of the step's counts (the ones it logs, summed over micro-batches and ranks)."""
+    0.01 * sign(mean - load) of the step's counts (the ones it logs, summed over micro-batches and ranks), with the
+    step's one collective and one host read, as without the bias (tests/test_collectives.py)."""
     proc = subprocess.run(
         [sys.executable, "-c", TRAINER_SCRIPT, str(tmp_path / "run")],
         capture_output=True,
@@ -229,4 +247,5 @@ def test_trainer_step_moves_the_bias_by_the_steps_counts(tmp_path):
         expected = torch.tensor(step["before"]) + 0.01 * torch.sign(counts.mean(-1, keepdim=True) - counts).float()
         torch.testing.assert_close(torch.tensor(step["after"]), expected, atol=1e-7, rtol=0)
         assert step["dtype"] == "torch.float32"
+        assert step["syncs"] == {"host_reads": 1, "collectives": 1}
     assert result["steps"][0]["before"] == [[0.0] * 8] * 2
