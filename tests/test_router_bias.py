@@ -249,3 +249,19 @@ def test_trainer_step_moves_the_bias_by_the_steps_counts(tmp_path):
         assert step["dtype"] == "torch.float32"
         assert step["syncs"] == {"host_reads": 1, "collectives": 1}
     assert result["steps"][0]["before"] == [[0.0] * 8] * 2
+
+
+def test_export_writes_the_bias_and_transformers_reloads_it(tmp_path):
+    """llm.export's path (the trainer's RUN/hf and `python -m llm.export`): the model rebuilt on the meta device from
+    the config, the full state dict loaded strictly, saved; AutoModelForCausalLM reads the same biases back."""
+    from llm.export import write_hf_directory
+
+    model = tiny_model(num_experts=4, router_bias_update_rate=0.001)
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(model.moe_layers()):
+            layer.score_correction_bias.copy_(torch.tensor([0.25, -0.125, 0.0625, -0.1875]) * (i + 1))
+    out = write_hf_directory(model.config, model.state_dict(), None, tmp_path / "hf")
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    for (_, layer), (_, again) in zip(model.moe_layers(), reloaded.moe_layers()):
+        assert torch.equal(again.score_correction_bias, layer.score_correction_bias)
+        assert again.router_bias_update_rate == 0.001
