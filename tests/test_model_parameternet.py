@@ -229,7 +229,8 @@ def test_presets_build_the_right_classes():
         (dict(router_input="sinkhorn"), "router_input"),
         (dict(moe_mlp=True), "moe_mlp=True with moe_projections=\\['down_proj'\\]"),
         (dict(moe_mlp="yes"), "moe_mlp"),
-        (dict(expert_bias=True, **STANDARD_MOE), "expert_bias=True with moe_mlp=True"),
+        (dict(expert_output_bias=True, **STANDARD_MOE), "expert_output_bias=True with moe_mlp=True"),
+        (dict(router_bias_update_rate=-0.5), "router_bias_update_rate"),
     ],
 )
 def test_bad_configs_raise_value_error_naming_field_and_value(overrides, field):
@@ -242,3 +243,31 @@ def test_bad_configs_raise_value_error_naming_field_and_value(overrides, field):
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="llama-7b"):
         load_model_config("llama-7b")
+
+
+def test_old_expert_bias_key_is_read_as_expert_output_bias_with_a_warning(tmp_path):
+    """`expert_bias` (the experts' output bias) was renamed `expert_output_bias`: configs and checkpoints written
+    before the rename still load, with a warning, and what is saved again carries only the new name."""
+    with pytest.warns(UserWarning, match="'expert_bias'.*old name of 'expert_output_bias'"):
+        config = ParameterNetLlamaConfig(**TINY, expert_bias=True)
+    assert config.expert_output_bias is True and "expert_bias" not in config.to_dict()
+    assert ParameterNetLlamaConfig(**TINY).expert_output_bias is False
+
+    # An HF directory written before the rename (its config.json names expert_bias), read by our loader and by
+    # transformers: the model has the experts' output biases.
+    old = {**ParameterNetLlamaConfig(**TINY, moe_projections=["down_proj"]).to_dict(), "expert_bias": True}
+    old.pop("expert_output_bias")
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.warns(UserWarning, match="expert_bias"):
+        loaded = load_model_config(tmp_path)
+    assert loaded.expert_output_bias is True
+    build_model(loaded).save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+    assert reloaded.model.layers[0].mlp.down_proj.bias is not None
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["expert_output_bias"] is True and "expert_bias" not in saved
+    # ...and as a model override (an old run's command line).
+    with pytest.warns(UserWarning, match="expert_bias"):
+        assert load_model_config("parameternet-llama-tiny", expert_bias=True).expert_output_bias is True
+    with pytest.raises(ValueError, match="expert_bias=False and expert_output_bias=True disagree"):
+        ParameterNetLlamaConfig(**TINY, expert_bias=False, expert_output_bias=True)

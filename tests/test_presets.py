@@ -47,6 +47,8 @@ def test_every_preset_resolves_to_its_former_full_copy() -> None:
     revision, old = full_copies()
     assert set(old) <= set(list_presets()), f"presets gone since {revision}: {sorted(set(old) - set(list_presets()))}"
     for name, expected in old.items():
+        if "expert_bias" in expected:  # renamed since (the old name is read, with a warning: test_model_parameternet)
+            expected = {("expert_output_bias" if k == "expert_bias" else k): v for k, v in expected.items()}
         resolved, _ = _read_config_dict(name)
         assert resolved == expected, (name, revision)
         assert load_model_config(name).to_dict() == config_from_dict(expected).to_dict(), name

@@ -7,6 +7,7 @@ nothing but torch/transformers/huggingface_hub.
 from __future__ import annotations
 
 import math
+import warnings
 
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
@@ -84,7 +85,13 @@ def validate_parameternet_fields(config: ParameterNetLlamaConfig) -> None:
         value = getattr(config, name)
         if not _is_finite_number(value) or value < 0:
             raise ValueError(f"{name}={value!r} must be a number >= 0 (0 disables the loss)")
-    for name in ("expert_bias", "moe_mlp"):
+    rate = config.router_bias_update_rate
+    if not _is_finite_number(rate) or rate < 0:
+        raise ValueError(
+            f"router_bias_update_rate={rate!r} must be a finite number >= 0 (0 disables aux-loss-free load "
+            f"balancing; DeepSeek-V3 used 0.001)"
+        )
+    for name in ("expert_output_bias", "moe_mlp"):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"{name}={getattr(config, name)!r} must be true or false")
     if config.moe_mlp:
@@ -93,16 +100,36 @@ def validate_parameternet_fields(config: ParameterNetLlamaConfig) -> None:
                 f"moe_mlp={config.moe_mlp!r} with moe_projections={list(projections)!r}: an MLP expert holds all three "
                 f"projections; set moe_projections to {list(MOE_PROJECTIONS)} (or moe_mlp false for ParameterNet)"
             )
-        if config.expert_bias:
+        if config.expert_output_bias:
             raise ValueError(
-                f"expert_bias={config.expert_bias!r} with moe_mlp={config.moe_mlp!r}: MLP experts have no biases; "
-                f"set expert_bias false"
+                f"expert_output_bias={config.expert_output_bias!r} with moe_mlp={config.moe_mlp!r}: MLP experts have "
+                f"no biases; set expert_output_bias false"
             )
     if config.router_input not in ROUTER_INPUTS:
         raise ValueError(
             f"router_input={config.router_input!r} must be one of {list(ROUTER_INPUTS)} ('raw': the paper's linear "
             f"router on the projection's input; 'centered': centred and normalised, for training from scratch)"
         )
+
+
+# The experts' output bias was the field `expert_bias` until Megatron-Core's and DeepSeek's name for the router's
+# selection bias (here: router_bias_update_rate's buffer) made it ambiguous; existing configs are read with a warning.
+LEGACY_EXPERT_BIAS = "expert_bias"
+
+
+def _read_legacy_expert_bias(config: ParameterNetLlamaConfig, value: object) -> None:
+    if config.expert_output_bias is True and value is not True:
+        raise ValueError(
+            f"expert_bias={value!r} and expert_output_bias=True disagree: expert_bias is the old name of "
+            f"expert_output_bias; keep only expert_output_bias"
+        )
+    warnings.warn(
+        f"model config: 'expert_bias' (={value!r}) is the old name of 'expert_output_bias' (the experts' output "
+        f"bias); read as expert_output_bias={value!r}. Rename the key: saving this config writes the new name",
+        UserWarning,
+        stacklevel=4,
+    )
+    config.expert_output_bias = value
 
 
 @strict
@@ -117,7 +144,13 @@ class ParameterNetLlamaConfig(LlamaConfig):
         ceil(capacity_factor * tokens * top_k / num_experts) tokens and drops the overflow (output zero), counted.
     router_aux_loss_coef: weight of the Switch-Transformer load-balancing loss.
     router_z_loss_coef: weight of the router z-loss (ST-MoE); 0 disables it.
-    expert_bias: whether each expert has a bias vector (LLaMA's projections have none).
+    expert_output_bias: whether each expert has an output bias vector (LLaMA's projections have none). Configs and
+        checkpoints written before the rename name it `expert_bias`: read as this field, with a warning (in
+        Megatron-Core and DeepSeek `expert_bias` is the router's selection bias, ours is router_bias_update_rate's).
+    router_bias_update_rate: aux-loss-free load balancing (DeepSeek-V3): > 0 gives every MoE layer a per-expert
+        bias (a persistent buffer, no gradient) added to the router probabilities only to choose the top-k experts,
+        never to the gate values; after each optimizer step the trainer moves it by this rate times
+        sign(mean load - expert load), the loads of the step summed over all ranks. 0 (the default): no bias.
     moe_mlp: false (ParameterNet): each projection in moe_projections is its own MoE layer with its own router.
         true (a standard MoE, the control): one router per layer chooses whole SwiGLU MLP experts, each with its
         own gate, up and down weights; moe_projections must then name all three.
@@ -138,11 +171,14 @@ class ParameterNetLlamaConfig(LlamaConfig):
     capacity_factor: float | int | None = None
     router_aux_loss_coef: float | int = 0.01
     router_z_loss_coef: float | int = 0.0
-    expert_bias: bool = False
+    expert_output_bias: bool = False
     router_input: str = "raw"
     moe_mlp: bool = False
+    router_bias_update_rate: float | int = 0.0
 
     def __post_init__(self, **kwargs):
+        if LEGACY_EXPERT_BIAS in kwargs:
+            _read_legacy_expert_bias(self, kwargs.pop(LEGACY_EXPERT_BIAS))
         if isinstance(self.moe_projections, tuple):  # anything else is left for the validation to name
             self.moe_projections = list(self.moe_projections)
         validate_parameternet_fields(self)
@@ -150,6 +186,7 @@ class ParameterNetLlamaConfig(LlamaConfig):
 
 
 __all__ = [
+    "LEGACY_EXPERT_BIAS",
     "MOE_PROJECTIONS",
     "ROUTER_INPUTS",
     "ROUTING_RECIPES",

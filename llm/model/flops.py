@@ -67,7 +67,7 @@ def account(config: LlamaConfig, seq_len: int | None = None) -> ModelAccounting:
         for name, (fan_in, fan_out) in _mlp_projections(config).items():
             if moe and name in config.moe_projections:
                 experts, k = config.num_experts, config.top_k
-                bias = fan_out if config.expert_bias else 0
+                bias = fan_out if config.expert_output_bias else 0
                 router = router_params(config, fan_in)
                 mlp_total += experts * (fan_in * fan_out + bias) + router
                 mlp_active += k * (fan_in * fan_out + bias) + router

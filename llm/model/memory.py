@@ -121,7 +121,7 @@ def parameter_split(config: LlamaConfig) -> ParameterSplit:
     for name, (fan_in, fan_out) in shapes.items():
         if isinstance(config, ParameterNetLlamaConfig) and name in config.moe_projections:
             # MoELinear holds [E, out, in] (+ [E, out] bias) itself; its router is a Linear submodule.
-            experts = config.num_experts * (fan_in * fan_out + (fan_out if config.expert_bias else 0))
+            experts = config.num_experts * (fan_in * fan_out + (fan_out if config.expert_output_bias else 0))
             expert_per_layer += experts
             modules += [experts, router_params(config, fan_in)]
         else:

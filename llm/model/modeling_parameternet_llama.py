@@ -51,6 +51,7 @@ class ParameterNetLlamaMLP(nn.Module):
                 top_k=config.top_k,
                 capacity_factor=config.capacity_factor,
                 center_router_input=config.router_input == "centered",
+                router_bias_update_rate=config.router_bias_update_rate,
             )
             return
         shapes = {"gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
@@ -62,8 +63,9 @@ class ParameterNetLlamaMLP(nn.Module):
                     num_experts=config.num_experts,
                     top_k=config.top_k,
                     capacity_factor=config.capacity_factor,
-                    bias=config.expert_bias,
+                    bias=config.expert_output_bias,
                     center_router_input=config.router_input == "centered",
+                    router_bias_update_rate=config.router_bias_update_rate,
                 )
             else:
                 layer = nn.Linear(fan_in, fan_out, bias=config.mlp_bias)
@@ -216,6 +218,21 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, GenerationM
         losses' gradients are scaled alike (moe.RouterLoss). The forward does it for its own loss (labels given); a
         loss computed outside the model needs this call before its backward, or the router losses count at scale 1."""
         return track_loss_scale(loss, [layer for _, layer in self.moe_layers()])
+
+    @torch.no_grad()
+    def update_router_bias(self, tokens_per_expert: torch.Tensor) -> None:
+        """Aux-loss-free load balancing after an optimizer step (config.router_bias_update_rate > 0; a no-op at 0):
+        `tokens_per_expert` [num_moe_layers, num_experts] are the step's loads in moe_layers() order (the outputs'
+        `tokens_per_expert`), summed over its micro-batches and over every data-parallel rank, so that all ranks
+        move their copies of the biases alike."""
+        layers = self.moe_layers()
+        if tokens_per_expert.shape[0] != len(layers):
+            raise ValueError(
+                f"tokens_per_expert has {tokens_per_expert.shape[0]} rows for {len(layers)} MoE layers; pass the "
+                f"summed tokens_per_expert of the model's outputs"
+            )
+        for (_, layer), load in zip(layers, tokens_per_expert):
+            layer.update_router_bias(load)
 
     def moe_layers(self) -> list[tuple[str, RoutedExperts]]:
         """(qualified name, layer) of every MoE layer (projections, or MLPs with moe_mlp), in forward order."""

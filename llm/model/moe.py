@@ -2,7 +2,9 @@
 - `MoELinear`, ParameterNet's drop-in replacement for `nn.Linear(in_features, out_features)`: the E experts of one
   projection held as one `[E, out, in]` parameter;
 - `MoEMLP`, the standard MoE control: E whole SwiGLU MLPs (gate, up, down: three `[E, ...]` parameters).
-router Linear(in -> E) -> softmax -> top-k -> output = gate probability x expert_i(x). Dispatch sorts the
+router Linear(in -> E) -> softmax -> top-k -> output = gate probability x expert_i(x). With aux-loss-free load
+balancing (`router_bias_update_rate` > 0, DeepSeek-V3) a per-expert bias is added to the probabilities for the
+top-k choice only; the gates stay the unbiased probabilities. Dispatch sorts the
 token-expert assignments by expert and runs grouped matmuls (`torch._grouped_mm` where the device has it,
 contiguous slices otherwise); no per-expert boolean masks.
 
@@ -195,6 +197,7 @@ class RoutedExperts(nn.Module, abc.ABC):
         center_router_input: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        router_bias_update_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -203,6 +206,8 @@ class RoutedExperts(nn.Module, abc.ABC):
             raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"capacity_factor={capacity_factor} must be > 0, or None for dropless routing")
+        if not (math.isfinite(router_bias_update_rate) and router_bias_update_rate >= 0):
+            raise ValueError(f"router_bias_update_rate={router_bias_update_rate} must be a finite number >= 0 (0: off)")
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -228,6 +233,14 @@ class RoutedExperts(nn.Module, abc.ABC):
         # over its number of MoE layers); None: the layer adds no router loss (a bare layer in a test).
         self.router_loss_weights: tuple[float, float] | None = None
         self.register_buffer("router_loss_scale", torch.ones((), device=device), persistent=False)
+        # Aux-loss-free load balancing (DeepSeek-V3; Megatron-Core's `expert_bias`, DeepSeek's
+        # `e_score_correction_bias`): a per-expert bias added to the router probabilities to choose the top-k, not to
+        # the gates; no gradient, moved after each optimizer step by `update_router_bias`. Model state (persistent:
+        # checkpoints, exports), kept in fp32 whatever the model's dtype (`_apply`): steps of 1e-3 vanish in bf16.
+        # None when the rate is 0, so models without it keep the state dict they always had.
+        self.router_bias_update_rate = float(router_bias_update_rate)
+        bias = torch.zeros(num_experts, device=device, dtype=torch.float32) if router_bias_update_rate > 0 else None
+        self.register_buffer("score_correction_bias", bias, persistent=True)
         self.last_stats: RoutingStats | None = None  # for logging only: the last forward's statistics, detached
 
     def reset_router(self, std: float | None = None) -> None:
@@ -241,8 +254,32 @@ class RoutedExperts(nn.Module, abc.ABC):
     def routing_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
-            f"center_router_input={self.center_router_input}, dispatcher={self.dispatcher!r}"
+            f"center_router_input={self.center_router_input}, router_bias_update_rate={self.router_bias_update_rate}, "
+            f"dispatcher={self.dispatcher!r}"
         )
+
+    @torch.no_grad()
+    def update_router_bias(self, load: torch.Tensor) -> None:
+        """One step of aux-loss-free balancing: bias += rate * sign(mean load - load), where `load` [E] is how many
+        assignments each expert got in the step, summed over the micro-batches of every data-parallel rank (so
+        every rank makes the same update). Experts above the mean load become less likely to be chosen, those below
+        more. Nothing to do without the bias (rate 0)."""
+        bias = self.score_correction_bias
+        if bias is None:
+            return
+        load = load.to(device=bias.device, dtype=torch.float32)
+        bias.add_(torch.sign(load.mean() - load), alpha=self.router_bias_update_rate)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # `.to(dtype)`, `.half()`, `.bfloat16()` (DeepSpeed's engine) would round the bias to 16 bits, where steps of
+        # the update rate vanish; it follows the module to its device and stays fp32.
+        bias = self._buffers.get("score_correction_bias")
+        super()._apply(fn, recurse)
+        moved = self._buffers.get("score_correction_bias")
+        if bias is not None and moved is not None and moved.dtype != torch.float32:
+            source = moved if bias.is_meta or moved.is_meta else bias
+            self._buffers["score_correction_bias"] = source.to(device=moved.device, dtype=torch.float32)
+        return self
 
     @abc.abstractmethod
     def expert_forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -287,7 +324,12 @@ class RoutedExperts(nn.Module, abc.ABC):
 
         logits = self.router_logits(x, positions)
         probs = torch.softmax(logits, dim=-1)
-        gate, expert = torch.topk(probs, k, dim=-1)  # [T, k]
+        if self.score_correction_bias is None:
+            gate, expert = torch.topk(probs, k, dim=-1)  # [T, k]
+        else:
+            # The bias chooses the experts; the gates stay the router's own probabilities (no gradient to the bias).
+            _, expert = torch.topk(probs + self.score_correction_bias, k, dim=-1)
+            gate = probs.gather(-1, expert)
 
         # Assignments choice-major, so that with a capacity limit every token's first choice is served before any
         # token's second choice (GShard/Switch priority), then token order within a choice.
@@ -327,7 +369,7 @@ class RoutedExperts(nn.Module, abc.ABC):
         if weights is not None and torch.is_grad_enabled() and logits.requires_grad:
             out = RouterLoss.apply(out, weights[0] * aux_loss + weights[1] * z_loss, self.router_loss_scale)
         with torch.no_grad():
-            top1 = gate[:, 0].mean()
+            top1 = (gate[:, 0] if self.score_correction_bias is None else probs.amax(dim=-1)).mean()
             entropy = -(probs * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
         self.last_stats = RoutingStats(
             aux_loss.detach(), z_loss.detach(), counts.detach(), dropped.detach(), top1, entropy
@@ -351,9 +393,18 @@ class MoELinear(RoutedExperts):
         center_router_input: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        router_bias_update_rate: float = 0.0,
     ) -> None:
         super().__init__(
-            in_features, out_features, num_experts, top_k, capacity_factor, center_router_input, device, dtype
+            in_features,
+            out_features,
+            num_experts,
+            top_k,
+            capacity_factor,
+            center_router_input,
+            device,
+            dtype,
+            router_bias_update_rate,
         )
         factory = {"device": device, "dtype": dtype}
         # Under expert parallelism this holds only this rank's experts: [num_local_experts, out, in].
@@ -403,9 +454,18 @@ class MoEMLP(RoutedExperts):
         center_router_input: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        router_bias_update_rate: float = 0.0,
     ) -> None:
         super().__init__(
-            hidden_size, hidden_size, num_experts, top_k, capacity_factor, center_router_input, device, dtype
+            hidden_size,
+            hidden_size,
+            num_experts,
+            top_k,
+            capacity_factor,
+            center_router_input,
+            device,
+            dtype,
+            router_bias_update_rate,
         )
         factory = {"device": device, "dtype": dtype}
         self.intermediate_size = intermediate_size

@@ -17,7 +17,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
-from .configuration_parameternet_llama import ROUTING_RECIPES, ParameterNetLlamaConfig
+from .configuration_parameternet_llama import LEGACY_EXPERT_BIAS, ROUTING_RECIPES, ParameterNetLlamaConfig
 from .modeling_parameternet_llama import ParameterNetLlamaForCausalLM
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -122,6 +122,8 @@ def check_overrides(model: str, model_type: str, overrides: dict[str, Any]) -> N
     for key, value in overrides.items():
         if key in valid:
             continue
+        if key == LEGACY_EXPERT_BIAS and issubclass(config_class, ParameterNetLlamaConfig):
+            continue  # the old name of expert_output_bias: the config reads it, with a warning
         if key == "model_type":
             raise ValueError(
                 f"model_overrides: model_type={value!r} cannot be overridden; choose the model with "

@@ -34,9 +34,10 @@ MOE_FIELDS = (
     "capacity_factor",
     "router_aux_loss_coef",
     "router_z_loss_coef",
-    "expert_bias",
+    "expert_output_bias",
     "router_input",
     "moe_mlp",
+    "router_bias_update_rate",
 )
 
 

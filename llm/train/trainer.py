@@ -144,6 +144,9 @@ class Trainer:
     def train_step(self, batches) -> dict[str, Any]:
         """One global batch: grad_accum micro-batches through the engine, one optimizer step.
 
+        After the update, the MoE layers' router biases (aux-loss-free load balancing) move by the step's expert
+        counts, summed over all ranks by that same reduce.
+
         Host syncs: one per call. Losses, the non-finite count and the expert counts stay on the device across
         micro-batches; after the last backward they go, with the preemption flag, into ONE all-reduce of one small
         float64 vector whose values the host reads once (it needs the skip decision before `engine.step()`). The
@@ -182,6 +185,12 @@ class Trainer:
                     for group in self.optimizer.param_groups:
                         group["lr"] = 0.0  # skip the update
             self.engine.step()
+        if not reduced["skipped"] and reduced["counts"] is not None:
+            # Aux-loss-free load balancing (router_bias_update_rate; a no-op without it): the step's loads, already
+            # summed over every rank by the reduce above, so every rank moves its router biases alike; no collective,
+            # no host sync: the reduced counts are still on the device (a host-to-device copy of the host's would be
+            # one on CUDA).
+            self.engine.module.update_router_bias(reduced["loads"])
         reduced["grad_norm"] = self.engine.get_global_grad_norm()  # read (a host sync if a tensor) at log time only
         return reduced
 
@@ -195,7 +204,7 @@ class Trainer:
     ) -> dict[str, Any]:
         """The step's one collective and one host sync. Returns host values: mean losses over the global batch, the
         skip and stop decisions, and the expert counts/dropped tokens summed over ranks (None without MoE layers, or
-        when no micro-batch anywhere was finite)."""
+        when no micro-batch anywhere was finite); `loads`: those counts still on the device (float64)."""
         ga, device = self.grad_accum, losses.device
         # torch.full launches a fill; torch.tensor([...], device=cuda) would copy from the host and wait for the queue.
         stop = torch.full((1,), 1.0 if self.preemption.raised else 0.0, dtype=torch.float64, device=device)
@@ -203,7 +212,8 @@ class Trainer:
         if counts is not None:
             # Token counts are integers far below 2**53: exact in float64, so one vector carries everything.
             pieces += [counts.double().flatten(), dropped.double().flatten(), router.flatten()]
-        values = collectives.all_reduce(torch.cat(pieces)).tolist()
+        reduced = collectives.all_reduce(torch.cat(pieces))
+        values = reduced.tolist()
         n_nonfinite, stop_votes = values[3], values[4]
         # A skipped step has no loss: its sums leave out the non-finite micro-batches, so they would read as a
         # loss far too low (0.0 when none was finite).
@@ -217,10 +227,12 @@ class Trainer:
             "stop": stop_votes > 0,
             "counts": None,
             "dropped": None,
+            "loads": None,
         }
         if counts is not None and n_nonfinite < ga * self.world:
             n = counts.numel()
             stats["counts"] = torch.tensor(values[5 : 5 + n], dtype=torch.float64).long().view(counts.shape)
+            stats["loads"] = reduced[5 : 5 + n].view(counts.shape)  # the same counts, on the device
             m = dropped.numel()
             stats["dropped"] = torch.tensor(values[5 + n : 5 + n + m], dtype=torch.float64).long().view(dropped.shape)
             # Means over the micro-batches of every rank (the record is logged only when none was skipped).
