@@ -135,14 +135,14 @@ class RouterLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, output: torch.Tensor, loss: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(loss)
+        # Only the loss's dtype and device are needed: saving the tensor would keep one more activation per layer.
+        ctx.loss_dtype, ctx.loss_device = loss.dtype, loss.device
         ctx.scale = scale  # not saved for backward: it is written in place after this forward, on purpose
         return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
-        (loss,) = ctx.saved_tensors
-        return grad_output, torch.ones_like(loss) * ctx.scale.to(loss.dtype), None
+        return grad_output, ctx.scale.to(device=ctx.loss_device, dtype=ctx.loss_dtype).clone(), None
 
 
 def track_loss_scale(loss: torch.Tensor, layers: list[RoutedExperts]) -> torch.Tensor:
