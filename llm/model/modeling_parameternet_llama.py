@@ -52,6 +52,7 @@ class ParameterNetLlamaMLP(nn.Module):
                 capacity_factor=config.capacity_factor,
                 center_router_input=config.router_input == "centered",
             )
+            self.experts.normalize_gate = config.router_gate == "normalized"
             return
         shapes = {"gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
         for name, (fan_in, fan_out) in shapes.items():
@@ -65,6 +66,7 @@ class ParameterNetLlamaMLP(nn.Module):
                     bias=config.expert_bias,
                     center_router_input=config.router_input == "centered",
                 )
+                layer.normalize_gate = config.router_gate == "normalized"
             else:
                 layer = nn.Linear(fan_in, fan_out, bias=config.mlp_bias)
             setattr(self, name, layer)

@@ -122,6 +122,11 @@ class RoutedExperts(nn.Module, abc.ABC):
     MoE: whole SwiGLU MLPs)."""
 
     expert_param_names: tuple[str, ...] = ()
+    # False: the gate is the chosen experts' router probability (Switch Transformer), about 1/E while the router is
+    # near uniform, so the layer's output starts attenuated. True: the probabilities are divided by their sum over
+    # the chosen experts, a constant in the backward: the output is unattenuated (the gate is 1 for top-1) and the
+    # router still learns from the LM loss. The model sets it from its config's router_gate.
+    normalize_gate: bool = False
 
     def __init__(
         self,
@@ -214,6 +219,8 @@ class RoutedExperts(nn.Module, abc.ABC):
         logits = self.router_logits(x)
         probs = torch.softmax(logits, dim=-1)
         gate, expert = torch.topk(probs, k, dim=-1)  # [T, k]
+        if self.normalize_gate:
+            gate = gate / gate.sum(dim=-1, keepdim=True).detach()
 
         # Assignments choice-major, so that with a capacity limit every token's first choice is served before any
         # token's second choice (GShard/Switch priority), then token order within a choice.

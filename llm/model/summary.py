@@ -35,6 +35,7 @@ MOE_FIELDS = (
     "expert_bias",
     "router_input",
     "moe_mlp",
+    "router_gate",
 )
 
 
