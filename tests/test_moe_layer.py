@@ -210,3 +210,20 @@ def test_centered_router_balancing_gradient_reaches_its_bias():
 def test_layer_rejects_bad_arguments(kwargs, field):
     with pytest.raises(ValueError, match=field):
         MoELinear(4, 4, **kwargs)
+
+
+def test_normalized_gate_passes_the_expert_output_unattenuated_and_the_router_still_learns():
+    """router_gate 'normalized': top-1's gate is 1 in the forward (the output equals the chosen expert's), while the
+    router's gradient from the output is that of p / p.detach() (non-zero); 'softmax' scales by p < 1."""
+    torch.manual_seed(0)
+    layer = MoELinear(16, 8, num_experts=4)
+    x = torch.randn(32, 16)
+    soft = layer(x)
+    layer.normalize_gate = True
+    out = layer(x)
+    chosen = layer.router(x).argmax(dim=-1)
+    expected = torch.einsum("ti,toi->to", x, layer.weight[chosen])
+    torch.testing.assert_close(out, expected)
+    assert (soft.norm(dim=-1) < out.norm(dim=-1)).all()  # p < 1 attenuates
+    out.square().sum().backward()
+    assert layer.router.weight.grad.abs().sum() > 0

@@ -27,6 +27,7 @@ ROUTER_INPUTS = ("raw", "centered")
 #   load CV 0.44-0.87 at iterations 10-30 and 0.55-1.32 at 40-60, validation loss 6.09 / 6.00 / 5.89 at 20/40/60;
 #   the paper's recipe: 1.1-2.65 at 10-30 (every token of three layers on one expert at 10), 0.4-1.79 at 40-60,
 #   validation loss 6.25 / 5.99 / 5.83.
+ROUTER_GATES = ("softmax", "normalized")
 ROUTING_RECIPES: dict[str, dict[str, object]] = {
     "paper": {"router_input": "raw", "router_aux_loss_coef": 0.01, "router_z_loss_coef": 0.0},
     "centered": {"router_input": "centered", "router_aux_loss_coef": 0.1, "router_z_loss_coef": 0.001},
@@ -105,6 +106,11 @@ def validate_parameternet_fields(config: ParameterNetLlamaConfig) -> None:
                 f"expert_output_bias={config.expert_output_bias!r} with moe_mlp={config.moe_mlp!r}: MLP experts have "
                 f"no biases; set expert_output_bias false"
             )
+    if config.router_gate not in ROUTER_GATES:
+        raise ValueError(
+            f"router_gate={config.router_gate!r} must be one of {list(ROUTER_GATES)} ('softmax': the gate is the "
+            f"router probability, as in Switch; 'normalized': divided by the chosen experts' sum, unattenuated)"
+        )
     if config.router_input not in ROUTER_INPUTS:
         raise ValueError(
             f"router_input={config.router_input!r} must be one of {list(ROUTER_INPUTS)} ('raw': the paper's linear "
@@ -161,6 +167,8 @@ class ParameterNetLlamaConfig(LlamaConfig):
         of a small model trained from scratch send every token to one expert within a few steps: the hidden states
         are then dominated by one direction shared by all tokens, so a linear router gives all of them the same
         top-1 (see llm/model/moe.py). ROUTING_RECIPES names the combinations in use.
+    router_gate: what multiplies an expert's output. 'softmax' (the paper's and Switch's): its router probability.
+        'normalized': the probability over the sum of the chosen experts' (a constant in the backward): 1 for top-1.
     """
 
     model_type = "parameternet_llama"
@@ -175,6 +183,7 @@ class ParameterNetLlamaConfig(LlamaConfig):
     router_input: str = "raw"
     moe_mlp: bool = False
     router_bias_update_rate: float | int = 0.0
+    router_gate: str = "softmax"
 
     def __post_init__(self, **kwargs):
         if LEGACY_EXPERT_BIAS in kwargs:

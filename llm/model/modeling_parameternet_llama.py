@@ -53,6 +53,7 @@ class ParameterNetLlamaMLP(nn.Module):
                 center_router_input=config.router_input == "centered",
                 router_bias_update_rate=config.router_bias_update_rate,
             )
+            self.experts.normalize_gate = config.router_gate == "normalized"
             return
         shapes = {"gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
         for name, (fan_in, fan_out) in shapes.items():
@@ -67,6 +68,7 @@ class ParameterNetLlamaMLP(nn.Module):
                     center_router_input=config.router_input == "centered",
                     router_bias_update_rate=config.router_bias_update_rate,
                 )
+                layer.normalize_gate = config.router_gate == "normalized"
             else:
                 layer = nn.Linear(fan_in, fan_out, bias=config.mlp_bias)
             setattr(self, name, layer)

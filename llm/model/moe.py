@@ -186,6 +186,11 @@ class RoutedExperts(nn.Module, abc.ABC):
     MoE: whole SwiGLU MLPs)."""
 
     expert_param_names: tuple[str, ...] = ()
+    # False: the gate is the chosen experts' router probability (Switch Transformer), about 1/E while the router is
+    # near uniform, so the layer's output starts attenuated. True: the probabilities are divided by their sum over
+    # the chosen experts, a constant in the backward: the output is unattenuated (the gate is 1 for top-1) and the
+    # router still learns from the LM loss. The model sets it from its config's router_gate.
+    normalize_gate: bool = False
 
     def __init__(
         self,
@@ -330,6 +335,8 @@ class RoutedExperts(nn.Module, abc.ABC):
             # The bias chooses the experts; the gates stay the router's own probabilities (no gradient to the bias).
             _, expert = torch.topk(probs + self.score_correction_bias, k, dim=-1)
             gate = probs.gather(-1, expert)
+        if self.normalize_gate:
+            gate = gate / gate.sum(dim=-1, keepdim=True).detach()
 
         # Assignments choice-major, so that with a capacity limit every token's first choice is served before any
         # token's second choice (GShard/Switch priority), then token order within a choice.
@@ -369,7 +376,7 @@ class RoutedExperts(nn.Module, abc.ABC):
         if weights is not None and torch.is_grad_enabled() and logits.requires_grad:
             out = RouterLoss.apply(out, weights[0] * aux_loss + weights[1] * z_loss, self.router_loss_scale)
         with torch.no_grad():
-            top1 = (gate[:, 0] if self.score_correction_bias is None else probs.amax(dim=-1)).mean()
+            top1 = probs.amax(dim=-1).mean()  # the router's own largest probability, whatever the gate
             entropy = -(probs * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
         self.last_stats = RoutingStats(
             aux_loss.detach(), z_loss.detach(), counts.detach(), dropped.detach(), top1, entropy

@@ -38,6 +38,7 @@ MOE_FIELDS = (
     "router_input",
     "moe_mlp",
     "router_bias_update_rate",
+    "router_gate",
 )
 
 
