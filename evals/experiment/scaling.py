@@ -233,12 +233,26 @@ def reading(arms: list[ScalingArm], per_param: float) -> str:
             f"{base.name} (n = {final.n if final else 0} seeds, p = {p_text(final)}); {crossover_text(arm, per_param)}."
         )
     control = next((arm for arm in arms if arm.role == "control"), None)
+    headline = next((arm for arm in arms if arm.role == "headline"), None)
     if control is not None and control.diffs and crossover(control.diffs) is None:
         sentences.append(
-            f"The control {control.name} never beat {base.name} with confidence here, so this budget does not yet show "
-            "where a conventional mixture of experts wins; a ParameterNet arm that loses here is not evidence "
-            "against the design."
+            f"The control {control.name} never beat {base.name} with confidence here, so this budget does not show "
+            "where a conventional mixture of experts wins: a ParameterNet arm that loses here is not yet evidence "
+            "against its design, only against this regime or recipe."
         )
+    if control is not None and headline is not None:
+        # headline - control, paired by seed at the last validation both have
+        seeds = sorted(set(control.curves) & set(headline.curves))
+        tokens = max(set.intersection(*(set(control.curves[s]) & set(headline.curves[s]) for s in seeds)), default=None)
+        if seeds and tokens is not None:
+            diff = paired_difference(
+                {s: control.curves[s][tokens] for s in seeds}, {s: headline.curves[s][tokens] for s in seeds}
+            )
+            sentences.append(
+                f"Against the control at {human(tokens)} tokens, {headline.name} − {control.name} = "
+                f"{interval_text(diff)} nats (p = {p_text(diff)}): how far ParameterNet's single-projection experts "
+                "are from whole-MLP experts at the same active parameters."
+            )
     return " ".join(sentences)
 
 
