@@ -274,7 +274,7 @@ SettingsCheck = Callable[[Path, dict[str, Any]], tuple[str | None, list[str]]]
 
 
 def load_latest(
-    engine, root: Path, check: SettingsCheck, load_optimizer: bool = True
+    engine, root: Path, check: SettingsCheck, load_optimizer: bool = True, load_state: StateLoader | None = None
 ) -> tuple[int, dict[str, Any], list[str]] | None:
     """Load the newest complete checkpoint; fall back, with a warning, to older ones if it is corrupt.
 
@@ -282,22 +282,46 @@ def load_latest(
     Raises CheckpointMismatch if `check` refuses the checkpoint it would load. Every rank must call this.
     """
     candidates = list(reversed(complete_checkpoints(root)))
-    return _load_first(engine, candidates, check, load_optimizer)
+    return _load_first(engine, candidates, check, load_optimizer, load_state)
 
 
 def load_from(
-    engine, directory: Path, check: SettingsCheck, load_optimizer: bool = True
+    engine, directory: Path, check: SettingsCheck, load_optimizer: bool = True, load_state: StateLoader | None = None
 ) -> tuple[int, dict[str, Any], list[str]]:
     match = TAG_RE.match(directory.name)
     if not match:
         raise ValueError(f"resume={directory}: not a checkpoint directory (iter_NNNNNNN)")
-    loaded = _load_first(engine, [(int(match.group(1)), directory)], check, load_optimizer)
+    loaded = _load_first(engine, [(int(match.group(1)), directory)], check, load_optimizer, load_state)
     if loaded is None:
         raise ValueError(f"resume={directory}: the checkpoint is incomplete or corrupt (see the warning above)")
     return loaded
 
 
-def _load_first(engine, candidates: list[tuple[int, Path]], check: SettingsCheck, load_optimizer: bool):
+def engine_load(engine, directory: Path, manifest: dict[str, Any], load_optimizer: bool = True) -> dict[str, Any]:
+    """The engine's own load of a checkpoint written on this topology; returns its client state."""
+    path, client_state = engine.load_checkpoint(
+        str(directory.parent),
+        tag=directory.name,
+        load_optimizer_states=load_optimizer,
+        load_lr_scheduler_states=load_optimizer,
+    )
+    if path is None:
+        raise ValueError("DeepSpeed found no checkpoint files")
+    return client_state
+
+
+# Loads a verified checkpoint's state into the engine, returns the client state: engine_load, or a trainer's own
+# (the LLM trainer's reshards a checkpoint of another topology, runtime.reshard). A failure reads as corruption.
+StateLoader = Callable[[Any, Path, dict[str, Any], bool], dict[str, Any]]
+
+
+def _load_first(
+    engine,
+    candidates: list[tuple[int, Path]],
+    check: SettingsCheck,
+    load_optimizer: bool,
+    load_state: StateLoader | None = None,
+):
     this_rank, world = rank(), world_size()
     for iteration, directory in candidates:
         error = None
@@ -315,14 +339,7 @@ def _load_first(engine, candidates: list[tuple[int, Path]], check: SettingsCheck
             if error is not None:
                 raise error
             verify_files(directory, manifest, this_rank, world)  # every rank checksums its share of the files
-            path, client_state = engine.load_checkpoint(
-                str(directory.parent),
-                tag=directory.name,
-                load_optimizer_states=load_optimizer,
-                load_lr_scheduler_states=load_optimizer,
-            )
-            if path is None:
-                raise ValueError("DeepSpeed found no checkpoint files")
+            client_state = (load_state or engine_load)(engine, directory, manifest, load_optimizer)
             rng_file = directory / f"rng_rank{this_rank}.pt"
             if rng_file.is_file():
                 set_rng_state(torch.load(rng_file, weights_only=True))

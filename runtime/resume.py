@@ -12,6 +12,7 @@ from typing import Any
 from runtime.checkpoint import (
     CheckpointMismatch,
     SettingsCheck,
+    StateLoader,
     complete_checkpoints,
     load_from,
     load_latest,
@@ -20,11 +21,14 @@ from runtime.checkpoint import (
 from runtime.config import IGNORE, REFUSE
 from runtime.dist import rank
 from runtime.errors import TrainingError
+from runtime.reshard import Topology, cannot_reshard, needs_reshard
 
 # Field -> (REFUSE | ALLOW | IGNORE, why): each trainer's RESUME_POLICY table (the decisions: runtime.config).
 ResumePolicy = dict[str, tuple[str, str]]
 # The world size is not a config field: it is refused only where the checkpoint's layout depends on it.
 WORLD_SIZE_WHY = "the optimizer state is sharded over the data-parallel ranks"
+# Fields that say how the state is laid out over the ranks: a trainer that reshards (runtime.reshard) allows them.
+TOPOLOGY_FIELDS = ("zero_stage", "expert_parallel_size")
 
 
 def _shown(value: Any) -> str:
@@ -54,24 +58,38 @@ def saved_world_size(manifest: dict[str, Any]) -> int | None:
 
 
 def resume_differences(
-    directory: Path, manifest: dict[str, Any], config: dict[str, Any], world_size: int, policy: ResumePolicy
+    directory: Path,
+    manifest: dict[str, Any],
+    config: dict[str, Any],
+    world_size: int,
+    policy: ResumePolicy,
+    reshards: bool = False,
 ) -> tuple[str | None, list[str]]:
     """Compare this run's settings with those saved in the checkpoint's manifest, field by field under `policy`.
 
+    `reshards`: the trainer loads a ZeRO-1/2 checkpoint on another world size, expert-parallel size or ZeRO stage
+    (runtime.reshard); such a change is then one allowed line, "resume: resharded from ... to ...".
     Returns (the one-line refusal, or None; the "resume: FIELD OLD -> NEW" lines of the allowed changes)."""
     saved = manifest.get("config") or {}
     refused: list[tuple[str, Any, Any, str]] = []
     changed: list[str] = []
+    saved_world = saved_world_size(manifest)
+    saved_layout, layout = Topology.of(saved, saved_world or world_size), Topology.of(config, world_size)
+    reshard_needed = reshards and needs_reshard(saved_layout, layout)
+    resharded = reshard_needed and cannot_reshard(saved_layout, layout) is None
+    if resharded:
+        changed.append(f"resume: resharded from {saved_layout} to {layout}")
     for name, (decision, why) in policy.items():
         if name not in saved or name not in config or saved[name] == config[name] or decision == IGNORE:
+            continue
+        if resharded and name in TOPOLOGY_FIELDS:
             continue
         if decision == REFUSE:
             refused.append((name, saved[name], config[name], why))
         else:
             changed.append(f"resume: {name} {_shown(saved[name])} -> {_shown(config[name])}")
-    saved_world = saved_world_size(manifest)
     world_refused = False
-    if saved_world is not None and saved_world != world_size:
+    if saved_world is not None and saved_world != world_size and not resharded:
         sharded = int(saved.get("zero_stage", 0)) >= 1 or int(saved.get("expert_parallel_size", 1)) > 1
         if sharded:
             world_refused = True
@@ -94,6 +112,8 @@ def resume_differences(
             f"world size {saved_world} (NPROC={saved_world} for the launch scripts, --num_gpus "
             f"{saved_world} for deepspeed)"
         )
+    if reshard_needed and not resharded:
+        reasons.append(str(cannot_reshard(saved_layout, layout)))
     return (
         f"resume: checkpoint {directory} was written with {', '.join(was)} but this run has {', '.join(now)} "
         f"({'; '.join(reasons)}). Resume it with {' '.join(fixes)}, or start a new --output_dir"
@@ -128,10 +148,13 @@ def check_resume_settings(root: Path, resume: str, check: SettingsCheck) -> None
         raise TrainingError(refusal)
 
 
-def resume_from(engine, root: Path, resume: str, check: SettingsCheck) -> tuple[int, dict[str, Any], list[str]] | None:
+def resume_from(
+    engine, root: Path, resume: str, check: SettingsCheck, load_state: StateLoader | None = None
+) -> tuple[int, dict[str, Any], list[str]] | None:
     """Load what `resume` asks for (none | auto | a checkpoint directory). Returns (iteration, client_state, allowed
     setting changes), or None for a fresh start. Existing checkpoints that none loads are never started over on top
-    of. Every rank must call this."""
+    of. `load_state`: how a checkpoint's state goes into the engine (runtime.checkpoint.engine_load by default).
+    Every rank must call this."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -142,8 +165,8 @@ def resume_from(engine, root: Path, resume: str, check: SettingsCheck) -> tuple[
             return None
     try:
         if resume != "auto":
-            return load_from(engine, Path(resume), check)
-        loaded = load_latest(engine, root, check)
+            return load_from(engine, Path(resume), check, load_state=load_state)
+        loaded = load_latest(engine, root, check, load_state=load_state)
     except CheckpointMismatch as err:
         raise TrainingError(str(err)) from err
     if loaded is None:

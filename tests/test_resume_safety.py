@@ -212,6 +212,32 @@ def test_another_world_size_is_a_mismatch_where_the_optimizer_state_is_sharded()
     assert refusal is None and changes == ["resume: world_size 2 -> 1"]
 
 
+def test_a_trainer_that_reshards_allows_another_topology_between_zero1_and_zero2():
+    from llm.train.config import TrainConfig
+
+    config = TrainConfig().to_dict()
+    saved = _manifest(2, zero_stage=2, expert_parallel_size=2)
+    now = {**config, "zero_stage": 1, "expert_parallel_size": 1}
+    refusal, changes = resume_differences(Path("ck"), saved, now, 1, RESUME_POLICY, reshards=True)
+    assert refusal is None
+    assert changes == ["resume: resharded from 2 ranks (EP 2, ZeRO-2) to 1 rank (EP 1, ZeRO-1)"]
+    # Without resharding (vision's trainer), the same change is refused, as before.
+    refusal, _ = resume_differences(Path("ck"), saved, now, 1, RESUME_POLICY)
+    assert refusal is not None and "zero_stage=2, expert_parallel_size=2, world_size=2" in refusal
+    # The same topology needs nothing; ZeRO-3 on either side is refused with what resharding covers, and the fix.
+    same = {**config, "zero_stage": 2, "expert_parallel_size": 2}
+    assert resume_differences(Path("ck"), saved, same, 2, RESUME_POLICY, reshards=True) == (None, [])
+    for old, new in ((3, 2), (2, 3)):
+        refusal, _ = resume_differences(
+            Path("ck"), _manifest(2, zero_stage=old), {**config, "zero_stage": new}, 1, RESUME_POLICY, reshards=True
+        )
+        assert refusal is not None and "resharding reads and writes ZeRO-1/2 optimizer shards" in refusal
+        assert "ZeRO-3" in refusal and f"--zero_stage {old}" in refusal and "NPROC=2" in refusal
+    # Another refused field is still refused next to a reshard, which the refusal then does not mention.
+    refusal, _ = resume_differences(Path("ck"), saved, {**now, "seq_len": 64}, 1, RESUME_POLICY, reshards=True)
+    assert refusal is not None and "seq_len" in refusal and "zero_stage" not in refusal
+
+
 # ---------------------------------------------------------------------------------------- empty validation
 @pytest.fixture(scope="module")
 def ten_documents(tmp_path_factory) -> tuple[str, str]:

@@ -8,12 +8,20 @@ llm/model/moe.py) and imports no torch.distributed. Here:
 """
 
 from .engine import dense_weights_identical, setup_expert_parallel, split_optimizer_groups
-from .experts import AllToAllExperts, expert_group_name, gather_experts, load_expert_shards, shard_experts
+from .experts import (
+    AllToAllExperts,
+    expert_group_name,
+    expert_slices,
+    gather_experts,
+    load_expert_shards,
+    shard_experts,
+)
 
 __all__ = [
     "AllToAllExperts",
     "dense_weights_identical",
     "expert_group_name",
+    "expert_slices",
     "gather_experts",
     "load_expert_shards",
     "setup_expert_parallel",

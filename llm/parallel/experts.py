@@ -251,4 +251,25 @@ def load_expert_shards(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
                 param.copy_(full[key][lo:hi])
 
 
-__all__ = ["AllToAllExperts", "expert_group_name", "gather_experts", "load_expert_shards", "shard_experts"]
+def expert_slices(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """{parameter name: (experts in all, first expert this rank holds, one past its last)} of every expert tensor;
+    (E, 0, E) where the experts are not sharded. What runtime.reshard needs to place the experts of a checkpoint."""
+    slices = {}
+    for name, layer in _moe_layers(model):
+        dispatcher = layer.dispatcher
+        sharded = isinstance(dispatcher, AllToAllExperts)
+        lo = dispatcher.first_expert if sharded else 0
+        hi = lo + dispatcher.num_local_experts if sharded else layer.num_experts
+        for attr, _ in _expert_params(layer):
+            slices[f"{name}.{attr}" if name else attr] = (layer.num_experts, lo, hi)
+    return slices
+
+
+__all__ = [
+    "AllToAllExperts",
+    "expert_group_name",
+    "expert_slices",
+    "gather_experts",
+    "load_expert_shards",
+    "shard_experts",
+]

@@ -205,6 +205,8 @@ RESUME_POLICY: dict[str, tuple[str, str]] = {
     "adam_eps": (REFUSE, _OPT),
     "grad_clip": (ALLOW, "a stabiliser applied to each new step"),
     "precision": (REFUSE, "the layout of the optimizer state (fp32 master weights under bf16/fp16)"),
+    # Between ZeRO-1 and ZeRO-2, with the world size and expert_parallel_size, the trainer reshards the saved state
+    # (runtime.reshard; resume_differences' reshards=True): refused only where that cannot be done.
     "zero_stage": (REFUSE, "the layout of the optimizer state (sharded by ZeRO stage)"),
     "ds_config": (ALLOW, "engine settings; the ZeRO stage and precision it must agree with are checked"),
     "expert_parallel_size": (REFUSE, "how the experts and their optimizer state are sharded over the ranks"),

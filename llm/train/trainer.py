@@ -13,13 +13,27 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from runtime import collectives
-from runtime.checkpoint import complete_checkpoints, disk_full, kept_checkpoint, save_checkpoint, tag_for
+from runtime.checkpoint import (
+    complete_checkpoints,
+    disk_full,
+    engine_load,
+    kept_checkpoint,
+    save_checkpoint,
+    tag_for,
+)
 from runtime.dist import PreemptionFlag, init_distributed
 from runtime.ds_config import gradient_accumulation_steps
 from runtime.errors import TrainingError
 from runtime.metrics import MetricsLogger, memory_gib, peak_flops
 from runtime.nonfinite import NonFiniteGradGuard
-from runtime.resume import check_resume_settings, refuse_to_start_over, resume_differences, resume_from
+from runtime.reshard import Topology, load_resharded, needs_reshard
+from runtime.resume import (
+    check_resume_settings,
+    refuse_to_start_over,
+    resume_differences,
+    resume_from,
+    saved_world_size,
+)
 from runtime.rundir import CHECKPOINTS, claim_and_set_up, write_config, write_summary
 from runtime.schedule import apply_schedule
 
@@ -28,7 +42,7 @@ from .config import RESUME_POLICY, TrainConfig
 from .inputs import build_inputs, loader
 from .optim import schedule
 from .records import console_line, expert_load, run_summary
-from .weights import full_state_dict, restore_expert_shards, save_full_weights, weights_finite
+from .weights import WEIGHTS, full_state_dict, restore_expert_shards, save_full_weights, weights_finite
 
 
 class Trainer:
@@ -85,14 +99,32 @@ class Trainer:
             write_config(self.output_dir, cfg.to_dict())
 
     def _settings_check(self, directory: Path, manifest: dict[str, Any]) -> tuple[str | None, list[str]]:
-        return resume_differences(directory, manifest, self.cfg.to_dict(), self.world, RESUME_POLICY)
+        return resume_differences(directory, manifest, self.cfg.to_dict(), self.world, RESUME_POLICY, reshards=True)
+
+    def _load_state(self, engine, directory: Path, manifest: dict[str, Any], load_optimizer: bool) -> dict[str, Any]:
+        """The engine's own load on the saved topology; on another world size, expert-parallel size or ZeRO stage,
+        runtime.reshard's (the settings check allowed only what it can do)."""
+        saved = Topology.of(manifest.get("config") or {}, saved_world_size(manifest) or self.world)
+        self.resharded = needs_reshard(saved, Topology.of(self.cfg.to_dict(), self.world))
+        if not self.resharded:
+            return engine_load(engine, directory, manifest, load_optimizer)
+        from safetensors import safe_open
+
+        from llm.parallel import expert_slices
+
+        buffers = {name for name, _ in engine.module.named_buffers()}
+        with safe_open(str(directory / WEIGHTS), framework="pt") as weights:
+            saved_buffers = {k: weights.get_tensor(k) for k in weights.keys() if k in buffers}  # noqa: SIM118
+        load_resharded(engine, directory, saved, expert_slices(engine.module), saved_buffers)
+        return {"consumed_samples": manifest["consumed_samples"]}
 
     def _resume(self) -> None:
-        loaded = resume_from(self.engine, self.ckpt_root, self.cfg.resume, self._settings_check)
+        self.resharded = False
+        loaded = resume_from(self.engine, self.ckpt_root, self.cfg.resume, self._settings_check, self._load_state)
         if loaded is None:
             return
         self.iteration, state, changes = loaded
-        if self.ep_group is not None:
+        if self.ep_group is not None and not self.resharded:
             restore_expert_shards(self.engine.module, self.ckpt_root / tag_for(self.iteration))
         self.consumed_samples = int(state["consumed_samples"])
         apply_schedule(self.scheduler, self.optimizer)
