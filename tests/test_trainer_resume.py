@@ -316,6 +316,38 @@ def test_resharded_optimizer_state_is_the_saved_state_bit_for_bit(ep_run, tmp_pa
     assert any(saved[key].abs().sum() > 0 for key in saved if key.endswith("exp_avg_sq"))  # not a fresh state
 
 
+def test_offline_reshard_writes_the_whole_state_and_refuses_what_it_cannot_read(ep_run, tmp_path):
+    from safetensors.torch import load_file
+
+    checkpoint = ep_run / "checkpoints" / tag_for(16)
+    out = tmp_path / "state.safetensors"
+    command = [sys.executable, "-m", "llm.reshard"]
+    proc = subprocess.run([*command, str(checkpoint), str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parameters of 2 ranks (EP 2, ZeRO-2), iteration 16" in proc.stdout
+    written, saved = load_file(out), zero_shards_gathered(checkpoint)
+    assert written["model.layers.0.mlp.down_proj.weight/exp_avg"].shape[0] == 8
+    assert {key for key in written if not key.endswith("/step")} == set(saved)
+    assert all(torch.equal(written[key].flatten(), value) for key, value in saved.items())
+    assert {float(written[key]) for key in written if key.endswith("/step")} == {16.0}
+    # Nothing is overwritten; a layout it cannot read is named, with a non-zero exit.
+    again = subprocess.run([*command, str(checkpoint), str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert again.returncode == 1 and "exists" in again.stderr
+    zero3 = tmp_path / "zero3" / "checkpoints" / tag_for(16)
+    shutil.copytree(checkpoint, zero3)
+    manifest = json.loads((zero3 / "complete.json").read_text())
+    manifest["config"]["zero_stage"] = 3
+    (zero3 / "complete.json").write_text(json.dumps(manifest))
+    refused = subprocess.run([*command, str(zero3), "--check"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert refused.returncode == 1
+    assert "checkpoint's layout is ZeRO-3 (zero_stage=3 in its complete.json)" in refused.stderr
+    partial = tmp_path / "partial" / "checkpoints" / tag_for(16)
+    shutil.copytree(checkpoint, partial)
+    (partial / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    refused = subprocess.run([*command, str(partial), "--check"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert refused.returncode == 1 and "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in refused.stderr
+
+
 # Tolerance of the continued losses: one rank sums 4 micro-batches where two ranks summed 2 each and all-reduced: the
 # same gradients in another fp32 order (relative error ~1e-7 per sum), which Adam carries into the next steps.
 # Measured (2026-12-06, 2-core CPU): 7 of the 8 continued losses bit-equal, one 1.5e-8 apart. Tried: leaving the
