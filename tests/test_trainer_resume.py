@@ -387,6 +387,43 @@ def test_resume_moves_from_2_ranks_ep2_zero2_to_1_rank_and_back(ep_run, tmp_path
         assert back[it] == pytest.approx(straight[it], rel=CONTINUED_RTOL, abs=0), it
 
 
+def test_router_bias_moves_by_the_loads_of_all_ranks_and_survives_a_resharded_resume(tmp_path):
+    """Aux-loss-free balancing under expert parallelism (2 ranks, EP 2, ZeRO-2): the saved bias is the sum of the
+    logged per-step updates of the loads summed over both ranks, both ranks hold the same bias, and a resume on
+    1 rank (EP 1, ZeRO-1) continues with it: the same losses."""
+    from safetensors.torch import load_file
+
+    from tests.trainer_utils import TINY_MODEL
+
+    model = json.dumps({**TINY_MODEL, "router_bias_update_rate": 0.01})
+    args = ["--train_iters", "12", "--save_interval", "6", "--model_overrides", model]
+    ep = tmp_path / "ep"
+    result = launch("parameternet", ep, *args, "--zero_stage", "2", "--expert_parallel_size", "2")
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert json.loads((ep / "summary.json").read_text())["dense_weights_identical_across_ranks"] is True
+    expected = None
+    for record in sorted(train_records(ep), key=lambda r: r["iteration"]):
+        counts = torch.tensor(record["expert_counts"], dtype=torch.float64)
+        step = (0.01 * torch.sign(counts.mean(-1, keepdim=True) - counts)).float()
+        expected = step if expected is None else expected + step
+    saved = load_file(ep / "checkpoints" / tag_for(12) / "model.safetensors")
+    biases = sorted(k for k in saved if k.endswith("score_correction_bias"))
+    assert len(biases) == 2 and expected.abs().sum() > 0
+    torch.testing.assert_close(torch.stack([saved[k] for k in biases]), expected, atol=1e-6, rtol=0)
+
+    one = tmp_path / "one"
+    shutil.copytree(ep, one)
+    resume = ["--resume", str(one / "checkpoints" / tag_for(6)), "--zero_stage", "1", "--expert_parallel_size", "1"]
+    result = launch("parameternet", one, *args, *resume, nproc=1)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "resume: resharded from 2 ranks (EP 2, ZeRO-2) to 1 rank (EP 1, ZeRO-1)" in result.stdout
+    straight, continued = losses_by_iteration(ep), losses_by_iteration(one)
+    for it in range(7, 13):
+        assert continued[it] == pytest.approx(straight[it], rel=CONTINUED_RTOL, abs=0), it
+    resumed = load_file(one / "checkpoints" / tag_for(12) / "model.safetensors")
+    torch.testing.assert_close(torch.stack([resumed[k] for k in biases]), expected, atol=1e-6, rtol=0)
+
+
 @pytest.mark.slow
 def test_expert_parallel_exact_resume_after_sigkill(ep_run, tmp_path):
     out = tmp_path / "run"

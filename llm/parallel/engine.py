@@ -70,8 +70,10 @@ def split_optimizer_groups(param_groups: list[dict]) -> list[dict]:
 
 
 def dense_weights_identical(model: nn.Module) -> bool:
-    """Are all non-expert weights bitwise equal across ranks? (A cheap consistency check; collective.)"""
+    """Are all non-expert weights and all buffers (the router biases of aux-loss-free balancing among them) bitwise
+    equal across ranks? (A cheap consistency check; collective.)"""
     dense = [p.detach().double().flatten() for p in model.parameters() if getattr(p, "allreduce", True)]
+    dense += [b.detach().double().flatten() for b in model.buffers() if b.is_floating_point()]
     checksum = torch.stack([torch.cat(dense).sum(), (torch.cat(dense) ** 2).sum()])
     gathered = all_gather(checksum)
     return all(torch.equal(g, gathered[0]) for g in gathered)
