@@ -1,15 +1,21 @@
-"""Metrics of a run: metrics.jsonl (+ TensorBoard) on rank 0, trimmed when a run resumes; peak FLOP/s and memory."""
+"""Metrics of a run: metrics.jsonl (+ TensorBoard, + Weights & Biases) on rank 0, trimmed when a run resumes; peak
+FLOP/s and memory."""
 
 from __future__ import annotations
 
 import json
 import math
 import resource
+import secrets
+import string
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from runtime.errors import TrainingError
 from runtime.fsutil import write_text_atomic
 from runtime.rundir import METRICS, TENSORBOARD
 
@@ -79,6 +85,93 @@ def trim_jsonl(path: Path, last_iteration: int, redone: tuple[str, ...] = ()) ->
     return len(lines) - len(kept)
 
 
+WANDB_ID = "wandb-run.json"  # in output_dir: the W&B run id, so that every resume logs into the same run
+
+
+def scalar_tag(record: dict[str, Any], key: str) -> str:
+    """TensorBoard's and W&B's name of a record's scalar: kind/key (moe/... as it is)."""
+    return key if key.startswith("moe/") else f"{record.get('kind', 'train')}/{key}"
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    return {
+        scalar_tag(record, key): value
+        for key, value in record.items()
+        if key not in ("kind", "iteration") and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
+@dataclass(frozen=True)
+class WandbSettings:
+    """--wandb_project and friends (both trainers' fields)."""
+
+    project: str
+    entity: str | None = None
+    run_name: str | None = None
+    tags: tuple[str, ...] = ()
+
+
+def wandb_settings(cfg: Any) -> WandbSettings | None:
+    """A trainer config's wandb_* fields (None: W&B is off)."""
+    if not cfg.wandb_project:
+        return None
+    return WandbSettings(cfg.wandb_project, cfg.wandb_entity, cfg.wandb_run_name, tuple(cfg.wandb_tags))
+
+
+class WandbRun:
+    """Weights & Biases beside metrics.jsonl: the same scalars as TensorBoard at step = iteration, the resolved config,
+    one W&B run per output_dir (its id kept in output_dir/wandb-run.json, so a resumed run logs into it again).
+    Offline (WANDB_MODE=offline, or when the server cannot be reached at start) the run's files stay in
+    output_dir/wandb/ for `wandb sync` to upload later."""
+
+    def __init__(self, output_dir: Path, settings: WandbSettings, config: dict[str, Any], start_iteration: int) -> None:
+        try:
+            import wandb
+        except ImportError as err:
+            raise TrainingError(
+                f"wandb_project={settings.project!r} needs the wandb package: pip install 'parameternet[wandb]' (or "
+                f"pip install wandb), or drop --wandb_project"
+            ) from err
+        id_file = output_dir / WANDB_ID
+        # W&B's own form of a run id: 8 characters of [a-z0-9].
+        alphabet = string.ascii_lowercase + string.digits
+        new_id = "".join(secrets.choice(alphabet) for _ in range(8))
+        run_id = json.loads(id_file.read_text())["id"] if id_file.is_file() else new_id
+        init = {
+            "project": settings.project,
+            "entity": settings.entity,
+            "name": settings.run_name or output_dir.name,
+            "tags": list(settings.tags) or None,
+            "config": config,
+            "dir": str(output_dir),
+            "id": run_id,
+            "resume": "allow",
+        }
+        try:
+            self.run = wandb.init(**init)
+        except Exception as err:  # no network, no login: keep the metrics, upload them later
+            warnings.warn(
+                f"wandb: could not start an online run ({type(err).__name__}: {err}); logging offline to "
+                f"{output_dir / 'wandb'} (upload later with `wandb sync`)",
+                stacklevel=2,
+            )
+            self.run = wandb.init(**init, mode="offline")
+        if not id_file.is_file():
+            write_text_atomic(id_file, json.dumps({"id": run_id, "project": settings.project}))
+        # A resumed run replays the iterations after its checkpoint; W&B keeps what was logged at a step already
+        # (the same values: resume is exact) and refuses steps below its last, so those are not sent again.
+        self.first_new_step = max(start_iteration, int(self.run.step or 0))
+
+    def log(self, record: dict[str, Any]) -> None:
+        step = int(record.get("iteration", 0))
+        values = scalars(record)
+        if values and step >= self.first_new_step:
+            self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLogger:
     """Writes only on rank 0; other ranks get a logger that does nothing.
 
@@ -95,10 +188,13 @@ class MetricsLogger:
         start_iteration: int = 0,
         tensorboard: bool = True,
         reevaluated: bool = False,
+        wandb: WandbSettings | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
         self.enabled = enabled
         self.jsonl = None
         self.tb = None
+        self.wandb: WandbRun | None = None
         if enabled:
             output_dir.mkdir(parents=True, exist_ok=True)
             dropped = trim_jsonl(output_dir / METRICS, start_iteration, ("valid",) if reevaluated else ())
@@ -112,23 +208,24 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(output_dir / TENSORBOARD), purge_step=start_iteration + 1)
+            if wandb is not None:
+                self.wandb = WandbRun(output_dir, wandb, config or {}, start_iteration)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
-        if self.tb is None:
-            return
-        step = record.get("iteration", 0)
-        prefix = record.get("kind", "train")
-        for key, value in record.items():
-            if key in ("kind", "iteration") or not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            tag = key if key.startswith("moe/") else f"{prefix}/{key}"
-            self.tb.add_scalar(tag, value, step)
+        if self.tb is not None:
+            step = record.get("iteration", 0)
+            for tag, value in scalars(record).items():
+                self.tb.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.log(record)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self.jsonl is not None and not self.jsonl.closed:
             self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()
+            if self.wandb is not None:
+                self.wandb.close()

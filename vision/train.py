@@ -34,7 +34,7 @@ from runtime.checkpoint import save_checkpoint, tag_for
 from runtime.dist import PreemptionFlag, init_distributed, launcher_world_size, set_cpu_threads
 from runtime.ds_config import gradient_accumulation_steps
 from runtime.errors import TrainingError, trainer_main
-from runtime.metrics import MetricsLogger
+from runtime.metrics import MetricsLogger, wandb_settings
 from runtime.resume import resume_from
 from runtime.rundir import CHECKPOINTS, claim_and_set_up, write_config, write_summary
 from runtime.schedule import apply_schedule
@@ -117,7 +117,15 @@ class Trainer:
         # Records past the iteration this run starts from belong to a dead run's replayed steps: dropped.
         # A run resumed at its last iteration evaluates it again (fit): that validation record goes too.
         at_end = self.pos.iteration >= (cfg.train_iters or cfg.epochs * prep.steps_per_epoch)
-        self.metrics = MetricsLogger(self.out_dir, self.is_main, self.pos.iteration, cfg.tensorboard, at_end)
+        self.metrics = MetricsLogger(
+            self.out_dir,
+            self.is_main,
+            self.pos.iteration,
+            cfg.tensorboard,
+            at_end,
+            wandb=wandb_settings(cfg),
+            config=to_dict(cfg),
+        )
         if self.is_main:
             write_config(self.out_dir, to_dict(cfg))
 

@@ -85,6 +85,14 @@ class TrainConfig:
     export: bool = opt(True, "export a Hugging Face directory (with tokenizer) to <output_dir>/hf at the end")
     progress_bar: bool = opt(True, "tqdm bar on rank 0")
     tensorboard: bool = opt(True, "the metrics also as TensorBoard scalars in <output_dir>/tensorboard")
+    wandb_project: str | None = opt(
+        None,
+        "also log the metrics and the resolved config to this Weights & Biases project (pip install "
+        "'parameternet[wandb]'); WANDB_MODE=offline keeps them in <output_dir>/wandb for `wandb sync`",
+    )
+    wandb_entity: str | None = opt(None, "the W&B team or user (default: the logged-in user's)")
+    wandb_run_name: str | None = opt(None, "the W&B run's name (default: the output_dir's name)")
+    wandb_tags: list[str] = opt(help="the W&B run's tags", factory=list)
 
     def resolved_train_iters(self) -> int:
         if self.train_iters is not None:
@@ -223,6 +231,10 @@ RESUME_POLICY: dict[str, tuple[str, str]] = {
     "export": (ALLOW, "what happens at the end"),
     "progress_bar": (ALLOW, "display only"),
     "tensorboard": (ALLOW, "display only"),
+    "wandb_project": (ALLOW, "where the metrics also go"),
+    "wandb_entity": (ALLOW, "where the metrics also go"),
+    "wandb_run_name": (ALLOW, "display only"),
+    "wandb_tags": (ALLOW, "display only"),
 }
 
 

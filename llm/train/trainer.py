@@ -24,7 +24,7 @@ from runtime.checkpoint import (
 from runtime.dist import PreemptionFlag, init_distributed
 from runtime.ds_config import gradient_accumulation_steps
 from runtime.errors import TrainingError
-from runtime.metrics import MetricsLogger, memory_gib, peak_flops
+from runtime.metrics import MetricsLogger, memory_gib, peak_flops, wandb_settings
 from runtime.nonfinite import NonFiniteGradGuard
 from runtime.reshard import Topology, load_resharded, needs_reshard
 from runtime.resume import (
@@ -94,6 +94,8 @@ class Trainer:
             start_iteration=self.iteration,
             tensorboard=getattr(cfg, "tensorboard", True),
             reevaluated=self.iteration >= self.train_iters,  # resumed at the end: the final evaluation is redone
+            wandb=wandb_settings(cfg),
+            config=cfg.to_dict(),
         )
         if self.rank == 0:
             write_config(self.output_dir, cfg.to_dict())
@@ -368,6 +370,7 @@ class Trainer:
         try:
             return self._train()
         finally:
+            self.logger.close()
             self.claim.release()
 
     def _train(self) -> dict[str, Any]:
