@@ -197,7 +197,7 @@ class MetricsLogger:
         self.wandb: WandbRun | None = None
         if enabled:
             output_dir.mkdir(parents=True, exist_ok=True)
-            dropped = trim_jsonl(output_dir / METRICS, start_iteration, ("valid",) if reevaluated else ())
+            dropped = trim_jsonl(output_dir / METRICS, start_iteration, ("valid", "zero_shot") if reevaluated else ())
             if dropped:
                 print(
                     f"metrics.jsonl: dropped {dropped} records past iteration {start_iteration} (the steps this "

@@ -75,6 +75,12 @@ class TrainConfig:
     eval_interval: int = opt(50, "steps between validations", section="evaluation, checkpoints, logging")
     eval_iters: int = opt(4, "validation batches per evaluation (0 = none)")
     eval_points: int = opt(0, "> 0: validate at this many log-spaced iterations from eval_interval to the end instead")
+    eval_tasks: str | None = opt(
+        None,
+        "zero-shot lm-eval tasks run on the live model at every validation, e.g. arc_easy,piqa or llama (offline "
+        "twins without hub access); accuracies in metrics.jsonl and TensorBoard as zero_shot/<task>",
+    )
+    eval_limit: int = opt(20, "documents per task of eval_tasks at each validation")
     save_interval: int = opt(100, "steps between checkpoints")
     keep_last: int = opt(2, "checkpoints kept")
     log_interval: int = opt(10, "steps between metrics records")
@@ -131,6 +137,7 @@ INT_MINIMUMS = {
     "eval_interval": (1, ""),
     "eval_iters": (0, " (0 = no evaluation)"),
     "eval_points": (0, " (0 = every eval_interval)"),
+    "eval_limit": (1, ""),
     "save_interval": (1, ""),
     "keep_last": (1, ""),
     "log_interval": (1, ""),
@@ -221,6 +228,8 @@ RESUME_POLICY: dict[str, tuple[str, str]] = {
     "eval_interval": (ALLOW, "how often"),
     "eval_iters": (ALLOW, "how much validation"),
     "eval_points": (ALLOW, "how often"),
+    "eval_tasks": (ALLOW, "what is measured"),
+    "eval_limit": (ALLOW, "how much is measured"),
     "save_interval": (ALLOW, "how often"),
     "keep_last": (ALLOW, "how many checkpoints stay"),
     "log_interval": (ALLOW, "how often"),

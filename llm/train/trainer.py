@@ -79,6 +79,14 @@ class Trainer:
 
         self.model, self.ep_group, self.moe_names = build_model(cfg, self.model_config, self.world, self.rank)
         self.accounting = account(self.model_config, cfg.seq_len)
+        self.zero_shot = None
+        if cfg.eval_tasks:
+            from .zero_shot import LiveZeroShot
+
+            try:  # the tasks and their documents, loaded once
+                self.zero_shot = LiveZeroShot(cfg.eval_tasks, cfg.eval_limit, self.inputs.tokenizer)
+            except ValueError as err:
+                raise TrainingError(f"eval_tasks={cfg.eval_tasks!r}: {err}") from err
         self.engine, self.optimizer, self.scheduler = build_engine(cfg, self.model, self.ep_group, self.world)
         self.device = self.engine.device
         self.peak = peak_flops(torch.device(self.device), cfg.precision)
@@ -453,6 +461,17 @@ class Trainer:
 
     def _eval_and_log(self) -> dict[str, float]:
         result = self.evaluate()
+        if self.zero_shot is not None:
+            self.engine.eval()
+            accuracies = self.zero_shot(self.engine.module)  # every rank (collectives under ZeRO-3 and EP)
+            self.engine.train()
+            tokens = self.consumed_samples * self.cfg.seq_len
+            self.logger.log({"kind": "zero_shot", "iteration": self.iteration, "tokens": tokens, **accuracies})
+            if self.rank == 0:
+                shown = ", ".join(f"{task} {100 * acc:.1f}%" for task, acc in accuracies.items())
+                print(
+                    f"[zero-shot] iteration {self.iteration} ({self.cfg.eval_limit} per task): {shown}", file=sys.stderr
+                )
         if result:
             self.logger.log(
                 {
