@@ -213,7 +213,7 @@ def model_table(rows: list[dict[str, Any]]) -> str:
 
 def build_report(groups: list[RunGroup], out_dir: Path) -> tuple[str, str, dict[str, Any]]:
     """(full markdown report, accuracy table, results.json content); also draws the two PNGs into out_dir."""
-    from evals.plots import plot_accuracy, plot_losses
+    from evals.plots import plot_accuracy, plot_losses, plot_zero_shot
 
     chosen = choose_evaluations(groups)
     tasks, limit = check_comparable(groups, chosen)
@@ -232,6 +232,7 @@ def build_report(groups: list[RunGroup], out_dir: Path) -> tuple[str, str, dict[
     )
     plot_accuracy(scores, tasks, out_dir / "accuracy.png")
     plot_losses(groups, out_dir / "loss.png")
+    during = plot_zero_shot(groups, out_dir / "zero_shot.png")
     report = "\n".join(
         [
             "# ParameterNet comparison",
@@ -251,6 +252,11 @@ def build_report(groups: list[RunGroup], out_dir: Path) -> tuple[str, str, dict[
             table,
             "![accuracy](accuracy.png)",
             "",
+            *(
+                ["Zero-shot accuracy during training (--eval_tasks):", "", "![zero-shot](zero_shot.png)", ""]
+                if during
+                else []
+            ),
             "## Models",
             "",
             model_table(rows),

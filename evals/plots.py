@@ -1,5 +1,5 @@
-"""The comparison plots: per-task accuracy bars (LLM, error bars over seeds), validation accuracy curves (vision) and
-loss curves (both; bands over seeds)."""
+"""The comparison plots: per-task accuracy bars (LLM, error bars over seeds), zero-shot accuracy during training (LLM
+runs with --eval_tasks), validation accuracy curves (vision) and loss curves (both; bands over seeds)."""
 
 from __future__ import annotations
 
@@ -128,3 +128,38 @@ def plot_val_accuracy(groups: list[RunGroup], path: Path) -> None:
         ax.legend()
     ax.grid(alpha=0.3)
     save_figure(fig, path)
+
+
+ZERO_SHOT_META = ("kind", "iteration", "tokens")
+
+
+def plot_zero_shot(groups: list[RunGroup], path: Path) -> bool:
+    """LLM runs trained with --eval_tasks: each task's zero-shot accuracy against training tokens, one panel per task,
+    one line per group (band: std over seeds). Writes nothing and returns False when no run has such records."""
+    tasks = sorted({k for g in groups for run in g.runs for r in run.zero_shot for k in r if k not in ZERO_SHOT_META})
+    if not tasks:
+        return False
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    from matplotlib.ticker import EngFormatter
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False, layout="constrained")
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for i, group in enumerate(groups):
+            curves = [{x: 100 * y for x, y in _points(run.zero_shot, "tokens", task).items()} for run in group.runs]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            xs, ys, sd = band(curves)
+            color = colors[i % len(colors)]
+            ax.plot(xs, ys, color=color, marker="o", linewidth=2, label=group.label)
+            if len(curves) > 1:
+                fill_std(ax, xs, ys, sd, color)
+        ax.set_title(task)
+        ax.set_xlabel("training tokens")
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("zero-shot accuracy (%)")
+    axes[0][0].legend()
+    fig.suptitle("Zero-shot accuracy during training (--eval_tasks; bands: std over seeds)")
+    save_figure(fig, path)
+    return True

@@ -36,6 +36,8 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)
     train: list[dict[str, Any]] = field(default_factory=list)  # {"kind": "train", "iteration", <TRAIN_LOSS_KEY>, ...}
     valid: list[dict[str, Any]] = field(default_factory=list)  # {"kind": "valid", "iteration", "val_loss", ...}
+    # {"kind": "zero_shot", "iteration", "tokens", <task>: accuracy, ...}: the trainer's --eval_tasks
+    zero_shot: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def results_path(self) -> Path:
@@ -136,7 +138,8 @@ def load_run(path: Path) -> Run:
     # A skipped (non-finite) step logs its loss as null: it has no loss to report or plot.
     train = [r for r in records if r.get("kind") == "train" and r.get(loss_key) is not None]
     valid = [r for r in records if r.get("kind") == "valid" and "val_loss" in r]
-    return Run(path, task, config, summary, train, valid)
+    zero_shot = [r for r in records if r.get("kind") == "zero_shot"]
+    return Run(path, task, config, summary, train, valid, zero_shot)
 
 
 def check_one_task(groups: list[RunGroup]) -> str:

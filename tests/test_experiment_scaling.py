@@ -69,8 +69,11 @@ def test_scaling_arms() -> None:
 POINTS = [10, 20, 40, 80, 160]  # iterations; tokens = 1000 x iteration
 
 
-def fake_scaling_run(run: Path, model: str, seed: int, curve: list[float], cv: float | None = None) -> None:
-    """A finished run directory as llm.train writes it, with validations at POINTS and router diagnostics."""
+def fake_scaling_run(
+    run: Path, model: str, seed: int, curve: list[float], cv: float | None = None, zero_shot: bool = False
+) -> None:
+    """A finished run directory as llm.train writes it, with validations at POINTS, router diagnostics and (with
+    `zero_shot`) the accuracies of --eval_tasks at each validation."""
     run.mkdir(parents=True)
     config = {"seed": seed, "global_batch_size": 4, "corpus": "pd-english", "eval_iters": 2, "lr_decay_style": "wsd"}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
@@ -94,6 +97,8 @@ def fake_scaling_run(run: Path, model: str, seed: int, curve: list[float], cv: f
             for layer, scale in (("layers.0.mlp", 0.5), ("layers.1.mlp", 1.5)):
                 train |= {f"moe/{layer}/cv": cv * scale, f"moe/{layer}/top1_prob": 0.3, f"moe/{layer}/entropy": 1.9}
         records += [train, {"kind": "valid", "iteration": it, "tokens": 1000 * it, "val_loss": loss}]
+        if zero_shot:
+            records.append({"kind": "zero_shot", "iteration": it, "tokens": 1000 * it, "arc_easy": 0.3, "piqa": 0.5})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
@@ -115,9 +120,11 @@ def test_scaling_report_on_hand_written_runs(tmp_path: Path, capsys) -> None:
     moe = {s: [6.1 + 0.01 * i, 5.45 + 0.1 * i, 4.95 - 0.01 * i, 4.5, 4.1 + 0.01 * i] for i, s in enumerate(seeds)}
     headline = {s: [6.05, 5.6, 5.05 + 0.01 * i, 4.62 + 0.01 * i, 4.32 + 0.005 * i] for i, s in enumerate(seeds)}
     for s in seeds:
-        fake_scaling_run(out / BASELINE / f"seed{s}", "llama-micro", s, base[s])
+        fake_scaling_run(out / BASELINE / f"seed{s}", "llama-micro", s, base[s], zero_shot=True)
         fake_scaling_run(out / STANDARD_MOE / f"seed{s}", "moe-mlp-llama-micro", s, moe[s], cv=0.2)
-        fake_scaling_run(out / "pn-down-e8" / f"seed{s}", "parameternet-llama-micro", s, headline[s], cv=0.4)
+        fake_scaling_run(
+            out / "pn-down-e8" / f"seed{s}", "parameternet-llama-micro", s, headline[s], cv=0.4, zero_shot=True
+        )
     unfinished = out / "pn-up-e8" / "seed1234"
     unfinished.mkdir(parents=True)
     (unfinished / "config.yaml").write_text(yaml.safe_dump({"seed": 1234, "train_iters": 160}))
@@ -142,6 +149,7 @@ def test_scaling_report_on_hand_written_runs(tmp_path: Path, capsys) -> None:
     assert "crossover at 40.00 k tokens (0.05 tokens per parameter)" in report
     assert "no crossover up to 160.00 k tokens (0.20 tokens per parameter)" in report
     assert (out / "loss.png").stat().st_size > 0 and (out / "routing.png").stat().st_size > 0
+    assert (out / "zero_shot.png").stat().st_size > 0 and "![zero-shot](zero_shot.png)" in report  # --eval_tasks
     assert write_scaling_report(out) == out / "report.md"  # rewrites its own report
 
     (out / "report.md").write_text("# my notes\n")
@@ -190,3 +198,12 @@ def test_scaling_experiment_sh_end_to_end_twice(tmp_path: Path) -> None:
     assert "=== train " not in second.stderr and second.stderr.count("skipped") == 4
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.loads((out / "report.json").read_text()) == data
+
+
+def test_no_zero_shot_plot_without_eval_tasks_records(tmp_path: Path) -> None:
+    from evals.plots import plot_zero_shot
+    from evals.runs import load_group
+
+    fake_scaling_run(tmp_path / "arm" / "seed1", "llama-micro", 1, [6.0, 5.5, 5.0, 4.6, 4.3])
+    assert plot_zero_shot([load_group(tmp_path / "arm", label="arm")], tmp_path / "zero_shot.png") is False
+    assert not (tmp_path / "zero_shot.png").exists()

@@ -242,7 +242,13 @@ def _left_out_sentence(left_out: list[str]) -> str:
 
 
 def build_markdown(
-    arms: list[ArmResult], tasks: list[str], left_out: list[str], limit: Any, out: Path, table: Sequence[Arm]
+    arms: list[ArmResult],
+    tasks: list[str],
+    left_out: list[str],
+    limit: Any,
+    out: Path,
+    table: Sequence[Arm],
+    zero_shot_plot: bool = False,
 ) -> str:
     first = arms[0].group.runs[0]
     cfg = first.config
@@ -268,6 +274,11 @@ def build_markdown(
         loss_table(arms),
         "![loss](loss.png)",
         "",
+        *(
+            ["Zero-shot accuracy during training (--eval_tasks):", "", "![zero-shot](zero_shot.png)", ""]
+            if zero_shot_plot
+            else []
+        ),
         "## Zero-shot accuracy (%)",
         "",
         "Cells: mean ± standard deviation over seeds.",
@@ -337,13 +348,14 @@ def report_path(out: Path, header: str = HEADER) -> Path:
 def write_report(out: Path, experiment: str = "paper-llm", names: str | None = None) -> Path:
     """Writes OUT/report.md, report.json, loss.png and accuracy.png; returns the report's path."""
     from evals.experiment.plots import plot_experiment_losses
-    from evals.plots import plot_accuracy
+    from evals.plots import plot_accuracy, plot_zero_shot
 
     out = Path(out)
     path = report_path(out)
     arms, tasks, left_out, limit = collect(out, experiment, names)
     plot_experiment_losses({arm.name: arm.curves for arm in arms}, BASELINE, out / "loss.png")
     plot_accuracy([arm.scores for arm in arms], tasks, out / "accuracy.png")
+    during = plot_zero_shot([arm.group for arm in arms], out / "zero_shot.png")
     write_text_atomic(out / "report.json", json.dumps(report_data(arms, tasks, left_out, limit), indent=2) + "\n")
-    write_text_atomic(path, build_markdown(arms, tasks, left_out, limit, out, EXPERIMENTS[experiment]))
+    write_text_atomic(path, build_markdown(arms, tasks, left_out, limit, out, EXPERIMENTS[experiment], during))
     return path

@@ -21,7 +21,7 @@ from typing import Any
 from evals.experiment.arms import BASELINE, EXPERIMENTS, ROLES
 from evals.experiment.report import HEADER, _tokens_per_s, report_path
 from evals.experiment.stats import CONFIDENCE, PairedDifference, interval_text, p_text, paired_difference
-from evals.runs import Run, load_group
+from evals.runs import Run, RunGroup, load_group
 from evals.scores import Stat, human
 from runtime.fsutil import write_text_atomic
 from runtime.rundir import run_state
@@ -256,7 +256,9 @@ def reading(arms: list[ScalingArm], per_param: float) -> str:
     return " ".join(sentences)
 
 
-def build_markdown(arms: list[ScalingArm], left_out: list[str], out: Path, per_param: float) -> str:
+def build_markdown(
+    arms: list[ScalingArm], left_out: list[str], out: Path, per_param: float, zero_shot_plot: bool = False
+) -> str:
     first = arms[0].first
     cfg = first.config
     points = sorted(arms[0].curves[min(arms[0].curves)])
@@ -282,6 +284,11 @@ def build_markdown(arms: list[ScalingArm], left_out: list[str], out: Path, per_p
         difference_table(arms, per_param),
         "![loss](loss.png)",
         "",
+        *(
+            ["Zero-shot accuracy during training (--eval_tasks):", "", "![zero-shot](zero_shot.png)", ""]
+            if zero_shot_plot
+            else []
+        ),
         "## Final validation loss",
         "",
         final_table(arms),
@@ -357,6 +364,7 @@ def plot_routing(arms: list[ScalingArm], path: Path) -> None:
 
 def write_scaling_report(out: Path, experiment: str = "paper-llm-scaling", names: str | None = None) -> Path:
     from evals.experiment.plots import plot_experiment_losses
+    from evals.plots import plot_zero_shot
 
     out = Path(out)
     report = report_path(out)
@@ -365,6 +373,8 @@ def write_scaling_report(out: Path, experiment: str = "paper-llm-scaling", names
     curves = {arm.name: {s: {float(t): v for t, v in c.items()} for s, c in arm.curves.items()} for arm in arms}
     plot_experiment_losses(curves, BASELINE, out / "loss.png", log_x=True, per_param=per_param)
     plot_routing(arms, out / "routing.png")
+    groups = [RunGroup(arm.name, out / arm.name, [arm.runs[s] for s in sorted(arm.runs)]) for arm in arms]
+    during = plot_zero_shot(groups, out / "zero_shot.png")
     write_text_atomic(out / "report.json", json.dumps(report_data(arms, left_out, per_param), indent=2) + "\n")
-    write_text_atomic(report, build_markdown(arms, left_out, out, per_param))
+    write_text_atomic(report, build_markdown(arms, left_out, out, per_param, during))
     return report
