@@ -78,6 +78,14 @@ def measure(checkpoint: Path, repeats: int) -> dict:
         state, _ = read_state(checkpoint)
         whole.append(time.perf_counter() - start)
     params = sum(v.numel() for k, v in state.items() if k.endswith("/fp32"))
+    # What a topology-free copy written at every save (DeepSpeed's universal layout, or ours) would add to each save.
+    from runtime.fsutil import save_safetensors_atomic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        save_safetensors_atomic({k: v.contiguous() for k, v in state.items()}, Path(tmp) / "state.safetensors")
+        copy_s = time.perf_counter() - start
+        copy_bytes = (Path(tmp) / "state.safetensors").stat().st_size
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     return {
         "checkpoint": str(checkpoint),
@@ -85,6 +93,8 @@ def measure(checkpoint: Path, repeats: int) -> dict:
         "bytes": sizes,
         "extra_bytes_per_checkpoint": 0,
         "extra_save_s": 0.0,
+        "a_universal_copy_would_add_bytes": copy_bytes,
+        "a_universal_copy_would_add_save_s": round(copy_s, 4),
         "read_own_shard_s": round(median(own), 4),
         "read_whole_state_s": round(median(whole), 4),
         "whole_state_bytes_read_per_rank": 12 * params,
