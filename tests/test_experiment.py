@@ -370,7 +370,17 @@ def ctrl_c_at_iteration_2(command: list[str], env: dict[str, str], run_dir: Path
     """Start `command` in a process group of its own, press Ctrl-C (SIGINT to the whole foreground group, as a
     terminal does) once `run_dir` logged iteration 2, and return its exit code and output."""
     with open(log, "w") as sink:
-        first = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=sink, start_new_session=True)
+        first = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=sink,
+            stderr=sink,
+            start_new_session=True,
+            # A terminal's foreground job takes Ctrl-C; a test suite started in the background by a non-interactive
+            # shell (nohup ... &) inherits SIGINT ignored, and every child would ignore the press.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         try:
             deadline = time.monotonic() + 600
             while not any(r.get("iteration", 0) >= 2 for r in metric_records(run_dir)):
