@@ -11,8 +11,9 @@ evaluations trains as one without.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
-import os
 from typing import Any
 
 import torch
@@ -54,23 +55,20 @@ class LiveZeroShot:
 
         saved = rng_state()
         was_training = model.training
-        quiet = os.environ.get("TQDM_DISABLE")
-        os.environ["TQDM_DISABLE"] = "1"  # lm-eval's progress bars, not the trainer's (made already)
         try:
-            lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=BATCH_SIZE)
-            results = evaluate(
-                lm=lm,
-                task_dict=self.task_dict,
-                limit=self.limit,
-                log_samples=False,
-                bootstrap_iters=0,
-                verbosity="ERROR",
-            )
+            # lm-eval's progress bars and notices (several per task, on every rank) go nowhere: the trainer prints
+            # one line.
+            with contextlib.redirect_stderr(io.StringIO()):
+                lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=BATCH_SIZE)
+                results = evaluate(
+                    lm=lm,
+                    task_dict=self.task_dict,
+                    limit=self.limit,
+                    log_samples=False,
+                    bootstrap_iters=0,
+                    verbosity="ERROR",
+                )
         finally:
-            if quiet is None:
-                del os.environ["TQDM_DISABLE"]
-            else:
-                os.environ["TQDM_DISABLE"] = quiet
             set_rng_state(saved)
             model.train(was_training)
         return {score.name: score.value for score in task_scores(results)}
