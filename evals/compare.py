@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         print_error(str(exc))
         return 2
     print(table)
-    print(f"report: {out / 'report.md'} (plots: {out / 'accuracy.png'}, {out / 'loss.png'})")
+    plots = [out / name for name in ("accuracy.png", "loss.png", "zero_shot.png") if (out / name).is_file()]
+    print(f"report: {out / 'report.md'} (plots: {', '.join(map(str, plots))})")
     return 0
 
 
