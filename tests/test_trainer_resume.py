@@ -232,9 +232,15 @@ def zero_shards_gathered(checkpoint) -> dict[str, torch.Tensor]:
     """{name/fp32|exp_avg|exp_avg_sq: flat tensor} from a checkpoint of 2 ranks, EP 2, ZeRO-2, read here without
     runtime.reshard: both ranks split the dense groups, and each holds its 4 experts whole (the expert-data-parallel
     groups have one rank), so every tensor is its fragments in rank order."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
     pieces: dict[str, list[torch.Tensor]] = {}
     for rank in (0, 1):
-        saved = torch.load(checkpoint / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=False)
+        path = checkpoint / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        with torch.serialization.safe_globals([fragment_address, LossScaler, ZeroStageEnum]):  # its metadata's classes
+            saved = torch.load(path, weights_only=True)
         shard = saved["optimizer_state_dict"]
         base = shard["base_optimizer_state"]
         for group, mapping in enumerate(shard["param_slice_mappings"]):
