@@ -4,6 +4,7 @@
 #
 #   bash launch/experiment.sh paper-llm [--force] [-- TRAINER ARGS...]
 #   bash launch/experiment.sh paper-llm-scaling [--force] [-- TRAINER ARGS...]
+#   bash launch/experiment.sh canonical-moe [--force] [-- TRAINER ARGS...]
 #   bash launch/experiment.sh paper-vision [--force] [-- VISION.TRAIN ARGS...]
 #
 # paper-llm: vanilla LLaMA vs ParameterNet-LLaMA (8 experts, top-1, down_proj: the headline); experts on gate_proj,
@@ -17,6 +18,9 @@
 # ceiling, at SIZE=micro (>= 2 tokens per non-embedding parameter), each validated at 10 log-spaced token counts on
 # the same held-out tokens (eval_points, a wsd schedule); no zero-shot evaluation. The report (paired differences at
 # every validation, the crossover, router diagnostics) goes to OUT/report.md, loss.png, routing.png.
+# canonical-moe: the canonical result (issue 32): where the dense ceiling has room to win (CONFIG=micro-room: 1,200
+# iterations, 6.2 tokens per non-embedding parameter, one pass over pd-english), vanilla against the ceiling, a
+# standard MoE, ParameterNet on up_proj and diagnostics (fewer seeds), read as paper-llm-scaling is; SEEDS=5.
 # paper-vision: the static twin ghostnet_tiny_os4 against parameternet_tiny_os4 with 1, 2 and 4 experts on
 # Fashion-MNIST at 32 px (vision/configs/fashion_mnist_tiny.yaml, one epoch), where the experts cost at most 1.06x the twin's
 # multiply-adds; runs to OUT/<arm>/seed<N>/ (vision.train), the report to OUT/report.md with paired top-1 differences.
@@ -46,9 +50,9 @@ die() { echo "experiment.sh: error: $*" >&2; exit 2; }
 
 case "${1:-}" in
   -h|--help) usage; exit 0 ;;
-  paper-llm|paper-llm-scaling|paper-vision) experiment="$1"; shift ;;
+  paper-llm|paper-llm-scaling|canonical-moe|paper-vision) experiment="$1"; shift ;;
   "") die "name the experiment: bash launch/experiment.sh paper-llm (see --help)" ;;
-  *) die "unknown experiment '$1'; known: paper-llm, paper-llm-scaling, paper-vision" ;;
+  *) die "unknown experiment '$1'; known: paper-llm, paper-llm-scaling, canonical-moe, paper-vision" ;;
 esac
 force=()
 trainer_args=()
@@ -116,20 +120,27 @@ if [ "$experiment" = paper-vision ]; then
   exec "$PY" -m evals.experiment report "$out" --experiment "$experiment"
 fi
 
-if [ "$experiment" = paper-llm-scaling ]; then
+if [ "$experiment" = paper-llm-scaling ] || [ "$experiment" = canonical-moe ]; then
   export SIZE="${SIZE:-micro}"
-  seeds="${SEEDS:-3}"
+  # The training preset: micro.yaml for the token-scaling study, micro-room.yaml for the canonical result.
+  [ "$experiment" = canonical-moe ] && export CONFIG="${CONFIG:-micro-room}"
+  default_seeds=3
+  [ "$experiment" = canonical-moe ] && default_seeds=5
+  seeds="${SEEDS:-$default_seeds}"
   seed="${SEED:-1234}"
   out="${OUT:-runs/experiment/$experiment}"
   [[ "$seeds" =~ ^[1-9][0-9]*$ ]] || die "SEEDS='$seeds': give a positive integer (3 or more for intervals)"
   [[ "$seed" =~ ^[0-9]+$ ]] || die "SEED='$seed': give a non-negative integer"
-  specs="$("$PY" -m evals.experiment arms "$experiment" --size "$SIZE" --arms "${ARMS:-all}")" || exit 2
-  echo "=== $experiment: $(echo "$specs" | wc -l) arms x $seeds seeds, SIZE=$SIZE -> $out" >&2
+  # One line per arm: the seeds it is trained with (fewer for a diagnostic arm), then its name and trainer flags.
+  specs="$("$PY" -m evals.experiment arms "$experiment" --size "$SIZE" --arms "${ARMS:-all}" --seeds "$seeds")" || exit 2
+  echo "=== $experiment: $(echo "$specs" | wc -l) arms x up to $seeds seeds, SIZE=$SIZE -> $out" >&2
   run_dirs=()
-  while IFS= read -r spec; do
+  while IFS= read -r line; do
+    arm_seeds="${line%% *}"
+    spec="${line#* }"
     read -r -a words <<< "$spec"
     name="${words[0]}"
-    for ((i = 0; i < seeds; i++)); do
+    for ((i = 0; i < arm_seeds; i++)); do
       s=$((seed + i))
       run_dir="$out/$name/seed$s"
       run_dirs+=("$run_dir")
@@ -150,7 +161,7 @@ if [ "$experiment" = paper-llm-scaling ]; then
       fi
     done
   done <<< "$specs"
-  names="$(echo "$specs" | cut -d' ' -f1 | paste -sd, -)"
+  names="$(echo "$specs" | cut -d' ' -f2 | paste -sd, -)"
   exec "$PY" -m evals.experiment report "$out" --experiment "$experiment" --arms "$names"
 fi
 

@@ -6,8 +6,9 @@ RUN/metrics.jsonl    one JSON object a line: {"kind": "train" | "valid" | "skip"
 RUN/tensorboard/     the same scalars for TensorBoard
 RUN/checkpoints/     iter_NNNNNNN/ checkpoints (runtime.checkpoint)
 RUN/summary.json     written once, at the end of a finished run: {"task": "llm" | "vision", "model",
-                     "total_params", "iterations", "seed", "world_size", "final_val_loss", ...} plus the task's own
-                     keys (llm: active_params, flops_per_token, tokens; vision: macs, top1, top5). A run stopped by a
+                     "total_params", "iterations", "seed", "world_size", "final_val_loss", "code", ...} plus the
+                     task's own keys (llm: active_params, flops_per_token, tokens; vision: macs, top1, top5); "code"
+                     is the commit that trained it (`code_version`). A run stopped by a
                      signal has none (or, resumed past an earlier finish, one older than its newest checkpoint): it
                      has not finished (`run_state`).
 RUN/.run.lock        while a run is alive: its host, PID and start time; rank 0 holds an exclusive flock on it
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +49,36 @@ def write_config(run_dir: Path, config: dict[str, Any]) -> None:
     (run_dir / SUMMARY).unlink(missing_ok=True)
 
 
+def code_version() -> str:
+    """The code that is running: the git commit of this checkout ("+dirty" with uncommitted changes to tracked
+    files), or the installed package's version outside a checkout. A study's runs name the commit that trained them."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"package {version('parameternet-stack')}"
+        except PackageNotFoundError:
+            return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     missing = [key for key in SUMMARY_KEYS if key not in summary]
     if missing:
         raise ValueError(f"summary.json needs {missing} (runtime.rundir.SUMMARY_KEYS)")
+    summary = {**summary, "code": summary.get("code", code_version())}
     write_text_atomic(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
 
 

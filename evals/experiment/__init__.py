@@ -4,6 +4,7 @@
                                                                                           --run specifications
     python -m evals.experiment arms paper-vision                                            NAME --model M
                                                                                           [--num_experts N] lines
+    python -m evals.experiment arms canonical-moe --size micro --seeds 5                   5 NAME KIND ... lines
     python -m evals.experiment report OUT [--experiment paper-llm] [--arms ...]            OUT/report.md, loss.png,
                                                                                           accuracy.png, report.json
 
@@ -16,7 +17,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from evals.experiment.arms import EXPERIMENTS, VISION_EXPERIMENTS, select_arms, select_vision_arms
+from evals.experiment.arms import (
+    EXPERIMENTS,
+    SCALING_EXPERIMENTS,
+    VISION_EXPERIMENTS,
+    select_arms,
+    select_vision_arms,
+)
 from runtime.errors import print_error
 
 
@@ -27,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     arms.add_argument("experiment", help=f"one of {', '.join([*EXPERIMENTS, *VISION_EXPERIMENTS])}")
     arms.add_argument("--size", default="small", help="the presets' size: tiny, small, 1b (default small)")
     arms.add_argument("--arms", default=None, help="comma-separated arm names (default: all)")
+    arms.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="prefix each line with the number of seeds to train it with: this, or fewer for a diagnostic arm",
+    )
     report = sub.add_parser("report", help="write OUT/report.md, loss.png, accuracy.png and report.json")
     report.add_argument("out", type=Path, help="the experiment directory: OUT/<arm>/seed<N>/ run directories")
     report.add_argument("--experiment", default="paper-llm", help="whose arm descriptions and order to use")
@@ -43,9 +56,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "arms":
             for arm in select_arms(args.experiment, args.size, args.arms):
-                print(arm.run_spec(args.size))
+                if args.seeds is None:
+                    print(arm.run_spec(args.size))
+                else:
+                    print(min(args.seeds, arm.max_seeds or args.seeds), arm.run_spec(args.size))
             return 0
-        if args.experiment == "paper-llm-scaling":
+        if args.experiment in SCALING_EXPERIMENTS:
             from evals.experiment.scaling import write_scaling_report
 
             path = write_scaling_report(args.out, args.experiment, args.arms)

@@ -41,6 +41,7 @@ class Arm:
     preset: str | None = None  # a model preset family instead of KIND's (moe-mlp-llama: --model moe-mlp-llama-SIZE)
     role: str | None = None  # what the generated reading makes of it: one of ROLES
     ablations: tuple[str, ...] = ()  # the ablation groups it is compared within: "projection", "experts"
+    max_seeds: int | None = None  # a diagnostic arm: trained with at most this many of the experiment's seeds
 
     def run_spec(self, size: str) -> str:
         """launch/compare.sh's --run "NAME KIND [--key value ...]" (split on spaces: the JSON has none)."""
@@ -113,7 +114,47 @@ PAPER_LLM_SCALING: tuple[Arm, ...] = (
     ),
     PAPER_LLM[-1],
 )
-EXPERIMENTS: dict[str, tuple[Arm, ...]] = {"paper-llm": PAPER_LLM, "paper-llm-scaling": PAPER_LLM_SCALING}
+# The canonical result (issue 32): a standard MoE against its dense twin where the ceiling has room to win
+# (llm/configs/micro-room.yaml: 6.2 tokens per non-embedding parameter, one pass over pd-english). The primary endpoint,
+# fixed before the runs: the final validation loss, paired t interval against vanilla. Every routed arm uses the gate
+# that won at iteration 117 of the token-scaling study ("normalized": the chosen expert's output unscaled under
+# top-1, as Megatron-Core's softmax-after-top-k and Mixtral give), so the arms differ in what is routed, not how.
+NORMALIZED_GATE = {"router_gate": "normalized"}
+CANONICAL_MOE: tuple[Arm, ...] = (
+    PAPER_LLM[0],
+    PAPER_LLM[-1],
+    Arm(
+        STANDARD_MOE,
+        "parameternet",
+        "standard MoE: 8 whole SwiGLU MLP experts, top-1, normalized gate, centered router (the control)",
+        NORMALIZED_GATE,
+        preset="moe-mlp-llama",
+        role="control",
+    ),
+    Arm(
+        "pn-up-e8",
+        "parameternet",
+        "ParameterNet: 8 experts on up_proj (the paper's best, Table 7), top-1, normalized gate, centered router",
+        {**_moe("up_proj", 8), **NORMALIZED_GATE},
+        role="headline",
+    ),
+    # Diagnostic: the paper's raw linear router (aux 0.01, no z-loss) instead of the centered one, same gate.
+    Arm(
+        "moe-mlp-e8-paper",
+        "parameternet",
+        "standard MoE as the control but routed by the paper's raw linear router (diagnostic)",
+        {**NORMALIZED_GATE, "routing_recipe": "paper"},
+        preset="moe-mlp-llama",
+        max_seeds=2,
+    ),
+)
+EXPERIMENTS: dict[str, tuple[Arm, ...]] = {
+    "paper-llm": PAPER_LLM,
+    "paper-llm-scaling": PAPER_LLM_SCALING,
+    "canonical-moe": CANONICAL_MOE,
+}
+# The experiments read by validation loss at log-spaced budgets (evals.experiment.scaling), with their training preset.
+SCALING_EXPERIMENTS: dict[str, str] = {"paper-llm-scaling": "micro", "canonical-moe": "micro-room"}
 
 
 def sized_arms(experiment: str, size: str) -> list[Arm]:
