@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llm.model.moe import MoELinear
+from llm.model.router import RouterConfig
 from llm.parallel import AllToAllExperts, shard_experts
 
 SHAPES = {
@@ -102,7 +103,7 @@ def main() -> None:
     for name in args.shapes:
         fan_in, fan_out, num_experts, tokens = SHAPES[name]
         torch.manual_seed(0)  # the same layer on every rank
-        local = MoELinear(fan_in, fan_out, num_experts=num_experts).to(device)
+        local = MoELinear(fan_in, fan_out, RouterConfig(num_experts=num_experts)).to(device)
         sharded = copy.deepcopy(local)
         shard_experts(sharded, group)
         dispatcher: AllToAllExperts = sharded.dispatcher

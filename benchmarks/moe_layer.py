@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from llm.model.moe import MoELinear  # noqa: E402
+from llm.model.router import RouterConfig
 
 SHAPES = {
     # name: (in_features, out_features, num_experts, tokens)
@@ -105,7 +106,7 @@ def main() -> None:
     for name in args.shapes:
         fan_in, fan_out, experts, tokens = SHAPES[name]
         layers = {
-            "moe_grouped": MoELinear(fan_in, fan_out, num_experts=experts, top_k=1),
+            "moe_grouped": MoELinear(fan_in, fan_out, RouterConfig(num_experts=experts, top_k=1)),
             "dense": nn.Linear(fan_in, fan_out, bias=False),
             "paper_dispatch": PaperDispatchMoE(fan_in, fan_out, experts),
         }

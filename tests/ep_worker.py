@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llm.model import MoELinear, ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM
+from llm.model import MoELinear, ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM, RouterConfig
 from llm.parallel import AllToAllExperts, expert_group_name, gather_experts, load_expert_shards, shard_experts
 
 TOL = {"atol": 2e-5, "rtol": 1e-4}
@@ -111,7 +111,7 @@ def compare_layers(case: Case, ref: MoELinear, x: torch.Tensor, upstream: torch.
 def case_layer(top_k: int, capacity_factor: float | None, bias: bool, group, rank: int) -> Case:
     case = Case()
     torch.manual_seed(0)  # the same layer on every rank
-    ref = MoELinear(16, 8, num_experts=4, top_k=top_k, capacity_factor=capacity_factor, bias=bias)
+    ref = MoELinear(16, 8, RouterConfig(num_experts=4, top_k=top_k, capacity_factor=capacity_factor), bias=bias)
     if bias:
         torch.nn.init.normal_(ref.bias)
     gen = torch.Generator().manual_seed(100 + rank)  # different tokens, and a different number, on each rank
@@ -126,7 +126,7 @@ def case_zero_rows(target_expert: int, group, rank: int) -> Case:
     """Every token on both ranks picks `target_expert`: the other rank's experts receive no rows at all."""
     case = Case()
     torch.manual_seed(0)
-    ref = MoELinear(16, 8, num_experts=4, top_k=1, bias=True)
+    ref = MoELinear(16, 8, RouterConfig(num_experts=4, top_k=1), bias=True)
     with torch.no_grad():
         ref.router.weight.fill_(-1.0)
         ref.router.weight[target_expert] = 1.0
@@ -229,7 +229,7 @@ def case_model(top_k: int, capacity_factor: float | None, group, rank: int, mlp:
 def case_bad_ep(group, rank: int) -> Case:
     case = Case()
     attempts: dict[str, Callable[[], object]] = {
-        "shard_3_experts": lambda: shard_experts(MoELinear(8, 8, num_experts=3), group),
+        "shard_3_experts": lambda: shard_experts(MoELinear(8, 8, RouterConfig(num_experts=3)), group),
         "dispatcher_3_experts": lambda: AllToAllExperts(group, num_experts=3),
     }
     for name, attempt in attempts.items():
@@ -238,7 +238,7 @@ def case_bad_ep(group, rank: int) -> Case:
             case.errors.append(f"{name}: no ValueError")
         except ValueError as exc:
             case.metrics[name] = str(exc)
-    layer = MoELinear(8, 8, num_experts=4)
+    layer = MoELinear(8, 8, RouterConfig(num_experts=4))
     shard_experts(layer, group)
     try:
         shard_experts(layer, group)

@@ -178,15 +178,16 @@ def test_flash_kwargs_reach_attention_and_give_the_same_logits(name):
 
 def test_centred_router_mean_restarts_per_document():
     from llm.model.moe import MoELinear
+    from llm.model.router import RouterConfig
 
     torch.manual_seed(0)
-    layer = MoELinear(8, 8, num_experts=4, top_k=1, center_router_input=True).double()
+    layer = MoELinear(8, 8, RouterConfig(num_experts=4, top_k=1, input="centered")).double()
     x = torch.randn(1, 7, 8, dtype=torch.float64)
     positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1]])
-    packed = layer.router_logits(x, positions)
-    alone = torch.cat([layer.router_logits(x[:, a:b]) for a, b in ((0, 3), (3, 5), (5, 7))])
+    packed = layer.router.logits(x, positions)
+    alone = torch.cat([layer.router.logits(x[:, a:b]) for a, b in ((0, 3), (3, 5), (5, 7))])
     torch.testing.assert_close(packed, alone, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(layer.router_logits(x, torch.arange(7)), layer.router_logits(x))  # one document
+    torch.testing.assert_close(layer.router.logits(x, torch.arange(7)), layer.router.logits(x))  # one document
 
 
 TRAINER_STEP = """

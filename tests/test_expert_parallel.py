@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm.model import MoELinear
+from llm.model import MoELinear, RouterConfig
 from llm.parallel import AllToAllExperts, shard_experts
 from runtime.dist import free_port
 
@@ -110,7 +110,7 @@ def test_without_torch_distributed_a_clear_error():
     if torch.distributed.is_initialized():
         pytest.skip("a process group is already initialised in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
-        shard_experts(MoELinear(8, 8, num_experts=2), None)
+        shard_experts(MoELinear(8, 8, RouterConfig(num_experts=2)), None)
     with pytest.raises(RuntimeError, match="init_process_group"):
         AllToAllExperts(None, num_experts=2)
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llm.model.moe import MoELinear, MoEMLP, RoutedExperts, grouped_mm
+from llm.model.router import RouterConfig
 
 
 def one_expert(layer: RoutedExperts, e: int, token: torch.Tensor) -> torch.Tensor:
@@ -17,19 +18,19 @@ def one_expert(layer: RoutedExperts, e: int, token: torch.Tensor) -> torch.Tenso
     return F.linear(token, layer.weight[e], None if layer.bias is None else layer.bias[e])
 
 
-def make_layer(kind: str, in_features: int, out_features: int, **kwargs) -> RoutedExperts:
-    """ParameterNet's MoELinear, or the standard MoE's MoEMLP (hidden in_features, intermediate 2 x out_features)."""
+def make_layer(kind: str, in_features: int, out_features: int, bias: bool = False, **routing) -> RoutedExperts:
+    """ParameterNet's MoELinear, or the standard MoE's MoEMLP (hidden in_features, intermediate 2 x out_features);
+    `routing`: RouterConfig's fields."""
     if kind == "mlp":
-        kwargs.pop("bias", None)
-        return MoEMLP(in_features, 2 * out_features, act_fn=torch.nn.SiLU(), **kwargs)
-    return MoELinear(in_features, out_features, **kwargs)
+        return MoEMLP(in_features, 2 * out_features, RouterConfig(**routing), act_fn=torch.nn.SiLU())
+    return MoELinear(in_features, out_features, RouterConfig(**routing), bias=bias)
 
 
 def naive_reference(layer: RoutedExperts, x: torch.Tensor) -> torch.Tensor:
     """One token at a time: route, skip assignments past an expert's capacity (first choices first), sum gate x
     expert."""
     tokens = x.reshape(-1, layer.in_features)
-    probs = torch.softmax(layer.router(tokens).float(), dim=-1)
+    probs = torch.softmax(layer.router.logits(tokens).float(), dim=-1)
     gate, expert = torch.topk(probs, layer.top_k, dim=-1)
     capacity = layer.capacity(tokens.shape[0])
     used = [0] * layer.num_experts
@@ -101,7 +102,7 @@ def test_grouped_mm_kernel_equals_slices():
 
 def test_dropped_tokens_on_constructed_routing():
     """Router forced so that 6 tokens pick expert 0 and 2 pick expert 1: capacity ceil(0.5*8/4)=1 drops 5 + 1."""
-    layer = MoELinear(4, 4, num_experts=4, top_k=1, capacity_factor=0.5)
+    layer = MoELinear(4, 4, RouterConfig(num_experts=4, top_k=1, capacity_factor=0.5))
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.weight[0, 0] = 10.0  # feature 0 -> expert 0
@@ -120,13 +121,13 @@ def test_dropped_tokens_on_constructed_routing():
 
 
 def test_top2_first_choices_have_capacity_priority():
-    layer = MoELinear(2, 2, num_experts=2, top_k=2, capacity_factor=0.5)  # capacity ceil(0.5*2*2/2) = 1
+    layer = MoELinear(2, 2, RouterConfig(num_experts=2, top_k=2, capacity_factor=0.5))  # capacity ceil(0.5*2*2/2) = 1
     with torch.no_grad():
         layer.router.weight.copy_(torch.tensor([[5.0, 0.0], [0.0, 5.0]]))
         layer.weight.copy_(torch.eye(2).expand(2, 2, 2))
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # token 0 prefers expert 0, token 1 prefers expert 1
     out = layer(x)
-    probs = torch.softmax(layer.router(x), -1)
+    probs = torch.softmax(layer.router.logits(x), -1)
     # Each expert's single slot goes to the token whose FIRST choice it is; both second choices are dropped.
     torch.testing.assert_close(out, probs.max(-1).values[:, None] * x)
     assert int(layer.last_stats.dropped_tokens) == 2
@@ -134,7 +135,7 @@ def test_top2_first_choices_have_capacity_priority():
 
 def test_aux_loss_equals_switch_formula_by_hand():
     """4 tokens, 2 experts. Router logits chosen so probabilities are known exactly."""
-    layer = MoELinear(2, 2, num_experts=2, top_k=1)
+    layer = MoELinear(2, 2, RouterConfig(num_experts=2, top_k=1))
     with torch.no_grad():
         layer.router.weight.copy_(torch.eye(2))
     a = math.log(3.0)  # logits (log 3, 0) -> probs (3/4, 1/4)
@@ -148,7 +149,7 @@ def test_aux_loss_equals_switch_formula_by_hand():
 
 
 def test_aux_loss_is_one_for_perfect_balance_and_uniform_router():
-    layer = MoELinear(8, 8, num_experts=4, top_k=1)
+    layer = MoELinear(8, 8, RouterConfig(num_experts=4, top_k=1))
     with torch.no_grad():
         layer.router.weight.zero_()
     layer(torch.randn(16, 8))
@@ -157,7 +158,7 @@ def test_aux_loss_is_one_for_perfect_balance_and_uniform_router():
 
 
 def test_router_statistics_of_a_flat_router():
-    layer = MoELinear(8, 8, num_experts=4, top_k=1)
+    layer = MoELinear(8, 8, RouterConfig(num_experts=4, top_k=1))
     with torch.no_grad():
         layer.router.weight.zero_()
     layer(torch.randn(16, 8))
@@ -171,18 +172,18 @@ def test_centered_router_ignores_a_shift_shared_by_all_tokens():
     torch.manual_seed(0)
     x = torch.randn(4, 64, 16)  # 4 sequences of 64 tokens
     shared = 20.0 * torch.randn(16)
-    raw = MoELinear(16, 8, num_experts=8)
+    raw = MoELinear(16, 8, RouterConfig(num_experts=8))
     raw(x + shared)
     assert int(raw.last_stats.tokens_per_expert.max()) == 256  # all on one expert
-    centered = MoELinear(16, 8, num_experts=8, center_router_input=True)
+    centered = MoELinear(16, 8, RouterConfig(num_experts=8, input="centered"))
     with torch.no_grad():
         centered.router.weight.copy_(raw.router.weight)
-    torch.testing.assert_close(centered.router_logits(x + shared), centered.router_logits(x), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(centered.router.logits(x + shared), centered.router.logits(x), atol=1e-3, rtol=1e-3)
     centered(x + shared)
     assert int(centered.last_stats.tokens_per_expert.max()) < 256 / 4
     # Causal: a token's logits do not depend on later tokens or other sequences (a prefix alone gives the same).
-    full = centered.router_logits(x).view(4, 64, 8)
-    torch.testing.assert_close(centered.router_logits(x[1:2, :10]).view(10, 8), full[1, :10])
+    full = centered.router.logits(x).view(4, 64, 8)
+    torch.testing.assert_close(centered.router.logits(x[1:2, :10]).view(10, 8), full[1, :10])
     torch.testing.assert_close(full[:, 0], centered.router.bias.detach().expand(4, 8))  # position 0: the bias
 
 
@@ -190,7 +191,7 @@ def test_centered_router_balancing_gradient_reaches_its_bias():
     """Centring zeroes the aux loss's gradient on the router weight's shared part; the bias carries it instead, with
     the sign that moves tokens off the overloaded experts."""
     torch.manual_seed(0)
-    layer = MoELinear(16, 8, num_experts=4, center_router_input=True).train()
+    layer = MoELinear(16, 8, RouterConfig(num_experts=4, input="centered")).train()
     with torch.no_grad():
         layer.router.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))  # expert 0 overloaded
     layer.router_loss_weights = (1.0, 0.0)  # the aux loss alone, through the graph
@@ -209,19 +210,20 @@ def test_centered_router_balancing_gradient_reaches_its_bias():
 )
 def test_layer_rejects_bad_arguments(kwargs, field):
     with pytest.raises(ValueError, match=field):
-        MoELinear(4, 4, **kwargs)
+        MoELinear(4, 4, RouterConfig(**kwargs))
 
 
 def test_normalized_gate_passes_the_expert_output_unattenuated_and_the_router_still_learns():
     """router_gate 'normalized': top-1's gate is 1 in the forward (the output equals the chosen expert's), while the
     router's gradient from the output is that of p / p.detach() (non-zero); 'softmax' scales by p < 1."""
     torch.manual_seed(0)
-    layer = MoELinear(16, 8, num_experts=4)
+    softmax_gate = MoELinear(16, 8, RouterConfig(num_experts=4))
     x = torch.randn(32, 16)
-    soft = layer(x)
-    layer.normalize_gate = True
+    soft = softmax_gate(x)
+    layer = MoELinear(16, 8, RouterConfig(num_experts=4, gate="normalized"))
+    layer.load_state_dict(softmax_gate.state_dict())
     out = layer(x)
-    chosen = layer.router(x).argmax(dim=-1)
+    chosen = layer.router.logits(x).argmax(dim=-1)
     expected = torch.einsum("ti,toi->to", x, layer.weight[chosen])
     torch.testing.assert_close(out, expected)
     assert (soft.norm(dim=-1) < out.norm(dim=-1)).all()  # p < 1 attenuates

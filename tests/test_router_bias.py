@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from llm.model import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM
 from llm.model.moe import MoELinear, MoEMLP
+from llm.model.router import RouterConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -91,17 +92,17 @@ def test_load_cv_falls_with_the_router_bias_and_not_without(one_torch_thread):
 def test_bias_chooses_the_experts_but_the_gates_are_the_unbiased_probabilities(kind, top_k):
     torch.manual_seed(0)
     if kind == "mlp":
-        layer = MoEMLP(16, 32, num_experts=4, act_fn=torch.nn.SiLU(), top_k=top_k, router_bias_update_rate=0.1)
+        layer = MoEMLP(16, 32, RouterConfig(num_experts=4, top_k=top_k, bias_update_rate=0.1), act_fn=torch.nn.SiLU())
     else:
-        layer = MoELinear(16, 8, num_experts=4, top_k=top_k, router_bias_update_rate=0.1)
-    assert "score_correction_bias" in dict(layer.named_buffers())
+        layer = MoELinear(16, 8, RouterConfig(num_experts=4, top_k=top_k, bias_update_rate=0.1))
+    assert "router.score_correction_bias" in dict(layer.named_buffers())
     assert all("score_correction_bias" not in name for name, _ in layer.named_parameters())
     with torch.no_grad():
         layer.score_correction_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.6]))  # expert 3 chosen far more often
     x = torch.randn(64, 16)
     out = layer(x)
 
-    probs = torch.softmax(layer.router(x).float(), dim=-1)
+    probs = torch.softmax(layer.router.logits(x).float(), dim=-1)
     _, chosen = torch.topk(probs + layer.score_correction_bias, top_k, dim=-1)
     _, unbiased = torch.topk(probs, top_k, dim=-1)
     assert not torch.equal(chosen, unbiased)  # the bias changed the selection
@@ -121,16 +122,16 @@ def test_bias_chooses_the_experts_but_the_gates_are_the_unbiased_probabilities(k
 
 
 def test_update_moves_each_expert_by_the_rate_towards_the_mean_load():
-    layer = MoELinear(8, 8, num_experts=4, router_bias_update_rate=0.01)
+    layer = MoELinear(8, 8, RouterConfig(num_experts=4, bias_update_rate=0.01))
     layer.update_router_bias(torch.tensor([10, 2, 4, 4]))  # mean 5
     torch.testing.assert_close(layer.score_correction_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
     layer.update_router_bias(torch.tensor([5.0, 5.0, 5.0, 5.0]))  # balanced: sign 0, no move
     torch.testing.assert_close(layer.score_correction_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
-    plain = MoELinear(8, 8, num_experts=4)
+    plain = MoELinear(8, 8, RouterConfig(num_experts=4))
     plain.update_router_bias(torch.tensor([10, 2, 4, 4]))  # rate 0: no bias, nothing to do
     assert plain.score_correction_bias is None and "score_correction_bias" not in plain.state_dict()
     with pytest.raises(ValueError, match="router_bias_update_rate=-0.1"):
-        MoELinear(8, 8, num_experts=4, router_bias_update_rate=-0.1)
+        MoELinear(8, 8, RouterConfig(num_experts=4, bias_update_rate=-0.1))
 
 
 def test_bias_stays_fp32_when_the_model_is_cast():
@@ -264,4 +265,4 @@ def test_export_writes_the_bias_and_transformers_reloads_it(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     for (_, layer), (_, again) in zip(model.moe_layers(), reloaded.moe_layers()):
         assert torch.equal(again.score_correction_bias, layer.score_correction_bias)
-        assert again.router_bias_update_rate == 0.001
+        assert again.routing.bias_update_rate == 0.001

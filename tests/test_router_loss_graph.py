@@ -9,6 +9,7 @@ import torch
 
 from llm.model import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM
 from llm.model.moe import MoELinear, RoutedExperts, router_losses, track_loss_scale
+from llm.model.router import RouterConfig
 from tests.test_model_parameternet import TINY as LLAMA_TINY
 
 TINY = {
@@ -43,7 +44,7 @@ def test_router_gradients_equal_the_router_loss_added_to_the_training_loss(route
     out = added(input_ids=x, labels=x)
     aux, z = [], []
     for layer, h in inputs:
-        logits = layer.router_logits(h)
+        logits = layer.router.logits(h)
         probs = torch.softmax(logits, dim=-1)
         counts = torch.bincount(probs.topk(1, dim=-1).indices[:, 0], minlength=layer.num_experts)
         a, b = router_losses(logits, probs, counts, 1)
@@ -94,9 +95,9 @@ def test_router_gradient_follows_the_scale_of_the_training_loss() -> None:
 
 def test_compiled_moe_layer_has_one_graph_and_the_eager_gradients() -> None:
     torch.manual_seed(0)
-    eager = MoELinear(32, 16, num_experts=4, center_router_input=True)
+    eager = MoELinear(32, 16, RouterConfig(num_experts=4, input="centered"))
     eager.router_loss_weights = (0.1, 0.01)
-    compiled_layer = MoELinear(32, 16, num_experts=4, center_router_input=True)
+    compiled_layer = MoELinear(32, 16, RouterConfig(num_experts=4, input="centered"))
     compiled_layer.load_state_dict(eager.state_dict())
     compiled_layer.router_loss_weights = (0.1, 0.01)
     x = torch.randn(2, 8, 32)

@@ -29,6 +29,7 @@ ROLES = {
     "headline": "the headline",
     "ceiling": "the ceiling",
     "control": "the standard MoE control",
+    "peer": "the peer implementation",
 }
 
 
@@ -144,6 +145,30 @@ CANONICAL_MOE: tuple[Arm, ...] = (
         "parameternet",
         "standard MoE as the control but routed by the paper's raw linear router (diagnostic)",
         {**NORMALIZED_GATE, "routing_recipe": "paper"},
+        preset="moe-mlp-llama",
+        max_seeds=2,
+    ),
+    # The peer: transformers' own MixtralForCausalLM at the standard MoE's shapes, with its own router, init and
+    # load-balancing loss (llm/model/peers.py; weight 0.01 as Switch's and the paper's, in the preset).
+    Arm(
+        "mixtral-e8",
+        "parameternet",
+        "peer: transformers' MixtralForCausalLM, 8 SwiGLU experts, top-1, its own router and aux loss",
+        preset="mixtral",
+        role="peer",
+    ),
+    # Diagnostic: Hash Layers (Roller et al. 2021), a fixed token-id -> expert map: what a learned router adds.
+    Arm(
+        "moe-mlp-e8-hash",
+        "parameternet",
+        "standard MoE as the control but routed by a fixed hash of the token id, no router loss (diagnostic)",
+        {
+            "router_type": "hash",
+            "router_input": "raw",
+            "router_aux_loss_coef": 0.0,
+            "router_z_loss_coef": 0.0,
+            **NORMALIZED_GATE,
+        },
         preset="moe-mlp-llama",
         max_seeds=2,
     ),

@@ -70,15 +70,25 @@ def non_embedding_params(run: Run) -> int:
 
 
 def routing_text(run: Run) -> str:
-    """The routing recipe the run's model used (configuration_parameternet_llama.ROUTING_RECIPES), or 'dense'."""
+    """The routing the run's model trained with, from its own config (preset + overrides as recorded in
+    summary.json): the recipe's name (configuration_parameternet_llama.ROUTING_RECIPES), then every setting."""
+    from transformers import MixtralConfig
+
     from llm.model.configuration_parameternet_llama import ParameterNetLlamaConfig, routing_recipe
 
     config = model_config(run)
+    if isinstance(config, MixtralConfig):
+        return (
+            f"mixtral (transformers' MixtralForCausalLM: raw linear router, softmax, top-{config.num_experts_per_tok} "
+            f"renormalised, aux {config.router_aux_loss_coef:g}, no z-loss)"
+        )
     if not isinstance(config, ParameterNetLlamaConfig):
         return "dense (no router)"
     return (
-        f"{routing_recipe(config)} (router_input {config.router_input}, aux {config.router_aux_loss_coef:g}, "
-        f"z {config.router_z_loss_coef:g})"
+        f"{routing_recipe(config)} (router_type {config.router_type}, router_input {config.router_input}, "
+        f"score {config.router_score}, gate {config.router_gate}, top-{config.top_k}, "
+        f"aux {config.router_aux_loss_coef:g}, z {config.router_z_loss_coef:g}, "
+        f"bias rate {config.router_bias_update_rate:g}, capacity {config.capacity_factor})"
     )
 
 

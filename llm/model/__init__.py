@@ -10,6 +10,7 @@ from .configuration_parameternet_llama import MOE_PROJECTIONS, ParameterNetLlama
 from .modeling_parameternet_llama import ParameterNetCausalLMOutput, ParameterNetLlamaForCausalLM
 from .moe import MoELinear, RoutingStats
 from .presets import build_model, list_presets, load_model_config
+from .router import RouterConfig
 
 AutoConfig.register(ParameterNetLlamaConfig.model_type, ParameterNetLlamaConfig, exist_ok=True)
 AutoModelForCausalLM.register(ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM, exist_ok=True)
@@ -22,6 +23,7 @@ __all__ = [
     "ParameterNetCausalLMOutput",
     "ParameterNetLlamaConfig",
     "ParameterNetLlamaForCausalLM",
+    "RouterConfig",
     "RoutingStats",
     "build_model",
     "list_presets",

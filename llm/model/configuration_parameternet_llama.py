@@ -1,7 +1,8 @@
 """Configuration of ParameterNet-LLaMA: a LLaMA whose chosen SwiGLU projections are top-k mixtures of experts.
 
 This file is saved next to the weights by `save_pretrained` and loaded with `trust_remote_code=True`, so it imports
-nothing but torch/transformers/huggingface_hub.
+nothing but torch/transformers/huggingface_hub (and router.py, saved beside it). The router_* fields are the keys of
+one `RouterConfig` (`router_config(config)`): the layers take that, never the loose fields.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import warnings
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
+from .router import ROUTER_GATES, ROUTER_INPUTS, ROUTER_SCORES, ROUTERS, RouterConfig
+
 MOE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-ROUTER_INPUTS = ("raw", "centered")
 
 # Named routing recipes: the fields each sets. A report names an arm's recipe with `routing_recipe(config)`; a run
 # picks one with the model override {"routing_recipe": NAME} (llm.model.presets.load_model_config expands it).
@@ -27,15 +29,21 @@ ROUTER_INPUTS = ("raw", "centered")
 #   load CV 0.44-0.87 at iterations 10-30 and 0.55-1.32 at 40-60, validation loss 6.09 / 6.00 / 5.89 at 20/40/60;
 #   the paper's recipe: 1.1-2.65 at 10-30 (every token of three layers on one expert at 10), 0.4-1.79 at 40-60,
 #   validation loss 6.25 / 5.99 / 5.83.
-ROUTER_GATES = ("softmax", "normalized")
 ROUTING_RECIPES: dict[str, dict[str, object]] = {
     "paper": {"router_input": "raw", "router_aux_loss_coef": 0.01, "router_z_loss_coef": 0.0},
     "centered": {"router_input": "centered", "router_aux_loss_coef": 0.1, "router_z_loss_coef": 0.001},
 }
 
 
+def router_config(config: ParameterNetLlamaConfig) -> RouterConfig:
+    """The one RouterConfig every MoE layer of the model is built with."""
+    return RouterConfig.from_model_config(config)
+
+
 def routing_recipe(config: ParameterNetLlamaConfig) -> str:
-    """The name of the routing recipe whose fields the config has, or 'custom'."""
+    """The name of the routing recipe whose fields the config has, 'hash', or 'custom'."""
+    if config.router_type == "hash":
+        return "hash"
     for name, fields in ROUTING_RECIPES.items():
         if all(getattr(config, key) == value for key, value in fields.items()):
             return name
@@ -111,6 +119,21 @@ def validate_parameternet_fields(config: ParameterNetLlamaConfig) -> None:
             f"router_gate={config.router_gate!r} must be one of {list(ROUTER_GATES)} ('softmax': the gate is the "
             f"router probability, as in Switch; 'normalized': divided by the chosen experts' sum, unattenuated)"
         )
+    if config.router_score not in ROUTER_SCORES:
+        raise ValueError(
+            f"router_score={config.router_score!r} must be one of {list(ROUTER_SCORES)} ('softmax' over the experts, "
+            f"as Switch and the paper; 'sigmoid' per expert, as DeepSeek-V3, best with router_gate 'normalized')"
+        )
+    if config.router_type not in ROUTERS:
+        raise ValueError(
+            f"router_type={config.router_type!r} must be one of {list(ROUTERS)} ('learned': a linear router; "
+            f"'hash': a fixed hash of the token id, no learned router, the Hash Layers control)"
+        )
+    if config.router_type == "hash" and config.router_bias_update_rate:
+        raise ValueError(
+            f"router_bias_update_rate={config.router_bias_update_rate!r} with router_type='hash': a hash router has "
+            f"no selection bias to move; set router_bias_update_rate to 0"
+        )
     if config.router_input not in ROUTER_INPUTS:
         raise ValueError(
             f"router_input={config.router_input!r} must be one of {list(ROUTER_INPUTS)} ('raw': the paper's linear "
@@ -169,6 +192,10 @@ class ParameterNetLlamaConfig(LlamaConfig):
         top-1 (see llm/model/moe.py). ROUTING_RECIPES names the combinations in use.
     router_gate: what multiplies an expert's output. 'softmax' (the paper's and Switch's): its router probability.
         'normalized': the probability over the sum of the chosen experts' (a constant in the backward): 1 for top-1.
+    router_score: 'softmax' over the experts (the default) or 'sigmoid' per expert (DeepSeek-V3; Megatron-Core's
+        moe_router_score_function 'sigmoid'), its top-k renormalised with router_gate 'normalized'.
+    router_type: 'learned' (the default: a linear router) or 'hash' (Hash Layers, Roller et al. 2021: a fixed hash
+        of the token id chooses the expert; no router weights, no router loss; the control for a learned router).
     """
 
     model_type = "parameternet_llama"
@@ -184,6 +211,8 @@ class ParameterNetLlamaConfig(LlamaConfig):
     moe_mlp: bool = False
     router_bias_update_rate: float | int = 0.0
     router_gate: str = "softmax"
+    router_score: str = "softmax"
+    router_type: str = "learned"
 
     def __post_init__(self, **kwargs):
         if LEGACY_EXPERT_BIAS in kwargs:
@@ -200,6 +229,7 @@ __all__ = [
     "ROUTER_INPUTS",
     "ROUTING_RECIPES",
     "ParameterNetLlamaConfig",
+    "router_config",
     "routing_recipe",
     "validate_parameternet_fields",
 ]

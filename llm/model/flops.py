@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from transformers import LlamaConfig
+from transformers import LlamaConfig, MixtralConfig
 
 from .configuration_parameternet_llama import ParameterNetLlamaConfig
 
@@ -52,12 +52,17 @@ def account(config: LlamaConfig, seq_len: int | None = None) -> ModelAccounting:
     kv_width = config.num_key_value_heads * head_dim
 
     attn_weights = hidden * q_width + 2 * hidden * kv_width + q_width * hidden
-    attn_bias = (q_width + 2 * kv_width + hidden) if config.attention_bias else 0
+    attn_bias = (q_width + 2 * kv_width + hidden) if getattr(config, "attention_bias", False) else 0
     norms = 2 * hidden
 
     moe = isinstance(config, ParameterNetLlamaConfig)
     mlp_total = mlp_active = mlp_matmul = 0
-    if moe and config.moe_mlp:
+    if isinstance(config, MixtralConfig):
+        # The peer standard MoE: E whole SwiGLU experts and a bias-free router on the hidden state.
+        experts, k, expert = config.num_local_experts, config.num_experts_per_tok, 3 * hidden * config.intermediate_size
+        mlp_total, mlp_active = experts * expert + hidden * experts, k * expert + hidden * experts
+        mlp_matmul = k * expert + hidden * experts
+    elif moe and config.moe_mlp:
         # A standard MoE: E whole SwiGLU experts (3 hidden x inner matrices each) and one router on the hidden state.
         experts, k, expert = config.num_experts, config.top_k, 3 * hidden * config.intermediate_size
         router = router_params(config, hidden)

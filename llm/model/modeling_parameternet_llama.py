@@ -26,11 +26,14 @@ from transformers.models.llama.modeling_llama import (
 
 from .configuration_parameternet_llama import ParameterNetLlamaConfig, validate_parameternet_fields
 from .moe import MoELinear, MoEMLP, RoutedExperts, track_loss_scale
+from .router import LearnedRouter, RouterConfig
 
 # The KV cache's name in forward arguments and model outputs: transformers 5.2x renamed `past_key_values` to `cache`
 # (the old name warns until 5.40). Checkpoints carry this file to machines with other transformers 5.x versions, so
 # it asks the installed one rather than picking a name.
 CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# The forward keyword that carries the input ids to the decoder layers' MLPs, for routers that read them (hash).
+ROUTER_TOKEN_IDS = "router_token_ids"
 
 
 class ParameterNetLlamaMLP(nn.Module):
@@ -41,49 +44,36 @@ class ParameterNetLlamaMLP(nn.Module):
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
         self.act_fn = ACT2FN[config.hidden_act]
+        router = RouterConfig.from_model_config(config)
         self.experts: MoEMLP | None = None
         if config.moe_mlp:
-            self.experts = MoEMLP(
-                hidden,
-                inner,
-                num_experts=config.num_experts,
-                act_fn=self.act_fn,
-                top_k=config.top_k,
-                capacity_factor=config.capacity_factor,
-                center_router_input=config.router_input == "centered",
-                router_bias_update_rate=config.router_bias_update_rate,
-            )
-            self.experts.normalize_gate = config.router_gate == "normalized"
+            self.experts = MoEMLP(hidden, inner, router, act_fn=self.act_fn)
             return
         shapes = {"gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
         for name, (fan_in, fan_out) in shapes.items():
             if name in config.moe_projections:
-                layer: nn.Module = MoELinear(
-                    fan_in,
-                    fan_out,
-                    num_experts=config.num_experts,
-                    top_k=config.top_k,
-                    capacity_factor=config.capacity_factor,
-                    bias=config.expert_output_bias,
-                    center_router_input=config.router_input == "centered",
-                    router_bias_update_rate=config.router_bias_update_rate,
-                )
-                layer.normalize_gate = config.router_gate == "normalized"
+                layer: nn.Module = MoELinear(fan_in, fan_out, router, bias=config.expert_output_bias)
             else:
                 layer = nn.Linear(fan_in, fan_out, bias=config.mlp_bias)
             setattr(self, name, layer)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor | None = None, token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`positions`: each token's position within its document, under document-masked packing (a centred router's
-        causal mean restarts per document; moe.RoutedExperts.router_logits); None: one sequence per row."""
+        causal mean restarts per document; router.LearnedRouter.logits); None: one sequence per row. `token_ids`:
+        for routers that read them (router_type 'hash')."""
         if self.experts is not None:
-            return self.experts(x, positions)
-        gate, up = (self._project(self.gate_proj, x, positions), self._project(self.up_proj, x, positions))
-        return self._project(self.down_proj, self.act_fn(gate) * up, positions)
+            return self.experts(x, positions, token_ids)
+        gate = self._project(self.gate_proj, x, positions, token_ids)
+        up = self._project(self.up_proj, x, positions, token_ids)
+        return self._project(self.down_proj, self.act_fn(gate) * up, positions, token_ids)
 
     @staticmethod
-    def _project(layer: nn.Module, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        return layer(x, positions) if positions is not None and isinstance(layer, RoutedExperts) else layer(x)
+    def _project(
+        layer: nn.Module, x: torch.Tensor, positions: torch.Tensor | None, token_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        return layer(x, positions, token_ids) if isinstance(layer, RoutedExperts) else layer(x)
 
 
 class ParameterNetLlamaDecoderLayer(GradientCheckpointingLayer):
@@ -111,6 +101,7 @@ class ParameterNetLlamaDecoderLayer(GradientCheckpointingLayer):
         # document_mask=True (a forward keyword, from the trainer's --document_mask): position_ids restart per packed
         # document, and the MLP's centred routers restart their causal mean with them. Not passed on to attention.
         documents = kwargs.pop("document_mask", False)
+        token_ids = kwargs.pop(ROUTER_TOKEN_IDS, None)
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
@@ -122,7 +113,7 @@ class ParameterNetLlamaDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = residual + hidden_states
         positions = position_ids if documents else None
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), positions)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), positions, token_ids)
 
 
 class ParameterNetGenerationConfig(GenerationConfig):
@@ -151,6 +142,10 @@ class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        if isinstance(module, LearnedRouter):
+            hf_init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                hf_init.zeros_(module.bias)
         if isinstance(module, RoutedExperts):
             # transformers' init functions skip tensors already loaded from a checkpoint (_is_hf_initialized).
             for name in module.expert_param_names:
@@ -262,6 +257,8 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, GenerationM
         if torch.is_grad_enabled():  # scale 1 until a tracked loss's backward says otherwise (moe.RouterLoss)
             for _, layer in self.moe_layers():
                 layer.router_loss_scale.fill_(1.0)
+        # A hash router reads the token ids in every layer (not the loss function: hence not in kwargs).
+        routed_by_id = {ROUTER_TOKEN_IDS: input_ids} if self.config.router_type == "hash" else {}
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -269,6 +266,7 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, GenerationM
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **{CACHE: cache},
+            **routed_by_id,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state

@@ -15,15 +15,17 @@ from typing import Any
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, PretrainedConfig, PreTrainedModel
 
 from .configuration_parameternet_llama import LEGACY_EXPERT_BIAS, ROUTING_RECIPES, ParameterNetLlamaConfig
 from .modeling_parameternet_llama import ParameterNetLlamaForCausalLM
+from .peers import PEER_MODELS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-CONFIG_CLASSES: dict[str, type[LlamaConfig]] = {
+CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
     "llama": LlamaConfig,
     "parameternet_llama": ParameterNetLlamaConfig,
+    "mixtral": MixtralConfig,  # a peer implementation of a standard MoE (llm/model/peers.py)
 }
 
 
@@ -206,10 +208,14 @@ def load_model_config(name_or_path: str | Path, **overrides: Any) -> LlamaConfig
 def build_model(
     config: LlamaConfig, *, attn_implementation: str | None = None, dtype: torch.dtype | None = None
 ) -> PreTrainedModel:
-    """Vanilla LLaMA is transformers' LlamaForCausalLM, unchanged; ParameterNet-LLaMA is ours."""
+    """Vanilla LLaMA is transformers' LlamaForCausalLM, unchanged; ParameterNet-LLaMA is ours; a peer MoE is
+    transformers' own (llm/model/peers.py)."""
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
-    model_class = ParameterNetLlamaForCausalLM if isinstance(config, ParameterNetLlamaConfig) else LlamaForCausalLM
+    if isinstance(config, ParameterNetLlamaConfig):
+        model_class: type[PreTrainedModel] = ParameterNetLlamaForCausalLM
+    else:
+        model_class = PEER_MODELS.get(type(config), LlamaForCausalLM)
     model = model_class(config)
     if dtype is not None:
         model = model.to(dtype)

@@ -21,6 +21,19 @@ from runtime.config import ALLOW, IGNORE, REFUSE, ConfigEngine, opt
 from runtime.fields import canonical
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# The flags that are model config keys of the MoE presets (the `mixture of experts` group below).
+MOE_FLAGS = (
+    "num_experts",
+    "moe_projections",
+    "top_k",
+    "router_type",
+    "router_input",
+    "router_score",
+    "router_gate",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "router_bias_update_rate",
+)
 
 
 @dataclass
@@ -32,6 +45,23 @@ class TrainConfig:
     attn_implementation: str = opt("sdpa", "the attention kernel", choices=("sdpa", "flash_attention_2", "eager"))
     activation_checkpointing: bool = opt(False, "recompute activations in the backward pass: memory for compute")
     compile: bool = opt(False, "torch.compile the model")
+    # The mixture-of-experts settings of ParameterNet and standard-MoE presets (llm/model/router.py's RouterConfig):
+    # each is the model config key of the same name, folded into model_overrides (the two may not disagree); none
+    # keeps the preset's value.
+    num_experts: int | None = opt(None, "experts per MoE layer (none: the preset's)", section="mixture of experts")
+    moe_projections: list[str] | None = opt(None, "the SwiGLU projections made MoE layers, e.g. up_proj")
+    top_k: int | None = opt(None, "experts per token")
+    router_type: str | None = opt(None, "learned, or hash (token id -> expert)", choices=(None, "learned", "hash"))
+    router_input: str | None = opt(None, "what a learned router reads", choices=(None, "raw", "centered"))
+    router_score: str | None = opt(None, "the router's scores", choices=(None, "softmax", "sigmoid"))
+    router_gate: str | None = opt(
+        None,
+        "what multiplies the expert's output: its score, or normalized (1 for top-1)",
+        choices=(None, "softmax", "normalized"),
+    )
+    router_aux_loss_coef: float | None = opt(None, "the Switch load-balancing loss's weight")
+    router_z_loss_coef: float | None = opt(None, "the router z-loss's weight")
+    router_bias_update_rate: float | None = opt(None, "aux-loss-free balancing's bias step (DeepSeek-V3: 0.001)")
     data_path: list[str] = opt(
         help="Megatron style: [PREFIX] or [W1, PREFIX1, W2, PREFIX2]; [] = the embedded corpus",
         factory=list,
@@ -126,6 +156,8 @@ class TrainConfig:
 
 # The smallest valid value of each integer field (None, where allowed, means "not set"), and what the edge means.
 INT_MINIMUMS = {
+    "num_experts": (1, ""),
+    "top_k": (1, ""),
     "seq_len": (1, ""),
     "micro_batch_size": (1, ""),
     "global_batch_size": (1, ""),
@@ -154,6 +186,9 @@ FLOAT_RANGES = {
     "adam_eps": FloatRange(0.0, False, math.inf, False, "e.g. 1e-8"),
     "grad_clip": FloatRange(0.0, True, math.inf, False, "the max global gradient norm; 0 turns clipping off"),
     "wsd_decay_fraction": FloatRange(0.0, False, 1.0, True, "the share of the run that decays, e.g. 0.2"),
+    "router_aux_loss_coef": FloatRange(0.0, True, math.inf, False, "0 turns it off; Switch used 0.01 per layer"),
+    "router_z_loss_coef": FloatRange(0.0, True, math.inf, False, "0 turns it off; ST-MoE used 0.001"),
+    "router_bias_update_rate": FloatRange(0.0, True, math.inf, False, "0 turns it off; DeepSeek-V3 used 0.001"),
 }
 EXAMPLES = {
     "train_iters": "1000",
@@ -191,6 +226,7 @@ _HEAD = "the LR schedule already followed (the LR would jump; Megatron refuses t
 RESUME_POLICY: dict[str, tuple[str, str]] = {
     "model": (REFUSE, _ARCH),
     "model_overrides": (REFUSE, _ARCH),
+    **{name: (REFUSE, "a model config key (folded into model_overrides)") for name in MOE_FLAGS},
     "attn_implementation": (ALLOW, "the same attention, another kernel"),
     "activation_checkpointing": (ALLOW, "memory for compute; the same math"),
     "compile": (ALLOW, "speed only"),
@@ -384,8 +420,26 @@ def load_config(
 ) -> TrainConfig:
     """Defaults <- YAML file (a preset name in llm/configs/ or a path) <- `overrides` <- `--key value` pairs."""
     config = ENGINE.load(path, overrides, cli_overrides, apply=_apply)
+    fold_moe_flags(config)
     validate(config)
     return config
+
+
+def fold_moe_flags(config: TrainConfig) -> None:
+    """The MoE flags given (not none) into model_overrides, where the model is built from; a key given both ways must
+    agree."""
+    if not isinstance(config.model_overrides, dict):
+        return  # validate() names it
+    for name in MOE_FLAGS:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if name in config.model_overrides and config.model_overrides[name] != value:
+            raise ValueError(
+                f"{name}={value!r} and model_overrides {{{name!r}: {config.model_overrides[name]!r}}} disagree; "
+                f"give it once, as --{name}"
+            )
+        config.model_overrides = {**config.model_overrides, name: value}
 
 
 def dump_yaml(config: TrainConfig) -> str:

@@ -55,7 +55,30 @@ def console_line(r: dict[str, Any], train_iters: int, moe_names: list[str]) -> s
     return " | ".join(parts)
 
 
-def run_summary(cfg: Any, accounting: Any, result: dict[str, Any], world: int) -> dict[str, Any]:
+def routing_record(model_config: Any) -> dict[str, Any] | str:
+    """The routing the model really trained with (RouterConfig's fields, resolved from preset and overrides), or
+    'dense': what reports put in their routing column, never inferred from an arm's name."""
+    from transformers import MixtralConfig
+
+    from llm.model.configuration_parameternet_llama import ParameterNetLlamaConfig, router_config, routing_recipe
+    from llm.model.router import RouterConfig
+
+    if isinstance(model_config, MixtralConfig):  # the peer: its router as transformers wrote it, in our terms
+        peer = RouterConfig(
+            num_experts=model_config.num_local_experts,
+            top_k=model_config.num_experts_per_tok,
+            gate="normalized",
+            aux_loss_coef=model_config.router_aux_loss_coef,
+        )
+        return {"recipe": "mixtral", "experts": "mlp", **peer.record()}
+    if not isinstance(model_config, ParameterNetLlamaConfig):
+        return "dense"
+    record = router_config(model_config).record()
+    experts = "mlp" if model_config.moe_mlp else "linear"
+    return {"recipe": routing_recipe(model_config), "experts": experts, **record}
+
+
+def run_summary(cfg: Any, accounting: Any, result: dict[str, Any], world: int, model_config: Any) -> dict[str, Any]:
     summary = {
         "task": "llm",
         "model": cfg.model,
@@ -70,6 +93,7 @@ def run_summary(cfg: Any, accounting: Any, result: dict[str, Any], world: int) -
         "seed": cfg.seed,
         "world_size": world,
         "expert_parallel_size": cfg.expert_parallel_size,
+        "routing": routing_record(model_config),
     }
     if "dense_weights_identical" in result:
         summary["dense_weights_identical_across_ranks"] = result["dense_weights_identical"]

@@ -501,4 +501,6 @@ class Trainer:
 
     def _write_summary(self, result: dict[str, Any]) -> None:
         if self.rank == 0:
-            write_summary(self.output_dir, run_summary(self.cfg, self.accounting, result, self.world))
+            write_summary(
+                self.output_dir, run_summary(self.cfg, self.accounting, result, self.world, self.model_config)
+            )

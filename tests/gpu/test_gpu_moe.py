@@ -8,6 +8,7 @@ import torch
 
 from llm.model import moe
 from llm.model.moe import MoELinear
+from llm.model.router import RouterConfig
 from tests.gpu.target import TARGET, gpu, needs_device
 
 pytestmark = [gpu, needs_device]
@@ -84,7 +85,9 @@ def test_moe_layer_grouped_path_matches_slice_path_in_bf16(monkeypatch, top_k: i
     fan_in, fan_out, experts, tokens = SHAPE
     device = torch.device(TARGET.device)
     torch.manual_seed(0)
-    layer = MoELinear(fan_in, fan_out, num_experts=experts, top_k=top_k).to(device=device, dtype=torch.bfloat16)
+    layer = MoELinear(fan_in, fan_out, RouterConfig(num_experts=experts, top_k=top_k)).to(
+        device=device, dtype=torch.bfloat16
+    )
     x = torch.randn(tokens, fan_in, device=device, dtype=torch.bfloat16)
     up = torch.randn(tokens, fan_out, device=device, dtype=torch.bfloat16)
 
