@@ -2,7 +2,7 @@
 
 `mixtral`: transformers' own `MixtralForCausalLM` (its router: a linear map, softmax, top-k, the chosen
 probabilities renormalised, so gate 1 under top-1; its init; its load-balancing loss `load_balancing_loss_func`
-weighted by `router_aux_loss_coef`), unchanged. `MixtralWithRouterStats` only adds what our trainer reads of every
+weighted by `router_aux_loss_coef`), unchanged. Our `MixtralForCausalLM` subclass only adds what our trainer reads of every
 MoE model: the router loss it adds to the LM loss (Mixtral adds it itself when given labels; our trainer computes the
 LM loss from the logits), and the routing statistics computed from Mixtral's own router logits (tokens per expert,
 top-1 probability, entropy). A preset names the model type (llm/configs/mixtral-micro.json); the trainer's loop has
@@ -14,14 +14,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM
+import transformers
+from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from .modeling_parameternet_llama import ParameterNetCausalLMOutput
 
 
-class MixtralWithRouterStats(MixtralForCausalLM):
-    """MixtralForCausalLM whose outputs carry the router loss and statistics our trainer logs."""
+class MixtralForCausalLM(transformers.MixtralForCausalLM):
+    """transformers' MixtralForCausalLM whose outputs carry the router loss and statistics our trainer logs. It keeps
+    the class name on purpose: `save_pretrained` writes it as the architecture, so an export is a plain Mixtral
+    checkpoint that loads anywhere (the weights' names are transformers' own)."""
 
     def forward(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> ParameterNetCausalLMOutput:
         kwargs["output_router_logits"] = True
@@ -65,6 +68,6 @@ class MixtralWithRouterStats(MixtralForCausalLM):
         """Mixtral has no aux-loss-free selection bias: nothing to move."""
 
 
-PEER_MODELS: dict[type, type] = {MixtralConfig: MixtralWithRouterStats}
+PEER_MODELS: dict[type, type] = {MixtralConfig: MixtralForCausalLM}
 
-__all__ = ["PEER_MODELS", "MixtralWithRouterStats"]
+__all__ = ["PEER_MODELS", "MixtralForCausalLM"]
