@@ -3,10 +3,10 @@
 `mixtral`: transformers' own `MixtralForCausalLM` (its router: a linear map, softmax, top-k, the chosen
 probabilities renormalised, so gate 1 under top-1; its init; its load-balancing loss `load_balancing_loss_func`
 weighted by `router_aux_loss_coef`), unchanged. Our `MixtralForCausalLM` subclass only adds what our trainer reads
-of every MoE model: the router loss it adds to the LM loss (Mixtral adds it itself when given labels; our trainer computes the
-LM loss from the logits), and the routing statistics computed from Mixtral's own router logits (tokens per expert,
-top-1 probability, entropy). A preset names the model type (llm/configs/mixtral-micro.json); the trainer's loop has
-no case for it.
+of every MoE model: the router loss it adds to the LM loss (Mixtral adds it itself when given labels; our trainer
+computes the LM loss from the logits), and the routing statistics computed from Mixtral's own router logits (tokens
+per expert, top-1 probability, entropy). A preset names the model type (llm/configs/mixtral-micro.json); the
+trainer's loop has no case for it.
 """
 
 from __future__ import annotations
