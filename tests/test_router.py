@@ -138,7 +138,7 @@ def test_experts_report_their_own_parameters_and_flops():
     assert linear.param_count() == (sum(p.numel() for p in linear.parameters()), 2 * (16 * 8 + 8) + 4 * 16 + 4)
     mlp = MoEMLP(16, 24, config, act_fn=torch.nn.SiLU())
     assert mlp.param_count()[0] == sum(p.numel() for p in mlp.parameters())
-    assert mlp.flops_per_token() == 2 * 2 * 3 * 16 * 24 + 2 * (4 * 16 + 4)
+    assert mlp.flops_per_token() == 2 * 2 * 3 * 16 * 24 + 2 * 16 * 4  # top-2 experts and the router matmul
 
 
 def test_moe_flags_fold_into_model_overrides_and_may_not_disagree():

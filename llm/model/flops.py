@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
+from torch import nn
 from transformers import LlamaConfig, MixtralConfig
 
 from .configuration_parameternet_llama import ParameterNetLlamaConfig
@@ -34,13 +36,43 @@ class ModelAccounting:
 
 
 def router_params(config: ParameterNetLlamaConfig, fan_in: int) -> int:
-    """One router: Linear(fan_in -> num_experts), with a bias when it routes on the centred input."""
+    """One router: Linear(fan_in -> num_experts), with a bias when it routes on the centred input; none when hashed."""
+    if config.router_type == "hash":
+        return 0
     return fan_in * config.num_experts + (config.num_experts if config.router_input == "centered" else 0)
 
 
 def _mlp_projections(config: LlamaConfig) -> dict[str, tuple[int, int]]:
     hidden, inner = config.hidden_size, config.intermediate_size
     return {"gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
+
+
+def _mlp_cost(config: LlamaConfig) -> tuple[int, int, int]:
+    """(total params, active params, forward multiply-adds per token) of one decoder layer's MLP. ParameterNet's MLP
+    is built on the meta device and each of its layers answers for itself (an expert layer knows its experts, top-k
+    and router; a dense projection is its matrix): no branch here on what the variant is."""
+    if isinstance(config, MixtralConfig):
+        # The peer standard MoE (transformers' code, not ours to ask): E whole SwiGLU experts, a bias-free router.
+        hidden, experts, k = config.hidden_size, config.num_local_experts, config.num_experts_per_tok
+        expert = 3 * hidden * config.intermediate_size
+        return experts * expert + hidden * experts, k * expert + hidden * experts, k * expert + hidden * experts
+    if not isinstance(config, ParameterNetLlamaConfig):
+        total = sum(i * o + (o if config.mlp_bias else 0) for i, o in _mlp_projections(config).values())
+        return total, total, sum(i * o for i, o in _mlp_projections(config).values())
+    from .modeling_parameternet_llama import ParameterNetLlamaMLP
+    from .moe import RoutedExperts
+
+    with torch.device("meta"):
+        mlp = ParameterNetLlamaMLP(config)
+    total = active = flops = 0
+    for layer in mlp.children():
+        if isinstance(layer, RoutedExperts):
+            layer_total, layer_active = layer.param_count()
+            total, active, flops = total + layer_total, active + layer_active, flops + layer.flops_per_token()
+        elif isinstance(layer, nn.Linear):
+            n = sum(p.numel() for p in layer.parameters())
+            total, active, flops = total + n, active + n, flops + 2 * layer.in_features * layer.out_features
+    return total, active, flops // 2
 
 
 def account(config: LlamaConfig, seq_len: int | None = None) -> ModelAccounting:
@@ -55,33 +87,7 @@ def account(config: LlamaConfig, seq_len: int | None = None) -> ModelAccounting:
     attn_bias = (q_width + 2 * kv_width + hidden) if getattr(config, "attention_bias", False) else 0
     norms = 2 * hidden
 
-    moe = isinstance(config, ParameterNetLlamaConfig)
-    mlp_total = mlp_active = mlp_matmul = 0
-    if isinstance(config, MixtralConfig):
-        # The peer standard MoE: E whole SwiGLU experts and a bias-free router on the hidden state.
-        experts, k, expert = config.num_local_experts, config.num_experts_per_tok, 3 * hidden * config.intermediate_size
-        mlp_total, mlp_active = experts * expert + hidden * experts, k * expert + hidden * experts
-        mlp_matmul = k * expert + hidden * experts
-    elif moe and config.moe_mlp:
-        # A standard MoE: E whole SwiGLU experts (3 hidden x inner matrices each) and one router on the hidden state.
-        experts, k, expert = config.num_experts, config.top_k, 3 * hidden * config.intermediate_size
-        router = router_params(config, hidden)
-        mlp_total, mlp_active = experts * expert + router, k * expert + router
-        mlp_matmul = k * expert + hidden * experts
-    else:
-        for name, (fan_in, fan_out) in _mlp_projections(config).items():
-            if moe and name in config.moe_projections:
-                experts, k = config.num_experts, config.top_k
-                bias = fan_out if config.expert_output_bias else 0
-                router = router_params(config, fan_in)
-                mlp_total += experts * (fan_in * fan_out + bias) + router
-                mlp_active += k * (fan_in * fan_out + bias) + router
-                mlp_matmul += k * fan_in * fan_out + fan_in * experts
-            else:
-                bias = fan_out if config.mlp_bias else 0
-                mlp_total += fan_in * fan_out + bias
-                mlp_active += fan_in * fan_out + bias
-                mlp_matmul += fan_in * fan_out
+    mlp_total, mlp_active, mlp_matmul = _mlp_cost(config)
 
     embedding = vocab * hidden
     lm_head = 0 if config.tie_word_embeddings else vocab * hidden

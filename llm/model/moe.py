@@ -240,7 +240,8 @@ class RoutedExperts(nn.Module, abc.ABC):
         return sum(p.numel() for p in self.router.parameters())
 
     def router_flops(self) -> int:
-        return 2 * self.router_params() if self.routing.type != "hash" else 0
+        # The router's matmul (its bias and the softmax are not counted, as norms and activations are not).
+        return 2 * self.in_features * self.num_experts if self.routing.type != "hash" else 0
 
     def capacity(self, num_tokens: int) -> int | None:
         if self.capacity_factor is None:
