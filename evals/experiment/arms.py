@@ -132,6 +132,15 @@ CANONICAL_MOE: tuple[Arm, ...] = (
         preset="moe-mlp-llama",
         role="control",
     ),
+    # The peer: transformers' own MixtralForCausalLM at the standard MoE's shapes, with its own router, init and
+    # load-balancing loss (llm/model/peers.py; weight 0.01 as Switch's and the paper's, in the preset).
+    Arm(
+        "mixtral-e8",
+        "parameternet",
+        "peer: transformers' MixtralForCausalLM, 8 SwiGLU experts, top-1, its own router and aux loss",
+        preset="mixtral",
+        role="peer",
+    ),
     Arm(
         "pn-up-e8",
         "parameternet",
@@ -147,15 +156,6 @@ CANONICAL_MOE: tuple[Arm, ...] = (
         {**NORMALIZED_GATE, "routing_recipe": "paper"},
         preset="moe-mlp-llama",
         max_seeds=2,
-    ),
-    # The peer: transformers' own MixtralForCausalLM at the standard MoE's shapes, with its own router, init and
-    # load-balancing loss (llm/model/peers.py; weight 0.01 as Switch's and the paper's, in the preset).
-    Arm(
-        "mixtral-e8",
-        "parameternet",
-        "peer: transformers' MixtralForCausalLM, 8 SwiGLU experts, top-1, its own router and aux loss",
-        preset="mixtral",
-        role="peer",
     ),
     # Diagnostic: Hash Layers (Roller et al. 2021), a fixed token-id -> expert map: what a learned router adds.
     Arm(
