@@ -65,6 +65,44 @@ def test_scaling_arms() -> None:
     assert arms[CEILING].overrides["intermediate_size"] > 344
 
 
+def test_canonical_moe_budget_has_room_and_reads_the_text_at_most_once() -> None:
+    """issue 32: >= 6 tokens per non-embedding parameter of llama-micro, no repeated text (pd-english's 5.02M
+    training tokens), the LR annealed by the last validation (the primary endpoint)."""
+    from llm.train.config import load_config
+
+    cfg = load_config("micro-room")
+    tokens = cfg.resolved_train_iters() * cfg.global_batch_size * cfg.seq_len
+    assert tokens / 791_680 >= 6.0 and tokens <= 5_020_000
+    assert cfg.lr_decay_style == "linear" and max(cfg.validation_iterations()) == cfg.resolved_train_iters()
+
+
+def test_canonical_moe_arms_and_their_seeds() -> None:
+    """Every routed arm of the study uses the normalized gate; the diagnostics train with at most 2 seeds; the peer is
+    transformers' Mixtral at the standard MoE's shapes."""
+    arms = {arm.name: arm for arm in select_arms("canonical-moe", "micro", None)}
+    assert list(arms) == [
+        BASELINE, CEILING, STANDARD_MOE, "mixtral-e8", "pn-up-e8", "moe-mlp-e8-paper", "moe-mlp-e8-hash",
+    ]  # fmt: skip
+    for name in (STANDARD_MOE, "pn-up-e8", "moe-mlp-e8-paper", "moe-mlp-e8-hash"):
+        assert arms[name].overrides["router_gate"] == "normalized"
+    assert arms["mixtral-e8"].run_spec("micro") == "mixtral-e8 parameternet --model mixtral-micro"
+    assert arms["moe-mlp-e8-hash"].overrides["router_type"] == "hash"
+    assert [a.max_seeds for a in arms.values()] == [None, None, None, None, None, 2, 2]
+
+
+def test_arms_lines_carry_each_arms_seed_count(capsys) -> None:
+    from evals.experiment import main
+
+    assert main(["arms", "canonical-moe", "--size", "micro", "--seeds", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [
+        ["5", BASELINE], ["5", CEILING], ["5", STANDARD_MOE], ["5", "mixtral-e8"], ["5", "pn-up-e8"],
+        ["2", "moe-mlp-e8-paper"], ["2", "moe-mlp-e8-hash"],
+    ]  # fmt: skip
+    assert main(["arms", "canonical-moe", "--size", "micro", "--seeds", "1"]) == 0
+    assert all(line.startswith("1 ") for line in capsys.readouterr().out.splitlines())
+
+
 # ------------------------------------------------------------------------------------------ the report
 POINTS = [10, 20, 40, 80, 160]  # iterations; tokens = 1000 x iteration
 
