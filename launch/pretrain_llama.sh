@@ -16,8 +16,8 @@
 #
 # With no arguments: tiny vanilla LLaMA on the embedded Shakespeare corpus, on CPU, a few minutes on 2 cores.
 # Environment (all optional; NPROC, HOSTFILE, NNODES... are read by launch/common.sh, shared with train_vision.sh):
-#   SIZE=tiny|small|1b model preset size (llama-$SIZE / parameternet-llama-$SIZE) and training preset
-#                      llm/configs/$SIZE.yaml (tiny: a smoke run; small: the CPU experiment, launch/experiment.sh)
+#   SIZE=tiny|micro|small|1b  model preset size (llama-$SIZE / parameternet-llama-$SIZE) and training preset
+#                      llm/configs/$SIZE.yaml (tiny: a smoke run; small, micro: the CPU experiments, launch/experiment.sh)
 #   CONFIG=FILE|NAME   training preset instead of $SIZE (YAML mirroring the --key flags)
 #   NPROC=N            ranks per node (default: the visible GPUs, or 1 CPU rank without a GPU)
 #   HOSTFILE=FILE      several nodes over ssh/pdsh (see launch/hostfile.example)
