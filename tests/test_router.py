@@ -176,3 +176,14 @@ def test_peer_mixtral_preset_has_the_standard_moe_shapes_and_reports_routing():
     assert out.router_loss.requires_grad  # Mixtral's own load-balancing loss, in the graph
     out.router_loss.backward()
     assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_current_state_key_names_a_legacy_router_bias_as_the_model_does():
+    from llm.model.moe import current_state_key
+
+    model = ParameterNetLlamaForCausalLM(ParameterNetLlamaConfig(**TINY, router_bias_update_rate=0.01))
+    names = {name for name, _ in model.named_buffers() if name.endswith("score_correction_bias")}
+    legacy = {name.replace(".router.score_correction_bias", ".score_correction_bias") for name in names}
+    assert names and {current_state_key(k) for k in legacy} == names
+    assert {current_state_key(k) for k in names} == names  # current names stay
+    assert current_state_key("model.embed_tokens.weight") == "model.embed_tokens.weight"

@@ -311,12 +311,19 @@ class RoutedExperts(nn.Module, abc.ABC):
         return out.reshape(*leading, self.out_features)
 
 
+def current_state_key(key: str) -> str:
+    """A state-dict key as this code names it. Before the router was its own module the selection bias was
+    `<layer>.score_correction_bias`; it is `<layer>.router.score_correction_bias` now."""
+    if key.endswith(".score_correction_bias") and not key.endswith(".router.score_correction_bias"):
+        return key.removesuffix("score_correction_bias") + "router.score_correction_bias"
+    return key
+
+
 def _move_legacy_router_bias(state_dict: dict, prefix: str, *args: object) -> None:
-    """Before the router was its own module the selection bias was `<layer>.score_correction_bias`: read it as
-    `<layer>.router.score_correction_bias`."""
+    """Checkpoints written before the router module: their selection bias under its current name."""
     old = prefix + "score_correction_bias"
     if old in state_dict:
-        state_dict.setdefault(prefix + "router.score_correction_bias", state_dict.pop(old))
+        state_dict.setdefault(current_state_key("." + old).removeprefix("."), state_dict.pop(old))
 
 
 def _init_experts(weights: list[torch.Tensor], std: float | None) -> None:
@@ -431,6 +438,7 @@ EXPERTS: dict[str, type[RoutedExperts]] = {"linear": MoELinear, "mlp": MoEMLP}
 
 __all__ = [
     "EXPERTS",
+    "current_state_key",
     "ExpertDispatcher",
     "LocalExperts",
     "MoELinear",

@@ -120,11 +120,17 @@ class Trainer:
             return engine_load(engine, directory, manifest, load_optimizer)
         from safetensors import safe_open
 
+        from llm.model.moe import current_state_key
         from llm.parallel import expert_slices
 
         buffers = {name for name, _ in engine.module.named_buffers()}
         with safe_open(str(directory / WEIGHTS), framework="pt") as weights:
-            saved_buffers = {k: weights.get_tensor(k) for k in weights.keys() if k in buffers}  # noqa: SIM118
+            # Under their current names: a checkpoint from before the router module names its bias differently.
+            saved_buffers = {
+                current_state_key(k): weights.get_tensor(k)
+                for k in weights.keys()  # noqa: SIM118
+                if current_state_key(k) in buffers
+            }
         load_resharded(engine, directory, saved, expert_slices(engine.module), saved_buffers)
         return {"consumed_samples": manifest["consumed_samples"]}
 
