@@ -242,7 +242,9 @@ class MetricsLogger:
             read_wandb_id(output_dir)
         if enabled:
             output_dir.mkdir(parents=True, exist_ok=True)
-            dropped = trim_jsonl(output_dir / METRICS, start_iteration, ("valid", "zero_shot") if reevaluated else ())
+            dropped = trim_jsonl(
+                output_dir / METRICS, start_iteration, ("valid", "zero_shot", "zero_shot_failed") if reevaluated else ()
+            )
             if dropped:
                 print(
                     f"metrics.jsonl: dropped {dropped} records past iteration {start_iteration} (the steps this "
