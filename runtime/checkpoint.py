@@ -11,9 +11,9 @@ Layout under `<output_dir>/checkpoints/`:
 Every rank writes into `.tmp-iter_0000100-<run token>/` (runtime.rundir.claim_run_dir: the same on every rank of
 this run, another for every run); after a barrier rank 0 reads every file back once to checksum it, renames the
 directory to its final name, writes `complete.json`, then moves `latest`. A crash at any point leaves either the
-previous state or a `.tmp-` directory that resume ignores. A save removes only this run's own temporary directories:
-another process's `.tmp-` directory may be a save in progress (runtime.rundir's lock keeps a second run out, but a
-temporary directory is never taken on trust). A save that fails - the disk full, above all - removes its temporary
+previous state or a `.tmp-` directory that resume ignores. A save removes only this run's own temporary directories;
+those of other tokens are removed once, at start, by the run that holds runtime.rundir's lock, which proves their
+owners dead (`remove_dead_saves`). A save that fails - the disk full, above all - removes its temporary
 directory and raises TrainingError naming the cause and what is kept (`latest` has not moved).
 
 Loading verifies sizes and checksums before the engine reads anything: a file that differs is corruption, and resume
@@ -44,11 +44,23 @@ from runtime.errors import TrainingError
 from runtime.fsutil import make_public, write_text_atomic
 
 TAG_RE = re.compile(r"^iter_(\d{7,})$")
+TMP_RE = re.compile(r"\.tmp-iter_\d{7,}-[0-9a-f]{12}")  # a save's temporary: .tmp-<tag>-<run token>
 MANIFEST = "complete.json"
 
 
 def tag_for(iteration: int) -> str:
     return f"iter_{iteration:07d}"
+
+
+def remove_dead_saves(root: Path, run_token: str) -> list[str]:
+    """For rank 0 of the run that holds the run directory's lock: remove the temporary directories of saves that
+    another run's death interrupted (a SIGKILL, the OOM killer, a lost node mid-save; a failed save removes its own).
+    The lock admits one live run per directory, so another token's temporary has no live owner. Returns one line per
+    removal (what, how many bytes)."""
+    from runtime.leftovers import remove_dead
+
+    why = "the unfinished save of a run that is no longer alive (it does not hold the run's lock)"
+    return remove_dead(root, TMP_RE, f"-{run_token}", why)
 
 
 def rng_state() -> dict[str, Any]:
