@@ -58,23 +58,30 @@ def primary_metric(task: str, available: set[str] | None = None) -> str:
     return "acc_norm" if available and "acc_norm" in available else "acc"
 
 
-def resolve_tasks(spec: str | list[str], offline: bool) -> list[str]:
+def resolve_tasks(
+    spec: str | list[str],
+    offline: bool,
+    flag: str = "--tasks",
+    hub_fix: str = "other lm-eval tasks need --online and hub access",
+) -> list[str]:
     """Comma-separated task names (or `llama`) -> lm-eval task names, offline twins when `offline`.
 
     Online, names outside the suite are passed to lm-eval as they are (it knows thousands); offline, only the
     benchmarks shipped in evals/tasks exist, and anything else is refused here rather than deep inside lm-eval.
+    Errors name the caller's `flag` (evals.zero_shot's --tasks, the trainer's --eval_tasks) and its way to the hub's
+    tasks (`hub_fix`).
     """
     names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
     if not names:
-        raise ValueError("--tasks is empty; give task names, e.g. --tasks arc_easy,piqa, or --tasks llama")
+        raise ValueError(f"{flag} names no task; give task names, e.g. {flag} arc_easy,piqa, or {flag} llama")
     out: list[str] = []
     for name in names:
         expanded = [b.name for b in LLAMA_ZERO_SHOT] if name in SUITE_ALIASES else [canonical_name(name)]
         for base in expanded:
             if offline and base not in BENCHMARKS:
                 raise ValueError(
-                    f"unknown task {name!r} for the offline suite; known: {', '.join(BENCHMARKS)} "
-                    f"(or 'llama' for the LLaMA zero-shot suite); other lm-eval tasks need --online and hub access"
+                    f"{flag}: unknown task {name!r} for the offline suite; known: {', '.join(BENCHMARKS)} "
+                    f"(or 'llama' for the LLaMA zero-shot suite); {hub_fix}"
                 )
             task = BENCHMARKS[base].offline_task if offline and base in BENCHMARKS else base
             if task not in out:

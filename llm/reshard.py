@@ -8,7 +8,7 @@ checkpoint's ZeRO shards itself (runtime.reshard), checkpoints written before th
 writes what that reads - for every parameter `NAME/fp32` (the master weight), `NAME/exp_avg`, `NAME/exp_avg_sq` and
 `NAME/step`, expert tensors whole ([E, ...]) - for inspection or other tools; `--check` only says, without a GPU or
 a process group, whether a checkpoint can be resharded, before a job is submitted on another topology.
-Checksums are verified first. OUT must not exist: nothing is overwritten.
+Checksums are verified first. OUT must not exist (nothing is overwritten), nor lie in a run's checkpoints.
 """
 
 from __future__ import annotations
@@ -50,6 +50,29 @@ def read_state(checkpoint: Path) -> tuple[dict[str, torch.Tensor], str]:
     return out, f"{len(state.names())} parameters of {topology}, iteration {manifest.get('iteration')}"
 
 
+def check_out(out: Path) -> None:
+    """OUT must not exist, nor lie in a training run's checkpoints (the rule export follows: runtime.fsutil)."""
+    from runtime.fsutil import claim_output
+
+    if out.exists() or out.is_symlink():
+        raise FileExistsError(f"OUT={out} exists; choose a new file (nothing is overwritten)")
+    claim_output(out, overwrite=False, flag="OUT", tool="llm.reshard", proof=out, files=[out])
+
+
+def write_out(state: dict[str, torch.Tensor], out: Path, checkpoint: Path) -> None:
+    """Write OUT atomically; a file-system error names OUT, not the temporary file beside it."""
+    from runtime.checkpoint import disk_full
+    from runtime.fsutil import save_safetensors_atomic
+
+    try:
+        save_safetensors_atomic({k: v.contiguous() for k, v in state.items()}, out, {"checkpoint": str(checkpoint)})
+    except Exception as err:  # safetensors' SafetensorError (a full disk among them) is no OSError
+        if not isinstance(err, OSError) and not disk_full(err):
+            raise
+        cause = "No space left on device" if disk_full(err) else (err.strerror or str(err))
+        raise OSError(f"OUT={out}: cannot be written ({cause}); choose a writable directory with room for it") from err
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llm.reshard", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a run directory (its newest checkpoint) or a checkpoint directory")
@@ -62,15 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         from llm.export import find_checkpoint
 
         checkpoint = find_checkpoint(args.checkpoint)
-        if args.out is not None and Path(args.out).exists():
-            raise FileExistsError(f"OUT={args.out} exists; choose a new file (nothing is overwritten)")
+        if args.out is not None:
+            check_out(Path(args.out))
         state, what = read_state(checkpoint)
         if args.out is not None:
-            from runtime.fsutil import save_safetensors_atomic
-
-            save_safetensors_atomic(
-                {k: v.contiguous() for k, v in state.items()}, args.out, {"checkpoint": str(checkpoint)}
-            )
+            write_out(state, Path(args.out), checkpoint)
     except (OSError, ValueError) as err:
         print_error(str(err), prog="llm.reshard")
         return 1

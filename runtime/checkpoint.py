@@ -11,9 +11,9 @@ Layout under `<output_dir>/checkpoints/`:
 Every rank writes into `.tmp-iter_0000100-<run token>/` (runtime.rundir.claim_run_dir: the same on every rank of
 this run, another for every run); after a barrier rank 0 reads every file back once to checksum it, renames the
 directory to its final name, writes `complete.json`, then moves `latest`. A crash at any point leaves either the
-previous state or a `.tmp-` directory that resume ignores. A save removes only this run's own temporary directories:
-another process's `.tmp-` directory may be a save in progress (runtime.rundir's lock keeps a second run out, but a
-temporary directory is never taken on trust). A save that fails - the disk full, above all - removes its temporary
+previous state or a `.tmp-` directory that resume ignores. A save removes only this run's own temporary directories;
+those of other tokens are removed once, at start, by the run that holds runtime.rundir's lock, which proves their
+owners dead (`remove_dead_saves`). A save that fails - the disk full, above all - removes its temporary
 directory and raises TrainingError naming the cause and what is kept (`latest` has not moved).
 
 Loading verifies sizes and checksums before the engine reads anything: a file that differs is corruption, and resume
@@ -38,17 +38,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime.collectives import all_ranks
+from runtime.collectives import all_ranks, any_rank, rank0_ints
 from runtime.dist import barrier, rank, world_size
 from runtime.errors import TrainingError
 from runtime.fsutil import make_public, write_text_atomic
+from runtime.sharedfs import FileWaitTimeout, wait_for_file
 
 TAG_RE = re.compile(r"^iter_(\d{7,})$")
+TMP_RE = re.compile(r"\.tmp-iter_\d{7,}-[0-9a-f]{12}")  # a save's temporary: .tmp-<tag>-<run token>
 MANIFEST = "complete.json"
 
 
 def tag_for(iteration: int) -> str:
     return f"iter_{iteration:07d}"
+
+
+def remove_dead_saves(root: Path, run_token: str) -> list[str]:
+    """For rank 0 of the run that holds the run directory's lock: remove the temporary directories of saves that
+    another run's death interrupted (a SIGKILL, the OOM killer, a lost node mid-save; a failed save removes its own).
+    The lock admits one live run per directory, so another token's temporary has no live owner. Returns one line per
+    removal (what, how many bytes)."""
+    from runtime.leftovers import remove_dead
+
+    why = "the unfinished save of a run that is no longer alive (it does not hold the run's lock)"
+    return remove_dead(root, TMP_RE, f"-{run_token}", why)
 
 
 def rng_state() -> dict[str, Any]:
@@ -281,8 +294,15 @@ def load_latest(
     Returns (iteration, client_state, the allowed setting changes), or None if there is no loadable checkpoint.
     Raises CheckpointMismatch if `check` refuses the checkpoint it would load. Every rank must call this.
     """
-    candidates = list(reversed(complete_checkpoints(root)))
+    candidates = [(i, root / tag_for(i)) for i in reversed(agreed_iterations(root))]
     return _load_first(engine, candidates, check, load_optimizer, load_state)
+
+
+def agreed_iterations(root: Path) -> list[int]:
+    """The iterations of the complete checkpoints under `root` as rank 0 sees them, on every rank (a collective):
+    another node may see a new checkpoint late, and ranks that tried different checkpoints would wait for each other
+    forever. `_load_first` waits for the files of the one they try."""
+    return rank0_ints([iteration for iteration, _ in complete_checkpoints(root)])
 
 
 def load_from(
@@ -327,17 +347,26 @@ def _load_first(
         error = None
         client_state: dict[str, Any] | None = None
         changes: list[str] = []
+        # What another rank sees was written: here it may be late (a shared file system), so it is waited for.
+        seen = any_rank((directory / MANIFEST).is_file())
         try:
+            if seen:
+                wait_for_file(directory / MANIFEST)
             manifest = read_manifest(directory)
-        except ValueError as err:
+        except (ValueError, FileWaitTimeout) as err:
             manifest, error = None, err
         # Every rank read the same manifest; deciding together keeps a rank that could not from waiting alone.
         refusal, changes = check(directory, manifest) if manifest is not None else (None, [])
         if not all_ranks(refusal is None):
             raise CheckpointMismatch(refusal or f"resume: checkpoint {directory} was refused on another rank")
+        files = manifest.get("files", {}) if manifest is not None else None
+        whole = any_rank(files is not None and all((directory / rel).is_file() for rel in files))
         try:
             if error is not None:
                 raise error
+            if whole:
+                for rel in manifest.get("files", {}):
+                    wait_for_file(directory / rel)
             verify_files(directory, manifest, this_rank, world)  # every rank checksums its share of the files
             client_state = (load_state or engine_load)(engine, directory, manifest, load_optimizer)
             rng_file = directory / f"rng_rank{this_rank}.pt"

@@ -110,6 +110,18 @@ def all_ranks(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
     return not any_rank(not flag, group)
 
 
+def rank0_ints(values: Sequence[int], group: dist.ProcessGroup | None = None) -> list[int]:
+    """Rank 0's `values` on every rank (a collective; other ranks' `values` are ignored): what rank 0 saw of a
+    shared directory, for ranks that must act on the same list (another node may see new files late)."""
+    if not _initialized():
+        return list(values)
+    mine = list(values) if dist.get_rank(group) == 0 else []
+    count = int(all_reduce_values([len(mine)], dist.ReduceOp.MAX, group, dtype=torch.int64)[0])
+    if count == 0:
+        return []
+    return [int(v) for v in all_reduce_values(mine or [0] * count, dist.ReduceOp.SUM, group, dtype=torch.int64)]
+
+
 def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> list[torch.Tensor]:
     """Every rank's `tensor` (same shape and dtype on all ranks), in rank order, on `tensor`'s device."""
     if not _initialized():
@@ -128,5 +140,6 @@ __all__ = [
     "any_rank",
     "device_types",
     "group_device",
+    "rank0_ints",
     "serves",
 ]

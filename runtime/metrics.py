@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import secrets
 import string
@@ -86,6 +87,48 @@ def trim_jsonl(path: Path, last_iteration: int, redone: tuple[str, ...] = ()) ->
 
 
 WANDB_ID = "wandb-run.json"  # in output_dir: the W&B run id, so that every resume logs into the same run
+WANDB_ID_RE = re.compile(r"[^/\\#?%:\s]{1,128}")  # characters W&B accepts in a run id
+JSON_TYPES = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+}
+
+
+def _wandb_id_problem(id_file: Path) -> tuple[str | None, str | None]:
+    """(the run id in `id_file`, None) or (None, what is wrong with the file)."""
+    try:
+        data = json.loads(id_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, f"is not valid JSON ({err})"
+    if not isinstance(data, dict):
+        return None, f"holds {JSON_TYPES.get(type(data), 'null')}, not an object with the run id"
+    run_id = data.get("id")
+    if not isinstance(run_id, str):
+        return None, 'has no run id ("id" is missing or not a string)'
+    if not WANDB_ID_RE.fullmatch(run_id):
+        return None, f"holds the run id {run_id!r}, which W&B does not accept"
+    return run_id, None
+
+
+def read_wandb_id(output_dir: Path) -> str | None:
+    """The W&B run id kept in output_dir/wandb-run.json (None: no such file yet). A file that does not hold one is
+    refused with one line naming it, what is wrong and the fix, before the run writes anything: a new id would
+    split the run's curves over two W&B runs without a word."""
+    id_file = output_dir / WANDB_ID
+    if not id_file.is_file():
+        return None
+    run_id, problem = _wandb_id_problem(id_file)
+    if problem is None:
+        return run_id
+    raise TrainingError(
+        f"{id_file} {problem}; it keeps the W&B run id that every resume of this run logs into. Write it back as "
+        f'{{"id": "RUN_ID"}} (RUN_ID ends the names of {output_dir / "wandb"}/run-*-RUN_ID), or move the file away '
+        f"to log into a new W&B run"
+    )
 
 
 def scalar_tag(record: dict[str, Any], key: str) -> str:
@@ -136,7 +179,7 @@ class WandbRun:
         # W&B's own form of a run id: 8 characters of [a-z0-9].
         alphabet = string.ascii_lowercase + string.digits
         new_id = "".join(secrets.choice(alphabet) for _ in range(8))
-        run_id = json.loads(id_file.read_text())["id"] if id_file.is_file() else new_id
+        run_id = read_wandb_id(output_dir) or new_id
         init = {
             "project": settings.project,
             "entity": settings.entity,
@@ -195,9 +238,13 @@ class MetricsLogger:
         self.jsonl = None
         self.tb = None
         self.wandb: WandbRun | None = None
+        if wandb is not None:  # every rank: a bad wandb-run.json is refused alike everywhere, before any write
+            read_wandb_id(output_dir)
         if enabled:
             output_dir.mkdir(parents=True, exist_ok=True)
-            dropped = trim_jsonl(output_dir / METRICS, start_iteration, ("valid", "zero_shot") if reevaluated else ())
+            dropped = trim_jsonl(
+                output_dir / METRICS, start_iteration, ("valid", "zero_shot", "zero_shot_failed") if reevaluated else ()
+            )
             if dropped:
                 print(
                     f"metrics.jsonl: dropped {dropped} records past iteration {start_iteration} (the steps this "

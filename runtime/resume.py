@@ -10,18 +10,21 @@ from pathlib import Path
 from typing import Any
 
 from runtime.checkpoint import (
+    MANIFEST,
     CheckpointMismatch,
     SettingsCheck,
     StateLoader,
-    complete_checkpoints,
+    agreed_iterations,
     load_from,
     load_latest,
     read_manifest,
+    tag_for,
 )
 from runtime.config import IGNORE, REFUSE
 from runtime.dist import rank
 from runtime.errors import TrainingError
 from runtime.reshard import Topology, cannot_reshard, needs_reshard
+from runtime.sharedfs import FileWaitTimeout, wait_for_file
 
 # Field -> (REFUSE | ALLOW | IGNORE, why): each trainer's RESUME_POLICY table (the decisions: runtime.config).
 ResumePolicy = dict[str, tuple[str, str]]
@@ -122,10 +125,10 @@ def resume_differences(
 
 def refuse_to_start_over(root: Path, resume: str, output_dir: str) -> None:
     """resume=none over a run's checkpoints would train a new run on top of them: refused, naming the fix."""
-    existing = complete_checkpoints(root)
+    existing = agreed_iterations(root)  # every rank decides alike, whatever its node sees yet
     if resume == "none" and existing:
         raise TrainingError(
-            f"output_dir={output_dir!r} already holds checkpoints of a run (newest: {existing[-1][1].name}); pass "
+            f"output_dir={output_dir!r} already holds checkpoints of a run (newest: {tag_for(existing[-1])}); pass "
             f"--resume auto to continue it, or choose another --output_dir"
         )
 
@@ -135,13 +138,18 @@ def check_resume_settings(root: Path, resume: str, check: SettingsCheck) -> None
     checkpoint it would load (the loader checks again the one it actually loads, should it fall back)."""
     if resume == "none":
         return
-    candidates = complete_checkpoints(root) if resume == "auto" else [(0, Path(resume))]
-    if not candidates:
-        return
-    directory = candidates[-1][1]
+    if resume == "auto":
+        newest = agreed_iterations(root)[-1:]  # rank 0's newest: another node may see it late (waited for)
+        if not newest:
+            return
+        directory = root / tag_for(newest[0])
+    else:
+        directory = Path(resume)
     try:
+        if resume == "auto":
+            wait_for_file(directory / MANIFEST)
         manifest = read_manifest(directory)
-    except ValueError:
+    except (ValueError, FileWaitTimeout):
         return  # an unreadable manifest is the loader's business (it falls back or refuses)
     refusal, _ = check(directory, manifest)
     if refusal is not None:
@@ -158,7 +166,7 @@ def resume_from(
     if resume == "none":
         return None
     if resume == "auto":
-        candidates = complete_checkpoints(root)
+        candidates = agreed_iterations(root)  # every rank starts from scratch, or none
         if not candidates:
             if rank() == 0:
                 print(f"resume=auto: no complete checkpoint under {root}; starting from scratch", flush=True)

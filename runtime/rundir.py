@@ -135,13 +135,19 @@ def claim_run_dir(run_dir: Path) -> RunClaim:
 def claim_and_set_up(run_dir: Path, set_up: Callable[[], None]) -> RunClaim:
     """Both trainers' start: claim `run_dir` before any check that reads it (a run that has not written anything yet
     is visible only through its lock), then `set_up()`; a set-up that fails or is refused releases the claim (and the
-    directory, if this run created it and left it empty)."""
+    directory, if this run created it and left it empty). Once set up, the temporary checkpoints of dead runs go
+    (runtime.checkpoint.remove_dead_saves): a refused run leaves the directory as it was."""
     claim = claim_run_dir(run_dir)
     try:
         set_up()
     except BaseException:
         claim.release()
         raise
+    if claim.lock is not None:  # the lock's holder: every other run's temporaries are a dead run's
+        from runtime.checkpoint import remove_dead_saves
+
+        for line in remove_dead_saves(run_dir / CHECKPOINTS, claim.token):
+            print(f"checkpoints: {line}", flush=True)
     return claim
 
 

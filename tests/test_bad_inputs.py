@@ -25,7 +25,7 @@ from llm.data.corpus import shakespeare_files
 from llm.data.tokenizer import train_tokenizer
 from tests.test_outputs_safety import make_run, tree
 from tests.test_plot_routing import train_record, write_run
-from tests.trainer_utils import REPO, tiny_image_folder, tiny_vision_args
+from tests.trainer_utils import REPO, tiny_args, tiny_image_folder, tiny_vision_args
 
 PY = sys.executable
 ERROR_LINE = re.compile(r"^([\w./-]+: )?error: \S")
@@ -357,3 +357,90 @@ def test_an_unreadable_image_stops_the_run_naming_it_or_is_skipped_and_counted(t
     summary = json.loads((tmp_path / "skipped" / "summary.json").read_text())
     # 2 steps of 4 of the 8 training images: every one is read once, the bad one skipped once
     assert summary["skipped_images"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- issue 33
+def tiny_llm(output_dir: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The tiny LLM run (one rank), offline: lm-eval's offline twins, no hub."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NPROC"):
+        full_env.pop(name, None)
+    argv = [
+        *llm("--model", "llama-tiny", *tiny_args(global_batch_size=4, export=False)),
+        "--output_dir",
+        str(output_dir),
+    ]
+    return subprocess.run([*argv, *extra], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=900)
+
+
+def one_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    [line] = [line for line in proc.stderr.splitlines() if ERROR_LINE.match(line)]
+    return line
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ('{"id": "ab12', "is not valid JSON (Unterminated string starting at: line 1 column 8 (char 7))"),
+        ("{}", 'has no run id ("id" is missing or not a string)'),
+        ('["x"]', "holds an array, not an object with the run id"),
+        ('{"id": "a/b"}', "holds the run id 'a/b', which W&B does not accept"),
+    ],
+    ids=["truncated", "empty-object", "array", "bad-id"],
+)
+def test_a_malformed_wandb_run_json_is_one_line_naming_the_file_and_the_fix(tmp_path: Path, content, problem) -> None:
+    """Issue 33, item 2: a bad wandb-run.json gave a bare JSON error, a KeyError or a TypeError traceback."""
+    from runtime.errors import TrainingError
+    from runtime.metrics import WANDB_ID, MetricsLogger, WandbSettings
+
+    (tmp_path / WANDB_ID).write_text(content)
+    with pytest.raises(TrainingError) as err:
+        MetricsLogger(tmp_path, enabled=True, tensorboard=False, wandb=WandbSettings("p"))
+    assert str(err.value) == (
+        f"{tmp_path / WANDB_ID} {problem}; it keeps the W&B run id that every resume of this run logs into. Write it "
+        f'back as {{"id": "RUN_ID"}} (RUN_ID ends the names of {tmp_path / "wandb"}/run-*-RUN_ID), or move the file '
+        f"away to log into a new W&B run"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [WANDB_ID]  # refused before anything is written
+
+
+def test_a_malformed_wandb_run_json_stops_the_trainer_with_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "wandb-run.json").write_text('{"id": "ab12')
+    proc = tiny_llm(out, "--train_iters", "1", "--wandb_project", "p", env={"WANDB_MODE": "offline"})
+    line = one_error(proc)
+    assert line.startswith(f"error: {out / 'wandb-run.json'} is not valid JSON (Unterminated string"), line
+    assert sorted(p.name for p in out.iterdir()) == ["wandb-run.json"]
+
+
+def test_eval_tasks_errors_name_the_trainers_own_flag(tmp_path: Path, monkeypatch) -> None:
+    """Issue 33, item 3: `--eval_tasks ','` said "give ... --tasks arc_easy,piqa" and an unknown task "need --online",
+    flags the trainer refuses."""
+    line = one_error(tiny_llm(tmp_path / "run", "--eval_tasks", ","))
+    assert line == (
+        "error: eval_tasks=',': --eval_tasks names no task; give task names, e.g. --eval_tasks arc_easy,piqa, or "
+        "--eval_tasks llama"
+    )
+    assert not (tmp_path / "run").exists()
+
+    from llm.train.zero_shot import LiveZeroShot
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError) as err:
+        LiveZeroShot("arc_easy,no_such_task", 2, tokenizer=None)
+    assert str(err.value).startswith("--eval_tasks: unknown task 'no_such_task' for the offline suite; known: ")
+    assert str(err.value).endswith(
+        "other lm-eval tasks need hub access (huggingface.co reachable, HF_HUB_OFFLINE unset)"
+    )
+    assert "--online" not in str(err.value) and "--tasks" not in str(err.value)
+
+
+def test_a_blank_eval_tasks_means_no_zero_shot_evaluation(tmp_path: Path) -> None:
+    """Issue 33, item 3: `--eval_tasks ''` (or blanks: `--eval_tasks "$TASKS"` with TASKS unset) means none."""
+    out = tmp_path / "run"
+    proc = tiny_llm(out, "--train_iters", "1", "--eval_tasks", " ")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kinds = {json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()}
+    assert "valid" in kinds and not kinds & {"zero_shot", "zero_shot_failed"}

@@ -171,6 +171,32 @@ def test_index_cache_next_to_shards_reused_and_rebuilt_when_stale(tmp_path: Path
     assert len(list(cache.glob("s.train.*.json"))) == 1
 
 
+def test_an_index_array_that_another_node_wrote_is_waited_for(tmp_path: Path, monkeypatch) -> None:
+    """Issue 33, item 6: beside its JSON (written last) an index array that this node does not see yet was taken
+    for a stale cache and rebuilt; it is waited for, bounded, and one that never comes is named."""
+    import threading
+
+    from runtime.sharedfs import WAIT_ENV, FileWaitTimeout
+
+    prefix = tmp_path / "data" / "s"
+    write_unique_shard(prefix, random_lengths(1, 50))
+    build_datasets([str(prefix)], None, "1", 8, 0, (50, 0, 0))
+    [order] = (tmp_path / "data" / "index_cache").glob("s.train.*.order.npy")
+    hidden = tmp_path / "order.npy"
+    order.rename(hidden)
+    threading.Timer(0.5, hidden.rename, args=(order,)).start()
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the index was rebuilt instead of waiting for the array another rank wrote")
+
+    monkeypatch.setattr(index_cache, "build_epoch", no_rebuild)
+    build_datasets([str(prefix)], None, "1", 8, 0, (50, 0, 0))
+    order.rename(hidden)
+    monkeypatch.setenv(WAIT_ENV, "0.2")
+    with pytest.raises(FileWaitTimeout, match=f"{order} did not appear within 0.2 s, although the rank that built"):
+        build_datasets([str(prefix)], None, "1", 8, 0, (50, 0, 0))
+
+
 def test_read_only_shard_dir_uses_user_cache(tmp_path: Path, monkeypatch) -> None:
     prefix = tmp_path / "ro" / "s"
     write_unique_shard(prefix, random_lengths(3, 30))

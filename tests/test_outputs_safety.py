@@ -261,6 +261,26 @@ def test_prepare_replaces_only_its_own_shard(tmp_path: Path, tokenizer_dir: Path
     assert main([*base, "--output-prefix", str(tmp_path / "s"), "--overwrite"]) == 0
 
 
+def test_prepare_removes_what_a_killed_prepare_of_its_shard_left(
+    tmp_path: Path, tokenizer_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 33, item 4: a killed prepare left its .prepare-*/ scratch folder even after a successful re-run. The
+    next prepare of that shard (holding PREFIX.lock) removes it and says so; another shard's, possibly live, stays,
+    and so does an old-style name that does not say its shard."""
+    from llm.data.prepare import main
+
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "To be, or not to be"}) + "\n")
+    left = {name: tmp_path / name for name in (".prepare-s-k1ll3d_x", ".prepare-t-l1v3abcd", ".prepare-abcd1234")}
+    for path in left.values():
+        (path / "hf").mkdir(parents=True)
+        (path / "hf" / "data.arrow").write_bytes(b"x" * 2000)
+    args = ["--input", str(tmp_path / "c.jsonl"), "--tokenizer", str(tokenizer_dir), "--num-proc", "1"]
+    assert main([*args, "--output-prefix", str(tmp_path / "s")]) == 0
+    assert sorted(p.name for p in tmp_path.glob(".prepare-*")) == [".prepare-abcd1234", ".prepare-t-l1v3abcd"]
+    removed = left[".prepare-s-k1ll3d_x"]
+    assert f"removed {removed} (2.0 kB), left by a prepare that was killed" in capsys.readouterr().err
+
+
 def test_plot_routing_never_replaces_a_foreign_file(tmp_path: Path) -> None:
     from evals.plot_routing import main
 

@@ -30,6 +30,7 @@ import numpy as np
 from llm.data.data_path import SPLIT_NAMES
 from llm.data.indexed_dataset import IndexedDataset
 from runtime.fsutil import atomic_path, file_lock, writable_dir
+from runtime.sharedfs import wait_for_file
 
 INDEX_CACHE_VERSION = 1
 CACHE_ENV = "PNET_INDEX_CACHE"
@@ -186,8 +187,13 @@ class IndexCache:
         expected = self.description() | {"fingerprint": self.fingerprint}
         if any(meta.get(k) != v for k, v in expected.items()) or meta.get("num_epochs", 0) < num_epochs:
             return None  # stale (shard rewritten) or too short for this request: rebuild
+        names = ("sequences", "samples", "order")
+        # The JSON is written after the arrays: beside it they exist, if perhaps not yet on this node (a shared file
+        # system shows another node's files late). Waited for, bounded; the timeout names the file.
+        for name in names:
+            wait_for_file(f"{stem}.{name}.npy", writer="the rank that built the index")
         try:
-            arrays = {name: np.load(f"{stem}.{name}.npy", mmap_mode="r") for name in ("sequences", "samples", "order")}
+            arrays = {name: np.load(f"{stem}.{name}.npy", mmap_mode="r") for name in names}
         except (OSError, ValueError):
             return None
         epochs, per_epoch = meta["num_epochs"], meta["samples_per_epoch"]

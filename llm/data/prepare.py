@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -37,6 +38,7 @@ from runtime.fsutil import (
     read_owner,
     write_text_atomic,
 )
+from runtime.leftovers import remove_dead
 
 TOOL = "llm.data.prepare"
 SHARD_FORMAT = "Megatron indexed dataset (MMIDIDX v1), one sequence per document"
@@ -257,10 +259,16 @@ def _prepare(
     # Local files are converted to arrow in a private scratch folder (removed afterwards) rather than the user's
     # HF cache: no stale cache entries, and two concurrent runs never share one.
     # A failure below removes the directories created for the shard, so a refused corpus leaves nothing behind.
+    # The scratch folder's name says which shard it is for: the next prepare of that shard, holding its lock,
+    # removes what a killed one left (runtime.leftovers).
+    name = Path(prefix).name
     with (
         created_dirs_removed_on_error(Path(prefix).parent),
-        tempfile.TemporaryDirectory(prefix=".prepare-", dir=Path(prefix).parent) as scratch,
+        tempfile.TemporaryDirectory(prefix=f".prepare-{name}-", dir=Path(prefix).parent) as scratch,
     ):
+        dead = re.compile(rf"\.prepare-{re.escape(name)}-[a-z0-9_]{{8}}")  # tempfile's 8 characters
+        for line in remove_dead(Path(prefix).parent, dead, Path(scratch).name, "left by a prepare that was killed"):
+            print(line, file=sys.stderr)
         corpus = load_corpus(
             inputs,
             text_key=text_key,

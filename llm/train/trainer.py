@@ -80,7 +80,7 @@ class Trainer:
         self.model, self.ep_group, self.moe_names = build_model(cfg, self.model_config, self.world, self.rank)
         self.accounting = account(self.model_config, cfg.seq_len)
         self.zero_shot = None
-        if cfg.eval_tasks:
+        if (cfg.eval_tasks or "").strip():  # '' (say, `--eval_tasks "$TASKS"` with TASKS unset) means none
             from .zero_shot import LiveZeroShot
 
             try:  # the tasks and their documents, loaded once
@@ -427,6 +427,10 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['lm_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if self.rank == 0:
                     bar.write(console_line(record, self.train_iters, self.moe_names))
+            periodic_save = self.iteration % cfg.save_interval == 0 and self.iteration != self.train_iters
+            if periodic_save:  # before the evaluation of this iteration: no evaluation ever costs this checkpoint
+                self.save()
+                last_log_time = time.perf_counter()
             if self.iteration in validate_at and self.iteration != self.train_iters:
                 last_eval = self._eval_and_log()
                 last_log_time = time.perf_counter()
@@ -434,18 +438,17 @@ class Trainer:
                 preempted = True
                 if self.rank == 0:
                     bar.write(f"signal received: saving a checkpoint at iteration {self.iteration} and exiting")
-                self.save()
+                if not periodic_save:
+                    self.save()
                 break
-            if self.iteration % cfg.save_interval == 0 and self.iteration != self.train_iters:
-                self.save()
-                last_log_time = time.perf_counter()
         bar.close()
         if preempted:
             return {"preempted": True, "iteration": self.iteration}
-        last_eval = self._eval_and_log()
+        last_eval = self._eval_and_log(zero_shot=False)
         if "val_loss" in last_eval and not math.isfinite(last_eval["val_loss"]):
             self._refuse_nonfinite(f"the final validation loss is not finite ({last_eval['val_loss']})")
         self.save()
+        self._zero_shot_and_log()  # after the final save: the training is kept whatever lm-eval does
         result = {"iteration": self.iteration, "tokens": self.consumed_samples * cfg.seq_len, **last_eval}
         if self.ep_group is not None:
             from llm.parallel import dense_weights_identical
@@ -465,19 +468,18 @@ class Trainer:
         self._write_summary(result)
         return result
 
-    def _eval_and_log(self) -> dict[str, float]:
-        result = self.evaluate()
+    def _zero_shot_and_log(self) -> None:
+        """--eval_tasks on the live model, every rank (collectives under ZeRO-3 and EP); a failure never ends a run."""
         if self.zero_shot is not None:
             self.engine.eval()
-            accuracies = self.zero_shot(self.engine.module)  # every rank (collectives under ZeRO-3 and EP)
-            self.engine.train()
             tokens = self.consumed_samples * self.cfg.seq_len
-            self.logger.log({"kind": "zero_shot", "iteration": self.iteration, "tokens": tokens, **accuracies})
-            if self.rank == 0:
-                shown = ", ".join(f"{task} {100 * acc:.1f}%" for task, acc in accuracies.items())
-                print(
-                    f"[zero-shot] iteration {self.iteration} ({self.cfg.eval_limit} per task): {shown}", file=sys.stderr
-                )
+            self.zero_shot.evaluate_and_log(self.engine.module, self.logger, self.iteration, tokens, self.rank)
+            self.engine.train()
+
+    def _eval_and_log(self, zero_shot: bool = True) -> dict[str, float]:
+        result = self.evaluate()
+        if zero_shot:
+            self._zero_shot_and_log()
         if result:
             self.logger.log(
                 {

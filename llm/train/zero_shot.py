@@ -14,15 +14,19 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import sys
 from typing import Any
 
 import torch
 
 from evals.results import task_scores
-from evals.suite import TASKS_DIR, enter_offline_mode, hub_reachable, resolve_tasks
+from evals.suite import TASKS_DIR, canonical_name, enter_offline_mode, hub_reachable, resolve_tasks
 from runtime.checkpoint import rng_state, set_rng_state
+from runtime.errors import print_error
 
 BATCH_SIZE = 16  # requests per forward: small models, short contexts
+# The trainer has no --online: it uses the hub's tasks whenever it can reach the hub.
+HUB_FIX = "other lm-eval tasks need hub access (huggingface.co reachable, HF_HUB_OFFLINE unset)"
 
 
 class LiveZeroShot:
@@ -32,7 +36,7 @@ class LiveZeroShot:
         offline = not hub_reachable()
         if offline:
             enter_offline_mode()
-        self.tasks = resolve_tasks(tasks, offline)
+        self.tasks = resolve_tasks(tasks, offline, flag="--eval_tasks", hub_fix=HUB_FIX)
         self.offline = offline
         self.limit = limit
         self.tokenizer = tokenizer
@@ -44,8 +48,41 @@ class LiveZeroShot:
         manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=not offline)
         unknown = [t for t in self.tasks if t not in manager.all_tasks]
         if unknown:
-            raise ValueError(f"eval_tasks: unknown lm-eval task(s) {', '.join(unknown)}; `lm_eval ls tasks` lists them")
-        self.task_dict = get_task_dict(self.tasks, manager)
+            raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}; `lm_eval ls tasks` lists them")
+        try:
+            self.task_dict = get_task_dict(self.tasks, manager)
+        except Exception as err:  # a task file that does not parse, a data set that does not load: any type
+            raise ValueError(f"lm-eval could not load the tasks ({type(err).__name__}: {err})") from err
+
+    @property
+    def names(self) -> list[str]:
+        """The tasks as the records name them (offline twins without their suffix)."""
+        return [canonical_name(task) for task in self.tasks]
+
+    def evaluate_and_log(self, model: torch.nn.Module, logger: Any, iteration: int, tokens: int, rank: int) -> None:
+        """Evaluate `model` and log a `zero_shot` record (and a console line on rank 0). An evaluation is a
+        measurement: no failure of lm-eval's (an out-of-memory in its batch, a tokenizer edge case, a bug of its own)
+        may cost the training, so a failure is a `zero_shot_failed` record naming the tasks and the cause, and one
+        warning line; the trainer goes on. Rank 0's outcome is the one recorded (the others evaluate the same)."""
+        try:
+            accuracies = self(model)
+        except Exception as err:  # lm-eval's failures have no common type
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # an out-of-memory's leftovers must not crowd the next training step
+            cause = f"{type(err).__name__}: {err}"
+            logger.log({"kind": "zero_shot_failed", "iteration": iteration, "tasks": self.names, "error": cause})
+            if rank == 0:
+                shown = cause if len(cause) <= 300 else cause[:300] + "..."
+                print_error(
+                    f"zero-shot evaluation of {', '.join(self.names)} at iteration {iteration} failed ({shown}); "
+                    f"recorded in metrics.jsonl as zero_shot_failed, training goes on",
+                    kind="warning",
+                )
+            return
+        logger.log({"kind": "zero_shot", "iteration": iteration, "tokens": tokens, **accuracies})
+        if rank == 0:
+            shown = ", ".join(f"{task} {100 * acc:.1f}%" for task, acc in accuracies.items())
+            print(f"[zero-shot] iteration {iteration} ({self.limit} per task): {shown}", file=sys.stderr)
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
