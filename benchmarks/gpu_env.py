@@ -343,11 +343,12 @@ def cmd_check(args: argparse.Namespace) -> int:
             failed[module] = f"{type(exc).__name__}: {first[:200]}"
         import_seconds[module] = round(time.monotonic() - started, 1)
     steps = step_readiness(wheels, found, failed)
-    # One JSON line per mismatch first, each naming the steps it keeps from running.
-    lines = [(line, {n for n in STEPS if line in steps[n].get("why_not", [])}) for line, _ in found]
-    lines += [(f"import {m} fails: {e}", {n for n in STEPS if m in STEPS[n].modules}) for m, e in failed.items()]
-    for line, blocks in lines:
-        mismatch = {"suite": "gpu_suite", "step": "preflight_mismatch", "problem": line, "blocks": sorted(blocks)}
+    # One JSON line per mismatch first, naming the steps it keeps from running and those that run without it.
+    lines = [line for line, _ in found] + [f"import {m} fails: {e}" for m, e in failed.items()]
+    for line in lines:
+        mismatch = {"suite": "gpu_suite", "step": "preflight_mismatch", "problem": line}
+        mismatch["blocks"] = [n for n in STEPS if line in steps[n].get("why_not", [])]
+        mismatch["runs_without"] = [n for n in STEPS if line in steps[n].get("runs_without", [])]
         print(json.dumps(mismatch))
         print(f"gpu_suite.sh: pre-flight: {line}", file=sys.stderr)
     record: dict[str, object] = {"suite": "gpu_suite", "step": "preflight", "python": sys.version.split()[0]}
