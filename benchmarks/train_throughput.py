@@ -148,7 +148,10 @@ def main() -> None:
 
     try:
         run(args)
-    except torch.OutOfMemoryError as err:
+    except RuntimeError as err:
+        # torch.OutOfMemoryError, or an allocation failing inside cuBLAS/NCCL ("CUDA error: out of memory").
+        if not isinstance(err, torch.OutOfMemoryError) and "out of memory" not in str(err).lower():
+            raise
         oom = {"benchmark": "train_throughput", "oom": True, "kinds": args.kinds}
         oom.update(micro_batch_size=args.micro_batch_size, error=str(err).strip().splitlines()[0][:300])
         print(json.dumps(oom))

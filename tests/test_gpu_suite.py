@@ -172,6 +172,35 @@ def test_an_out_of_memory_retries_once_at_half_and_the_line_keeps_both_attempts(
     )
 
 
+def test_train_throughput_turns_an_out_of_memory_into_one_line_and_exit_3(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What gpu_train.py retries on: torch's OutOfMemoryError, or a library's "CUDA error: out of memory"; any other
+    error stays an error."""
+    from benchmarks import train_throughput
+
+    argv = ["train_throughput.py", "--size", "1b", "--micro_batch_size", "8", "--global_batch_size", "8"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--kinds", "parameternet"])
+    for error in (torch.OutOfMemoryError("CUDA out of memory. Tried"), RuntimeError("CUDA error: out of memory")):
+
+        def run(args: object, error: Exception = error) -> None:
+            raise error
+
+        monkeypatch.setattr(train_throughput, "run", run)
+        with pytest.raises(SystemExit) as exited:
+            train_throughput.main()
+        assert exited.value.code == gpu_train.OOM_EXIT == train_throughput.OOM_EXIT
+        line = json.loads(capsys.readouterr().out)
+        assert line["oom"] is True and line["micro_batch_size"] == 8 and line["kinds"] == ["parameternet"]
+
+    def broken(args: object) -> None:
+        raise RuntimeError("expected all tensors to be on the same device")
+
+    monkeypatch.setattr(train_throughput, "run", broken)
+    with pytest.raises(RuntimeError, match="same device"):
+        train_throughput.main()
+
+
 def test_the_model_built_on_the_device_is_the_model_built_on_the_cpu() -> None:
     """build_model(device=...) creates every tensor there (the 1B steps' path, here with the CPU as the device): the
     same parameters and buffers, router_loss_scale included, as the plain build (meta + to_empty would lose it)."""
