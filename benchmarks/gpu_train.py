@@ -98,6 +98,11 @@ def run_child(command: list[str], timeout: float, log: Path) -> tuple[int, str]:
             os.killpg(proc.pid, signal.SIGKILL)
             out, _ = proc.communicate()
             return 124, out
+        except KeyboardInterrupt:
+            # The suite's own timeout (SIGINT) reached us first: the child, in its own session, must not outlive us
+            # holding the GPU.
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
 
 
 def measure(micro_batch: int, deadline: float, attempt: Callable[[int, float], tuple[int, str]]) -> list[Attempt]:
