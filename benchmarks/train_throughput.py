@@ -10,6 +10,11 @@ The device is DeepSpeed's accelerator: CUDA where a GPU is visible, else CPU. MF
 parameters and attention, llm/model/flops.py; activation-checkpointing recompute not counted) x tokens/s / peak: the
 dense bf16 peak of the GPU from runtime/metrics.py (989 TFLOP/s for H100/H200 SXM), or --peak_tflops. Without a
 known peak (a CPU, an unknown GPU) MFU is left out.
+
+--synthetic_data trains on random tokens with a word-level tokenizer (throughput does not depend on the text): no
+corpus build, so neither datasets nor sentencepiece is needed (the GPU suite's 1B steps). --build_on_device creates
+the model on the GPU directly (no fp32 copy in host memory). A CUDA out-of-memory prints one JSON object with
+"oom": true and exits 3 (benchmarks/gpu_train.py then retries at half the micro-batch).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,6 +41,35 @@ from llm.train.trainer import Trainer
 from runtime.metrics import peak_flops
 
 KINDS = ("llama", "parameternet")
+OOM_EXIT = 3  # the exit code of a CUDA out-of-memory (benchmarks/gpu_train.py retries at half the micro-batch)
+
+
+def synthetic_inputs(directory: Path, vocab_size: int, tokens: int, seed: int = 0) -> tuple[str, str]:
+    """(shard prefix, tokenizer directory): `tokens` uniformly random ids in 64 documents, and a word-level tokenizer
+    of three special tokens (its ids fit any vocab): what the trainer reads, built without datasets or sentencepiece."""
+    import numpy as np
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from llm.data.indexed_dataset import IndexedDatasetBuilder, dtype_for_vocab
+
+    directory.mkdir(parents=True, exist_ok=True)
+    prefix = directory / "synthetic_text_document"
+    builder = IndexedDatasetBuilder(prefix, dtype=dtype_for_vocab(vocab_size))
+    ids = np.random.default_rng(seed).integers(3, vocab_size, size=tokens, dtype=np.int64)
+    for document in np.array_split(ids, 64):
+        builder.add_document(document)
+    builder.finalize()
+    special = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab=special, unk_token="<unk>")),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    tokenizer.save_pretrained(str(directory / "tokenizer"))
+    return str(prefix), str(directory / "tokenizer")
 
 
 class BareLoop:
@@ -94,6 +129,8 @@ def main() -> None:
         help="which models to time (one per process gives each the whole GPU)",
     )
     p.add_argument("--activation_checkpointing", action="store_true")
+    p.add_argument("--synthetic_data", action="store_true", help="random tokens: no corpus build, no datasets")
+    p.add_argument("--build_on_device", action="store_true", help="create the model on the GPU (or CPU) directly")
     p.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
     p.add_argument(
         "--peak_tflops",
@@ -109,8 +146,33 @@ def main() -> None:
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         p.error(f"--peak_tflops {args.peak_tflops}: must be > 0 (TFLOP/s per device)")
 
+    try:
+        run(args)
+    except RuntimeError as err:
+        # torch.OutOfMemoryError, or an allocation failing inside cuBLAS/NCCL ("CUDA error: out of memory").
+        if not isinstance(err, torch.OutOfMemoryError) and "out of memory" not in str(err).lower():
+            raise
+        oom = {"benchmark": "train_throughput", "oom": True, "kinds": args.kinds}
+        oom.update(micro_batch_size=args.micro_batch_size, error=str(err).strip().splitlines()[0][:300])
+        print(json.dumps(oom))
+        sys.exit(OOM_EXIT)
+
+
+def run(args: argparse.Namespace) -> None:
     tmp = tempfile.mkdtemp(prefix="bench-train-")
     total_iters = (args.rounds + 1) * args.steps * 2 + 2
+    data: dict[str, object] = {}
+    if args.synthetic_data:
+        from llm.model import load_model_config
+
+        vocab = load_model_config(f"llama-{args.size}").vocab_size
+        # Enough for every sample the run draws (the 3% validation split included), at least 2M tokens.
+        needed = int(1.1 * (total_iters + 1) * args.global_batch_size * (args.seq_len + 1) / 0.969)
+        prefix, tokenizer_dir = synthetic_inputs(Path(tmp) / "data", vocab, max(needed, 2_000_000))
+        data = dict(data_path=[prefix], tokenizer=tokenizer_dir)
+    build_device = None
+    if args.build_on_device:
+        build_device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     contenders: dict[str, object] = {}
     trainers = {}
     for kind in args.kinds:
@@ -132,9 +194,10 @@ def main() -> None:
                 export=False,
                 warmup_iters=0,
                 eval_iters=0,
+                **data,
             ),
         )  # timing only: no validation split needed at any seq_len
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, build_device=build_device)
         trainers[kind] = trainer
         contenders[f"trainer_{kind}"] = (trainer, trainer._batches())
         if not args.no_bare:
@@ -174,6 +237,8 @@ def main() -> None:
         "zero_stage": args.zero_stage,
         "activation_checkpointing": args.activation_checkpointing,
         "attn_implementation": args.attn_implementation,
+        "synthetic_data": args.synthetic_data,
+        "built_on": build_device or "cpu",
         "rounds": args.rounds,
         "steps_per_block": args.steps,
         "median_tokens_per_s": {k: round(v, 1) for k, v in med.items()},

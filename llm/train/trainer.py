@@ -46,8 +46,9 @@ from .weights import WEIGHTS, full_state_dict, restore_expert_shards, save_full_
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, build_device: str | None = None) -> None:
         self.cfg = cfg
+        self.build_device = build_device  # where the model is created (llm.train.build.build_model); None: the CPU
         init_distributed()
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
@@ -77,7 +78,9 @@ class Trainer:
             )
         from llm.model.flops import account
 
-        self.model, self.ep_group, self.moe_names = build_model(cfg, self.model_config, self.world, self.rank)
+        self.model, self.ep_group, self.moe_names = build_model(
+            cfg, self.model_config, self.world, self.rank, self.build_device
+        )
         self.accounting = account(self.model_config, cfg.seq_len)
         self.zero_shot = None
         if (cfg.eval_tasks or "").strip():  # '' (say, `--eval_tasks "$TASKS"` with TASKS unset) means none
