@@ -79,7 +79,7 @@ def compare_layers(case: Case, ref: MoELinear, x: torch.Tensor, upstream: torch.
 
     results = []
     for layer in (ref, sharded):
-        layer.router_loss_weights = (1.0, 1.0)  # aux + z through the graph (moe.RouterLoss)
+        layer.router_loss_weights = (1.0, 1.0)  # aux + z through the graph (router.RouterLoss)
         layer.zero_grad(set_to_none=True)
         xi = x.detach().clone().requires_grad_(True)
         out = layer(xi)

@@ -425,7 +425,7 @@ def test_eval_tasks_errors_name_the_trainers_own_flag(tmp_path: Path, monkeypatc
     )
     assert not (tmp_path / "run").exists()
 
-    from llm.train.zero_shot import LiveZeroShot
+    from evals.live import LiveZeroShot
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError) as err:

@@ -23,16 +23,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 from llm.model import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM
+from tests.tiny import TINY as TINY_SHAPE
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=256,
-    max_position_embeddings=64,
+    **TINY_SHAPE,
     bos_token_id=1,
     eos_token_id=2,
     pad_token_id=0,

@@ -14,18 +14,10 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
 from llm.model import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM
 from llm.train.packing import attention_inputs, document_mask, document_positions, varlen_lengths
+from tests.tiny import TINY
 from tests.trainer_utils import REPO
 
 EOS = 2
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=256,
-    max_position_embeddings=64,
-)
 
 
 def test_positions_documents_and_mask_of_a_packed_batch():

@@ -11,16 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from llm.model import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM, build_model, load_model_config
 from llm.model.configuration_parameternet_llama import routing_recipe
-
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=256,
-    max_position_embeddings=64,
-)
+from tests.tiny import TINY
 
 
 def tiny_parameternet(**overrides) -> ParameterNetLlamaForCausalLM:

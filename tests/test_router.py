@@ -12,16 +12,7 @@ from llm.model import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM, Rou
 from llm.model.flops import account
 from llm.model.moe import MoELinear, MoEMLP
 from llm.model.router import HashRouter, LearnedRouter
-
-TINY = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=32,
-)
+from tests.tiny import TINY
 
 
 def test_every_layer_is_built_from_one_router_config_and_prints_it():

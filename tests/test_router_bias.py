@@ -18,17 +18,9 @@ from transformers import AutoModelForCausalLM
 from llm.model import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM
 from llm.model.moe import MoELinear, MoEMLP
 from llm.model.router import RouterConfig
+from tests.tiny import TINY
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=256,
-    max_position_embeddings=64,
-)
 
 
 def tiny_model(**overrides) -> ParameterNetLlamaForCausalLM:

@@ -1,4 +1,4 @@
-"""The router losses in the autograd graph (llm.model.moe.RouterLoss, Megatron-Core's MoEAuxLossAutoScaler pattern):
+"""The router losses in the autograd graph (llm.model.router.RouterLoss, Megatron-Core's MoEAuxLossAutoScaler pattern):
 the gradients equal those of the losses added to the training loss, under either kind of activation checkpointing,
 under a scaled backward (gradient accumulation, fp16 loss scaling), and through torch.compile of a MoE layer."""
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from llm.model import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM
-from llm.model.moe import MoELinear, RoutedExperts, router_losses, track_loss_scale
-from llm.model.router import RouterConfig
-from tests.test_model_parameternet import TINY as LLAMA_TINY
+from llm.model.moe import MoELinear, RoutedExperts
+from llm.model.router import RouterConfig, router_losses, track_loss_scale
+from tests.tiny import TINY as LLAMA_TINY
 
 TINY = {
     **LLAMA_TINY,

@@ -25,8 +25,8 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_parameternet_llama import ParameterNetLlamaConfig, validate_parameternet_fields
-from .moe import MoELinear, MoEMLP, RoutedExperts, track_loss_scale
-from .router import LearnedRouter, RouterConfig
+from .moe import MoELinear, MoEMLP, RoutedExperts
+from .router import LearnedRouter, RouterConfig, track_loss_scale
 
 # The KV cache's name in forward arguments and model outputs: transformers 5.2x renamed `past_key_values` to `cache`
 # (the old name warns until 5.40). Checkpoints carry this file to machines with other transformers 5.x versions, so
@@ -201,7 +201,7 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, GenerationM
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-        # Each layer adds its router losses to the graph (moe.RouterLoss), weighted so that together they are
+        # Each layer adds its router losses to the graph (router.RouterLoss), weighted so that together they are
         # router_aux_loss_coef * mean aux + router_z_loss_coef * mean z over the MoE layers.
         layers = self.moe_layers()
         for _, layer in layers:
@@ -212,7 +212,7 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, GenerationM
 
     def track_router_loss_scale(self, loss: torch.Tensor) -> torch.Tensor:
         """Mark `loss` as the training loss: however a backward scales it (gradient accumulation, fp16), the router
-        losses' gradients are scaled alike (moe.RouterLoss). The forward does it for its own loss (labels given); a
+        losses' gradients are scaled alike (router.RouterLoss). The forward does it for its own loss (labels given); a
         loss computed outside the model needs this call before its backward, or the router losses count at scale 1."""
         return track_loss_scale(loss, [layer for _, layer in self.moe_layers()])
 
@@ -254,7 +254,7 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, GenerationM
                 "router_input='centered' routes each token on the mean of its whole prefix, which a KV-cache step "
                 "does not see; run without the cache (generate(..., use_cache=False), the default of this model)"
             )
-        if torch.is_grad_enabled():  # scale 1 until a tracked loss's backward says otherwise (moe.RouterLoss)
+        if torch.is_grad_enabled():  # scale 1 until a tracked loss's backward says otherwise (router.RouterLoss)
             for _, layer in self.moe_layers():
                 layer.router_loss_scale.fill_(1.0)
         # A hash router reads the token ids in every layer (not the loss function: hence not in kwargs).

@@ -2,18 +2,17 @@
 - `MoELinear`, ParameterNet's drop-in replacement for `nn.Linear(in_features, out_features)`: the E experts of one
   projection held as one `[E, out, in]` parameter;
 - `MoEMLP`, the standard MoE control: E whole SwiGLU MLPs (gate, up, down: three `[E, ...]` parameters).
-The router (router.py, built from one `RouterConfig`) chooses each token's experts and their gates; here: the capacity
-limit, dispatch, the gated combine, the router losses and the statistics. output = gate x expert_i(x). Dispatch sorts
-the token-expert assignments by expert and runs grouped matmuls (`torch._grouped_mm` where the device has it,
-contiguous slices otherwise); no per-expert boolean masks.
+The router (router.py, one `RouterConfig`) chooses each token's experts and gates; here: capacity, dispatch (sorted
+by expert, grouped matmuls: `torch._grouped_mm` where the device has it, contiguous slices otherwise; no per-expert
+boolean masks), the gated combine output = gate x expert_i(x), the router losses and the statistics.
 
 An expert variant is one subclass of `RoutedExperts` (its `[E, ...]` weights, `expert_forward`, and what it costs:
 `param_count`, `flops_per_token`) and one entry in `EXPERTS` (docs/moe.md, "Adding an MoE variant").
 
 Who computes the experts is a dispatcher object (`ExpertDispatcher`): `LocalExperts` (all experts on this rank) by
 default, or the all-to-all dispatcher for expert parallelism that llm/parallel/ installs after construction; the
-routing, capacity, gating and combine code here does not change. The model package imports no torch.distributed.
-This file is saved next to ParameterNet checkpoints and imports only torch.
+routing, capacity, gating and combine code here does not change. Saved next to ParameterNet checkpoints: imports
+only torch (and router.py, saved beside it); no torch.distributed.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .router import Router, RouterConfig
+from .router import Router, RouterConfig, RouterLoss, router_losses
 
 
 @dataclass
@@ -101,55 +100,6 @@ class _GatherRows(torch.autograd.Function):
 def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, fold: int = 1) -> torch.Tensor:
     """Rows `x[index]`, where `index` is `inverse`'s inverse permutation over `fold` stacked copies of x's rows."""
     return _GatherRows.apply(x, index, inverse, fold)
-
-
-def router_losses(logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-    """(aux, z) for one layer: Switch Transformer's load-balancing loss E * sum_e f_e * P_e (f_e = share of the
-    assignments to e, P_e = mean router probability of e) and ST-MoE's z-loss, mean logsumexp(logits)^2."""
-    num_tokens, num_experts = logits.shape
-    fraction = counts.to(probs.dtype) / (num_tokens * k)
-    aux = num_experts * torch.sum(fraction * probs.mean(dim=0))
-    z = torch.logsumexp(logits, dim=-1).square().mean()
-    return aux, z
-
-
-class RouterLoss(torch.autograd.Function):
-    """Megatron-Core's MoEAuxLossAutoScaler pattern: the identity on a layer's output in the forward; in the backward
-    the gradient of `loss` arrives as if `loss` had been added to the training loss. The router losses so live in the
-    autograd graph, not in module state read after the forward: a reentrant checkpoint's recompute re-attaches them,
-    and nothing depends on what an earlier forward left behind.
-
-    The backward cannot see how the training loss was scaled before its backward (divided by the gradient
-    accumulation steps, times an fp16 loss scale). `scale` is the layer's 0-dim buffer that holds that factor:
-    `track_loss_scale` hooks the training loss so that its backward first writes d(backward root)/d(loss) into it, in
-    place, on the device (no host sync), before any RouterLoss.backward reads it."""
-
-    @staticmethod
-    def forward(ctx, output: torch.Tensor, loss: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # Only the loss's dtype and device are needed: saving the tensor would keep one more activation per layer.
-        ctx.loss_dtype, ctx.loss_device = loss.dtype, loss.device
-        ctx.scale = scale  # not saved for backward: it is written in place after this forward, on purpose
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
-        return grad_output, ctx.scale.to(device=ctx.loss_device, dtype=ctx.loss_dtype).clone(), None
-
-
-def track_loss_scale(loss: torch.Tensor, layers: list[RoutedExperts]) -> torch.Tensor:
-    """Reset the layers' router-loss scale to 1 and hook `loss`, the training loss before anything scales it, so
-    that its backward records the scale first (the loss is the root's only path to every router loss). Returns
-    `loss`. Call it once per forward, on the loss that will be backpropagated."""
-    for layer in layers:
-        layer.router_loss_scale.fill_(1.0)
-    if loss.requires_grad and layers:
-
-        def record(grad: torch.Tensor) -> None:
-            for layer in layers:
-                layer.router_loss_scale.copy_(grad.detach())
-
-        loss.register_hook(record)
-    return loss
 
 
 class ExpertDispatcher(Protocol):
@@ -326,8 +276,7 @@ def _move_legacy_router_bias(state_dict: dict, prefix: str, *args: object) -> No
         state_dict.setdefault(current_state_key("." + old).removeprefix("."), state_dict.pop(old))
 
 
-def _init_experts(weights: list[torch.Tensor], std: float | None) -> None:
-    # Each expert starts like the nn.Linear it replaces (or from N(0, std) when the model gives one).
+def _init_experts(weights: list[torch.Tensor], std: float | None) -> None:  # each as nn.Linear, or N(0, std)
     for weight in weights:
         for expert in weight.data:
             if std is None:

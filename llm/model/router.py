@@ -297,10 +297,62 @@ class HashRouter(Router):
         return Routing(expert, gate, None, None)
 
 
+def router_losses(logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """(aux, z) for one layer: Switch Transformer's load-balancing loss E * sum_e f_e * P_e (f_e = share of the
+    assignments to e, P_e = mean router probability of e) and ST-MoE's z-loss, mean logsumexp(logits)^2."""
+    num_tokens, num_experts = logits.shape
+    fraction = counts.to(probs.dtype) / (num_tokens * k)
+    aux = num_experts * torch.sum(fraction * probs.mean(dim=0))
+    z = torch.logsumexp(logits, dim=-1).square().mean()
+    return aux, z
+
+
+class RouterLoss(torch.autograd.Function):
+    """Megatron-Core's MoEAuxLossAutoScaler pattern: the identity on a layer's output in the forward; in the backward
+    the gradient of `loss` arrives as if `loss` had been added to the training loss. The router losses so live in the
+    autograd graph, not in module state read after the forward: a reentrant checkpoint's recompute re-attaches them,
+    and nothing depends on what an earlier forward left behind.
+
+    The backward cannot see how the training loss was scaled before its backward (divided by the gradient
+    accumulation steps, times an fp16 loss scale). `scale` is the layer's 0-dim buffer that holds that factor:
+    `track_loss_scale` hooks the training loss so that its backward first writes d(backward root)/d(loss) into it, in
+    place, on the device (no host sync), before any RouterLoss.backward reads it."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, loss: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # Only the loss's dtype and device are needed: saving the tensor would keep one more activation per layer.
+        ctx.loss_dtype, ctx.loss_device = loss.dtype, loss.device
+        ctx.scale = scale  # not saved for backward: it is written in place after this forward, on purpose
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
+        return grad_output, ctx.scale.to(device=ctx.loss_device, dtype=ctx.loss_dtype).clone(), None
+
+
+def track_loss_scale(loss: torch.Tensor, layers: list[Any]) -> torch.Tensor:
+    """Reset the layers' router-loss scale to 1 and hook `loss`, the training loss before anything scales it, so
+    that its backward records the scale first (the loss is the root's only path to every router loss). Returns
+    `loss`. Call it once per forward, on the loss that will be backpropagated."""
+    for layer in layers:
+        layer.router_loss_scale.fill_(1.0)
+    if loss.requires_grad and layers:
+
+        def record(grad: torch.Tensor) -> None:
+            for layer in layers:
+                layer.router_loss_scale.copy_(grad.detach())
+
+        loss.register_hook(record)
+    return loss
+
+
 ROUTERS: dict[str, type[Router]] = {"learned": LearnedRouter, "hash": HashRouter}
 
 __all__ = [
     "ROUTERS",
+    "RouterLoss",
+    "router_losses",
+    "track_loss_scale",
     "ROUTER_GATES",
     "ROUTER_INPUTS",
     "ROUTER_SCORES",

@@ -84,7 +84,7 @@ class Trainer:
         self.accounting = account(self.model_config, cfg.seq_len)
         self.zero_shot = None
         if (cfg.eval_tasks or "").strip():  # '' (say, `--eval_tasks "$TASKS"` with TASKS unset) means none
-            from .zero_shot import LiveZeroShot
+            from evals.live import LiveZeroShot  # lm-eval integration lives in evals/, imported only when asked
 
             try:  # the tasks and their documents, loaded once
                 self.zero_shot = LiveZeroShot(cfg.eval_tasks, cfg.eval_limit, self.inputs.tokenizer)
@@ -187,7 +187,7 @@ class Trainer:
         extra = self._document_inputs(cpu_batch, batch) if self.cfg.document_mask else {}
         out = self.engine(input_ids=inputs, **extra)
         lm_loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1))
-        router = getattr(out, "router_loss", None)  # logged value; its gradient is in the graph (moe.RouterLoss)
+        router = getattr(out, "router_loss", None)  # logged value; its gradient is in the graph (router.RouterLoss)
         if router is None:
             return lm_loss, lm_loss, out
         return self.engine.module.track_router_loss_scale(lm_loss + router.to(lm_loss.dtype)), lm_loss, out
