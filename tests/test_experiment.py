@@ -101,7 +101,8 @@ def test_arms_and_their_selection(capsys) -> None:
     assert main(["arms", "paper-llm", "--size", "tiny", "--arms", "pn-up-e8,vanilla"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "vanilla llama",
-        'pn-up-e8 parameternet --model_overrides {"moe_projections":["up_proj"],"num_experts":8,"top_k":1}',
+        'pn-up-e8 parameternet --model_overrides {"moe_projections":["up_proj"],"num_experts":8,"top_k":1,'
+        '"routing_recipe":"paper"}',
     ]
     for arms, message in (
         ("vanilla,pn-dwn-e8", "ARMS: pn-dwn-e8 not in paper-llm"),

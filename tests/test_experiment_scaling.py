@@ -61,7 +61,8 @@ def test_micro_preset_reads_two_tokens_per_non_embedding_parameter(tmp_path: Pat
 def test_scaling_arms() -> None:
     arms = {arm.name: arm for arm in select_arms("paper-llm-scaling", "micro", None)}
     assert list(arms) == [BASELINE, "pn-down-e8", "pn-up-e8", STANDARD_MOE, CEILING]
-    assert arms[STANDARD_MOE].run_spec("micro") == f"{STANDARD_MOE} parameternet --model moe-mlp-llama-micro"
+    spec = f'{STANDARD_MOE} parameternet --model moe-mlp-llama-micro --model_overrides {{"routing_recipe":"centered"}}'
+    assert arms[STANDARD_MOE].run_spec("micro") == spec  # the recipe it was trained with, named
     assert arms[CEILING].overrides["intermediate_size"] > 344
 
 

@@ -79,18 +79,27 @@ def matched_intermediate_size(size: str) -> tuple[int, int, int]:
     return best, total(best), target
 
 
-def _pn(name: str, projection: str, experts: int, *ablations: str, what: str = "", role: str | None = None) -> Arm:
+def _pn(
+    name: str, projection: str, experts: int, *ablations: str, recipe: str, what: str = "", role: str | None = None
+) -> Arm:
+    """A ParameterNet arm. `recipe` names its routing (ROUTING_RECIPES) in the run's overrides, so that the runs of
+    an experiment mean the same when a preset's default routing changes."""
     text = f"ParameterNet: {experts} experts on {projection}, top-1{what}"
-    return Arm(name, "parameternet", text, _moe(projection, experts), role=role, ablations=ablations)
+    overrides = {**_moe(projection, experts), "routing_recipe": recipe}
+    return Arm(name, "parameternet", text, overrides, role=role, ablations=ablations)
 
 
+# Trained on 2026-11-30 with the paper's routing, the presets' default then (since 2026-12-06 it is `centered`):
+# every ParameterNet arm names it, so the README's command still trains what the committed runs are.
 PAPER_LLM: tuple[Arm, ...] = (
     Arm(BASELINE, "llama", "LLaMA, dense SwiGLU MLP (the baseline)", role="baseline"),
-    _pn(HEADLINE, "down_proj", 8, "projection", "experts", what=" (the headline)", role="headline"),
-    _pn("pn-gate-e8", "gate_proj", 8, "projection"),  # which projection gets the experts: the paper's Table 7
-    _pn("pn-up-e8", "up_proj", 8, "projection"),
-    _pn("pn-down-e2", "down_proj", 2, "experts"),  # how many experts
-    _pn("pn-down-e4", "down_proj", 4, "experts"),
+    _pn(HEADLINE, "down_proj", 8, "projection", "experts", recipe="paper", what=" (the headline)", role="headline"),
+    _pn(
+        "pn-gate-e8", "gate_proj", 8, "projection", recipe="paper"
+    ),  # which projection gets the experts: the paper's Table 7
+    _pn("pn-up-e8", "up_proj", 8, "projection", recipe="paper"),
+    _pn("pn-down-e2", "down_proj", 2, "experts", recipe="paper"),  # how many experts
+    _pn("pn-down-e4", "down_proj", 4, "experts", recipe="paper"),
     # intermediate_size is filled in per size (sized_arms): the one nearest to the headline's total parameters.
     Arm(
         CEILING,
@@ -104,12 +113,13 @@ STANDARD_MOE = "moe-mlp-e8"
 # log-spaced budgets, with a conventional MoE as the control that tells a weak design from a regime where no MoE wins.
 PAPER_LLM_SCALING: tuple[Arm, ...] = (
     PAPER_LLM[0],
-    PAPER_LLM[1],
-    _pn("pn-up-e8", "up_proj", 8, what=" (the paper's best, Table 7)"),
+    _pn(HEADLINE, "down_proj", 8, recipe="centered", what=" (the headline)", role="headline"),
+    _pn("pn-up-e8", "up_proj", 8, recipe="centered", what=" (the paper's best, Table 7)"),
     Arm(
         STANDARD_MOE,
         "parameternet",
         "standard MoE: 8 whole SwiGLU MLP experts (gate, up, down), top-1 (the control)",
+        {"routing_recipe": "centered"},
         preset="moe-mlp-llama",
         role="control",
     ),
