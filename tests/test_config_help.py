@@ -12,6 +12,7 @@ import pytest
 from llm.pretrain import main as llm_main
 from llm.train.config import ENGINE as LLM_ENGINE
 from runtime.config import ConfigEngine, opt
+from runtime.fields import flag_text
 from vision.config import ENGINE as VISION_ENGINE
 from vision.train import main as vision_main
 
@@ -27,8 +28,11 @@ def test_help_lists_every_field_with_its_help_and_choices(engine, main, capsys) 
         assert lines[0].strip() == f.metadata["help"] and len(lines[0].strip()) > 5, name
         choices = engine.choices.get(name)
         if choices:
-            assert lines[1].strip() == "choices: " + " | ".join(str(c) for c in choices), name
+            # As typed after the flag: `none` for a field whose choices include "not set" (the MoE flags).
+            assert lines[1].strip() == "choices: " + " | ".join(flag_text(c) for c in choices), name
     assert {"precision", "zero_stage"} <= set(engine.choices)
+    if engine is LLM_ENGINE:
+        assert "choices: none | softmax | normalized" in text  # --router_gate: none keeps the preset's
 
 
 def test_choices_declared_on_a_field_are_checked() -> None:
