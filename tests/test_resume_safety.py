@@ -349,8 +349,9 @@ def test_new_manifests_verify_without_warnings(base_run):
 # ------------------------------------------------------------------------------- one run per directory (issue 25)
 def test_a_second_training_into_a_running_output_dir_is_refused_and_the_first_is_untouched(tmp_path):
     """Two trainings into one --output_dir: the first holds RUN/.run.lock (an flock) for the whole run, the second is
-    refused at start with one line naming the holder. A temporary checkpoint directory that is not the run's own (an
-    other process's save in progress, as far as this run can tell) is never deleted."""
+    refused at start with one line naming the holder. A temporary checkpoint directory of another run token was left by
+    a run that no longer holds the lock (only the lock holder saves), so the first run removes it and says so (issue
+    33); the refused second run removes nothing."""
     out = tmp_path / "run"
     foreign = out / "checkpoints" / ".tmp-iter_0000004-0123456789ab"
     foreign.mkdir(parents=True)
@@ -370,7 +371,7 @@ def test_a_second_training_into_a_running_output_dir_is_refused_and_the_first_is
             second = pretrain(out, "--train_iters", str(ITERS))
         finally:
             first.send_signal(signal.SIGCONT)
-        _, first_err = first.communicate(timeout=600)
+        first_out, first_err = first.communicate(timeout=600)
     finally:
         if first.poll() is None:
             first.kill()
@@ -380,8 +381,8 @@ def test_a_second_training_into_a_running_output_dir_is_refused_and_the_first_is
     assert "or choose another --output_dir" in line
     assert first.returncode == 0, first_err[-4000:]
     assert [r["iteration"] for r in train_records(out)] == list(range(1, ITERS + 1))  # once each
-    assert foreign.is_dir() and sorted(p.name for p in foreign.iterdir()) == ["mp_rank_00_model_states.pt"]
-    assert sorted(p.name for p in (out / "checkpoints").glob(".tmp-*")) == [foreign.name]  # ours were published
+    assert not foreign.exists() and f"checkpoints: removed {foreign} (30 bytes)" in first_out  # a dead run's, said
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # ours were published
     assert [it for it, _ in complete_checkpoints(out / "checkpoints")] == [SAVE, ITERS]
     newest = out / "checkpoints" / tag_for(ITERS)
     verify_files(newest, read_manifest(newest))  # every listed file exists, with its checksum

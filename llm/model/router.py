@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -118,9 +118,11 @@ class RouterConfig:
         return ROUTERS[self.type](self, in_features, device=device, dtype=dtype)
 
 
-@dataclass
-class Routing:
-    """One forward's routing of T tokens: what the expert layer dispatches and what its losses read."""
+class Routing(NamedTuple):
+    """One forward's routing of T tokens: what the expert layer dispatches and what its losses read. A NamedTuple,
+    not a dataclass: ZeRO-3 hooks the tensors of a module's output to gather the module's parameters again for the
+    backward, and it looks inside tuples, lists and dicts only (a dataclass output left the router's weight
+    partitioned in the backward: "size of tensor a (0) must match")."""
 
     expert: torch.Tensor  # [T, k] int64: the chosen experts, best first
     gate: torch.Tensor  # [T, k] fp32: what multiplies each chosen expert's output
